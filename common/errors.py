@@ -1,0 +1,81 @@
+"""One error tree for all of Fogline, and the one table that maps it to HTTP.
+
+Each error also inherits the stdlib category it belongs to, so callers that
+only know ``ValueError`` or ``ConnectionError`` still catch it.
+"""
+
+from __future__ import annotations
+
+
+class FoglineError(Exception):
+    """Root of every error Fogline raises on purpose."""
+
+    http_status = 500
+
+
+class InvalidInputError(FoglineError, ValueError):
+    """A request, file or message that does not follow the protocol."""
+
+    http_status = 400
+
+
+class AuthError(FoglineError, PermissionError):
+    """The caller did not present a valid credential."""
+
+    http_status = 401
+
+
+class ModelNotFoundError(FoglineError, LookupError):
+    """No model (or version) of that name is known here."""
+
+    http_status = 404
+
+    def __init__(self, model: str, version: str | None = None) -> None:
+        self.model = model
+        self.version = version
+        what = f"{model!r}" if version is None else f"{model!r} version {version!r}"
+        super().__init__(f"unknown model {what}")
+
+
+class ModelNotReadyError(FoglineError, RuntimeError):
+    """The model is known but cannot serve right now."""
+
+    http_status = 503
+
+
+class OverloadedError(FoglineError, RuntimeError):
+    """Shed load: the server is past its queue limit; retry later."""
+
+    http_status = 503
+    retry_after_s = 1
+
+
+class CloudUnavailableError(FoglineError, ConnectionError):
+    """The cloud fallback could not be reached or answered with an error."""
+
+    http_status = 502
+
+
+class VerificationError(FoglineError, ValueError):
+    """A package, chunk, manifest or command failed its digest or signature check."""
+
+    http_status = 400
+
+
+class ReplayError(VerificationError):
+    """A signed command that is expired, replayed or out of order."""
+
+
+class SelfTestError(FoglineError, RuntimeError):
+    """A staged model did not reproduce its golden outputs."""
+
+
+class StoreError(FoglineError, OSError):
+    """The model store could not stage or activate a model (disk, permissions)."""
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status for an error; anything unexpected is a 500."""
+    if isinstance(exc, FoglineError):
+        return exc.http_status
+    return 500

@@ -1,0 +1,217 @@
+"""The one inference data type, and its V2 (Open Inference Protocol) JSON codec.
+
+Every transport converts to and from these types at its edge: HTTP here
+(``from_rest`` / ``to_rest``), ONNX Runtime in the runtime backends.
+Fogline's own fields travel in ``parameters`` under the ``fogline.`` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.errors import InvalidInputError
+
+# V2 datatype name <-> numpy dtype.
+V2_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
+
+# Keys of the ``parameters`` Fogline adds to responses (and reads from requests).
+SERVED_BY = "fogline.served_by"  # "edge" | "cloud"
+MODEL_VERSION = "fogline.model_version"
+ESCALATION_REASON = "fogline.escalation_reason"  # uncertain | heavy | busy | no_local_model
+DEGRADED = "fogline.degraded"  # True when the cloud was wanted but unreachable
+ROUTE = "fogline.route"  # request hint: "auto" (default) | "local" | "cloud"
+UNCERTAINTY = "fogline.uncertainty"
+
+
+@dataclass
+class Tensor:
+    name: str
+    data: np.ndarray
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def datatype(self) -> str:
+        try:
+            return NUMPY_TO_V2[self.data.dtype]
+        except KeyError:
+            raise InvalidInputError(f"tensor {self.name!r}: unsupported dtype {self.data.dtype}")
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.data.shape)
+
+
+@dataclass
+class InferRequest:
+    model: str
+    inputs: list[Tensor]
+    id: str | None = None
+    version: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] | None = None  # requested output names; None means all
+
+    def input(self, name: str) -> Tensor:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise InvalidInputError(f"request has no input named {name!r}")
+
+
+@dataclass
+class InferResponse:
+    model: str
+    outputs: list[Tensor]
+    id: str | None = None
+    version: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def output(self, name: str) -> Tensor:
+        for t in self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def _tensor_from_rest(obj: Any, where: str) -> Tensor:
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{where}: each tensor must be a JSON object")
+    try:
+        name, datatype, shape, data = obj["name"], obj["datatype"], obj["shape"], obj["data"]
+    except KeyError as exc:
+        raise InvalidInputError(f"{where}: tensor is missing field {exc.args[0]!r}") from None
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"{where}: tensor name must be a non-empty string")
+    if datatype not in V2_TO_NUMPY:
+        raise InvalidInputError(f"{where}: tensor {name!r} has unsupported datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInputError(f"{where}: tensor {name!r} shape must be a list of integers >= 0")
+    try:
+        array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"{where}: tensor {name!r} data is not {datatype}: {exc}") from None
+    expected = int(np.prod(shape)) if shape else 1
+    if array.size != expected:
+        raise InvalidInputError(
+            f"{where}: tensor {name!r} has {array.size} elements, shape {shape} needs {expected}"
+        )
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"{where}: tensor {name!r} parameters must be an object")
+    return Tensor(name, array.reshape(shape), params)
+
+
+def _tensor_to_rest(t: Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": t.name,
+        "datatype": t.datatype,
+        "shape": t.shape,
+        "data": t.data.reshape(-1).tolist(),
+    }
+    if t.parameters:
+        out["parameters"] = t.parameters
+    return out
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"{where}: parameters must be a JSON object")
+    return params
+
+
+def request_from_rest(
+    body: bytes | str | dict[str, Any], model: str, version: str | None = None
+) -> InferRequest:
+    """Parse a V2 REST infer request body; raise InvalidInputError on any defect."""
+    obj = _load_json(body)
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInputError("request: 'inputs' must be a non-empty list")
+    outputs = obj.get("outputs")
+    names: list[str] | None = None
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+        ):
+            raise InvalidInputError("request: 'outputs' must be a list of {\"name\": ...}")
+        names = [o["name"] for o in outputs]
+    req_id = obj.get("id")
+    return InferRequest(
+        model=model,
+        version=version,
+        id=str(req_id) if req_id is not None else None,
+        inputs=[_tensor_from_rest(t, f"inputs[{i}]") for i, t in enumerate(inputs)],
+        parameters=_parameters(obj, "request"),
+        outputs=names,
+    )
+
+
+def request_to_rest(req: InferRequest) -> dict[str, Any]:
+    out: dict[str, Any] = {"inputs": [_tensor_to_rest(t) for t in req.inputs]}
+    if req.id is not None:
+        out["id"] = req.id
+    if req.parameters:
+        out["parameters"] = req.parameters
+    if req.outputs is not None:
+        out["outputs"] = [{"name": n} for n in req.outputs]
+    return out
+
+
+def response_to_rest(resp: InferResponse) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model_name": resp.model,
+        "outputs": [_tensor_to_rest(t) for t in resp.outputs],
+    }
+    if resp.version is not None:
+        out["model_version"] = resp.version
+    if resp.id is not None:
+        out["id"] = resp.id
+    if resp.parameters:
+        out["parameters"] = resp.parameters
+    return out
+
+
+def response_from_rest(body: bytes | str | dict[str, Any]) -> InferResponse:
+    obj = _load_json(body)
+    outputs = obj.get("outputs")
+    if not isinstance(obj.get("model_name"), str) or not isinstance(outputs, list):
+        raise InvalidInputError("response: needs 'model_name' and a list of 'outputs'")
+    return InferResponse(
+        model=obj["model_name"],
+        version=obj.get("model_version"),
+        id=obj.get("id"),
+        outputs=[_tensor_from_rest(t, f"outputs[{i}]") for i, t in enumerate(outputs)],
+        parameters=_parameters(obj, "response"),
+    )
+
+
+def _load_json(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(body, dict):
+        return body
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInputError("body must be a JSON object")
+    return obj

@@ -1,0 +1,208 @@
+"""The model package manifest: what a package holds, for whom, and how to route it.
+
+A package is a directory: ``manifest.json`` (signed) plus the files it names.
+The artifact sent over MQTT or HTTP is the files' bytes concatenated in
+manifest order; the manifest fixes each file's name, size and SHA-256, so the
+receiver splits and checks it without parsing any archive format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidInputError, VerificationError
+from common.signing import Signer, TrustStore
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA = "fogline.manifest/v1"
+# File names are a single path component: nothing may write outside its slot.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    size: int
+    sha256: str
+    role: str  # "model" | "golden" | "config"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # V2 datatype
+    shape: list[int]  # -1 for a dynamic dimension
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: str = "any"  # x86_64 | aarch64 | any
+    accelerator: str = "cpu"  # cpu | cuda
+    tensorrt_version: str | None = None
+    compute_capability: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingHints:
+    uncertainty_metric: str = "max_prob"  # which kernels.uncertainty score
+    uncertainty_threshold: float = 1.0  # escalate when the score is above this
+    max_local_batch: int = 64  # a request with more rows goes to the cloud
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    release: int  # monotonic per model; agents refuse a lower one without a signed downgrade
+    variant: str  # "edge" | "cloud"
+    task: str
+    format: str  # "onnx" | "tensorrt"
+    precision: str  # "fp32" | "int8" | "fp16"
+    files: list[FileEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    target: Target = field(default_factory=Target)
+    routing: RoutingHints = field(default_factory=RoutingHints)
+    evaluation: dict[str, float] = field(default_factory=dict)
+    parent: str | None = None  # version this one was derived from
+    created_at: str = ""
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Manifest:
+        """Build from JSON; raise InvalidInputError for anything malformed."""
+        try:
+            if doc.get("schema") != SCHEMA:
+                raise InvalidInputError(f"unsupported manifest schema {doc.get('schema')!r}")
+            files = [FileEntry(**f) for f in doc["files"]]
+            m = cls(
+                **{
+                    **doc,
+                    "files": files,
+                    "inputs": [TensorSpec(**t) for t in doc["inputs"]],
+                    "outputs": [TensorSpec(**t) for t in doc["outputs"]],
+                    "target": Target(**doc.get("target", {})),
+                    "routing": RoutingHints(**doc.get("routing", {})),
+                }
+            )
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"malformed manifest: {exc}") from exc
+        m.validate()
+        return m
+
+    def validate(self) -> None:
+        names = [f.name for f in self.files]
+        if len(set(names)) != len(names):
+            raise InvalidInputError("manifest lists a file twice")
+        for f in self.files:
+            if not _SAFE_NAME.match(f.name) or f.name == MANIFEST_FILE:
+                raise InvalidInputError(f"unsafe file name in manifest: {f.name!r}")
+            if not isinstance(f.size, int) or f.size < 0:
+                raise InvalidInputError(f"bad size for {f.name!r}")
+            if not re.fullmatch(r"[0-9a-f]{64}", f.sha256):
+                raise InvalidInputError(f"bad sha256 for {f.name!r}")
+        if sum(1 for f in self.files if f.role == "model") != 1:
+            raise InvalidInputError("manifest must name exactly one model file")
+
+    def file(self, role: str) -> FileEntry:
+        for f in self.files:
+            if f.role == role:
+                return f
+        raise KeyError(role)
+
+    @property
+    def artifact_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class SignedManifest:
+    manifest: Manifest
+    signature: str
+    key_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest.to_dict(), "signature": self.signature, "key_id": self.key_id}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SignedManifest:
+        try:
+            return cls(Manifest.from_dict(doc["manifest"]), doc["signature"], doc["key_id"])
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"malformed signed manifest: {exc}") from exc
+
+    @classmethod
+    def sign(cls, manifest: Manifest, signer: Signer) -> SignedManifest:
+        return cls(manifest, signer.sign(manifest.to_dict()), signer.key_id)
+
+    def verify(self, trust: TrustStore) -> None:
+        trust.verify(self.manifest.to_dict(), self.signature, self.key_id)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path, role: str) -> FileEntry:
+    return FileEntry(path.name, path.stat().st_size, sha256_file(path), role)
+
+
+def write_package(directory: Path, signed: SignedManifest) -> None:
+    """Write ``manifest.json`` next to the files it names (already in ``directory``)."""
+    tmp = directory / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(signed.to_dict(), indent=2, sort_keys=True))
+    tmp.replace(directory / MANIFEST_FILE)
+
+
+def read_package(directory: Path, trust: TrustStore | None = None) -> SignedManifest:
+    """Read and check a package dir: the signature (if ``trust``) and every file's digest."""
+    try:
+        doc = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read manifest in {directory}: {exc}") from exc
+    signed = SignedManifest.from_dict(doc)
+    if trust is not None:
+        signed.verify(trust)
+    for f in signed.manifest.files:
+        path = directory / f.name
+        if not path.is_file() or path.stat().st_size != f.size or sha256_file(path) != f.sha256:
+            raise VerificationError(f"{path}: size or SHA-256 does not match the manifest")
+    return signed
+
+
+def artifact_bytes(directory: Path, manifest: Manifest) -> bytes:
+    """The artifact: the package's files concatenated in manifest order."""
+    return b"".join((directory / f.name).read_bytes() for f in manifest.files)
+
+
+def artifact_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_artifact(data: bytes, manifest: Manifest) -> dict[str, bytes]:
+    """Split an artifact back into files, checking each against the manifest."""
+    if len(data) != manifest.artifact_size:
+        raise VerificationError(
+            f"artifact is {len(data)} bytes, the manifest says {manifest.artifact_size}"
+        )
+    out: dict[str, bytes] = {}
+    offset = 0
+    for f in manifest.files:
+        blob = data[offset : offset + f.size]
+        offset += f.size
+        if hashlib.sha256(blob).hexdigest() != f.sha256:
+            raise VerificationError(f"file {f.name!r} does not match its SHA-256 in the manifest")
+        out[f.name] = blob
+    return out

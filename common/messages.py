@@ -1,0 +1,146 @@
+"""JSON payloads on the device topics: commands, events, status, telemetry.
+
+Commands are signed by the control plane and carry a per-device sequence
+number and an expiry; the agent refuses a replayed, expired or out-of-order
+one (``CommandGuard``). Events and status are plain JSON from the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.errors import InvalidInputError, ReplayError
+from common.signing import Signer, TrustStore
+
+COMMAND_TYPES = ("deploy", "rollback", "set-policy")
+
+# Event stages of a deployment, in order; "failed" and "rejected" end it early.
+STAGES = (
+    "received",
+    "downloading",
+    "downloaded",
+    "verified",
+    "staged",
+    "loaded",
+    "self_tested",
+    "activated",
+)
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Command:
+    type: str
+    device_id: str
+    seq: int
+    expires_at: float
+    body: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sign_command(cmd: Command, signer: Signer) -> bytes:
+    doc = cmd.to_dict()
+    return json.dumps({"command": doc, "signature": signer.sign(doc), "key_id": signer.key_id}).encode()
+
+
+def parse_command(payload: bytes, trust: TrustStore, device_id: str) -> Command:
+    """Decode and verify a signed command for this device (not yet its sequence)."""
+    doc = parse_json(payload, "command")
+    try:
+        body, signature, signer = doc["command"], doc["signature"], doc["key_id"]
+    except KeyError as exc:
+        raise InvalidInputError(f"malformed command: missing {exc.args[0]!r}") from None
+    trust.verify(body, signature, signer)
+    try:
+        cmd = Command(**body)
+    except TypeError as exc:
+        raise InvalidInputError(f"malformed command: {exc}") from exc
+    if cmd.type not in COMMAND_TYPES:
+        raise InvalidInputError(f"unknown command type {cmd.type!r}")
+    if cmd.device_id != device_id:
+        raise ReplayError(f"command {cmd.id} is for device {cmd.device_id!r}")
+    return cmd
+
+
+class CommandGuard:
+    """Refuses expired, replayed and out-of-order commands.
+
+    ``last_seq`` must be persisted by the caller after ``accept`` returns, so a
+    restart cannot reopen the window for a replay.
+    """
+
+    def __init__(self, last_seq: int = 0, clock: Any = time.time) -> None:
+        self.last_seq = last_seq
+        self._clock = clock
+
+    def accept(self, cmd: Command) -> None:
+        if cmd.expires_at < self._clock():
+            raise ReplayError(f"command {cmd.id} expired")
+        if cmd.seq <= self.last_seq:
+            raise ReplayError(f"command {cmd.id} seq {cmd.seq} <= last accepted {self.last_seq}")
+        self.last_seq = cmd.seq
+
+
+def event(
+    device_id: str,
+    command_id: str | None,
+    stage: str,
+    *,
+    error: str | None = None,
+    **fields: Any,
+) -> bytes:
+    doc: dict[str, Any] = {
+        "device_id": device_id,
+        "command_id": command_id,
+        "stage": stage,
+        "ts": time.time(),
+        **fields,
+    }
+    if error is not None:
+        doc["error"] = error
+    return json.dumps(doc).encode()
+
+
+def status(
+    device_id: str,
+    online: bool,
+    *,
+    agent_version: str = "",
+    hardware: dict[str, Any] | None = None,
+    runtimes: list[str] | None = None,
+    models: list[dict[str, Any]] | None = None,
+    api_url: str | None = None,
+) -> bytes:
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "state": "online" if online else "offline",
+            "agent_version": agent_version,
+            "hardware": hardware or {},
+            "runtimes": runtimes or [],
+            "models": models or [],
+            "api_url": api_url,
+            "ts": time.time(),
+        }
+    ).encode()
+
+
+def chunk_request(device_id: str, digest: str, missing: list[int]) -> bytes:
+    return json.dumps({"device_id": device_id, "artifact": digest, "missing": missing}).encode()
+
+
+def parse_json(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{what}: not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"{what}: must be a JSON object")
+    return doc

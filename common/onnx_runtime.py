@@ -1,0 +1,165 @@
+"""ONNX Runtime backend of the runtime interface.
+
+It lives in common/ because both the edge agent and the cloud fallback serve
+ONNX models and neither may import the other; it imports onnxruntime lazily
+so that the wire formats in common/ do not need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import InvalidInputError, ModelNotReadyError
+from common.inference import (
+    MODEL_VERSION,
+    V2_TO_NUMPY,
+    InferRequest,
+    InferResponse,
+    Tensor,
+)
+from common.manifest import Manifest, TensorSpec
+from common.runtime import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+_ORT_TO_V2 = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+}
+
+
+def check_inputs(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Match request tensors to the model's signature; raise InvalidInputError on mismatch."""
+    by_name = {t.name: t for t in request.inputs}
+    unknown = set(by_name) - {s.name for s in specs}
+    if unknown:
+        raise InvalidInputError(f"model {request.model!r} has no input(s) {sorted(unknown)}")
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        t = by_name.get(spec.name)
+        if t is None:
+            raise InvalidInputError(f"model {request.model!r} needs input {spec.name!r}")
+        if t.datatype != spec.datatype:
+            raise InvalidInputError(
+                f"input {spec.name!r} must be {spec.datatype}, got {t.datatype}"
+            )
+        if len(t.shape) != len(spec.shape) or any(
+            want != -1 and want != got for want, got in zip(spec.shape, t.shape, strict=True)
+        ):
+            raise InvalidInputError(
+                f"input {spec.name!r} must have shape {spec.shape}, got {t.shape}"
+            )
+        feeds[spec.name] = np.ascontiguousarray(t.data, dtype=V2_TO_NUMPY[spec.datatype])
+    return feeds
+
+
+class OnnxRuntime:
+    """Serves one ONNX model file described by a manifest.
+
+    ``session.run`` releases the GIL, so it runs in a worker thread and the
+    event loop stays free for other requests.
+    """
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: Manifest,
+        *,
+        intra_op_threads: int = 1,
+        providers: list[str] | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.manifest = manifest
+        self._threads = intra_op_threads
+        self._providers = providers or ["CPUExecutionProvider"]
+        self._session: Any = None
+
+    @property
+    def info(self) -> ModelInfo:
+        m = self.manifest
+        return ModelInfo(
+            name=m.name,
+            version=m.version,
+            platform=self.platform,
+            inputs=m.inputs,
+            outputs=m.outputs,
+            parameters={"fogline.variant": m.variant, "fogline.precision": m.precision},
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None
+
+    def _open(self) -> Any:
+        import onnxruntime as ort  # lazy: heavy, and not needed by the wire formats
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(self.model_path), opts, providers=self._providers)
+        declared = {s.name for s in self.manifest.inputs}
+        actual = {i.name for i in session.get_inputs()}
+        if declared != actual:
+            raise InvalidInputError(
+                f"{self.model_path.name}: manifest inputs {sorted(declared)} "
+                f"but the model has {sorted(actual)}"
+            )
+        return session
+
+    async def load(self) -> None:
+        if self._session is None:
+            self._session = await asyncio.to_thread(self._open)
+            logger.info("loaded %s %s from %s", self.manifest.name, self.manifest.version,
+                        self.model_path)
+
+    def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
+        session = self._session
+        if session is None:
+            raise ModelNotReadyError(f"model {self.manifest.name!r} is not loaded")
+        names = outputs or [o.name for o in self.manifest.outputs]
+        results = session.run(names, feeds)
+        return [Tensor(n, np.asarray(r)) for n, r in zip(names, results, strict=True)]
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        feeds = check_inputs(request, self.manifest.inputs)
+        known = {o.name for o in self.manifest.outputs}
+        if request.outputs is not None and not set(request.outputs) <= known:
+            raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+        outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
+        return InferResponse(
+            model=self.manifest.name,
+            version=self.manifest.version,
+            id=request.id,
+            outputs=outputs,
+            parameters={MODEL_VERSION: self.manifest.version},
+        )
+
+    async def unload(self) -> None:
+        self._session = None
+
+
+def describe_onnx_io(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Read a model's input/output signature, for building a manifest."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+    def spec(arg: Any) -> TensorSpec:
+        shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+        return TensorSpec(arg.name, _ORT_TO_V2[arg.type], shape)
+
+    return [spec(i) for i in session.get_inputs()], [spec(o) for o in session.get_outputs()]

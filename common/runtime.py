@@ -1,0 +1,41 @@
+"""The one runtime interface: ``load``, ``infer``, ``unload``.
+
+ONNX Runtime, TensorRT and the cloud client implement it; the edge router is
+a runtime that composes a local one and a remote one. Runtimes are async so
+that blocking work (``session.run``, HTTP) never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from common.inference import InferRequest, InferResponse
+from common.manifest import TensorSpec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a V2 ``GET /v2/models/{m}`` returns."""
+
+    name: str
+    version: str
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def load(self) -> None: ...
+
+    async def infer(self, request: InferRequest) -> InferResponse: ...
+
+    async def unload(self) -> None: ...
