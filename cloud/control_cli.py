@@ -1,0 +1,170 @@
+"""``fogline control serve`` and the operator commands that talk to it
+(``fogline model publish``, ``fogline model rollout``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTROL = "http://127.0.0.1:8000"
+
+
+def register_control(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the control plane",
+        description="Run the control plane: registry (SQLite), artifact store, signing key, "
+        "rollouts over MQTT, operator REST API and dashboard.")
+    serve.add_argument("--workdir", type=Path, default=Path("fogline-control"),
+                       help="state: control.sqlite, store/, keys/ (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--broker-host", default="127.0.0.1")
+    serve.add_argument("--broker-port", type=int, default=1883)
+    serve.add_argument("--chunk-size", type=int, default=32 * 1024,
+                       help="artifact chunk size in bytes (default: %(default)s)")
+    serve.set_defaults(func=_serve)
+
+
+def register_operator(subparsers: argparse._SubParsersAction) -> None:
+    pub = subparsers.add_parser(
+        "publish", help="upload a package to the control plane, which signs and stores it",
+        description="Upload a package directory made by `fogline model package` "
+        "(manifest.unsigned.json + files). The control plane signs it.")
+    pub.add_argument("--package", type=Path, required=True, help="package directory")
+    pub.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+    pub.set_defaults(func=_publish)
+    roll = subparsers.add_parser(
+        "rollout", help="roll a published edge model out to devices over MQTT",
+        description="Start a rollout and, with --wait, show its progress until it ends.")
+    roll.add_argument("--model", required=True)
+    roll.add_argument("--version", required=True)
+    roll.add_argument("--device", action="append", help="target device (default: all online)")
+    roll.add_argument("--allow-downgrade", action="store_true")
+    roll.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+    roll.add_argument("--wait", action="store_true", help="wait and print progress")
+    roll.add_argument("--timeout", type=float, default=300.0)
+    roll.set_defaults(func=_rollout)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from cloud.control_server import ControlSettings, build_control_app
+
+    settings = ControlSettings(workdir=args.workdir, host=args.host, port=args.port,
+                               broker_host=args.broker_host, broker_port=args.broker_port,
+                               chunk_size=args.chunk_size)
+    logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
+    web.run_app(build_control_app(settings), host=args.host, port=args.port,
+                print=None, access_log=None)
+    return 0
+
+
+# -- HTTP client helpers (stdlib only: operators need nothing else installed) -----------
+
+
+class ControlClient:
+    """A small synchronous client of the control plane's REST API."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Any:
+        req = urllib.request.Request(self.base_url + path, data=body, method=method,
+                                     headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post_json(self, path: str, doc: dict[str, Any]) -> Any:
+        return self.request("POST", path, json.dumps(doc).encode(),
+                            {"Content-Type": "application/json"})
+
+    def publish(self, package_dir: Path) -> dict[str, Any]:
+        manifest = json.loads((package_dir / "manifest.unsigned.json").read_text())
+        boundary = uuid.uuid4().hex
+        parts = [_part(boundary, "manifest", None, json.dumps(manifest).encode())]
+        for f in manifest["files"]:
+            parts.append(_part(boundary, f["name"], f["name"],
+                               (package_dir / f["name"]).read_bytes()))
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.request("POST", "/api/models", body,
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def rollout(self, model: str, version: str, devices: list[str] | None = None,
+                allow_downgrade: bool = False) -> str:
+        doc: dict[str, Any] = {"model": model, "version": version,
+                               "allow_downgrade": allow_downgrade}
+        if devices:
+            doc["devices"] = devices
+        return self.post_json("/api/rollouts", doc)["id"]
+
+    def wait_rollout(self, rollout_id: str, timeout: float, progress: Any = None) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.get(f"/api/rollouts/{rollout_id}")
+            if progress is not None:
+                progress(state)
+            if state["state"] != "running" or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
+
+
+def _part(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
+    disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    head = f"--{boundary}\r\nContent-Disposition: {disp}\r\n"
+    head += "Content-Type: application/octet-stream\r\n\r\n"
+    return head.encode() + data + b"\r\n"
+
+
+def _publish(args: argparse.Namespace) -> int:
+    if not (args.package / "manifest.unsigned.json").is_file():
+        print(f"error: {args.package} has no manifest.unsigned.json "
+              "(make one with `fogline model package`)", file=sys.stderr)
+        return 2
+    try:
+        record = ControlClient(args.control).publish(args.package)
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _print_progress(state: dict[str, Any]) -> None:
+    stages = ", ".join(f"{d}: {s['stage']}" for d, s in sorted(state["devices"].items()))
+    print(f"\r[{state['seconds']:6.1f}s] {state['state']}: {stages}", end="", file=sys.stderr)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    client = ControlClient(args.control)
+    try:
+        rollout_id = client.rollout(args.model, args.version, args.device, args.allow_downgrade)
+        if not args.wait:
+            print(rollout_id)
+            return 0
+        state = client.wait_rollout(rollout_id, args.timeout, _print_progress)
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    print(json.dumps(state, indent=2))
+    return 0 if state["state"] == "succeeded" else 1

@@ -1,0 +1,229 @@
+"""The control plane's state: model versions, devices, rollouts, events (SQLite).
+
+Packages live in the artifact store (a directory): ``packages/{name}/{variant}/{version}/``
+holds the signed package and ``artifacts/{digest}`` the concatenated artifact
+that is sent to devices. Every write is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidInputError, ModelNotFoundError
+from common.fsutil import atomic_write
+from common.manifest import (
+    Manifest,
+    SignedManifest,
+    artifact_bytes,
+    artifact_digest,
+    read_package,
+    write_package,
+)
+from common.signing import Signer
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL, variant TEXT NOT NULL, version TEXT NOT NULL,
+    release INTEGER NOT NULL, signed_manifest TEXT NOT NULL,
+    artifact_digest TEXT NOT NULL, artifact_size INTEGER NOT NULL,
+    parent TEXT, created_at REAL NOT NULL,
+    PRIMARY KEY (name, variant, version)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, state TEXT NOT NULL, status TEXT NOT NULL,
+    last_seen REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL,
+    state TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, command_id TEXT NOT NULL,
+    stage TEXT NOT NULL, error TEXT, updated_at REAL NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, command_id TEXT,
+    stage TEXT NOT NULL, payload TEXT NOT NULL, ts REAL NOT NULL
+);
+"""
+
+
+def package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
+    """Where the artifact store keeps a signed package (read-only for the fallback)."""
+    return store_dir / "packages" / name / variant / version
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    signed: SignedManifest
+    artifact_digest: str
+    artifact_size: int
+    package_dir: Path
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.signed.manifest
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "name": m.name, "version": m.version, "variant": m.variant, "release": m.release,
+            "precision": m.precision, "format": m.format, "parent": m.parent,
+            "artifact": {"digest": self.artifact_digest, "size": self.artifact_size},
+            "evaluation": m.evaluation,
+        }
+
+
+class Registry:
+    """SQLite-backed registry. Thread-safe: calls are serialised by a lock."""
+
+    def __init__(self, db_path: Path, store_dir: Path) -> None:
+        self.store_dir = store_dir
+        (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- model versions ------------------------------------------------------------
+
+    def publish(self, source_dir: Path, manifest: Manifest, signer: Signer) -> VersionRecord:
+        """Sign a package whose files are in ``source_dir`` and store it."""
+        manifest.validate()
+        m = manifest
+        if self._q("SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
+                   (m.name, m.variant, m.version)):
+            raise InvalidInputError(f"{m.name} {m.variant} version {m.version} already exists")
+        dest = package_path(self.store_dir, m.name, m.variant, m.version)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in m.files:
+            shutil.copyfile(source_dir / f.name, dest / f.name)
+        signed = SignedManifest.sign(m, signer)
+        write_package(dest, signed)
+        read_package(dest)  # every file matches the manifest, or this raises
+        data = artifact_bytes(dest, m)
+        digest = artifact_digest(data)
+        atomic_write(self.store_dir / "artifacts" / digest, data)
+        self._q(
+            "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
+            (m.name, m.variant, m.version, m.release, json.dumps(signed.to_dict()),
+             digest, len(data), m.parent, time.time()),
+        )
+        return VersionRecord(signed, digest, len(data), dest)
+
+    def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
+        rows = self._q(
+            "SELECT signed_manifest, artifact_digest, artifact_size FROM versions"
+            " WHERE name=? AND variant=? AND version=?", (name, variant, version))
+        if not rows:
+            raise ModelNotFoundError(name, f"{version} ({variant})")
+        signed = SignedManifest.from_dict(json.loads(rows[0][0]))
+        dest = package_path(self.store_dir, name, variant, version)
+        return VersionRecord(signed, rows[0][1], rows[0][2], dest)
+
+    def versions(self, name: str | None = None) -> list[VersionRecord]:
+        rows = self._q("SELECT name, version, variant FROM versions"
+                       + (" WHERE name=?" if name else "") + " ORDER BY name, release",
+                       (name,) if name else ())
+        return [self.version(n, v, var) for n, v, var in rows]
+
+    def artifact_path(self, digest: str) -> Path:
+        path = self.store_dir / "artifacts" / digest
+        if len(digest) != 64 or not path.is_file():
+            raise ModelNotFoundError(f"artifact {digest[:16]}")
+        return path
+
+    # -- devices -------------------------------------------------------------------
+
+    def upsert_device(self, device_id: str, status: dict[str, Any]) -> None:
+        self._q(
+            "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
+            " ON CONFLICT(device_id) DO UPDATE SET state=excluded.state,"
+            " status=excluded.status, last_seen=excluded.last_seen",
+            (device_id, str(status.get("state", "unknown")), json.dumps(status), time.time()),
+        )
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self._q("SELECT status, last_seen FROM devices ORDER BY device_id")
+        return [{**json.loads(s), "last_seen": seen} for s, seen in rows]
+
+    def next_seq(self, device_id: str) -> int:
+        """The next command sequence number for a device (persisted before use)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
+                " ON CONFLICT(device_id) DO NOTHING",
+                (device_id, "unknown", json.dumps({"device_id": device_id}), time.time()),
+            )
+            self._db.execute("UPDATE devices SET seq = seq + 1 WHERE device_id=?", (device_id,))
+            return self._db.execute(
+                "SELECT seq FROM devices WHERE device_id=?", (device_id,)).fetchone()[0]
+
+    # -- rollouts and events ---------------------------------------------------------
+
+    def create_rollout(self, rollout_id: str, name: str, version: str,
+                       targets: dict[str, str]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
+                             (rollout_id, name, version, "running", now))
+            self._db.executemany(
+                "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
+                [(rollout_id, d, c, "sent", now) for d, c in targets.items()])
+            self._db.execute("COMMIT")
+
+    def record_event(self, doc: dict[str, Any]) -> None:
+        """Store an event and advance the rollout step of its command, if any."""
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
+                (str(doc.get("device_id")), doc.get("command_id"), str(doc.get("stage")),
+                 json.dumps(doc), now))
+            if doc.get("stage") not in ("chunk_rejected",):
+                self._db.execute(
+                    "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
+                    " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",
+                    (doc.get("stage"), doc.get("error"), now, doc.get("command_id")))
+
+    def finish_rollout(self, rollout_id: str, state: str) -> None:
+        self._q("UPDATE rollouts SET state=?, finished_at=? WHERE id=?",
+                (state, time.time(), rollout_id))
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        rows = self._q("SELECT name, version, state, created_at, finished_at FROM rollouts"
+                       " WHERE id=?", (rollout_id,))
+        if not rows:
+            raise ModelNotFoundError(f"rollout {rollout_id}")
+        name, version, state, created, finished = rows[0]
+        devices = {
+            d: {"stage": s, "error": e, "command_id": c}
+            for d, s, e, c in self._q(
+                "SELECT device_id, stage, error, command_id FROM rollout_devices"
+                " WHERE rollout_id=?", (rollout_id,))
+        }
+        seconds = (finished or time.time()) - created
+        return {"id": rollout_id, "model": name, "version": version, "state": state,
+                "seconds": round(seconds, 3), "devices": devices}
+
+    def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._q("SELECT payload FROM events" + (" WHERE device_id=?" if device_id else "")
+                       + " ORDER BY id DESC LIMIT ?",
+                       (device_id, limit) if device_id else (limit,))
+        return [json.loads(r[0]) for r in rows]

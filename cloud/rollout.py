@@ -1,0 +1,188 @@
+"""Rollout controller: signed deploy commands, one broadcast of chunks, targeted repair.
+
+The artifact is published once on ``artifacts/{a}/chunks`` after the targeted
+agents have subscribed (their ``downloading`` event); agents that missed
+chunks ask for them on ``artifacts/{a}/requests`` and get just those. So the
+control plane's cost grows with the artifact, not with artifact x devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import suppress
+from typing import Any
+
+from cloud.registry import Registry, VersionRecord
+from common import chunking, messages, topics
+from common.errors import InvalidInputError
+from common.messages import Command, sign_command
+from common.mqtt import MqttLink
+from common.signing import Signer
+
+logger = logging.getLogger(__name__)
+
+TERMINAL = ("activated", "failed", "rejected")
+# Stages at or after which an agent is subscribed to the chunk topic.
+SUBSCRIBED = ("downloading", "downloaded", "verified", "staged", "loaded", "self_tested",
+              *TERMINAL)
+
+
+class RolloutController:
+    def __init__(
+        self,
+        registry: Registry,
+        signer: Signer,
+        link: MqttLink,
+        *,
+        chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
+        command_ttl_s: float = 3600.0,
+        subscribe_wait_s: float = 10.0,
+        rollout_timeout_s: float = 300.0,
+    ) -> None:
+        self.registry = registry
+        self.signer = signer
+        self.link = link
+        self.chunk_size = chunk_size
+        self.command_ttl_s = command_ttl_s
+        self.subscribe_wait_s = subscribe_wait_s
+        self.rollout_timeout_s = rollout_timeout_s
+        self.stats = {"chunks_broadcast": 0, "chunks_repaired": 0, "bytes_sent": 0}
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recent: dict[tuple[str, int], float] = {}
+
+    async def __aenter__(self) -> RolloutController:
+        self.link.subscribe(topics.all_devices_filter("status"), self._on_status)
+        self.link.subscribe(topics.all_devices_filter("events"), self._on_event)
+        self.link.subscribe(topics.all_artifacts_filter("requests"), self._on_request)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- starting a rollout ----------------------------------------------------------
+
+    def online_devices(self) -> list[str]:
+        return [d["device_id"] for d in self.registry.devices() if d.get("state") == "online"]
+
+    async def start(self, name: str, version: str, devices: list[str] | None = None,
+                    *, allow_downgrade: bool = False) -> str:
+        record = await asyncio.to_thread(self.registry.version, name, version, "edge")
+        targets = devices if devices else self.online_devices()
+        if not targets:
+            raise InvalidInputError("no target devices: none given and none online")
+        rollout_id = uuid.uuid4().hex[:12]
+        commands = {d: self._deploy_command(d, record, allow_downgrade) for d in targets}
+        await asyncio.to_thread(self.registry.create_rollout, rollout_id, name, version,
+                                {d: c.id for d, c in commands.items()})
+        for device_id, cmd in commands.items():
+            await self.link.publish(topics.device_topic(device_id, "commands"),
+                                    sign_command(cmd, self.signer))
+        logger.info("rollout %s: %s %s to %d devices", rollout_id, name, version, len(targets))
+        task = asyncio.create_task(self._drive(rollout_id, record), name=f"rollout-{rollout_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return rollout_id
+
+    def _deploy_command(self, device_id: str, record: VersionRecord,
+                        allow_downgrade: bool) -> Command:
+        body: dict[str, Any] = {
+            "package": record.signed.to_dict(),
+            "artifact": {"digest": record.artifact_digest, "size": record.artifact_size,
+                         "chunk_size": self.chunk_size},
+            "allow_downgrade": allow_downgrade,
+        }
+        return Command("deploy", device_id, self.registry.next_seq(device_id),
+                       time.time() + self.command_ttl_s, body)
+
+    # -- driving it ----------------------------------------------------------------------
+
+    async def _wait_for(self, rollout_id: str, stages: tuple[str, ...], timeout: float) -> bool:
+        """Wait until every device of the rollout is in one of ``stages``."""
+        def done() -> bool:
+            devs = self.registry.rollout(rollout_id)["devices"].values()
+            return all(d["stage"] in stages for d in devs)
+
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(done)
+        return done()
+
+    async def _drive(self, rollout_id: str, record: VersionRecord) -> None:
+        await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
+        await self._broadcast(record)
+        await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)
+        devices = self.registry.rollout(rollout_id)["devices"].values()
+        ok = sum(d["stage"] == "activated" for d in devices)
+        state = "succeeded" if ok == len(devices) else ("failed" if ok == 0 else "partial")
+        if not all(d["stage"] in TERMINAL for d in devices):
+            state = "timed_out"
+        await asyncio.to_thread(self.registry.finish_rollout, rollout_id, state)
+        logger.info("rollout %s %s (%d/%d activated)", rollout_id, state, ok, len(devices))
+
+    async def _broadcast(self, record: VersionRecord, only: list[int] | None = None) -> None:
+        path = self.registry.artifact_path(record.artifact_digest)
+        data = await asyncio.to_thread(path.read_bytes)
+        topic = topics.artifact_topic(record.artifact_digest, "chunks")
+        for chunk in chunking.split(data, self.chunk_size):
+            if only is not None and chunk.index not in only:
+                continue
+            payload = chunk.encode()
+            await self.link.publish(topic, payload)
+            self._recent[(record.artifact_digest, chunk.index)] = time.monotonic()
+            self.stats["chunks_repaired" if only is not None else "chunks_broadcast"] += 1
+            self.stats["bytes_sent"] += len(payload)
+
+    # -- MQTT handlers ---------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _on_status(self, topic: str, payload: bytes) -> None:
+        try:
+            device_id = topics.parse(topic).ident
+            doc = messages.parse_json(payload, "status")
+        except ValueError as exc:
+            logger.warning("ignored status on %s: %s", topic, exc)
+            return
+        await asyncio.to_thread(self.registry.upsert_device, device_id, doc)
+
+    async def _on_event(self, topic: str, payload: bytes) -> None:
+        try:
+            device_id = topics.parse(topic).ident
+            doc = messages.parse_json(payload, "event")
+        except ValueError as exc:
+            logger.warning("ignored event on %s: %s", topic, exc)
+            return
+        doc["device_id"] = device_id  # the topic, not the payload, says who sent it
+        await asyncio.to_thread(self.registry.record_event, doc)
+        if doc.get("stage") in ("failed", "rejected", "chunk_rejected"):
+            logger.warning("device %s: %s %s", device_id, doc.get("stage"), doc.get("error"))
+        await self._notify()
+
+    async def _on_request(self, topic: str, payload: bytes) -> None:
+        """Repair: resend the chunks a device lacks, unless just sent."""
+        try:
+            digest = topics.parse(topic).ident
+            doc = messages.parse_json(payload, "chunk request")
+            missing = [int(i) for i in doc["missing"]]
+            record = self._record_for(digest)
+        except (ValueError, KeyError, TypeError, LookupError) as exc:
+            logger.warning("ignored chunk request on %s: %s", topic, exc)
+            return
+        now = time.monotonic()
+        wanted = [i for i in missing if now - self._recent.get((digest, i), 0.0) > 1.0]
+        if wanted:
+            await self._broadcast(record, only=wanted)
+
+    def _record_for(self, digest: str) -> VersionRecord:
+        for record in self.registry.versions():
+            if record.artifact_digest == digest:
+                return record
+        raise LookupError(f"unknown artifact {digest[:12]}")

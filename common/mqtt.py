@@ -1,0 +1,220 @@
+"""An asyncio MQTT session over paho-mqtt, used by the agent and the control plane.
+
+paho runs the socket in its own thread and reconnects with capped backoff;
+this wrapper moves every callback onto the event loop, restores
+subscriptions after each reconnect, and lets ``publish`` await the broker's
+PUBACK. It speaks MQTT 3.1.1 so that any broker works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from common.errors import FoglineError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], Awaitable[None] | None]
+_client_ids = itertools.count()
+
+
+class MqttError(FoglineError, ConnectionError):
+    """The broker is unreachable or did not acknowledge a message in time."""
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """``async with MqttLink(...) as link``: connect, subscribe, publish, dispatch.
+
+    The link stays usable while the broker is away: ``publish`` raises
+    MqttError (callers keep what they must not lose in an outbox) and paho
+    reconnects in the background.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        host: str,
+        port: int,
+        username: str | None = None,
+        password: str | None = None,
+        will: Will | None = None,
+        keepalive: int = 10,
+        ack_timeout_s: float = 10.0,
+    ) -> None:
+        self.client_id = client_id
+        self._host, self._port, self._keepalive = host, port, keepalive
+        self._ack_timeout_s = ack_timeout_s
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311
+        )
+        if username:
+            self._client.username_pw_set(username, password)
+        if will:
+            self._client.will_set(will.topic, will.payload, will.qos, will.retain)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        self._client.max_queued_messages_set(1000)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._subs: dict[str, tuple[int, list[Handler]]] = {}
+        self._on_connected: list[Callable[[], Awaitable[None]]] = []
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._early_acks: set[int] = set()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> MqttLink:
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"mqtt-{self.client_id}")
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.loop_start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, *, graceful: bool = True) -> None:
+        """Disconnect (a graceful DISCONNECT suppresses the will) and stop tasks."""
+        if graceful:
+            self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+            self._dispatcher = None
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(MqttError("link closed"))
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise MqttError(f"no connection to {self._host}:{self._port} in {timeout}s") from None
+
+    # -- subscribe / publish ---------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Call ``handler(topic, payload)`` for each message; kept across reconnects."""
+        _, handlers = self._subs.setdefault(topic_filter, (qos, []))
+        handlers.append(handler)
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def on_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` on the loop after every (re)connect, e.g. to republish status."""
+        self._on_connected.append(callback)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        if self._subs.pop(topic_filter, None) is not None and self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish; for QoS 1 wait for the PUBACK. Raise MqttError when offline."""
+        if not self.connected.is_set():
+            raise MqttError(f"not connected; cannot publish to {topic}")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            if qos == 0 or info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                return
+            self._acks[info.mid] = fut
+        try:
+            await asyncio.wait_for(fut, self._ack_timeout_s)
+        except TimeoutError:
+            raise MqttError(f"no PUBACK for {topic} in {self._ack_timeout_s}s") from None
+        finally:
+            self._acks.pop(info.mid, None)
+
+    # -- paho callbacks (network thread) -----------------------------------------
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            logger.warning("MQTT connect to %s:%s refused: %s", self._host, self._port, rc)
+            return
+        for topic_filter, (qos, _) in list(self._subs.items()):
+            client.subscribe(topic_filter, qos)
+        logger.info("MQTT connected to %s:%s as %s", self._host, self._port, self.client_id)
+        self._call(self._connected)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        logger.info("MQTT disconnected from %s:%s (%s)", self._host, self._port, rc)
+        self._call(self.connected.clear)
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        self._call(self._inbox.put_nowait, msg)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._lock:
+            fut = self._acks.get(mid)
+            if fut is None:
+                self._early_acks.add(mid)
+                return
+        self._call(_resolve, fut)
+
+    # -- dispatch (event loop) ------------------------------------------------------
+
+    def _connected(self) -> None:
+        self.connected.set()
+        for callback in self._on_connected:
+            task = asyncio.create_task(callback())
+            task.add_done_callback(_log_failure)
+
+    async def _dispatch(self) -> None:
+        while True:
+            msg = await self._inbox.get()
+            for topic_filter, (_, handlers) in list(self._subs.items()):
+                if not paho.topic_matches_sub(topic_filter, msg.topic):
+                    continue
+                for handler in handlers:
+                    try:
+                        result = handler(msg.topic, msg.payload)
+                        if inspect.isawaitable(result):
+                            await result
+                    except Exception:
+                        logger.exception("handler for %s failed", msg.topic)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("on-connect callback failed: %s", task.exception())
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

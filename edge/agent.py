@@ -1,0 +1,199 @@
+"""The edge agent: one async context manager that owns every long-lived part.
+
+    MQTT link ─ commands ─> CommandGuard ─> Deployer ─> ModelStore (A/B slots)
+        ^                                      │ on activate
+        └─ outbox <─ events, telemetry         v
+    local V2 API ─> DataPlane ─> Router ─> local OnnxRuntime | CloudClient
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiohttp import web
+
+from common import messages, topics
+from common.errors import FoglineError
+from common.fsutil import atomic_write
+from common.mqtt import MqttLink, Will
+from common.onnx_runtime import OnnxRuntime
+from common.signing import TrustStore
+from common.v2_server import DataPlane, build_v2_app
+from edge.cloud_client import CloudClient
+from edge.config import AgentConfig
+from edge.deployment import Deployer
+from edge.model_store import ModelStore, SlotModel
+from edge.outbox import Outbox
+from edge.router import Router, RouterPolicy
+
+logger = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+class EdgeAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = TrustStore(config.trusted_keys)
+        self.store = ModelStore(config.state_dir, self.trust)
+        self._seq_file = config.state_dir / "seq.json"
+        self.guard = messages.CommandGuard(self._read_seq())
+        self.link = MqttLink(
+            client_id=f"fogline-agent-{config.device_id}",
+            host=config.broker_host,
+            port=config.broker_port,
+            username=config.broker_username,
+            password=config.broker_password,
+            will=Will(self._topic("status"), messages.status(config.device_id, online=False)),
+        )
+        remote = None
+        if config.cloud_url:
+            remote = CloudClient(config.cloud_url, config.model, token=config.cloud_token,
+                                 timeout_s=config.cloud_timeout_s)
+        self.router = Router(config.model, remote,
+                             policy=RouterPolicy(local_budget_ms=config.local_budget_ms))
+        self.dataplane = DataPlane("fogline-edge", AGENT_VERSION)
+        self.dataplane.register(self.router)
+        self.active: SlotModel | None = None
+        self._stack = AsyncExitStack()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.outbox: Outbox | None = None
+        self.deployer: Deployer | None = None
+
+    def _topic(self, kind: str) -> str:
+        return topics.device_topic(self.config.device_id, kind)
+
+    def _read_seq(self) -> int:
+        try:
+            return int(json.loads(self._seq_file.read_text())["last_seq"])
+        except FileNotFoundError:
+            return 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> EdgeAgent:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(self.store.sweep)
+        active = await asyncio.to_thread(self.store.load_active)
+        if active is not None:
+            await self._activate(active, self._runtime_for(active))
+        await self.router.load()
+        self._stack.push_async_callback(self.router.unload)
+        await self._start_api()
+        await self._stack.enter_async_context(self.link)
+        self.outbox = await self._stack.enter_async_context(
+            Outbox(self.config.state_dir / "outbox.sqlite", self.link)
+        )
+        self.deployer = Deployer(
+            device_id=self.config.device_id, link=self.link, store=self.store,
+            emit=self._emit_event, on_activate=self._activate,
+            chunk_timeout_s=self.config.chunk_timeout_s,
+            intra_op_threads=self.config.intra_op_threads,
+        )
+        self.link.on_connected(self.publish_status)
+        self.link.subscribe(self._topic("commands"), self._on_command)
+        self._spawn(self._telemetry_loop(), "telemetry")
+        self._stack.push_async_callback(self._cancel_tasks)
+        logger.info("agent %s serving V2 API on %s", self.config.device_id, self.config.api_url)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.link.connected.is_set():
+            try:  # a clean exit says offline itself; a crash leaves it to the will
+                await self.link.publish(self._topic("status"), self._status(False), retain=True)
+            except FoglineError as err:
+                logger.debug("could not publish offline status: %s", err)
+        await self._stack.aclose()
+
+    async def _start_api(self) -> None:
+        app = build_v2_app(self.dataplane)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.config.api_host, self.config.api_port)
+        await site.start()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- models -------------------------------------------------------------------
+
+    def _runtime_for(self, model: SlotModel) -> OnnxRuntime:
+        return OnnxRuntime(model.model_file, model.signed.manifest,
+                           intra_op_threads=self.config.intra_op_threads)
+
+    async def _activate(self, model: SlotModel, runtime: OnnxRuntime) -> None:
+        await runtime.load()
+        self.router.set_local(runtime, model.signed.manifest.routing)
+        self.active = model
+        if self.link.connected.is_set():
+            await self.publish_status()
+
+    # -- MQTT ---------------------------------------------------------------------
+
+    async def _emit_event(self, payload: bytes) -> None:
+        assert self.outbox is not None
+        await self.outbox.put(self._topic("events"), payload)
+
+    async def _on_command(self, _topic: str, payload: bytes) -> None:
+        try:
+            cmd = messages.parse_command(payload, self.trust, self.config.device_id)
+            self.guard.accept(cmd)
+            await asyncio.to_thread(
+                atomic_write, self._seq_file, json.dumps({"last_seq": cmd.seq}).encode()
+            )
+        except FoglineError as exc:
+            logger.warning("refused command: %s", exc)
+            await self._emit_event(messages.event(self.config.device_id, _command_id(payload),
+                                                  "rejected", error=str(exc)))
+            return
+        assert self.deployer is not None
+        self._spawn(self.deployer.run(cmd), f"command-{cmd.id}")
+
+    def _status(self, online: bool) -> bytes:
+        models = []
+        if self.active is not None:
+            m = self.active.signed.manifest
+            models.append({"name": m.name, "version": m.version, "release": m.release,
+                           "precision": m.precision, "slot": self.active.slot})
+        return messages.status(
+            self.config.device_id, online, agent_version=AGENT_VERSION,
+            hardware={"arch": platform.machine(), "system": platform.system()},
+            runtimes=["onnxruntime"], models=models, api_url=self.config.api_url,
+        )
+
+    async def publish_status(self) -> None:
+        await self.link.publish(self._topic("status"), self._status(True), retain=True)
+
+    async def _telemetry_loop(self) -> None:
+        assert self.outbox is not None
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            doc = {"device_id": self.config.device_id, "router": self.router.stats()}
+            await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
+
+
+def _command_id(payload: bytes) -> str | None:
+    try:
+        return str(json.loads(payload)["command"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return None

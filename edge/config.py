@@ -1,0 +1,70 @@
+"""The agent's settings: one object, built once in the entry point from a JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    state_dir: Path
+    trusted_keys: list[str]  # hex Ed25519 public keys of the control plane
+    model: str  # the model name this device serves (edge variant locally, cloud variant remote)
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    broker_username: str | None = None
+    broker_password: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    cloud_url: str | None = None  # base URL of the fallback's V2 API
+    cloud_token: str | None = None
+    cloud_timeout_s: float = 2.0
+    local_budget_ms: float = 50.0  # local queue wait above this sends requests to the cloud
+    telemetry_interval_s: float = 10.0
+    chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
+    intra_op_threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        host = self.api_host if self.api_host not in ("0.0.0.0", "") else socket.gethostname()
+        return f"http://{host}:{self.api_port}"
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> AgentConfig:
+        """Read a JSON config; unknown keys and missing required keys are errors."""
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"cannot read agent config {path}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise InvalidInputError(f"agent config {path} must be a JSON object")
+        doc.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> AgentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise InvalidInputError(f"unknown agent config keys: {sorted(unknown)}")
+        try:
+            cfg = cls(**{**doc, "state_dir": Path(doc["state_dir"])})
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"agent config: {exc}") from exc
+        if not cfg.trusted_keys:
+            raise InvalidInputError("agent config: trusted_keys must list at least one key")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["state_dir"] = str(self.state_dir)
+        return doc

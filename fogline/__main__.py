@@ -1,0 +1,5 @@
+import sys
+
+from fogline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""``fogline demo``: the whole system on one machine, with a real model.
+
+Broker → control plane → 3 agents (separate processes) → train edge and cloud
+models → int8 compression with an accuracy gate → signed packages → cloud
+fallback → MQTT rollout → every held-out digit sent to the agents → report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fogline.processes import ManagedProcess, ProcessError
+from fogline.report import render_table
+from fogline.traffic import Target, run_phase
+
+logger = logging.getLogger(__name__)
+
+MODEL = "digits"
+TOKEN = "demo-device-token"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workdir: Path
+    agents: int = 3
+    broker: str = "auto"
+    samples: int | None = None  # None: every held-out digit
+    json: bool = False
+    keep_running: bool = False
+    seed: int = 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object on stdout (logs on stderr)")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="leave everything up after the report until Ctrl-C")
+    parser.add_argument("--agents", type=int, default=3, help="edge agents (default: 3)")
+    parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                        help="auto: mosquitto if on PATH, else the embedded amqtt broker")
+    parser.add_argument("--samples", type=int, help="send only this many held-out digits")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep state here (default: a temp dir, removed at exit)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fogline-demo-")))
+        opts = DemoOptions(workdir=workdir, agents=args.agents, broker=args.broker,
+                           samples=args.samples, json=args.json,
+                           keep_running=args.keep_running, seed=args.seed)
+        try:
+            report = Demo(opts).run()
+        except ProcessError as exc:
+            logger.error("%s", exc)
+            return 1
+    return 0 if report["ok"] else 1
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions) -> None:
+        self.opts = opts
+        self.wd = opts.workdir
+        self.procs: list[ManagedProcess] = []
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> dict[str, Any]:
+        from cloud.registry import package_path
+        from fogline.broker import free_port, start_broker
+
+        with ExitStack() as stack:
+            broker = stack.enter_context(start_broker(self.opts.broker, workdir=self.wd / "broker"))
+            stack.callback(self._stop_all)
+            self.control_url = f"http://127.0.0.1:{free_port()}"
+            self.fallback_url = f"http://127.0.0.1:{free_port()}"
+            self._start_control(broker.port)
+            agents = self._start_agents(broker.port)
+            compression = self._build_models()
+            self._start_fallback(package_path(self.wd / "control" / "store", MODEL, "cloud", "1"))
+            rollout = self._roll_out(len(agents))
+            results = asyncio.run(self._send_traffic(agents))
+            report = self._report(broker, agents, compression, rollout, results)
+            self._print(report)
+            if self.opts.keep_running:
+                self._wait_for_ctrl_c()
+        return report
+
+    # -- processes ---------------------------------------------------------------------
+
+    def _start(self, name: str, args: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(name, args, self.wd / "logs" / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def _stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def _start_control(self, broker_port: int) -> None:
+        from cloud.control_cli import ControlClient
+
+        port = self.control_url.rsplit(":", 1)[1]
+        proc = self._start("control", ["control", "serve", "--workdir", str(self.wd / "control"),
+                                       "--port", port, "--broker-port", str(broker_port)])
+        proc.wait_ready(f"{self.control_url}/api/health", 60,
+                        lambda doc: doc.get("broker_connected") is True)
+        self.control = ControlClient(self.control_url)
+        self.public_key = self.control.get("/api/keys")["keys"][0]["public_key"]
+        logger.info("control plane ready at %s", self.control_url)
+
+    def _start_agents(self, broker_port: int) -> list[Target]:
+        from fogline.broker import free_port
+
+        agents = []
+        for i in range(1, self.opts.agents + 1):
+            device_id = f"device-{i}"
+            port = free_port()
+            config = {
+                "device_id": device_id, "state_dir": str(self.wd / "agents" / device_id),
+                "trusted_keys": [self.public_key], "model": MODEL,
+                "broker_port": broker_port, "api_port": port,
+                "cloud_url": self.fallback_url, "cloud_token": TOKEN,
+                "telemetry_interval_s": 5.0, "chunk_timeout_s": 2.0,
+            }
+            path = self.wd / "agents" / f"{device_id}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(config, indent=2))
+            self._start(device_id, ["edge", "run", "--config", str(path)])
+            agents.append(Target(device_id, f"http://127.0.0.1:{port}"))
+        for agent, proc in zip(agents, self.procs[-len(agents):], strict=True):
+            proc.wait_ready(f"{agent.url}/v2/health/live", 60)
+        return agents
+
+    def _start_fallback(self, package_dir: Path) -> None:
+        port = self.fallback_url.rsplit(":", 1)[1]
+        proc = self._start("fallback", ["fallback", "serve", "--port", port,
+                                        "--package", str(package_dir),
+                                        "--trust-key", self.public_key, "--token", TOKEN])
+        proc.wait_ready(f"{self.fallback_url}/v2/health/ready", 60)
+        logger.info("cloud fallback ready at %s", self.fallback_url)
+
+    # -- models ---------------------------------------------------------------------------
+
+    def _build_models(self) -> dict[str, Any]:
+        from fogline.model_build import build_and_publish
+
+        started = time.monotonic()
+        _, compression, self.split = build_and_publish(
+            self.wd / "models", self.control, MODEL, seed=self.opts.seed,
+            progress=not self.opts.json)
+        self.timings["build_seconds"] = time.monotonic() - started
+        return compression
+
+    def _roll_out(self, n_agents: int) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while True:
+            online = [d for d in self.control.get("/api/devices")["devices"]
+                      if d.get("state") == "online"]
+            if len(online) >= n_agents or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        rollout_id = self.control.rollout(MODEL, "1")
+        state = self.control.wait_rollout(rollout_id, 120)
+        logger.info("rollout %s: %s in %.2fs", rollout_id, state["state"], state["seconds"])
+        return state
+
+    # -- traffic and report -------------------------------------------------------------
+
+    async def _send_traffic(self, agents: list[Target]) -> dict[str, Any]:
+        x, y = self.split.x_test, self.split.y_test
+        if self.opts.samples:
+            x, y = x[: self.opts.samples], y[: self.opts.samples]
+        cloud = [Target("cloud", self.fallback_url, token=TOKEN)]
+        return {
+            "edge": await run_phase(agents, MODEL, x, y, route="local"),
+            "cloud": await run_phase(cloud, MODEL, x, y, route="auto"),
+            "hybrid": await run_phase(agents, MODEL, x, y, route="auto"),
+            "heavy": await run_phase(agents, MODEL, x[:48], y[:48], route="auto", batch=16),
+        }
+
+    def _report(self, broker: Any, agents: list[Target], compression: dict[str, Any],
+                rollout: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+        from fogline.report import build_report
+
+        devices = {d["device_id"]: d for d in self.control.get("/api/devices")["devices"]}
+        return build_report(
+            agents=agents, devices=devices, compression=compression, rollout=rollout,
+            results=results, broker=broker, endpoints={"control": self.control_url,
+                                                       "fallback": self.fallback_url},
+            timings=self.timings,
+        )
+
+    def _print(self, report: dict[str, Any]) -> None:
+        if self.opts.json:
+            print(json.dumps(report), flush=True)
+        else:
+            print(render_table(report), flush=True)
+
+    def _wait_for_ctrl_c(self) -> None:
+        print(f"\nEverything is up. Control plane + dashboard: {self.control_url}/\n"
+              f"Cloud fallback (V2): {self.fallback_url}/v2\n"
+              + "".join(f"Agent {p.name}: see its config\n" for p in self.procs[1:-1])
+              + "Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        try:
+            while all(p.proc.poll() is None for p in self.procs):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nshutting down...", file=sys.stderr)

@@ -1,0 +1,73 @@
+"""Child processes for the demo: started with logs to files, stopped cleanly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.errors import FoglineError
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessError(FoglineError, RuntimeError):
+    """A child process exited or did not become ready."""
+
+
+class ManagedProcess:
+    """``fogline <args>`` in a child process; output goes to ``log_path``."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fogline", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, url: str, timeout: float,
+                   check: Callable[[Any], bool] = lambda _doc: True) -> None:
+        """Poll ``url`` until it answers 200 and ``check(json)`` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ProcessError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if check(json.loads(resp.read() or b"null")):
+                        return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise ProcessError(f"{self.name} not ready at {url} in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %ss; killing it", self.name, timeout)
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

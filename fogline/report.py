@@ -1,0 +1,89 @@
+"""The demo's report: one JSON object, and a table for people."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def build_report(*, agents: list[Any], devices: dict[str, Any], compression: dict[str, Any],
+                 rollout: dict[str, Any], results: dict[str, Any], broker: Any,
+                 endpoints: dict[str, str], timings: dict[str, float]) -> dict[str, Any]:
+    edge, cloud, hybrid, heavy = (results[k] for k in ("edge", "cloud", "hybrid", "heavy"))
+    agent_rows = []
+    for agent in agents:
+        models = devices.get(agent.name, {}).get("models") or [{}]
+        agent_rows.append({"device_id": agent.name, "model": models[0].get("name"),
+                           "version": models[0].get("version"), "url": agent.url,
+                           "state": devices.get(agent.name, {}).get("state")})
+    report = {
+        "accuracy": {"edge": round(edge.accuracy, 4), "cloud": round(cloud.accuracy, 4),
+                     "hybrid": round(hybrid.accuracy, 4)},
+        "escalated_fraction": round(hybrid.escalated_fraction, 4),
+        "escalation_reasons": hybrid.reasons,
+        "latency_ms": {
+            "local_p50": _pct(hybrid.latency_ms["edge"], 50),
+            "local_p99": _pct(hybrid.latency_ms["edge"], 99),
+            "escalated_p50": _pct(hybrid.latency_ms["cloud"], 50),
+            "escalated_p99": _pct(hybrid.latency_ms["cloud"], 99),
+        },
+        "heavy_requests": {"requests": heavy.requests, "served_by_cloud":
+                           len(heavy.latency_ms["cloud"]), "reasons": heavy.reasons},
+        "samples": hybrid.samples,
+        "errors": sum(r.errors for r in results.values()),
+        "degraded": hybrid.degraded,
+        "model_bytes": {"fp32": compression["fp32_bytes"], "int8": compression["int8_bytes"],
+                        "cloud_fp32": compression["cloud_bytes"]},
+        "offline_accuracy": {"fp32": round(compression["fp32_accuracy"], 4),
+                             "int8": round(compression["int8_accuracy"], 4),
+                             "cloud": round(compression["cloud_fp32_accuracy"], 4)},
+        "rollout_seconds": rollout["seconds"],
+        "rollout_state": rollout["state"],
+        "agents": agent_rows,
+        "endpoints": endpoints,
+        "broker": {"kind": broker.kind, "url": broker.url},
+        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+    }
+    report["ok"] = (rollout["state"] == "succeeded" and report["errors"] == 0
+                    and all(a["version"] == "1" for a in agent_rows))
+    return report
+
+
+def render_table(r: dict[str, Any]) -> str:
+    lat, acc = r["latency_ms"], r["accuracy"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} ms"
+
+    lines = [
+        "",
+        "Fogline demo report",
+        "===================",
+        f"broker            {r['broker']['kind']} at {r['broker']['url']}",
+        f"rollout           {r['rollout_state']} in {r['rollout_seconds']:.2f} s "
+        f"to {len(r['agents'])} agents",
+        f"model bytes       fp32 {r['model_bytes']['fp32']:,}  int8 {r['model_bytes']['int8']:,}"
+        f"  (cloud model {r['model_bytes']['cloud_fp32']:,})",
+        "",
+        f"{'accuracy':<18}{'edge only':>12}{'cloud only':>12}{'hybrid':>12}",
+        f"{'':<18}{acc['edge']:>12.2%}{acc['cloud']:>12.2%}{acc['hybrid']:>12.2%}",
+        "",
+        f"escalated         {r['escalated_fraction']:.1%} of {r['samples']} requests "
+        f"{r['escalation_reasons']}",
+        f"heavy (batch 16)  {r['heavy_requests']['served_by_cloud']}"
+        f"/{r['heavy_requests']['requests']} served by the cloud",
+        f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
+        f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
+        "",
+        "agents:",
+        *[f"  {a['device_id']:<10} {a['model']} v{a['version']}  {a['url']}" for a in r["agents"]],
+        f"control plane     {r['endpoints']['control']}",
+        f"cloud fallback    {r['endpoints']['fallback']}",
+        f"result            {'OK' if r['ok'] else 'FAILED'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""MqttLink against a real Mosquitto: QoS 1 round trip, retained status, will, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.mqtt import MqttError, MqttLink, Will
+
+
+def link(broker, client_id: str, **kw) -> MqttLink:
+    return MqttLink(client_id=client_id, host=broker.host, port=broker.port, **kw)
+
+
+async def test_publish_subscribe_roundtrip(mosquitto) -> None:
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    async with link(mosquitto, "rt-sub") as sub, link(mosquitto, "rt-pub") as pub:
+        await sub.wait_connected(5)
+        await pub.wait_connected(5)
+        sub.subscribe("fogline/v1/test/+", lambda t, p: got.put_nowait((t, p)))
+        await asyncio.sleep(0.2)
+        await pub.publish("fogline/v1/test/a", b"\x00binary\xff", qos=1)
+        topic, payload = await asyncio.wait_for(got.get(), 5)
+    assert topic == "fogline/v1/test/a"
+    assert payload == b"\x00binary\xff"
+
+
+async def test_will_marks_client_offline(mosquitto) -> None:
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    will = Will("fogline/v1/test/will", b"offline", retain=False)
+    async with link(mosquitto, "will-watch") as watcher:
+        await watcher.wait_connected(5)
+        watcher.subscribe("fogline/v1/test/will", lambda t, p: got.put_nowait(p))
+        await asyncio.sleep(0.2)
+        dying = link(mosquitto, "will-dying", will=will, keepalive=1)
+        await dying.__aenter__()
+        await dying.wait_connected(5)
+        # Drop the socket without DISCONNECT, as a crash would.
+        dying._client.socket().close()
+        await dying.close(graceful=False)
+        assert await asyncio.wait_for(got.get(), 10) == b"offline"
+
+
+async def test_publish_while_broker_down_raises_then_recovers(tmp_path) -> None:
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        async with link(broker, "flaky") as client:
+            await client.wait_connected(5)
+            broker.stop()
+            await asyncio.sleep(0.5)
+            with pytest.raises(MqttError):
+                await client.publish("fogline/v1/test/x", b"1")
+            broker.start()
+            await client.wait_connected(15)
+            await client.publish("fogline/v1/test/x", b"2")
+    finally:
+        broker.stop()
