@@ -1,0 +1,132 @@
+"""Compress an FP32 ONNX model to INT8 and prove it still answers correctly.
+
+Quantization is accepted only with its evidence: accuracy of both models on
+the held-out test rows, and their sizes. A model that loses more than the
+allowed points is refused with ``AccuracyDropError``, so a bad calibration
+never reaches the fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud.pipeline.data import Split
+from cloud.pipeline.onnx_model import input_name, predict
+from common.errors import FoglineError
+
+logger = logging.getLogger(__name__)
+
+# Ops whose weights carry the size. Softmax itself is not quantized, so the
+# probabilities (and the uncertainty scores made from them) stay FP32 math.
+_QUANTIZED_OPS = ["Gemm", "MatMul", "Conv"]
+_CALIBRATION_BATCH = 64
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """FP32 vs INT8 on the test split: accuracy in [0, 1], sizes in bytes."""
+
+    fp32_accuracy: float
+    int8_accuracy: float
+    fp32_bytes: int
+    int8_bytes: int
+    drop_points: float  # (fp32 - int8) accuracy in percentage points; negative = gain
+
+    @property
+    def size_ratio(self) -> float:
+        return self.fp32_bytes / self.int8_bytes if self.int8_bytes else float("inf")
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "size_ratio": self.size_ratio}
+
+
+class AccuracyDropError(FoglineError, ValueError):
+    """INT8 lost more accuracy than allowed; ``report`` has the figures."""
+
+    def __init__(self, report: CompressionReport, max_drop_points: float) -> None:
+        self.report = report
+        self.max_drop_points = max_drop_points
+        super().__init__(
+            f"int8 accuracy {report.int8_accuracy:.2%} vs fp32 {report.fp32_accuracy:.2%} "
+            f"is a drop of {report.drop_points:.2f} points; at most {max_drop_points:g} allowed"
+        )
+
+
+def evaluate(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in [0, 1] of an ONNX model on rows ``x`` with labels ``y``."""
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"need as many labels as rows (got {len(x)} rows, {len(y)} labels)")
+    return float((predict(model_path, x).argmax(axis=-1) == y).mean())
+
+
+def _calibration_reader(name: str, calibration: np.ndarray) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    rows = np.ascontiguousarray(calibration, dtype=np.float32)
+
+    class RowsReader(CalibrationDataReader):
+        """Feeds the calibration rows in batches, once."""
+
+        def __init__(self) -> None:
+            self._batches = iter(range(0, len(rows), _CALIBRATION_BATCH))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self._batches, None)
+            if start is None:
+                return None
+            return {name: rows[start : start + _CALIBRATION_BATCH]}
+
+    return RowsReader()
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> Path:
+    """Static INT8 quantization (QDQ, per-channel int8 weights) calibrated on ``calibration``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration) == 0:
+        raise ValueError("quantization needs at least one calibration row")
+    int8_path = Path(int8_path)
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fogline-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            _calibration_reader(input_name(prepared), calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=_QUANTIZED_OPS,
+        )
+    logger.info("quantized %s -> %s (%d bytes)", fp32_path, int8_path, int8_path.stat().st_size)
+    return int8_path
+
+
+def compress(
+    fp32_path: Path, int8_path: Path, split: Split, *, max_drop_points: float = 1.0
+) -> CompressionReport:
+    """Quantize (calibrated on train rows), then compare both on the test rows."""
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    quantize_int8(fp32_path, int8_path, split.x_train)
+    fp32_acc = evaluate(fp32_path, split.x_test, split.y_test)
+    int8_acc = evaluate(int8_path, split.x_test, split.y_test)
+    report = CompressionReport(
+        fp32_accuracy=fp32_acc,
+        int8_accuracy=int8_acc,
+        fp32_bytes=fp32_path.stat().st_size,
+        int8_bytes=int8_path.stat().st_size,
+        drop_points=(fp32_acc - int8_acc) * 100.0,
+    )
+    logger.info("compression: %s", report)
+    if report.drop_points > max_drop_points:
+        raise AccuracyDropError(report, max_drop_points)
+    return report

@@ -1,0 +1,128 @@
+"""Build a model package directory and its (unsigned) manifest.
+
+The pipeline stops short of signing: only the control plane holds the key
+(``SignedManifest.sign`` + ``write_package``). What this module guarantees is
+that the manifest describes exactly the files on disk, and that the golden
+outputs are what ONNX Runtime really produced for the golden inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from cloud.pipeline.onnx_model import has_external_data, predict
+from common.errors import InvalidInputError
+from common.golden import GOLDEN_FILE, save_golden
+from common.manifest import Manifest, RoutingHints, Target, file_entry
+from common.onnx_runtime import describe_onnx_io
+from kernels.uncertainty import score, threshold_for_fraction
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TASK = "image-classification"
+
+
+def _copy_model(model_path: Path, dest: Path) -> None:
+    """Copy atomically, refusing a model that would need files beside it."""
+    if has_external_data(onnx.load(str(model_path), load_external_data=False)):
+        raise InvalidInputError(f"{model_path}: ONNX models with external data are refused")
+    if model_path.resolve() == dest.resolve():
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(model_path, tmp)
+    tmp.replace(dest)
+
+
+def _write_golden(model_path: Path, dest: Path, rows: np.ndarray) -> None:
+    """Run the packaged model on ``rows`` and store inputs and outputs together."""
+    inputs, outputs = describe_onnx_io(model_path)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise InvalidInputError("golden data supports single-input, single-output models only")
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or len(rows) == 0:
+        raise InvalidInputError(f"golden rows must be a non-empty [N, F] array, got {rows.shape}")
+    probs = predict(model_path, rows)
+    save_golden(dest, {inputs[0].name: rows}, {outputs[0].name: probs})
+
+
+def build_package(
+    model_path: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    release: int,
+    variant: str,
+    precision: str,
+    golden_rows: np.ndarray,
+    evaluation: dict[str, float],
+    routing: RoutingHints,
+    parent: str | None = None,
+) -> Manifest:
+    """Write ``model.onnx`` and ``golden.npz`` into ``out_dir``; return the unsigned manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dest = out_dir / MODEL_FILE
+    _copy_model(Path(model_path), model_dest)
+    golden_dest = out_dir / GOLDEN_FILE
+    _write_golden(model_dest, golden_dest, golden_rows)
+    inputs, outputs = describe_onnx_io(model_dest)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        release=release,
+        variant=variant,
+        task=TASK,
+        format="onnx",
+        precision=precision,
+        files=[file_entry(model_dest, "model"), file_entry(golden_dest, "golden")],
+        inputs=inputs,
+        outputs=outputs,
+        target=Target(),
+        routing=routing,
+        evaluation={k: float(v) for k, v in evaluation.items()},
+        parent=parent,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    manifest.validate()
+    logger.info("packaged %s %s (%s, %s) in %s", name, version, variant, precision, out_dir)
+    return manifest
+
+
+def calibrate_routing(
+    model_path: Path,
+    x_val: np.ndarray,
+    *,
+    metric: str = "max_prob",
+    escalate_fraction: float = 0.15,
+    max_local_batch: int = 8,
+) -> RoutingHints:
+    """Pick the uncertainty threshold that escalates ``escalate_fraction`` of val rows."""
+    if not 0.0 <= escalate_fraction <= 1.0:
+        raise InvalidInputError(f"escalate_fraction must be in [0, 1], got {escalate_fraction}")
+    if max_local_batch < 1:
+        raise InvalidInputError(f"max_local_batch must be at least 1, got {max_local_batch}")
+    try:
+        scores = score(metric, predict(Path(model_path), x_val))
+    except ValueError as exc:  # unknown metric
+        raise InvalidInputError(str(exc)) from exc
+    threshold = threshold_for_fraction(scores, escalate_fraction)
+    logger.info(
+        "routing: %s threshold %.4g escalates %.1f%% of %d val rows",
+        metric,
+        threshold,
+        100.0 * float((scores > threshold).mean()),
+        len(scores),
+    )
+    return RoutingHints(
+        uncertainty_metric=metric,
+        uncertainty_threshold=threshold,
+        max_local_batch=max_local_batch,
+    )

@@ -1,0 +1,434 @@
+"""Start an MQTT broker for ``fogline demo`` and for tests.
+
+``start_broker`` runs either a local ``mosquitto`` binary or the embedded
+Python broker (amqtt) as a child process and returns once the broker answers
+an MQTT CONNECT. Both speak MQTT 3.1.1 with QoS 1, retained messages and last
+wills, which is all Fogline needs from a broker.
+
+Run ``python -m fogline.broker [--kind auto|mosquitto|amqtt] [--port N]`` for
+a standalone broker that prints its URL and runs until Ctrl-C. The same
+module, run with ``--embedded``, is the amqtt child process itself.
+
+NOTE: amqtt is imported only inside the embedded child (and the auth plugin
+it loads): it ships with the ``cloud`` extra, and an edge-only install must be
+able to import this module and use Mosquitto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, cast
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from common.errors import FoglineError
+
+logger = logging.getLogger(__name__)
+
+BrokerKind = Literal["auto", "mosquitto", "amqtt"]
+
+_START_ATTEMPTS = 3  # only when we picked the port ourselves and lost a bind race
+_TAIL_BYTES = 4000
+
+
+class BrokerStartError(FoglineError, RuntimeError):
+    """The broker process exited, or did not accept an MQTT connection in time."""
+
+    def __init__(self, message: str, *, kind: str, port: int, stderr_tail: str = "") -> None:
+        self.kind = kind
+        self.port = port
+        self.stderr_tail = stderr_tail
+        detail = f"\n--- {kind} output (tail) ---\n{stderr_tail}" if stderr_tail else ""
+        super().__init__(f"{kind} broker on port {port}: {message}{detail}")
+
+
+class BrokerProcess:
+    """A broker child process we own. ``with start_broker(...) as broker:`` stops it on exit."""
+
+    def __init__(
+        self,
+        *,
+        kind: Literal["mosquitto", "amqtt"],
+        host: str,
+        port: int,
+        proc: subprocess.Popen[bytes],
+        log_path: Path,
+        log_file: IO[bytes],
+    ) -> None:
+        self.kind = kind
+        self.host = host
+        self.port = port
+        self._proc = proc
+        self._log_path = log_path
+        self._log_file = log_file
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the broker exits (``subprocess.TimeoutExpired`` after ``timeout``)."""
+        return self._proc.wait(timeout)
+
+    def stderr_tail(self) -> str:
+        """The last few KB of what the broker wrote to stdout/stderr."""
+        try:
+            data = self._log_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-_TAIL_BYTES:].decode("utf-8", errors="replace").strip()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Safe to call twice."""
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s broker %s ignored SIGTERM; killing it", self.kind, self.url)
+                self._proc.kill()
+                self._proc.wait()
+            logger.info("%s broker on %s stopped", self.kind, self.url)
+        self._log_file.close()
+
+    def __enter__(self) -> BrokerProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"BrokerProcess(kind={self.kind!r}, url={self.url!r}, pid={self.pid})"
+
+
+def resolve_kind(kind: BrokerKind) -> Literal["mosquitto", "amqtt"]:
+    """``auto`` means a local Mosquitto when one is on PATH, else the embedded amqtt."""
+    if kind == "auto":
+        return "mosquitto" if shutil.which("mosquitto") else "amqtt"
+    if kind not in ("mosquitto", "amqtt"):
+        raise ValueError(f"unknown broker kind {kind!r} (auto, mosquitto or amqtt)")
+    if kind == "mosquitto" and shutil.which("mosquitto") is None:
+        raise BrokerStartError("the mosquitto binary is not on PATH", kind=kind, port=0)
+    return kind
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the caller may still lose a race for it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return cast(int, s.getsockname()[1])
+
+
+def start_broker(
+    kind: BrokerKind = "auto",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    workdir: Path,
+    timeout: float = 20.0,
+) -> BrokerProcess:
+    """Start a broker on ``host:port`` (``port=0``: pick a free one) and wait until it serves MQTT.
+
+    Config and log files go in ``workdir``. Raises BrokerStartError with the
+    broker's output when it exits or does not accept a CONNECT within ``timeout``.
+    """
+    chosen_kind = resolve_kind(kind)
+    workdir.mkdir(parents=True, exist_ok=True)
+    attempts = _START_ATTEMPTS if port == 0 else 1
+    for attempt in range(1, attempts + 1):
+        broker = _spawn(chosen_kind, host, port or free_port(host), workdir)
+        try:
+            _wait_ready(broker, timeout)
+        except BrokerStartError:
+            exited = not broker.running()
+            broker.stop()
+            # An early exit on a port we picked is most likely a lost bind race: pick again.
+            if exited and attempt < attempts:
+                logger.warning("%s broker exited at start; retrying on another port", chosen_kind)
+                continue
+            raise
+        logger.info("%s broker serving on %s", chosen_kind, broker.url)
+        return broker
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _spawn(
+    kind: Literal["mosquitto", "amqtt"], host: str, port: int, workdir: Path
+) -> BrokerProcess:
+    log_path = workdir / f"{kind}-{port}.log"
+    if kind == "mosquitto":
+        conf = workdir / f"mosquitto-{port}.conf"
+        conf.write_text(_mosquitto_config(host, port))
+        argv = ["mosquitto", "-c", str(conf)]
+    else:
+        argv = [sys.executable, "-m", "fogline.broker", "--embedded", "--host", host]
+        argv += ["--port", str(port)]
+    log_file = log_path.open("wb")
+    try:
+        # NOTE: a new session keeps Ctrl-C away from the broker, so whoever started it can
+        # stop its clients first and the broker last.
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log_file.close()
+        raise BrokerStartError(f"could not run {argv[0]}: {exc}", kind=kind, port=port) from exc
+    return BrokerProcess(
+        kind=kind, host=host, port=port, proc=proc, log_path=log_path, log_file=log_file
+    )
+
+
+def _mosquitto_config(host: str, port: int) -> str:
+    return "\n".join(
+        [
+            f"listener {port} {host}",
+            "allow_anonymous true",
+            "persistence false",
+            "log_dest stderr",
+            # An artifact fans out as many QoS 1 chunks; the default queue (1000) could
+            # drop chunks for a briefly slow agent, which would then have to ask again.
+            "max_queued_messages 10000",
+            "",
+        ]
+    )
+
+
+def _child_env() -> dict[str, str]:
+    """The child must import ``fogline`` even when it runs from a source checkout."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _wait_ready(broker: BrokerProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not broker.running():
+            raise BrokerStartError(
+                f"exited with status {broker.wait()} before accepting connections",
+                kind=broker.kind,
+                port=broker.port,
+                stderr_tail=broker.stderr_tail(),
+            )
+        # No bare TCP probe first: amqtt logs a connection that sends no CONNECT as an
+        # ERROR. paho's connect is the TCP check; the CONNACK is the MQTT one.
+        if _mqtt_connects(broker, wait=min(1.0, deadline - time.monotonic())):
+            return
+        time.sleep(0.05)
+    raise BrokerStartError(
+        f"no MQTT CONNACK within {timeout:.0f} s",
+        kind=broker.kind,
+        port=broker.port,
+        stderr_tail=broker.stderr_tail(),
+    )
+
+
+def _mqtt_connects(broker: BrokerProcess, *, wait: float) -> bool:
+    """One MQTT 3.1.1 CONNECT; False if not answered within ``wait`` s, BrokerStartError if refused.
+
+    The wait is short so that a broker that died while something else holds its
+    port (and accepts the TCP connection) is noticed promptly.
+    """
+    deadline = time.monotonic() + wait
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"fogline-probe-{os.getpid()}",
+        protocol=paho.MQTTv311,
+    )
+    client.connect_timeout = max(wait, 0.1)
+    answers: list[Any] = []
+    client.on_connect = lambda _c, _u, _f, reason_code, _p: answers.append(reason_code)
+    try:
+        client.connect(broker.host, broker.port, keepalive=10)
+        while not answers and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS:
+                return False
+        if answers and not answers[0].is_failure:
+            client.disconnect()
+            client.loop(timeout=0.1)
+    except OSError:
+        return False
+    finally:
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+    if answers and answers[0].is_failure:
+        raise BrokerStartError(
+            f"refused an anonymous CONNECT: {answers[0]}",
+            kind=broker.kind,
+            port=broker.port,
+            stderr_tail=broker.stderr_tail(),
+        )
+    return bool(answers)
+
+
+# --- the embedded amqtt broker (runs in the child process) ---------------------------------
+
+
+@functools.cache
+def _open_auth_plugin() -> type:
+    """An amqtt auth plugin that admits every client *without* flagging it anonymous.
+
+    amqtt's own AnonymousAuthPlugin marks every session it admits as anonymous,
+    and amqtt then neither queues QoS 1 messages for an offline persistent
+    session nor keeps that session: unlike Mosquitto with ``allow_anonymous
+    true``. Admitting clients as regular users keeps the two brokers alike.
+    """
+    from amqtt.plugins.base import BaseAuthPlugin
+    from amqtt.session import Session
+
+    class OpenAuthPlugin(BaseAuthPlugin):
+        async def authenticate(self, *, session: Session) -> bool:
+            return True
+
+    return OpenAuthPlugin
+
+
+def __getattr__(name: str) -> Any:
+    # amqtt loads plugins by dotted path ("fogline.broker.OpenAuthPlugin"); built lazily so
+    # importing this module never imports amqtt.
+    if name == "OpenAuthPlugin":
+        return _open_auth_plugin()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def amqtt_config(host: str, port: int) -> dict[str, Any]:
+    """amqtt 0.12 ``BrokerConfig`` dict: one TCP listener, every client admitted, no $SYS."""
+    # NOTE: no [brackets] for IPv6: amqtt 0.12.1 would pass them on to bind(). It splits
+    # "::1:1883" at the last colon, which is right.
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        # NOTE: an explicit plugin dict replaces amqtt's defaults (event/packet loggers,
+        # AnonymousAuthPlugin, $SYS publisher every 20 s); we want none of those.
+        # The path names the importable module, not ``__main__`` of the embedded child.
+        "plugins": {"fogline.broker.OpenAuthPlugin": {}},
+    }
+
+
+def _patched_broker_class() -> type:
+    """amqtt's Broker, minus one bug in 0.12.1 that Mosquitto does not have.
+
+    At every CONNECT amqtt replays, to the new client, the retained messages of
+    every topic filter that *any* client is subscribed to (at QoS 0, whether or
+    not this client subscribed). An agent would receive every other device's
+    retained status. Here a session gets retained messages only for the filters
+    it holds itself (on SUBSCRIBE, and again when a persistent session resumes).
+    """
+    from amqtt.broker import Broker
+    from amqtt.session import Session
+
+    class PatchedBroker(Broker):
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Session
+        ) -> None:
+            holders = self._subscriptions.get(subscription[0], [])
+            if any(held.client_id == session.client_id for held, _qos in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return PatchedBroker
+
+
+async def _serve_embedded(host: str, port: int) -> None:
+    broker = _patched_broker_class()(amqtt_config(host, port))
+    await broker.start()
+    logger.info("amqtt broker listening on %s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    while not stop.is_set():
+        # Exit with our parent: a test run that is killed must not leave brokers behind.
+        if os.getppid() != parent:
+            logger.warning("parent process %d is gone; shutting down", parent)
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+    await broker.shutdown()
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fogline.broker",
+        description="Run an MQTT broker (Mosquitto if on PATH, else the embedded amqtt).",
+    )
+    parser.add_argument("--kind", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="WARNING")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.embedded:
+        if args.port <= 0:
+            raise SystemExit("--embedded needs an explicit --port")
+        asyncio.run(_serve_embedded(args.host, args.port))
+        return 0
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    with tempfile.TemporaryDirectory(prefix="fogline-broker-") as tmp:
+        workdir = Path(tmp)
+        try:
+            with start_broker(args.kind, host=args.host, port=args.port, workdir=workdir) as b:
+                print(b.url, flush=True)
+                status = b.wait()
+                print(f"{b.kind} broker exited with status {status}", file=sys.stderr)
+                return status or 1
+        except KeyboardInterrupt:
+            return 0
+        except BrokerStartError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Agents and control plane over a real broker: rollout, tampering, truncation, outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import aiohttp
+import pytest
+
+from common import chunking, topics
+from common.manifest import SignedManifest
+from common.messages import Command, sign_command
+from common.mqtt import MqttLink
+from edge.agent import EdgeAgent
+from tests.edge.agent_harness import ControlPlane, agent_config
+from tests.model_fixtures import toy_input
+
+
+async def infer(agent: EdgeAgent, rows: int = 1) -> dict:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64],
+                        "data": toy_input(rows).ravel().tolist()}],
+            "parameters": {"fogline.route": "local"}}
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{agent.config.api_url}/v2/models/toy/infer", json=body
+    ) as resp:
+        return {"status": resp.status, **(await resp.json())}
+
+
+async def test_rollout_to_three_agents_activates_everywhere(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        configs = [agent_config(tmp_path, f"dev-{i}", mosquitto, cp.signer.public_key_hex)
+                   for i in range(3)]
+        async with EdgeAgent(configs[0]) as a0, EdgeAgent(configs[1]) as a1, \
+                EdgeAgent(configs[2]) as a2:
+            await cp.wait_online([c.device_id for c in configs])
+            before = await infer(a0)
+            assert before["status"] in (502, 503)  # no local model, no cloud: a clear error
+            state = await cp.roll_out("toy", "1", [c.device_id for c in configs])
+            assert state["state"] == "succeeded", state
+            for agent in (a0, a1, a2):
+                answer = await infer(agent)
+                assert answer["status"] == 200
+                assert answer["parameters"]["fogline.served_by"] == "edge"
+                assert answer["parameters"]["fogline.model_version"] == "1"
+            # One broadcast served all three agents: chunks sent once, not three times.
+            record = cp.registry.version("toy", "1")
+            assert cp.rollouts.stats["chunks_broadcast"] == chunking.chunk_count(
+                record.artifact_size, 1024)
+        stages = [e["stage"] for e in reversed(cp.registry.events("dev-0"))]
+        for stage in ("received", "downloading", "verified", "staged", "loaded",
+                      "self_tested", "activated"):
+            assert stage in stages
+
+
+async def test_tampered_chunk_is_rejected_and_repaired(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        v2 = cp.publish_toy(tmp_path, "2", seed=1)
+        cfg = agent_config(tmp_path, "dev-t", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent, MqttLink(
+            client_id="attacker", host=mosquitto.host, port=mosquitto.port
+        ) as attacker:
+            await cp.wait_online([cfg.device_id])
+            assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
+            await attacker.wait_connected(5)
+            rollout = asyncio.create_task(cp.roll_out("toy", "2", [cfg.device_id]))
+            await cp.wait_event(cfg.device_id, "downloading")
+            good = next(chunking.split(b"\0" * v2.artifact_size, 1024)).encode()
+            bad = good[:-1] + bytes([good[-1] ^ 1])
+            await attacker.publish(topics.artifact_topic(v2.artifact_digest, "chunks"), bad)
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+            state = await rollout
+            assert state["state"] == "succeeded"
+            rejected = await cp.wait_event(cfg.device_id, "chunk_rejected")
+            assert "SHA-256" in rejected["error"]
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "2"
+
+
+async def _send_command(cp: ControlPlane, device_id: str, body: dict) -> str:
+    cmd = Command("deploy", device_id, cp.registry.next_seq(device_id), time.time() + 60, body)
+    await cp.rollouts.link.publish(topics.device_topic(device_id, "commands"),
+                                   sign_command(cmd, cp.signer))
+    return cmd.id
+
+
+async def _failed_event(cp: ControlPlane, device_id: str, command_id: str) -> dict:
+    async with asyncio.timeout(20):
+        while True:
+            for ev in cp.registry.events(device_id, limit=500):
+                if ev.get("command_id") == command_id and ev["stage"] in ("failed", "rejected"):
+                    return ev
+            await asyncio.sleep(0.05)
+
+
+async def test_bad_signature_and_truncated_artifact_keep_the_old_model(mosquitto, tmp_path):
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        v2 = cp.publish_toy(tmp_path, "2", seed=1)
+        cfg = agent_config(tmp_path, "dev-b", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
+            artifact = {"digest": v2.artifact_digest, "size": v2.artifact_size,
+                        "chunk_size": 1024}
+
+            # 1. A manifest whose signature does not match its content.
+            forged = SignedManifest(dataclasses.replace(v2.manifest, release=7),
+                                    v2.signed.signature, v2.signed.key_id)
+            cid = await _send_command(cp, cfg.device_id,
+                                      {"package": forged.to_dict(), "artifact": artifact})
+            ev = await _failed_event(cp, cfg.device_id, cid)
+            assert "signature" in ev["error"]
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+
+            # 2. A truncated artifact: its chunks do not fit the signed size.
+            data = cp.registry.artifact_path(v2.artifact_digest).read_bytes()[:-100]
+            cid = await _send_command(cp, cfg.device_id,
+                                      {"package": v2.signed.to_dict(), "artifact": artifact})
+            await cp.wait_event(cfg.device_id, "downloading")
+            for chunk in chunking.split(data, 1024):
+                await cp.rollouts.link.publish(
+                    topics.artifact_topic(v2.artifact_digest, "chunks"), chunk.encode())
+            ev = await _failed_event(cp, cfg.device_id, cid)
+            assert "missing" in ev["error"] or "fit" in ev["error"]
+            answer = await infer(agent)
+            assert answer["status"] == 200
+            assert answer["parameters"]["fogline.model_version"] == "1"
+
+
+async def test_replayed_command_is_refused(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        v1 = cp.publish_toy(tmp_path, "1")
+        cfg = agent_config(tmp_path, "dev-r", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg):
+            await cp.wait_online([cfg.device_id])
+            body = {"package": v1.signed.to_dict(), "artifact": {
+                "digest": v1.artifact_digest, "size": v1.artifact_size, "chunk_size": 1024}}
+            cmd = Command("deploy", cfg.device_id, 5, time.time() + 60, body)
+            payload = sign_command(cmd, cp.signer)
+            topic = topics.device_topic(cfg.device_id, "commands")
+            await cp.rollouts.link.publish(topic, payload)
+            await cp.wait_event(cfg.device_id, "received")
+            await cp.rollouts.link.publish(topic, payload)  # the same bytes again
+            ev = await cp.wait_event(cfg.device_id, "rejected")
+            assert "seq" in ev["error"]
+
+
+async def test_events_survive_a_broker_outage(tmp_path) -> None:
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        got: list[dict] = []
+        cfg = agent_config(tmp_path, "dev-o", broker, "00" * 32)
+        async with EdgeAgent(cfg) as agent:
+            await agent.link.wait_connected(10)
+            broker.stop()
+            # Long enough that paho's first reconnect attempt fails and it backs off, so
+            # the watcher below is subscribed before the agent is back.
+            await asyncio.sleep(1.5)
+            for i in range(5):
+                await agent.outbox.put(topics.device_topic("dev-o", "events"),
+                                       json.dumps({"n": i}).encode())
+            assert agent.outbox.pending() == 5  # kept on disk while the broker is away
+            broker.start()
+            async with MqttLink(client_id="watch", host=broker.host, port=broker.port) as w:
+                w.subscribe(topics.device_topic("dev-o", "events"),
+                            lambda t, p: got.append(json.loads(p)))
+                await w.wait_connected(10)
+                await asyncio.sleep(0.3)  # subscribed before the agent reconnects and drains
+                await agent.outbox.flush(30)
+                await asyncio.sleep(0.3)
+        assert [g["n"] for g in got if "n" in g] == [0, 1, 2, 3, 4]
+    finally:
+        broker.stop()
