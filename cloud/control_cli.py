@@ -21,31 +21,45 @@ DEFAULT_CONTROL = "http://127.0.0.1:8000"
 
 def register_control(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
-        "serve", help="run the control plane",
+        "serve",
+        help="run the control plane",
         description="Run the control plane: registry (SQLite), artifact store, signing key, "
-        "rollouts over MQTT, operator REST API and dashboard.")
-    serve.add_argument("--workdir", type=Path, default=Path("fogline-control"),
-                       help="state: control.sqlite, store/, keys/ (default: %(default)s)")
+        "rollouts over MQTT, operator REST API and dashboard.",
+    )
+    serve.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("fogline-control"),
+        help="state: control.sqlite, store/, keys/ (default: %(default)s)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--broker-host", default="127.0.0.1")
     serve.add_argument("--broker-port", type=int, default=1883)
-    serve.add_argument("--chunk-size", type=int, default=32 * 1024,
-                       help="artifact chunk size in bytes (default: %(default)s)")
+    serve.add_argument(
+        "--chunk-size",
+        type=int,
+        default=32 * 1024,
+        help="artifact chunk size in bytes (default: %(default)s)",
+    )
     serve.set_defaults(func=_serve)
 
 
 def register_operator(subparsers: argparse._SubParsersAction) -> None:
     pub = subparsers.add_parser(
-        "publish", help="upload a package to the control plane, which signs and stores it",
+        "publish",
+        help="upload a package to the control plane, which signs and stores it",
         description="Upload a package directory made by `fogline model package` "
-        "(manifest.unsigned.json + files). The control plane signs it.")
+        "(manifest.unsigned.json + files). The control plane signs it.",
+    )
     pub.add_argument("--package", type=Path, required=True, help="package directory")
     pub.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
     pub.set_defaults(func=_publish)
     roll = subparsers.add_parser(
-        "rollout", help="roll a published edge model out to devices over MQTT",
-        description="Start a rollout and, with --wait, show its progress until it ends.")
+        "rollout",
+        help="roll a published edge model out to devices over MQTT",
+        description="Start a rollout and, with --wait, show its progress until it ends.",
+    )
     roll.add_argument("--model", required=True)
     roll.add_argument("--version", required=True)
     roll.add_argument("--device", action="append", help="target device (default: all online)")
@@ -61,12 +75,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cloud.control_server import ControlSettings, build_control_app
 
-    settings = ControlSettings(workdir=args.workdir, host=args.host, port=args.port,
-                               broker_host=args.broker_host, broker_port=args.broker_port,
-                               chunk_size=args.chunk_size)
+    settings = ControlSettings(
+        workdir=args.workdir,
+        host=args.host,
+        port=args.port,
+        broker_host=args.broker_host,
+        broker_port=args.broker_port,
+        chunk_size=args.chunk_size,
+    )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
-    web.run_app(build_control_app(settings), host=args.host, port=args.port,
-                print=None, access_log=None)
+    web.run_app(
+        build_control_app(settings), host=args.host, port=args.port, print=None, access_log=None
+    )
     return 0
 
 
@@ -80,10 +100,16 @@ class ControlClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Any:
-        req = urllib.request.Request(self.base_url + path, data=body, method=method,
-                                     headers=headers or {})
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        req = urllib.request.Request(
+            self.base_url + path, data=body, method=method, headers=headers or {}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read())
@@ -95,24 +121,38 @@ class ControlClient:
         return self.request("GET", path)
 
     def post_json(self, path: str, doc: dict[str, Any]) -> Any:
-        return self.request("POST", path, json.dumps(doc).encode(),
-                            {"Content-Type": "application/json"})
+        return self.request(
+            "POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"}
+        )
 
     def publish(self, package_dir: Path) -> dict[str, Any]:
         manifest = json.loads((package_dir / "manifest.unsigned.json").read_text())
         boundary = uuid.uuid4().hex
         parts = [_part(boundary, "manifest", None, json.dumps(manifest).encode())]
         for f in manifest["files"]:
-            parts.append(_part(boundary, f["name"], f["name"],
-                               (package_dir / f["name"]).read_bytes()))
+            parts.append(
+                _part(boundary, f["name"], f["name"], (package_dir / f["name"]).read_bytes())
+            )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.request("POST", "/api/models", body,
-                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return self.request(
+            "POST",
+            "/api/models",
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
 
-    def rollout(self, model: str, version: str, devices: list[str] | None = None,
-                allow_downgrade: bool = False) -> str:
-        doc: dict[str, Any] = {"model": model, "version": version,
-                               "allow_downgrade": allow_downgrade}
+    def rollout(
+        self,
+        model: str,
+        version: str,
+        devices: list[str] | None = None,
+        allow_downgrade: bool = False,
+    ) -> str:
+        doc: dict[str, Any] = {
+            "model": model,
+            "version": version,
+            "allow_downgrade": allow_downgrade,
+        }
         if devices:
             doc["devices"] = devices
         return self.post_json("/api/rollouts", doc)["id"]
@@ -137,8 +177,11 @@ def _part(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
 
 def _publish(args: argparse.Namespace) -> int:
     if not (args.package / "manifest.unsigned.json").is_file():
-        print(f"error: {args.package} has no manifest.unsigned.json "
-              "(make one with `fogline model package`)", file=sys.stderr)
+        print(
+            f"error: {args.package} has no manifest.unsigned.json "
+            "(make one with `fogline model package`)",
+            file=sys.stderr,
+        )
         return 2
     try:
         record = ControlClient(args.control).publish(args.package)

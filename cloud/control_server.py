@@ -57,19 +57,21 @@ class ControlSettings:
 def build_control_app(settings: ControlSettings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=512 * 1024 * 1024)
     app.cleanup_ctx.append(_resources(settings))
-    app.add_routes([
-        web.get("/", dashboard),
-        web.get("/api/health", health),
-        web.get("/api/keys", keys),
-        web.get("/api/devices", devices),
-        web.get("/api/models", models),
-        web.post("/api/models", publish),
-        web.get("/api/models/{name}/versions/{version}", model_version),
-        web.get("/api/artifacts/{digest}", artifact),
-        web.post("/api/rollouts", start_rollout),
-        web.get("/api/rollouts/{id}", rollout),
-        web.get("/api/events", events),
-    ])
+    app.add_routes(
+        [
+            web.get("/", dashboard),
+            web.get("/api/health", health),
+            web.get("/api/keys", keys),
+            web.get("/api/devices", devices),
+            web.get("/api/models", models),
+            web.post("/api/models", publish),
+            web.get("/api/models/{name}/versions/{version}", model_version),
+            web.get("/api/artifacts/{digest}", artifact),
+            web.post("/api/rollouts", start_rollout),
+            web.get("/api/rollouts/{id}", rollout),
+            web.get("/api/events", events),
+        ]
+    )
     return app
 
 
@@ -78,10 +80,15 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
         registry = Registry(settings.db_path, settings.store_dir)
-        link = MqttLink(client_id=f"fogline-control-{settings.port}",
-                        host=settings.broker_host, port=settings.broker_port)
-        async with link, RolloutController(registry, signer, link,
-                                           chunk_size=settings.chunk_size) as rollouts:
+        link = MqttLink(
+            client_id=f"fogline-control-{settings.port}",
+            host=settings.broker_host,
+            port=settings.broker_port,
+        )
+        async with (
+            link,
+            RolloutController(registry, signer, link, chunk_size=settings.chunk_size) as rollouts,
+        ):
             app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer
             yield
         registry.close()
@@ -110,8 +117,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def keys(request: web.Request) -> web.Response:
     signer = request.app[SIGNER]
-    return web.json_response({"keys": [{"key_id": signer.key_id,
-                                        "public_key": signer.public_key_hex}]})
+    return web.json_response(
+        {"keys": [{"key_id": signer.key_id, "public_key": signer.public_key_hex}]}
+    )
 
 
 async def devices(request: web.Request) -> web.Response:
@@ -125,8 +133,9 @@ async def models(request: web.Request) -> web.Response:
 
 async def model_version(request: web.Request) -> web.Response:
     variant = request.query.get("variant", "edge")
-    record = request.app[REGISTRY].version(request.match_info["name"],
-                                           request.match_info["version"], variant)
+    record = request.app[REGISTRY].version(
+        request.match_info["name"], request.match_info["version"], variant
+    )
     return web.json_response({**record.summary(), "signed_manifest": record.signed.to_dict()})
 
 
@@ -145,8 +154,9 @@ async def publish(request: web.Request) -> web.Response:
                 (Path(tmp) / name).write_bytes(await part.read())
         if manifest is None:
             raise InvalidInputError("publish: no 'manifest' part")
-        record = await asyncio.to_thread(request.app[REGISTRY].publish, Path(tmp), manifest,
-                                         request.app[SIGNER])
+        record = await asyncio.to_thread(
+            request.app[REGISTRY].publish, Path(tmp), manifest, request.app[SIGNER]
+        )
     logger.info("published %s %s (%s)", manifest.name, manifest.version, manifest.variant)
     return web.json_response(record.summary(), status=201)
 
@@ -163,11 +173,13 @@ async def start_rollout(request: web.Request) -> web.Response:
     except KeyError as exc:
         raise InvalidInputError(f"rollout needs {exc.args[0]!r}") from None
     targets = doc.get("devices")
-    if targets is not None and not (isinstance(targets, list)
-                                    and all(isinstance(d, str) for d in targets)):
+    if targets is not None and not (
+        isinstance(targets, list) and all(isinstance(d, str) for d in targets)
+    ):
         raise InvalidInputError("'devices' must be a list of device ids")
     rollout_id = await request.app[ROLLOUTS].start(
-        name, version, targets, allow_downgrade=bool(doc.get("allow_downgrade")))
+        name, version, targets, allow_downgrade=bool(doc.get("allow_downgrade"))
+    )
     return web.json_response({"id": rollout_id}, status=202)
 
 

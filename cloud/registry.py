@@ -75,8 +75,13 @@ class VersionRecord:
     def summary(self) -> dict[str, Any]:
         m = self.manifest
         return {
-            "name": m.name, "version": m.version, "variant": m.variant, "release": m.release,
-            "precision": m.precision, "format": m.format, "parent": m.parent,
+            "name": m.name,
+            "version": m.version,
+            "variant": m.variant,
+            "release": m.release,
+            "precision": m.precision,
+            "format": m.format,
+            "parent": m.parent,
             "artifact": {"digest": self.artifact_digest, "size": self.artifact_size},
             "evaluation": m.evaluation,
         }
@@ -106,8 +111,10 @@ class Registry:
         """Sign a package whose files are in ``source_dir`` and store it."""
         manifest.validate()
         m = manifest
-        if self._q("SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
-                   (m.name, m.variant, m.version)):
+        if self._q(
+            "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
+            (m.name, m.variant, m.version),
+        ):
             raise InvalidInputError(f"{m.name} {m.variant} version {m.version} already exists")
         dest = package_path(self.store_dir, m.name, m.variant, m.version)
         dest.mkdir(parents=True, exist_ok=True)
@@ -121,15 +128,26 @@ class Registry:
         atomic_write(self.store_dir / "artifacts" / digest, data)
         self._q(
             "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
-            (m.name, m.variant, m.version, m.release, json.dumps(signed.to_dict()),
-             digest, len(data), m.parent, time.time()),
+            (
+                m.name,
+                m.variant,
+                m.version,
+                m.release,
+                json.dumps(signed.to_dict()),
+                digest,
+                len(data),
+                m.parent,
+                time.time(),
+            ),
         )
         return VersionRecord(signed, digest, len(data), dest)
 
     def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
         rows = self._q(
             "SELECT signed_manifest, artifact_digest, artifact_size FROM versions"
-            " WHERE name=? AND variant=? AND version=?", (name, variant, version))
+            " WHERE name=? AND variant=? AND version=?",
+            (name, variant, version),
+        )
         if not rows:
             raise ModelNotFoundError(name, f"{version} ({variant})")
         signed = SignedManifest.from_dict(json.loads(rows[0][0]))
@@ -137,9 +155,12 @@ class Registry:
         return VersionRecord(signed, rows[0][1], rows[0][2], dest)
 
     def versions(self, name: str | None = None) -> list[VersionRecord]:
-        rows = self._q("SELECT name, version, variant FROM versions"
-                       + (" WHERE name=?" if name else "") + " ORDER BY name, release",
-                       (name,) if name else ())
+        rows = self._q(
+            "SELECT name, version, variant FROM versions"
+            + (" WHERE name=?" if name else "")
+            + " ORDER BY name, release",
+            (name,) if name else (),
+        )
         return [self.version(n, v, var) for n, v, var in rows]
 
     def artifact_path(self, digest: str) -> Path:
@@ -172,20 +193,25 @@ class Registry:
             )
             self._db.execute("UPDATE devices SET seq = seq + 1 WHERE device_id=?", (device_id,))
             return self._db.execute(
-                "SELECT seq FROM devices WHERE device_id=?", (device_id,)).fetchone()[0]
+                "SELECT seq FROM devices WHERE device_id=?", (device_id,)
+            ).fetchone()[0]
 
     # -- rollouts and events ---------------------------------------------------------
 
-    def create_rollout(self, rollout_id: str, name: str, version: str,
-                       targets: dict[str, str]) -> None:
+    def create_rollout(
+        self, rollout_id: str, name: str, version: str, targets: dict[str, str]
+    ) -> None:
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
-                             (rollout_id, name, version, "running", now))
+            self._db.execute(
+                "INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
+                (rollout_id, name, version, "running", now),
+            )
             self._db.executemany(
                 "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
-                [(rollout_id, d, c, "sent", now) for d, c in targets.items()])
+                [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
+            )
             self._db.execute("COMMIT")
 
     def record_event(self, doc: dict[str, Any]) -> None:
@@ -194,21 +220,32 @@ class Registry:
         with self._lock:
             self._db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
-                (str(doc.get("device_id")), doc.get("command_id"), str(doc.get("stage")),
-                 json.dumps(doc), now))
+                (
+                    str(doc.get("device_id")),
+                    doc.get("command_id"),
+                    str(doc.get("stage")),
+                    json.dumps(doc),
+                    now,
+                ),
+            )
             if doc.get("stage") not in ("chunk_rejected",):
                 self._db.execute(
                     "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
                     " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",
-                    (doc.get("stage"), doc.get("error"), now, doc.get("command_id")))
+                    (doc.get("stage"), doc.get("error"), now, doc.get("command_id")),
+                )
 
     def finish_rollout(self, rollout_id: str, state: str) -> None:
-        self._q("UPDATE rollouts SET state=?, finished_at=? WHERE id=?",
-                (state, time.time(), rollout_id))
+        self._q(
+            "UPDATE rollouts SET state=?, finished_at=? WHERE id=?",
+            (state, time.time(), rollout_id),
+        )
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
-        rows = self._q("SELECT name, version, state, created_at, finished_at FROM rollouts"
-                       " WHERE id=?", (rollout_id,))
+        rows = self._q(
+            "SELECT name, version, state, created_at, finished_at FROM rollouts WHERE id=?",
+            (rollout_id,),
+        )
         if not rows:
             raise ModelNotFoundError(f"rollout {rollout_id}")
         name, version, state, created, finished = rows[0]
@@ -216,14 +253,25 @@ class Registry:
             d: {"stage": s, "error": e, "command_id": c}
             for d, s, e, c in self._q(
                 "SELECT device_id, stage, error, command_id FROM rollout_devices"
-                " WHERE rollout_id=?", (rollout_id,))
+                " WHERE rollout_id=?",
+                (rollout_id,),
+            )
         }
         seconds = (finished or time.time()) - created
-        return {"id": rollout_id, "model": name, "version": version, "state": state,
-                "seconds": round(seconds, 3), "devices": devices}
+        return {
+            "id": rollout_id,
+            "model": name,
+            "version": version,
+            "state": state,
+            "seconds": round(seconds, 3),
+            "devices": devices,
+        }
 
     def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._q("SELECT payload FROM events" + (" WHERE device_id=?" if device_id else "")
-                       + " ORDER BY id DESC LIMIT ?",
-                       (device_id, limit) if device_id else (limit,))
+        rows = self._q(
+            "SELECT payload FROM events"
+            + (" WHERE device_id=?" if device_id else "")
+            + " ORDER BY id DESC LIMIT ?",
+            (device_id, limit) if device_id else (limit,),
+        )
         return [json.loads(r[0]) for r in rows]

@@ -26,8 +26,7 @@ logger = logging.getLogger(__name__)
 
 TERMINAL = ("activated", "failed", "rejected")
 # Stages at or after which an agent is subscribed to the chunk topic.
-SUBSCRIBED = ("downloading", "downloaded", "verified", "staged", "loaded", "self_tested",
-              *TERMINAL)
+SUBSCRIBED = ("downloading", "downloaded", "verified", "staged", "loaded", "self_tested", *TERMINAL)
 
 
 class RolloutController:
@@ -70,40 +69,62 @@ class RolloutController:
     def online_devices(self) -> list[str]:
         return [d["device_id"] for d in self.registry.devices() if d.get("state") == "online"]
 
-    async def start(self, name: str, version: str, devices: list[str] | None = None,
-                    *, allow_downgrade: bool = False) -> str:
+    async def start(
+        self,
+        name: str,
+        version: str,
+        devices: list[str] | None = None,
+        *,
+        allow_downgrade: bool = False,
+    ) -> str:
         record = await asyncio.to_thread(self.registry.version, name, version, "edge")
         targets = devices if devices else self.online_devices()
         if not targets:
             raise InvalidInputError("no target devices: none given and none online")
         rollout_id = uuid.uuid4().hex[:12]
         commands = {d: self._deploy_command(d, record, allow_downgrade) for d in targets}
-        await asyncio.to_thread(self.registry.create_rollout, rollout_id, name, version,
-                                {d: c.id for d, c in commands.items()})
+        await asyncio.to_thread(
+            self.registry.create_rollout,
+            rollout_id,
+            name,
+            version,
+            {d: c.id for d, c in commands.items()},
+        )
         for device_id, cmd in commands.items():
-            await self.link.publish(topics.device_topic(device_id, "commands"),
-                                    sign_command(cmd, self.signer))
+            await self.link.publish(
+                topics.device_topic(device_id, "commands"), sign_command(cmd, self.signer)
+            )
         logger.info("rollout %s: %s %s to %d devices", rollout_id, name, version, len(targets))
         task = asyncio.create_task(self._drive(rollout_id, record), name=f"rollout-{rollout_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return rollout_id
 
-    def _deploy_command(self, device_id: str, record: VersionRecord,
-                        allow_downgrade: bool) -> Command:
+    def _deploy_command(
+        self, device_id: str, record: VersionRecord, allow_downgrade: bool
+    ) -> Command:
         body: dict[str, Any] = {
             "package": record.signed.to_dict(),
-            "artifact": {"digest": record.artifact_digest, "size": record.artifact_size,
-                         "chunk_size": self.chunk_size},
+            "artifact": {
+                "digest": record.artifact_digest,
+                "size": record.artifact_size,
+                "chunk_size": self.chunk_size,
+            },
             "allow_downgrade": allow_downgrade,
         }
-        return Command("deploy", device_id, self.registry.next_seq(device_id),
-                       time.time() + self.command_ttl_s, body)
+        return Command(
+            "deploy",
+            device_id,
+            self.registry.next_seq(device_id),
+            time.time() + self.command_ttl_s,
+            body,
+        )
 
     # -- driving it ----------------------------------------------------------------------
 
     async def _wait_for(self, rollout_id: str, stages: tuple[str, ...], timeout: float) -> bool:
         """Wait until every device of the rollout is in one of ``stages``."""
+
         def done() -> bool:
             devs = self.registry.rollout(rollout_id)["devices"].values()
             return all(d["stage"] in stages for d in devs)

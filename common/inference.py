@@ -8,6 +8,7 @@ Fogline's own fields travel in ``parameters`` under the ``fogline.`` prefix.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,9 @@ class Tensor:
         try:
             return NUMPY_TO_V2[self.data.dtype]
         except KeyError:
-            raise InvalidInputError(f"tensor {self.name!r}: unsupported dtype {self.data.dtype}")
+            raise InvalidInputError(
+                f"tensor {self.name!r}: unsupported dtype {self.data.dtype}"
+            ) from None
 
     @property
     def shape(self) -> list[int]:
@@ -99,17 +102,21 @@ def _tensor_from_rest(obj: Any, where: str) -> Tensor:
         raise InvalidInputError(f"{where}: tensor is missing field {exc.args[0]!r}") from None
     if not isinstance(name, str) or not name:
         raise InvalidInputError(f"{where}: tensor name must be a non-empty string")
-    if datatype not in V2_TO_NUMPY:
+    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise InvalidInputError(f"{where}: tensor {name!r} has unsupported datatype {datatype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidInputError(f"{where}: tensor {name!r} shape must be a list of integers >= 0")
+    # A bare null would become NaN; an ndarray comes from the binary tensor extension.
+    if not isinstance(data, list | np.ndarray):
+        raise InvalidInputError(f"{where}: tensor {name!r} data must be a list")
     try:
-        array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
-    except (TypeError, ValueError, OverflowError) as exc:
+        with np.errstate(over="raise"):  # 1e300 as FP32 is an error, not a silent inf
+            array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
+    except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
         raise InvalidInputError(f"{where}: tensor {name!r} data is not {datatype}: {exc}") from None
-    expected = int(np.prod(shape)) if shape else 1
+    expected = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
     if array.size != expected:
         raise InvalidInputError(
             f"{where}: tensor {name!r} has {array.size} elements, shape {shape} needs {expected}"
@@ -117,7 +124,10 @@ def _tensor_from_rest(obj: Any, where: str) -> Tensor:
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInputError(f"{where}: tensor {name!r} parameters must be an object")
-    return Tensor(name, array.reshape(shape), params)
+    try:
+        return Tensor(name, array.reshape(shape), params)
+    except ValueError as exc:  # e.g. [0, 2**70]: zero elements, but a dimension numpy refuses
+        raise InvalidInputError(f"{where}: tensor {name!r} shape {shape}: {exc}") from None
 
 
 def _tensor_to_rest(t: Tensor) -> dict[str, Any]:

@@ -130,7 +130,11 @@ class SignedManifest:
     key_id: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"manifest": self.manifest.to_dict(), "signature": self.signature, "key_id": self.key_id}
+        return {
+            "manifest": self.manifest.to_dict(),
+            "signature": self.signature,
+            "key_id": self.key_id,
+        }
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SignedManifest:

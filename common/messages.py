@@ -47,7 +47,9 @@ class Command:
 
 def sign_command(cmd: Command, signer: Signer) -> bytes:
     doc = cmd.to_dict()
-    return json.dumps({"command": doc, "signature": signer.sign(doc), "key_id": signer.key_id}).encode()
+    return json.dumps(
+        {"command": doc, "signature": signer.sign(doc), "key_id": signer.key_id}
+    ).encode()
 
 
 def parse_command(payload: bytes, trust: TrustStore, device_id: str) -> Command:

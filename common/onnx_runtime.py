@@ -123,8 +123,9 @@ class OnnxRuntime:
     async def load(self) -> None:
         if self._session is None:
             self._session = await asyncio.to_thread(self._open)
-            logger.info("loaded %s %s from %s", self.manifest.name, self.manifest.version,
-                        self.model_path)
+            logger.info(
+                "loaded %s %s from %s", self.manifest.name, self.manifest.version, self.model_path
+            )
 
     def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
         session = self._session

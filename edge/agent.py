@@ -1,9 +1,9 @@
 """The edge agent: one async context manager that owns every long-lived part.
 
-    MQTT link ─ commands ─> CommandGuard ─> Deployer ─> ModelStore (A/B slots)
-        ^                                      │ on activate
-        └─ outbox <─ events, telemetry         v
-    local V2 API ─> DataPlane ─> Router ─> local OnnxRuntime | CloudClient
+MQTT link ─ commands ─> CommandGuard ─> Deployer ─> ModelStore (A/B slots)
+    ^                                      │ on activate
+    └─ outbox <─ events, telemetry         v
+local V2 API ─> DataPlane ─> Router ─> local OnnxRuntime | CloudClient
 """
 
 from __future__ import annotations
@@ -54,10 +54,15 @@ class EdgeAgent:
         )
         remote = None
         if config.cloud_url:
-            remote = CloudClient(config.cloud_url, config.model, token=config.cloud_token,
-                                 timeout_s=config.cloud_timeout_s)
-        self.router = Router(config.model, remote,
-                             policy=RouterPolicy(local_budget_ms=config.local_budget_ms))
+            remote = CloudClient(
+                config.cloud_url,
+                config.model,
+                token=config.cloud_token,
+                timeout_s=config.cloud_timeout_s,
+            )
+        self.router = Router(
+            config.model, remote, policy=RouterPolicy(local_budget_ms=config.local_budget_ms)
+        )
         self.dataplane = DataPlane("fogline-edge", AGENT_VERSION)
         self.dataplane.register(self.router)
         self.active: SlotModel | None = None
@@ -98,8 +103,11 @@ class EdgeAgent:
             Outbox(self.config.state_dir / "outbox.sqlite", self.link)
         )
         self.deployer = Deployer(
-            device_id=self.config.device_id, link=self.link, store=self.store,
-            emit=self._emit_event, on_activate=self._activate,
+            device_id=self.config.device_id,
+            link=self.link,
+            store=self.store,
+            emit=self._emit_event,
+            on_activate=self._activate,
             chunk_timeout_s=self.config.chunk_timeout_s,
             intra_op_threads=self.config.intra_op_threads,
         )
@@ -138,8 +146,9 @@ class EdgeAgent:
     # -- models -------------------------------------------------------------------
 
     def _runtime_for(self, model: SlotModel) -> OnnxRuntime:
-        return OnnxRuntime(model.model_file, model.signed.manifest,
-                           intra_op_threads=self.config.intra_op_threads)
+        return OnnxRuntime(
+            model.model_file, model.signed.manifest, intra_op_threads=self.config.intra_op_threads
+        )
 
     async def _activate(self, model: SlotModel, runtime: OnnxRuntime) -> None:
         await runtime.load()
@@ -163,8 +172,11 @@ class EdgeAgent:
             )
         except FoglineError as exc:
             logger.warning("refused command: %s", exc)
-            await self._emit_event(messages.event(self.config.device_id, _command_id(payload),
-                                                  "rejected", error=str(exc)))
+            await self._emit_event(
+                messages.event(
+                    self.config.device_id, _command_id(payload), "rejected", error=str(exc)
+                )
+            )
             return
         assert self.deployer is not None
         self._spawn(self.deployer.run(cmd), f"command-{cmd.id}")
@@ -173,12 +185,23 @@ class EdgeAgent:
         models = []
         if self.active is not None:
             m = self.active.signed.manifest
-            models.append({"name": m.name, "version": m.version, "release": m.release,
-                           "precision": m.precision, "slot": self.active.slot})
+            models.append(
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "release": m.release,
+                    "precision": m.precision,
+                    "slot": self.active.slot,
+                }
+            )
         return messages.status(
-            self.config.device_id, online, agent_version=AGENT_VERSION,
+            self.config.device_id,
+            online,
+            agent_version=AGENT_VERSION,
             hardware={"arch": platform.machine(), "system": platform.system()},
-            runtimes=["onnxruntime"], models=models, api_url=self.config.api_url,
+            runtimes=["onnxruntime"],
+            models=models,
+            api_url=self.config.api_url,
         )
 
     async def publish_status(self) -> None:

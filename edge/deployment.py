@@ -94,8 +94,9 @@ class Deployer:
         await self._load_and_activate(cmd, staged)
 
     async def _load_and_activate(self, cmd: Command, staged: SlotModel) -> None:
-        runtime = OnnxRuntime(staged.model_file, staged.signed.manifest,
-                              intra_op_threads=self._threads)
+        runtime = OnnxRuntime(
+            staged.model_file, staged.signed.manifest, intra_op_threads=self._threads
+        )
         await runtime.load()
         await self._emit(cmd, "loaded")
         await self_test(runtime, staged)
@@ -107,8 +108,9 @@ class Deployer:
 
     async def _rollback(self, cmd: Command) -> None:
         previous = await asyncio.to_thread(self._store.rollback)
-        runtime = OnnxRuntime(previous.model_file, previous.signed.manifest,
-                              intra_op_threads=self._threads)
+        runtime = OnnxRuntime(
+            previous.model_file, previous.signed.manifest, intra_op_threads=self._threads
+        )
         await runtime.load()
         await self._on_activate(previous, runtime)
         m = previous.signed.manifest

@@ -145,9 +145,15 @@ class ModelStore:
         active = self.active_slot()
         previous = active if active != staged.slot else None
         self._record_release(staged.signed)
-        atomic_write(self._pointer, json.dumps({"slot": staged.slot, "previous": previous}).encode())
-        logger.info("activated %s %s in slot %s", staged.signed.manifest.name,
-                    staged.signed.manifest.version, staged.slot)
+        atomic_write(
+            self._pointer, json.dumps({"slot": staged.slot, "previous": previous}).encode()
+        )
+        logger.info(
+            "activated %s %s in slot %s",
+            staged.signed.manifest.name,
+            staged.signed.manifest.version,
+            staged.slot,
+        )
 
     def rollback(self) -> SlotModel:
         """Make the previous slot active again (only on a signed rollback command)."""

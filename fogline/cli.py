@@ -11,13 +11,18 @@ from collections.abc import Sequence
 
 # group -> (help, [(module, function registering its subcommands)])
 GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "demo": ("run everything on this machine: broker, control plane, fallback, agents, "
-             "a real model rolled out and served", []),
+    "demo": (
+        "run everything on this machine: broker, control plane, fallback, agents, "
+        "a real model rolled out and served",
+        [],
+    ),
     "control": ("the control plane", [("cloud.control_cli", "register_control")]),
     "fallback": ("the cloud fallback inference server", [("cloud.fallback", "register_cli")]),
     "edge": ("the edge agent", [("edge.cli", "register")]),
-    "model": ("train, compress, package, publish and roll out models",
-              [("cloud.pipeline.cli", "register"), ("cloud.control_cli", "register_operator")]),
+    "model": (
+        "train, compress, package, publish and roll out models",
+        [("cloud.pipeline.cli", "register"), ("cloud.control_cli", "register_operator")],
+    ),
 }
 
 
@@ -26,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fogline",
         description="Fogline: an edge-and-cloud hybrid inference runtime.",
     )
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     for name, (help_text, registrars) in GROUPS.items():
         group = groups.add_parser(name, help=help_text, description=help_text)
@@ -41,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
             try:
                 getattr(importlib.import_module(module), function)(sub)
             except ImportError as exc:
-                group.epilog = (f"Some commands are unavailable: {exc}. "
-                                "Install the matching extra, e.g. pip install 'fogline[cloud]'.")
+                group.epilog = (
+                    f"Some commands are unavailable: {exc}. "
+                    "Install the matching extra, e.g. pip install 'fogline[cloud]'."
+                )
     return parser
 
 

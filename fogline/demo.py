@@ -41,27 +41,45 @@ class DemoOptions:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print the report as one JSON object on stdout (logs on stderr)")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="leave everything up after the report until Ctrl-C")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as one JSON object on stdout (logs on stderr)",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave everything up after the report until Ctrl-C",
+    )
     parser.add_argument("--agents", type=int, default=3, help="edge agents (default: 3)")
-    parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
-                        help="auto: mosquitto if on PATH, else the embedded amqtt broker")
+    parser.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="auto: mosquitto if on PATH, else the embedded amqtt broker",
+    )
     parser.add_argument("--samples", type=int, help="send only this many held-out digits")
-    parser.add_argument("--workdir", type=Path,
-                        help="keep state here (default: a temp dir, removed at exit)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep state here (default: a temp dir, removed at exit)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
-        workdir = args.workdir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="fogline-demo-")))
-        opts = DemoOptions(workdir=workdir, agents=args.agents, broker=args.broker,
-                           samples=args.samples, json=args.json,
-                           keep_running=args.keep_running, seed=args.seed)
+        workdir = args.workdir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="fogline-demo-"))
+        )
+        opts = DemoOptions(
+            workdir=workdir,
+            agents=args.agents,
+            broker=args.broker,
+            samples=args.samples,
+            json=args.json,
+            keep_running=args.keep_running,
+            seed=args.seed,
+        )
         try:
             report = Demo(opts).run()
         except ProcessError as exc:
@@ -113,10 +131,22 @@ class Demo:
         from cloud.control_cli import ControlClient
 
         port = self.control_url.rsplit(":", 1)[1]
-        proc = self._start("control", ["control", "serve", "--workdir", str(self.wd / "control"),
-                                       "--port", port, "--broker-port", str(broker_port)])
-        proc.wait_ready(f"{self.control_url}/api/health", 60,
-                        lambda doc: doc.get("broker_connected") is True)
+        proc = self._start(
+            "control",
+            [
+                "control",
+                "serve",
+                "--workdir",
+                str(self.wd / "control"),
+                "--port",
+                port,
+                "--broker-port",
+                str(broker_port),
+            ],
+        )
+        proc.wait_ready(
+            f"{self.control_url}/api/health", 60, lambda doc: doc.get("broker_connected") is True
+        )
         self.control = ControlClient(self.control_url)
         self.public_key = self.control.get("/api/keys")["keys"][0]["public_key"]
         logger.info("control plane ready at %s", self.control_url)
@@ -129,26 +159,43 @@ class Demo:
             device_id = f"device-{i}"
             port = free_port()
             config = {
-                "device_id": device_id, "state_dir": str(self.wd / "agents" / device_id),
-                "trusted_keys": [self.public_key], "model": MODEL,
-                "broker_port": broker_port, "api_port": port,
-                "cloud_url": self.fallback_url, "cloud_token": TOKEN,
-                "telemetry_interval_s": 5.0, "chunk_timeout_s": 2.0,
+                "device_id": device_id,
+                "state_dir": str(self.wd / "agents" / device_id),
+                "trusted_keys": [self.public_key],
+                "model": MODEL,
+                "broker_port": broker_port,
+                "api_port": port,
+                "cloud_url": self.fallback_url,
+                "cloud_token": TOKEN,
+                "telemetry_interval_s": 5.0,
+                "chunk_timeout_s": 2.0,
             }
             path = self.wd / "agents" / f"{device_id}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(config, indent=2))
             self._start(device_id, ["edge", "run", "--config", str(path)])
             agents.append(Target(device_id, f"http://127.0.0.1:{port}"))
-        for agent, proc in zip(agents, self.procs[-len(agents):], strict=True):
+        for agent, proc in zip(agents, self.procs[-len(agents) :], strict=True):
             proc.wait_ready(f"{agent.url}/v2/health/live", 60)
         return agents
 
     def _start_fallback(self, package_dir: Path) -> None:
         port = self.fallback_url.rsplit(":", 1)[1]
-        proc = self._start("fallback", ["fallback", "serve", "--port", port,
-                                        "--package", str(package_dir),
-                                        "--trust-key", self.public_key, "--token", TOKEN])
+        proc = self._start(
+            "fallback",
+            [
+                "fallback",
+                "serve",
+                "--port",
+                port,
+                "--package",
+                str(package_dir),
+                "--trust-key",
+                self.public_key,
+                "--token",
+                TOKEN,
+            ],
+        )
         proc.wait_ready(f"{self.fallback_url}/v2/health/ready", 60)
         logger.info("cloud fallback ready at %s", self.fallback_url)
 
@@ -159,16 +206,21 @@ class Demo:
 
         started = time.monotonic()
         _, compression, self.split = build_and_publish(
-            self.wd / "models", self.control, MODEL, seed=self.opts.seed,
-            progress=not self.opts.json)
+            self.wd / "models",
+            self.control,
+            MODEL,
+            seed=self.opts.seed,
+            progress=not self.opts.json,
+        )
         self.timings["build_seconds"] = time.monotonic() - started
         return compression
 
     def _roll_out(self, n_agents: int) -> dict[str, Any]:
         deadline = time.monotonic() + 30
         while True:
-            online = [d for d in self.control.get("/api/devices")["devices"]
-                      if d.get("state") == "online"]
+            online = [
+                d for d in self.control.get("/api/devices")["devices"] if d.get("state") == "online"
+            ]
             if len(online) >= n_agents or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -191,15 +243,25 @@ class Demo:
             "heavy": await run_phase(agents, MODEL, x[:48], y[:48], route="auto", batch=16),
         }
 
-    def _report(self, broker: Any, agents: list[Target], compression: dict[str, Any],
-                rollout: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    def _report(
+        self,
+        broker: Any,
+        agents: list[Target],
+        compression: dict[str, Any],
+        rollout: dict[str, Any],
+        results: dict[str, Any],
+    ) -> dict[str, Any]:
         from fogline.report import build_report
 
         devices = {d["device_id"]: d for d in self.control.get("/api/devices")["devices"]}
         return build_report(
-            agents=agents, devices=devices, compression=compression, rollout=rollout,
-            results=results, broker=broker, endpoints={"control": self.control_url,
-                                                       "fallback": self.fallback_url},
+            agents=agents,
+            devices=devices,
+            compression=compression,
+            rollout=rollout,
+            results=results,
+            broker=broker,
+            endpoints={"control": self.control_url, "fallback": self.fallback_url},
             timings=self.timings,
         )
 
@@ -210,10 +272,14 @@ class Demo:
             print(render_table(report), flush=True)
 
     def _wait_for_ctrl_c(self) -> None:
-        print(f"\nEverything is up. Control plane + dashboard: {self.control_url}/\n"
-              f"Cloud fallback (V2): {self.fallback_url}/v2\n"
-              + "".join(f"Agent {p.name}: see its config\n" for p in self.procs[1:-1])
-              + "Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        print(
+            f"\nEverything is up. Control plane + dashboard: {self.control_url}/\n"
+            f"Cloud fallback (V2): {self.fallback_url}/v2\n"
+            + "".join(f"Agent {p.name}: see its config\n" for p in self.procs[1:-1])
+            + "Press Ctrl-C to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             while all(p.proc.poll() is None for p in self.procs):
                 time.sleep(0.5)

@@ -29,28 +29,47 @@ def build_and_publish(
     split = load_digits_split(seed)
     show = default_progress() if progress else None
     logger.info("training the edge model (small MLP)")
-    edge = export_onnx(train_model("edge", split, seed=seed, progress=show),
-                       workdir / "edge-fp32.onnx")
+    edge = export_onnx(
+        train_model("edge", split, seed=seed, progress=show), workdir / "edge-fp32.onnx"
+    )
     logger.info("training the cloud model (larger CNN)")
-    cloud = export_onnx(train_model("cloud", split, seed=seed, progress=show),
-                        workdir / "cloud-fp32.onnx")
+    cloud = export_onnx(
+        train_model("cloud", split, seed=seed, progress=show), workdir / "cloud-fp32.onnx"
+    )
     int8 = workdir / "edge-int8.onnx"
     report = compress(edge, int8, split, max_drop_points=1.0)  # raises past 1 point
     golden = split.x_test[:8]
     edge_manifest = build_package(
-        int8, workdir / "pkg-edge", name=name, version="1", release=1, variant="edge",
-        precision="int8", golden_rows=golden, evaluation={"accuracy": report.int8_accuracy},
+        int8,
+        workdir / "pkg-edge",
+        name=name,
+        version="1",
+        release=1,
+        variant="edge",
+        precision="int8",
+        golden_rows=golden,
+        evaluation={"accuracy": report.int8_accuracy},
         routing=calibrate_routing(int8, split.x_val, escalate_fraction=0.15, max_local_batch=8),
     )
     cloud_acc = evaluate(cloud, split.x_test, split.y_test)
     cloud_manifest = build_package(
-        cloud, workdir / "pkg-cloud", name=name, version="1", release=1, variant="cloud",
-        precision="fp32", golden_rows=golden, evaluation={"accuracy": cloud_acc},
+        cloud,
+        workdir / "pkg-cloud",
+        name=name,
+        version="1",
+        release=1,
+        variant="cloud",
+        precision="fp32",
+        golden_rows=golden,
+        evaluation={"accuracy": cloud_acc},
         routing=RoutingHints(uncertainty_threshold=1.0, max_local_batch=1 << 20),
     )
     for manifest, directory in ((edge_manifest, "pkg-edge"), (cloud_manifest, "pkg-cloud")):
         (workdir / directory / UNSIGNED_MANIFEST).write_text(json.dumps(manifest.to_dict()))
         control.publish(workdir / directory)
-    figures = {**report.to_dict(), "cloud_fp32_accuracy": cloud_acc,
-               "cloud_bytes": (workdir / "cloud-fp32.onnx").stat().st_size}
+    figures = {
+        **report.to_dict(),
+        "cloud_fp32_accuracy": cloud_acc,
+        "cloud_bytes": (workdir / "cloud-fp32.onnx").stat().st_size,
+    }
     return {"edge": "1", "cloud": "1"}, figures, split

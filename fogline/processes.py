@@ -35,7 +35,10 @@ class ManagedProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fogline", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
 
     def log_tail(self, lines: int = 20) -> str:
@@ -44,14 +47,16 @@ class ManagedProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, url: str, timeout: float,
-                   check: Callable[[Any], bool] = lambda _doc: True) -> None:
+    def wait_ready(
+        self, url: str, timeout: float, check: Callable[[Any], bool] = lambda _doc: True
+    ) -> None:
         """Poll ``url`` until it answers 200 and ``check(json)`` holds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ProcessError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
+                raise ProcessError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1) as resp:
                     if check(json.loads(resp.read() or b"null")):

@@ -11,19 +11,36 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
-def build_report(*, agents: list[Any], devices: dict[str, Any], compression: dict[str, Any],
-                 rollout: dict[str, Any], results: dict[str, Any], broker: Any,
-                 endpoints: dict[str, str], timings: dict[str, float]) -> dict[str, Any]:
+def build_report(
+    *,
+    agents: list[Any],
+    devices: dict[str, Any],
+    compression: dict[str, Any],
+    rollout: dict[str, Any],
+    results: dict[str, Any],
+    broker: Any,
+    endpoints: dict[str, str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
     edge, cloud, hybrid, heavy = (results[k] for k in ("edge", "cloud", "hybrid", "heavy"))
     agent_rows = []
     for agent in agents:
         models = devices.get(agent.name, {}).get("models") or [{}]
-        agent_rows.append({"device_id": agent.name, "model": models[0].get("name"),
-                           "version": models[0].get("version"), "url": agent.url,
-                           "state": devices.get(agent.name, {}).get("state")})
+        agent_rows.append(
+            {
+                "device_id": agent.name,
+                "model": models[0].get("name"),
+                "version": models[0].get("version"),
+                "url": agent.url,
+                "state": devices.get(agent.name, {}).get("state"),
+            }
+        )
     report = {
-        "accuracy": {"edge": round(edge.accuracy, 4), "cloud": round(cloud.accuracy, 4),
-                     "hybrid": round(hybrid.accuracy, 4)},
+        "accuracy": {
+            "edge": round(edge.accuracy, 4),
+            "cloud": round(cloud.accuracy, 4),
+            "hybrid": round(hybrid.accuracy, 4),
+        },
         "escalated_fraction": round(hybrid.escalated_fraction, 4),
         "escalation_reasons": hybrid.reasons,
         "latency_ms": {
@@ -32,16 +49,24 @@ def build_report(*, agents: list[Any], devices: dict[str, Any], compression: dic
             "escalated_p50": _pct(hybrid.latency_ms["cloud"], 50),
             "escalated_p99": _pct(hybrid.latency_ms["cloud"], 99),
         },
-        "heavy_requests": {"requests": heavy.requests, "served_by_cloud":
-                           len(heavy.latency_ms["cloud"]), "reasons": heavy.reasons},
+        "heavy_requests": {
+            "requests": heavy.requests,
+            "served_by_cloud": len(heavy.latency_ms["cloud"]),
+            "reasons": heavy.reasons,
+        },
         "samples": hybrid.samples,
         "errors": sum(r.errors for r in results.values()),
         "degraded": hybrid.degraded,
-        "model_bytes": {"fp32": compression["fp32_bytes"], "int8": compression["int8_bytes"],
-                        "cloud_fp32": compression["cloud_bytes"]},
-        "offline_accuracy": {"fp32": round(compression["fp32_accuracy"], 4),
-                             "int8": round(compression["int8_accuracy"], 4),
-                             "cloud": round(compression["cloud_fp32_accuracy"], 4)},
+        "model_bytes": {
+            "fp32": compression["fp32_bytes"],
+            "int8": compression["int8_bytes"],
+            "cloud_fp32": compression["cloud_bytes"],
+        },
+        "offline_accuracy": {
+            "fp32": round(compression["fp32_accuracy"], 4),
+            "int8": round(compression["int8_accuracy"], 4),
+            "cloud": round(compression["cloud_fp32_accuracy"], 4),
+        },
         "rollout_seconds": rollout["seconds"],
         "rollout_state": rollout["state"],
         "agents": agent_rows,
@@ -49,8 +74,11 @@ def build_report(*, agents: list[Any], devices: dict[str, Any], compression: dic
         "broker": {"kind": broker.kind, "url": broker.url},
         "build_seconds": round(timings.get("build_seconds", 0.0), 2),
     }
-    report["ok"] = (rollout["state"] == "succeeded" and report["errors"] == 0
-                    and all(a["version"] == "1" for a in agent_rows))
+    report["ok"] = (
+        rollout["state"] == "succeeded"
+        and report["errors"] == 0
+        and all(a["version"] == "1" for a in agent_rows)
+    )
     return report
 
 

@@ -48,7 +48,12 @@ class PhaseResult:
 
 
 async def run_phase(
-    targets: list[Target], model: str, x: np.ndarray, y: np.ndarray, *, route: str,
+    targets: list[Target],
+    model: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    route: str,
     batch: int = 1,
 ) -> PhaseResult:
     """One request at a time (so latency is not queueing), round-robin over targets."""
@@ -61,14 +66,23 @@ async def run_phase(
     return result
 
 
-async def _one(session: aiohttp.ClientSession, target: Target, model: str, rows: np.ndarray,
-               labels: np.ndarray, route: str, result: PhaseResult) -> None:
-    req = InferRequest(model=model, inputs=[Tensor("input", rows.astype(np.float32))],
-                       parameters={ROUTE: route})
+async def _one(
+    session: aiohttp.ClientSession,
+    target: Target,
+    model: str,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    route: str,
+    result: PhaseResult,
+) -> None:
+    req = InferRequest(
+        model=model, inputs=[Tensor("input", rows.astype(np.float32))], parameters={ROUTE: route}
+    )
     headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
     started = time.perf_counter()
-    async with session.post(f"{target.url}/v2/models/{model}/infer",
-                            json=request_to_rest(req), headers=headers) as resp:
+    async with session.post(
+        f"{target.url}/v2/models/{model}/infer", json=request_to_rest(req), headers=headers
+    ) as resp:
         body = await resp.read()
     elapsed_ms = (time.perf_counter() - started) * 1000
     result.requests += 1

@@ -47,7 +47,9 @@ def score(metric: str, probs: np.ndarray) -> np.ndarray:
     try:
         fn = METRICS[metric]
     except KeyError:
-        raise ValueError(f"unknown uncertainty metric {metric!r}; known: {sorted(METRICS)}")
+        raise ValueError(
+            f"unknown uncertainty metric {metric!r}; known: {sorted(METRICS)}"
+        ) from None
     return fn(probs)
 
 

@@ -71,9 +71,7 @@ def test_split_artifact_checks_length_and_digests(package) -> None:
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "manifest.json", ""])
 def test_unsafe_file_names_are_refused(package, name: str) -> None:
-    bad = dataclasses.replace(
-        package.manifest, files=[FileEntry(name, 1, "0" * 64, "model")]
-    )
+    bad = dataclasses.replace(package.manifest, files=[FileEntry(name, 1, "0" * 64, "model")])
     with pytest.raises(InvalidInputError):
         bad.validate()
 

@@ -25,9 +25,13 @@ class ControlPlane:
     """``async with ControlPlane(tmp, broker) as cp``: the real app on a free port."""
 
     def __init__(self, workdir: Path, broker: Any, *, chunk_size: int = 1024) -> None:
-        self.settings = ControlSettings(workdir=workdir, port=free_port(),
-                                        broker_host=broker.host, broker_port=broker.port,
-                                        chunk_size=chunk_size)
+        self.settings = ControlSettings(
+            workdir=workdir,
+            port=free_port(),
+            broker_host=broker.host,
+            broker_port=broker.port,
+            chunk_size=chunk_size,
+        )
         self.url = f"http://127.0.0.1:{self.settings.port}"
         self._runner: web.AppRunner | None = None
 
@@ -56,21 +60,28 @@ class ControlPlane:
         return self.app[SIGNER]
 
     def publish_toy(self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy"):
-        pkg = make_package(tmp / f"pkg-{name}-{version}", name=name, version=version,
-                           release=int(version), seed=seed)
+        pkg = make_package(
+            tmp / f"pkg-{name}-{version}",
+            name=name,
+            version=version,
+            release=int(version),
+            seed=seed,
+        )
         return self.registry.publish(pkg.directory, pkg.manifest, self.signer)
 
     async def wait_online(self, devices: list[str], timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
             while True:
-                online = {d["device_id"] for d in self.registry.devices()
-                          if d.get("state") == "online"}
+                online = {
+                    d["device_id"] for d in self.registry.devices() if d.get("state") == "online"
+                }
                 if set(devices) <= online:
                     return
                 await asyncio.sleep(0.05)
 
-    async def roll_out(self, name: str, version: str, devices: list[str],
-                       timeout: float = 30) -> dict[str, Any]:
+    async def roll_out(
+        self, name: str, version: str, devices: list[str], timeout: float = 30
+    ) -> dict[str, Any]:
         rollout_id = await self.rollouts.start(name, version, devices)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,12 +100,28 @@ class ControlPlane:
                 await asyncio.sleep(0.05)
 
 
-def agent_config(tmp: Path, device_id: str, broker: Any, trusted_key: str, *,
-                 model: str = "toy", cloud_url: str | None = None,
-                 **extra: Any) -> AgentConfig:
-    return AgentConfig.from_dict({
-        "device_id": device_id, "state_dir": str(tmp / device_id), "trusted_keys": [trusted_key],
-        "model": model, "broker_host": broker.host, "broker_port": broker.port,
-        "api_port": free_port(), "cloud_url": cloud_url, "chunk_timeout_s": 0.3,
-        "telemetry_interval_s": 1.0, **extra,
-    })
+def agent_config(
+    tmp: Path,
+    device_id: str,
+    broker: Any,
+    trusted_key: str,
+    *,
+    model: str = "toy",
+    cloud_url: str | None = None,
+    **extra: Any,
+) -> AgentConfig:
+    return AgentConfig.from_dict(
+        {
+            "device_id": device_id,
+            "state_dir": str(tmp / device_id),
+            "trusted_keys": [trusted_key],
+            "model": model,
+            "broker_host": broker.host,
+            "broker_port": broker.port,
+            "api_port": free_port(),
+            "cloud_url": cloud_url,
+            "chunk_timeout_s": 0.3,
+            "telemetry_interval_s": 1.0,
+            **extra,
+        }
+    )

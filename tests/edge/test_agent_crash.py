@@ -20,14 +20,25 @@ STAGES = ["downloading", "verified", "staged", "loaded", "self_tested", "activat
 
 
 def start_agent(config_path, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fogline", "edge", "run", "--config",
-                             str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fogline", "edge", "run", "--config", str(config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 async def served_version(url: str, timeout: float = 30) -> str:
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                        "data": toy_input(1).ravel().tolist()}],
-            "parameters": {"fogline.route": "local"}}
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 64],
+                "data": toy_input(1).ravel().tolist(),
+            }
+        ],
+        "parameters": {"fogline.route": "local"},
+    }
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
@@ -82,12 +93,16 @@ async def wait_stage(cp: ControlPlane, device_id: str, stage: str, since_version
     async with asyncio.timeout(30):
         while True:
             events = cp.registry.events(device_id, limit=50)
-            started = [e for e in events
-                       if e.get("stage") == "received" and e.get("version") == since_version]
+            started = [
+                e
+                for e in events
+                if e.get("stage") == "received" and e.get("version") == since_version
+            ]
             if started:
                 cid = started[0]["command_id"]
-                if any(e.get("command_id") == cid and e["stage"] in (stage, "activated",
-                                                                      "failed")
-                       for e in events):
+                if any(
+                    e.get("command_id") == cid and e["stage"] in (stage, "activated", "failed")
+                    for e in events
+                ):
                     return
             await asyncio.sleep(0.01)

@@ -8,7 +8,6 @@ import json
 import time
 
 import aiohttp
-import pytest
 
 from common import chunking, topics
 from common.manifest import SignedManifest
@@ -20,22 +19,36 @@ from tests.model_fixtures import toy_input
 
 
 async def infer(agent: EdgeAgent, rows: int = 1) -> dict:
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64],
-                        "data": toy_input(rows).ravel().tolist()}],
-            "parameters": {"fogline.route": "local"}}
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{agent.config.api_url}/v2/models/toy/infer", json=body
-    ) as resp:
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [rows, 64],
+                "data": toy_input(rows).ravel().tolist(),
+            }
+        ],
+        "parameters": {"fogline.route": "local"},
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{agent.config.api_url}/v2/models/toy/infer", json=body) as resp,
+    ):
         return {"status": resp.status, **(await resp.json())}
 
 
 async def test_rollout_to_three_agents_activates_everywhere(mosquitto, tmp_path) -> None:
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
-        configs = [agent_config(tmp_path, f"dev-{i}", mosquitto, cp.signer.public_key_hex)
-                   for i in range(3)]
-        async with EdgeAgent(configs[0]) as a0, EdgeAgent(configs[1]) as a1, \
-                EdgeAgent(configs[2]) as a2:
+        configs = [
+            agent_config(tmp_path, f"dev-{i}", mosquitto, cp.signer.public_key_hex)
+            for i in range(3)
+        ]
+        async with (
+            EdgeAgent(configs[0]) as a0,
+            EdgeAgent(configs[1]) as a1,
+            EdgeAgent(configs[2]) as a2,
+        ):
             await cp.wait_online([c.device_id for c in configs])
             before = await infer(a0)
             assert before["status"] in (502, 503)  # no local model, no cloud: a clear error
@@ -49,10 +62,18 @@ async def test_rollout_to_three_agents_activates_everywhere(mosquitto, tmp_path)
             # One broadcast served all three agents: chunks sent once, not three times.
             record = cp.registry.version("toy", "1")
             assert cp.rollouts.stats["chunks_broadcast"] == chunking.chunk_count(
-                record.artifact_size, 1024)
+                record.artifact_size, 1024
+            )
         stages = [e["stage"] for e in reversed(cp.registry.events("dev-0"))]
-        for stage in ("received", "downloading", "verified", "staged", "loaded",
-                      "self_tested", "activated"):
+        for stage in (
+            "received",
+            "downloading",
+            "verified",
+            "staged",
+            "loaded",
+            "self_tested",
+            "activated",
+        ):
             assert stage in stages
 
 
@@ -61,9 +82,10 @@ async def test_tampered_chunk_is_rejected_and_repaired(mosquitto, tmp_path) -> N
         cp.publish_toy(tmp_path, "1")
         v2 = cp.publish_toy(tmp_path, "2", seed=1)
         cfg = agent_config(tmp_path, "dev-t", mosquitto, cp.signer.public_key_hex)
-        async with EdgeAgent(cfg) as agent, MqttLink(
-            client_id="attacker", host=mosquitto.host, port=mosquitto.port
-        ) as attacker:
+        async with (
+            EdgeAgent(cfg) as agent,
+            MqttLink(client_id="attacker", host=mosquitto.host, port=mosquitto.port) as attacker,
+        ):
             await cp.wait_online([cfg.device_id])
             assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
             await attacker.wait_connected(5)
@@ -82,8 +104,9 @@ async def test_tampered_chunk_is_rejected_and_repaired(mosquitto, tmp_path) -> N
 
 async def _send_command(cp: ControlPlane, device_id: str, body: dict) -> str:
     cmd = Command("deploy", device_id, cp.registry.next_seq(device_id), time.time() + 60, body)
-    await cp.rollouts.link.publish(topics.device_topic(device_id, "commands"),
-                                   sign_command(cmd, cp.signer))
+    await cp.rollouts.link.publish(
+        topics.device_topic(device_id, "commands"), sign_command(cmd, cp.signer)
+    )
     return cmd.id
 
 
@@ -104,26 +127,29 @@ async def test_bad_signature_and_truncated_artifact_keep_the_old_model(mosquitto
         async with EdgeAgent(cfg) as agent:
             await cp.wait_online([cfg.device_id])
             assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
-            artifact = {"digest": v2.artifact_digest, "size": v2.artifact_size,
-                        "chunk_size": 1024}
+            artifact = {"digest": v2.artifact_digest, "size": v2.artifact_size, "chunk_size": 1024}
 
             # 1. A manifest whose signature does not match its content.
-            forged = SignedManifest(dataclasses.replace(v2.manifest, release=7),
-                                    v2.signed.signature, v2.signed.key_id)
-            cid = await _send_command(cp, cfg.device_id,
-                                      {"package": forged.to_dict(), "artifact": artifact})
+            forged = SignedManifest(
+                dataclasses.replace(v2.manifest, release=7), v2.signed.signature, v2.signed.key_id
+            )
+            cid = await _send_command(
+                cp, cfg.device_id, {"package": forged.to_dict(), "artifact": artifact}
+            )
             ev = await _failed_event(cp, cfg.device_id, cid)
             assert "signature" in ev["error"]
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
 
             # 2. A truncated artifact: its chunks do not fit the signed size.
             data = cp.registry.artifact_path(v2.artifact_digest).read_bytes()[:-100]
-            cid = await _send_command(cp, cfg.device_id,
-                                      {"package": v2.signed.to_dict(), "artifact": artifact})
+            cid = await _send_command(
+                cp, cfg.device_id, {"package": v2.signed.to_dict(), "artifact": artifact}
+            )
             await cp.wait_event(cfg.device_id, "downloading")
             for chunk in chunking.split(data, 1024):
                 await cp.rollouts.link.publish(
-                    topics.artifact_topic(v2.artifact_digest, "chunks"), chunk.encode())
+                    topics.artifact_topic(v2.artifact_digest, "chunks"), chunk.encode()
+                )
             ev = await _failed_event(cp, cfg.device_id, cid)
             assert "missing" in ev["error"] or "fit" in ev["error"]
             answer = await infer(agent)
@@ -137,8 +163,14 @@ async def test_replayed_command_is_refused(mosquitto, tmp_path) -> None:
         cfg = agent_config(tmp_path, "dev-r", mosquitto, cp.signer.public_key_hex)
         async with EdgeAgent(cfg):
             await cp.wait_online([cfg.device_id])
-            body = {"package": v1.signed.to_dict(), "artifact": {
-                "digest": v1.artifact_digest, "size": v1.artifact_size, "chunk_size": 1024}}
+            body = {
+                "package": v1.signed.to_dict(),
+                "artifact": {
+                    "digest": v1.artifact_digest,
+                    "size": v1.artifact_size,
+                    "chunk_size": 1024,
+                },
+            }
             cmd = Command("deploy", cfg.device_id, 5, time.time() + 60, body)
             payload = sign_command(cmd, cp.signer)
             topic = topics.device_topic(cfg.device_id, "commands")
@@ -164,13 +196,15 @@ async def test_events_survive_a_broker_outage(tmp_path) -> None:
             # the watcher below is subscribed before the agent is back.
             await asyncio.sleep(1.5)
             for i in range(5):
-                await agent.outbox.put(topics.device_topic("dev-o", "events"),
-                                       json.dumps({"n": i}).encode())
+                await agent.outbox.put(
+                    topics.device_topic("dev-o", "events"), json.dumps({"n": i}).encode()
+                )
             assert agent.outbox.pending() == 5  # kept on disk while the broker is away
             broker.start()
             async with MqttLink(client_id="watch", host=broker.host, port=broker.port) as w:
-                w.subscribe(topics.device_topic("dev-o", "events"),
-                            lambda t, p: got.append(json.loads(p)))
+                w.subscribe(
+                    topics.device_topic("dev-o", "events"), lambda t, p: got.append(json.loads(p))
+                )
                 await w.wait_connected(10)
                 await asyncio.sleep(0.3)  # subscribed before the agent reconnects and drains
                 await agent.outbox.flush(30)

@@ -1,0 +1,268 @@
+"""The cloud fallback server: ``fogline fallback serve``.
+
+Serves signed model packages over the V2 REST protocol (common.v2_server),
+authenticates callers with bearer tokens and sheds load with 503 +
+Retry-After. Stateless: replicas behind a load balancer scale it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from aiohttp import web
+
+from common.errors import FoglineError, InvalidInputError
+from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
+from common.manifest import read_package
+from common.onnx_runtime import OnnxRuntime
+from common.runtime import ModelInfo, Runtime
+from common.signing import TrustStore
+from common.v2_server import DataPlane, build_v2_app
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "fogline-fallback"
+
+
+@dataclass
+class FallbackSettings:
+    """Everything ``fogline fallback serve`` needs, built once in the entry point."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    packages: list[Path] = field(default_factory=list)
+    trusted_keys: list[str] = field(default_factory=list)  # hex Ed25519; empty: digests only
+    tokens: set[str] | None = None  # None: no authentication
+    max_inflight: int = 64
+    intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
+
+
+FALLBACK_RUNTIMES = web.AppKey("fogline.fallback.runtimes", list)
+
+
+class CloudServed:
+    """A runtime proxy that marks every answer as served by the cloud, and by which version."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.inner.info
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+    async def load(self) -> None:
+        await self.inner.load()
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        response = await self.inner.infer(request)
+        response.parameters[SERVED_BY] = "cloud"
+        response.parameters[MODEL_VERSION] = self.inner.info.version
+        return response
+
+    async def unload(self) -> None:
+        await self.inner.unload()
+
+
+def serving_runtime(runtime: Runtime) -> Runtime:
+    """Wrap a loaded model for serving.
+
+    NOTE: dynamic batching (a later issue) goes here, as a Runtime around the
+    model: ``CloudServed(Batcher(runtime, ...))``. Nothing else needs to change.
+    """
+    return CloudServed(runtime)
+
+
+async def load_package(directory: Path, trust: TrustStore | None, threads: int) -> OnnxRuntime:
+    """Verify one package (signature if ``trust``, every file's digest) and load its model."""
+    signed = await asyncio.to_thread(read_package, directory, trust)
+    manifest = signed.manifest
+    if manifest.format != "onnx":
+        raise InvalidInputError(f"{directory}: format {manifest.format!r}; this server runs onnx")
+    runtime = OnnxRuntime(
+        directory / manifest.file("model").name, manifest, intra_op_threads=threads
+    )
+    try:
+        await runtime.load()
+    except FoglineError:
+        raise
+    except Exception as exc:  # onnxruntime's own errors: the file is not a usable model
+        raise InvalidInputError(f"{directory}: cannot load the model: {exc}") from exc
+    return runtime
+
+
+async def build_fallback_app(settings: FallbackSettings) -> web.Application:
+    """Verify and load every package, then the V2 app serving them (unloaded on cleanup)."""
+    if not settings.packages:
+        raise InvalidInputError("no packages to serve")
+    trust = TrustStore(settings.trusted_keys) if settings.trusted_keys else None
+    if trust is None:
+        logger.warning("no trusted keys: package signatures are not checked, only digests")
+    dataplane = DataPlane(SERVER_NAME, _version())
+    runtimes: list[Runtime] = []
+    for directory in settings.packages:
+        runtime = serving_runtime(await load_package(directory, trust, settings.intra_op_threads))
+        if dataplane.has(runtime.info.name):
+            raise InvalidInputError(f"two packages serve model {runtime.info.name!r}")
+        dataplane.register(runtime)
+        runtimes.append(runtime)
+    app = build_v2_app(dataplane, auth_tokens=settings.tokens, max_inflight=settings.max_inflight)
+    app[FALLBACK_RUNTIMES] = runtimes
+    app.on_cleanup.append(_unload_all)
+    return app
+
+
+async def _unload_all(app: web.Application) -> None:
+    for runtime in app[FALLBACK_RUNTIMES]:
+        await runtime.unload()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fogline")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+async def serve(settings: FallbackSettings) -> None:
+    """Run the fallback server until SIGINT or SIGTERM."""
+    app = await build_fallback_app(settings)
+    if settings.tokens is None:
+        logger.warning("no tokens: the fallback API accepts any caller")
+    # Per-request access lines only at DEBUG (STYLE: state changes at INFO, requests at DEBUG).
+    access_log = logging.getLogger("aiohttp.access") if logger.isEnabledFor(logging.DEBUG) else None
+    runner = web.AppRunner(app, access_log=access_log)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        host, port = runner.addresses[0][:2]
+        logger.info(
+            "fallback serving %s at http://%s:%s/v2", ", ".join(app_model_names(app)), host, port
+        )
+        await _until_signalled()
+        logger.info("fallback shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def app_model_names(app: web.Application) -> list[str]:
+    return [r.info.name for r in app[FALLBACK_RUNTIMES]]
+
+
+async def _until_signalled() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``serve`` to the ``fogline fallback`` group."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve model packages over V2 REST",
+        description="Serve signed model packages over the V2 protocol.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any)")
+    p.add_argument(
+        "--package",
+        dest="packages",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="a package directory to serve (repeatable)",
+    )
+    p.add_argument(
+        "--trust-key",
+        dest="trusted_keys",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="trusted Ed25519 public key (repeatable); verify packages",
+    )
+    p.add_argument(
+        "--token",
+        dest="tokens",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="accepted bearer token (repeatable)",
+    )
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        metavar="FILE",
+        help="accepted bearer tokens, one a line ('#' comments)",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=64,
+        help="concurrent infers before shedding load with 503 (default %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        dest="intra_op_threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads per model (default: one per core)",
+    )
+    p.set_defaults(func=serve_command)
+
+
+def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
+    tokens = set(args.tokens)
+    if args.tokens_file is not None:
+        tokens |= read_tokens(args.tokens_file)
+    if args.max_inflight < 1:
+        raise InvalidInputError("--max-inflight must be at least 1")
+    return FallbackSettings(
+        host=args.host,
+        port=args.port,
+        packages=list(args.packages),
+        trusted_keys=list(args.trusted_keys),
+        tokens=tokens or None,
+        max_inflight=args.max_inflight,
+        intra_op_threads=args.intra_op_threads,
+    )
+
+
+def read_tokens(path: Path) -> set[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read tokens file: {exc}") from exc
+    tokens = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    if not tokens:
+        raise InvalidInputError(f"{path} holds no tokens")
+    return tokens
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``fogline fallback serve``: 0 after a clean shutdown, 2 when it cannot start."""
+    try:
+        asyncio.run(serve(settings_from_args(args)))
+    except (FoglineError, OSError) as exc:  # bad package or signature, port taken, ...
+        print(f"fogline fallback serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

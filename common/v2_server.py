@@ -1,0 +1,496 @@
+"""The V2 (KServe/Triton Open Inference Protocol) REST layer.
+
+Shared by the edge agent's local API and the cloud fallback. Three layers, as
+in MLServer: aiohttp handlers do HTTP only (parse, map status codes) and hand
+over to the transport-neutral ``DataPlane``, which finds the runtime and calls
+``infer``. One middleware maps every error to ``{"error": "..."}`` through
+``common.errors.http_status_of``.
+
+JSON tensors and the binary tensor extension (``Inference-Header-Content-Length``)
+are both accepted, so tritonclient's defaults work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from common.errors import (
+    AuthError,
+    FoglineError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    OverloadedError,
+    http_status_of,
+)
+from common.inference import (
+    V2_TO_NUMPY,
+    InferRequest,
+    InferResponse,
+    Tensor,
+    request_from_rest,
+    response_to_rest,
+)
+from common.manifest import TensorSpec
+from common.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+BINARY_HEADER = "Inference-Header-Content-Length"
+DEFAULT_MAX_BODY = 64 << 20  # aiohttp's 1 MiB default is too small for batched tensors
+_OFFLOAD_BYTES = 1 << 16  # (de)serialise bodies larger than this off the event loop
+_PUBLIC_ROUTES = frozenset({"v2.health.live", "v2.health.ready", "metrics"})
+_INFER_ROUTES = frozenset({"v2.infer", "v2.version.infer"})
+
+
+class DataPlane:
+    """Transport-neutral V2 service: a registry of runtimes by model name."""
+
+    def __init__(self, server_name: str, server_version: str) -> None:
+        self.server_name = server_name
+        self.server_version = server_version
+        # NOTE: the map is replaced, never mutated, so a request always sees a whole map.
+        self._runtimes: dict[str, Runtime] = {}
+
+    def register(self, runtime: Runtime) -> None:
+        """Serve ``runtime`` under its ``info.name``, replacing any runtime of that name."""
+        info = runtime.info
+        self._runtimes = {**self._runtimes, info.name: runtime}
+        logger.info("serving model %s version %s", info.name, info.version)
+
+    def unregister(self, name: str) -> Runtime | None:
+        runtimes = dict(self._runtimes)
+        removed = runtimes.pop(name, None)
+        self._runtimes = runtimes
+        if removed is not None:
+            logger.info("stopped serving model %s", name)
+        return removed
+
+    def names(self) -> list[str]:
+        return sorted(self._runtimes)
+
+    def has(self, name: str) -> bool:
+        return name in self._runtimes
+
+    def get(self, name: str, version: str | None = None) -> Runtime:
+        runtime = self._runtimes.get(name)
+        if runtime is None or (version is not None and version != runtime.info.version):
+            raise ModelNotFoundError(name, version)
+        return runtime
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        runtimes = list(self._runtimes.values())
+        return bool(runtimes) and all(r.ready for r in runtimes)
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.get(name, version).ready
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.server_name,
+            "version": self.server_version,
+            "extensions": ["binary_tensor_data"],
+        }
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        info = self.get(name, version).info
+        doc: dict[str, Any] = {
+            "name": info.name,
+            "versions": [info.version],
+            "platform": info.platform,
+            "inputs": [_spec_to_rest(s) for s in info.inputs],
+            "outputs": [_spec_to_rest(s) for s in info.outputs],
+        }
+        if info.parameters:
+            doc["parameters"] = info.parameters
+        return doc
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        runtime = self.get(request.model, request.version)
+        if not runtime.ready:
+            raise ModelNotReadyError(f"model {request.model!r} is not ready")
+        return await runtime.infer(request)
+
+
+def _spec_to_rest(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+class InflightGate:
+    """Admits at most ``limit`` concurrent infers; past that, sheds load at once."""
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self.limit = limit
+        self.inflight = 0
+        self.shed = 0
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.limit is not None and self.inflight >= self.limit:
+            self.shed += 1
+            raise OverloadedError(f"server is at its limit of {self.limit} concurrent requests")
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+
+@dataclass
+class Metrics:
+    """Infer request counters in the Prometheus text exposition format (0.0.4)."""
+
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
+    seconds_sum: dict[str, float] = field(default_factory=dict)
+    seconds_count: Counter[str] = field(default_factory=Counter)
+
+    def observe(self, model: str, status: int, seconds: float) -> None:
+        self.requests[(model, status)] += 1
+        self.seconds_sum[model] = self.seconds_sum.get(model, 0.0) + seconds
+        self.seconds_count[model] += 1
+
+    def render(self, gate: InflightGate) -> str:
+        lines = [
+            "# HELP fogline_v2_requests_total Inference requests by model and HTTP status.",
+            "# TYPE fogline_v2_requests_total counter",
+        ]
+        for (model, status), n in sorted(self.requests.items()):
+            lines.append(
+                f'fogline_v2_requests_total{{model="{_label(model)}",status="{status}"}} {n}'
+            )
+        lines += [
+            "# HELP fogline_v2_request_seconds Inference request latency.",
+            "# TYPE fogline_v2_request_seconds summary",
+        ]
+        for model in sorted(self.seconds_count):
+            lines.append(
+                f'fogline_v2_request_seconds_sum{{model="{_label(model)}"}} '
+                f"{self.seconds_sum[model]:.6f}"
+            )
+            lines.append(
+                f'fogline_v2_request_seconds_count{{model="{_label(model)}"}} '
+                f"{self.seconds_count[model]}"
+            )
+        lines += [
+            "# HELP fogline_v2_inflight Inference requests being served now.",
+            "# TYPE fogline_v2_inflight gauge",
+            f"fogline_v2_inflight {gate.inflight}",
+            "# HELP fogline_v2_shed_total Inference requests refused with 503 (overload).",
+            "# TYPE fogline_v2_shed_total counter",
+            f"fogline_v2_shed_total {gate.shed}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@dataclass
+class V2State:
+    dataplane: DataPlane
+    gate: InflightGate
+    auth_tokens: frozenset[str] | None
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+V2_STATE = web.AppKey("fogline.v2", V2State)
+
+
+# --- the binary tensor extension -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BinaryOutputs:
+    """Which outputs the client wants as raw bytes (``binary_data`` parameters)."""
+
+    default: bool = False
+    per_output: dict[str, bool] = field(default_factory=dict)
+
+    def wants(self, name: str) -> bool:
+        return self.per_output.get(name, self.default)
+
+
+def decode_infer_request(
+    body: bytes, header_length: int | None, model: str, version: str | None
+) -> tuple[InferRequest, BinaryOutputs]:
+    """Parse a V2 infer body: JSON, or a JSON header followed by binary tensor data."""
+    if header_length is not None and header_length > len(body):
+        raise InvalidInputError(f"{BINARY_HEADER} is {header_length}, the body {len(body)} bytes")
+    head = body if header_length is None else body[:header_length]
+    try:
+        obj = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInputError("body must be a JSON object")
+    if header_length is not None:
+        _attach_binary_inputs(obj, body[header_length:])
+    binary = _binary_outputs(obj)
+    return request_from_rest(obj, model, version), binary
+
+
+def _attach_binary_inputs(obj: dict[str, Any], blob: bytes) -> None:
+    """Replace each ``binary_data_size`` input's data with its slice of ``blob``."""
+    offset = 0
+    inputs = obj.get("inputs")
+    for i, t in enumerate(inputs if isinstance(inputs, list) else []):
+        params = t.get("parameters") if isinstance(t, dict) else None
+        if not isinstance(params, dict) or "binary_data_size" not in params:
+            continue
+        size = params.pop("binary_data_size")
+        datatype = t.get("datatype")
+        dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
+        if dtype is None or not isinstance(size, int) or size < 0 or offset + size > len(blob):
+            raise InvalidInputError(f"inputs[{i}]: bad binary_data_size or datatype")
+        if size % dtype.itemsize:
+            raise InvalidInputError(
+                f"inputs[{i}]: {size} bytes is not a whole number of {datatype}"
+            )
+        t["data"] = np.frombuffer(blob, dtype.newbyteorder("<"), size // dtype.itemsize, offset)
+        offset += size
+    if offset != len(blob):
+        raise InvalidInputError(f"{len(blob) - offset} bytes of binary data belong to no input")
+
+
+def _binary_outputs(obj: dict[str, Any]) -> BinaryOutputs:
+    """Read (and take out) the binary-output wishes: they are about this hop only.
+
+    NOTE: ``binary_data_output`` must not reach the runtime; the router would
+    forward it to the cloud, which would then answer in binary to a JSON client.
+    """
+    params = obj.get("parameters")
+    default = isinstance(params, dict) and params.pop("binary_data_output", False) is True
+    per_output: dict[str, bool] = {}
+    outputs = obj.get("outputs")
+    for o in outputs if isinstance(outputs, list) else []:
+        o_params = o.get("parameters") if isinstance(o, dict) else None
+        wish = o_params.get("binary_data") if isinstance(o_params, dict) else None
+        if isinstance(wish, bool) and isinstance(o.get("name"), str):
+            per_output[o["name"]] = wish
+    return BinaryOutputs(default, per_output)
+
+
+def encode_infer_response(
+    response: InferResponse, binary: BinaryOutputs
+) -> tuple[bytes, int | None]:
+    """The body, and the JSON header's length when outputs are sent as binary."""
+    wanted = [t for t in response.outputs if binary.wants(t.name)]
+    if not wanted:
+        return json.dumps(response_to_rest(response)).encode(), None
+    as_json = iter(
+        response_to_rest(
+            replace(response, outputs=[t for t in response.outputs if not binary.wants(t.name)])
+        )["outputs"]
+    )
+    doc = response_to_rest(replace(response, outputs=[]))
+    blobs = [np.ascontiguousarray(t.data, t.data.dtype.newbyteorder("<")).tobytes() for t in wanted]
+    sizes = iter(len(b) for b in blobs)
+    doc["outputs"] = [
+        _binary_entry(t, next(sizes)) if binary.wants(t.name) else next(as_json)
+        for t in response.outputs
+    ]
+    header = json.dumps(doc).encode()
+    return header + b"".join(blobs), len(header)
+
+
+def _binary_entry(t: Tensor, size: int) -> dict[str, Any]:
+    params = {**t.parameters, "binary_data_size": size}
+    return {"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": params}
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+
+def build_v2_app(
+    dataplane: DataPlane,
+    *,
+    auth_tokens: set[str] | None = None,
+    max_inflight: int | None = None,
+    client_max_size: int = DEFAULT_MAX_BODY,
+) -> web.Application:
+    """An aiohttp app serving ``dataplane`` over V2 REST, plus ``GET /metrics``.
+
+    To serve more routes beside V2 (an agent's admin API, say), add them to the
+    returned app before it starts; the error middleware then covers them too,
+    and auth covers every ``/v2`` path except health.
+    """
+    app = web.Application(
+        middlewares=[error_middleware, _metrics_middleware, _auth_middleware],
+        client_max_size=client_max_size,
+    )
+    tokens = frozenset(auth_tokens) if auth_tokens is not None else None
+    app[V2_STATE] = V2State(dataplane, InflightGate(max_inflight), tokens)
+    r = app.router
+    r.add_get("/v2/health/live", _live, name="v2.health.live")
+    r.add_get("/v2/health/ready", _ready, name="v2.health.ready")
+    r.add_get("/v2", _server_metadata, name="v2.server")
+    r.add_get("/v2/models/{model}", _model_metadata, name="v2.model")
+    r.add_get("/v2/models/{model}/versions/{version}", _model_metadata, name="v2.version")
+    r.add_get("/v2/models/{model}/ready", _model_ready, name="v2.ready")
+    r.add_get("/v2/models/{model}/versions/{version}/ready", _model_ready, name="v2.version.ready")
+    r.add_post("/v2/models/{model}/infer", _infer, name="v2.infer")
+    r.add_post("/v2/models/{model}/versions/{version}/infer", _infer, name="v2.version.infer")
+    r.add_get("/metrics", _metrics, name="metrics")
+    return app
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The one place errors become HTTP: ``{"error": ...}`` with the mapped status."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(
+            {"error": exc.text or exc.reason}, status=exc.status, headers=allow
+        )
+    except Exception as exc:
+        status = http_status_of(exc)
+        if isinstance(exc, FoglineError):
+            logger.debug("%s %s -> %d: %s", request.method, request.path, status, exc)
+            return web.json_response({"error": str(exc)}, status=status, headers=_headers_for(exc))
+        logger.exception("unexpected error serving %s %s", request.method, request.path)
+        return web.json_response({"error": "internal server error"}, status=status)
+
+
+def _headers_for(exc: FoglineError) -> dict[str, str] | None:
+    if isinstance(exc, AuthError):
+        return {"WWW-Authenticate": "Bearer"}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        return {"Retry-After": str(retry_after)}
+    if isinstance(exc, ModelNotReadyError):
+        return {"Retry-After": "1"}
+    return None
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.match_info.route.name not in _INFER_ROUTES:
+        return await handler(request)
+    state = request.app[V2_STATE]
+    start = time.perf_counter()
+    status = 499  # the client went away before an answer (nginx's convention)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except Exception as exc:
+        status = http_status_of(exc)
+        raise
+    finally:
+        name = request.match_info["model"]
+        # Unknown names share one label, so callers cannot grow the metric without bound.
+        label = name if state.dataplane.has(name) else "_unknown"
+        state.metrics.observe(label, status, time.perf_counter() - start)
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    tokens = request.app[V2_STATE].auth_tokens
+    route = request.match_info.route.name
+    if tokens is not None and request.path.startswith("/v2") and route not in _PUBLIC_ROUTES:
+        _check_bearer(request.headers.get("Authorization", ""), tokens)
+    return await handler(request)
+
+
+def _check_bearer(header: str, tokens: frozenset[str]) -> None:
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("missing 'Authorization: Bearer <token>' header")
+    # compare_digest against every token: the time taken does not reveal which matched.
+    if not any(hmac.compare_digest(token.strip().encode(), t.encode()) for t in tokens):
+        raise AuthError("invalid bearer token")
+
+
+def _model_ref(request: web.Request) -> tuple[str, str | None]:
+    return request.match_info["model"], request.match_info.get("version")
+
+
+async def _live(request: web.Request) -> web.Response:
+    live = request.app[V2_STATE].dataplane.live()
+    return web.json_response({"live": live}, status=200 if live else 503)
+
+
+async def _ready(request: web.Request) -> web.Response:
+    # 503, as KServe does: V2 clients only test for 200, load balancers want a 5xx.
+    ready = request.app[V2_STATE].dataplane.ready()
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def _server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(request.app[V2_STATE].dataplane.server_metadata())
+
+
+async def _model_metadata(request: web.Request) -> web.Response:
+    return web.json_response(request.app[V2_STATE].dataplane.model_metadata(*_model_ref(request)))
+
+
+async def _model_ready(request: web.Request) -> web.Response:
+    model, version = _model_ref(request)
+    ready = request.app[V2_STATE].dataplane.model_ready(model, version)
+    return web.json_response({"name": model, "ready": ready}, status=200 if ready else 503)
+
+
+async def _infer(request: web.Request) -> web.Response:
+    state = request.app[V2_STATE]
+    model, version = _model_ref(request)
+    with state.gate.admit():
+        body = await request.read()
+        infer_request, binary = await _offload(
+            len(body), decode_infer_request, body, _header_length(request), model, version
+        )
+        response = await state.dataplane.infer(infer_request)
+    size = sum(t.data.nbytes for t in response.outputs)
+    payload, header_length = await _offload(size, encode_infer_response, response, binary)
+    if header_length is None:
+        return web.Response(body=payload, content_type="application/json")
+    headers = {BINARY_HEADER: str(header_length)}
+    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+
+async def _offload(size: int, fn: Any, *args: Any) -> Any:
+    """Run a codec function inline when small, in a worker thread when large."""
+    if size > _OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _header_length(request: web.Request) -> int | None:
+    value = request.headers.get(BINARY_HEADER)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InvalidInputError(f"{BINARY_HEADER} must be a byte count, got {value!r}")
+    return int(value)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[V2_STATE]
+    text = state.metrics.render(state.gate)
+    return web.Response(
+        body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
