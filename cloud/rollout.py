@@ -136,7 +136,7 @@ class RolloutController:
 
     async def _drive(self, rollout_id: str, record: VersionRecord) -> None:
         await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
-        await self._broadcast(record)
+        await self.broadcast(record)
         await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)
         devices = self.registry.rollout(rollout_id)["devices"].values()
         ok = sum(d["stage"] == "activated" for d in devices)
@@ -146,7 +146,7 @@ class RolloutController:
         await asyncio.to_thread(self.registry.finish_rollout, rollout_id, state)
         logger.info("rollout %s %s (%d/%d activated)", rollout_id, state, ok, len(devices))
 
-    async def _broadcast(self, record: VersionRecord, only: list[int] | None = None) -> None:
+    async def broadcast(self, record: VersionRecord, only: list[int] | None = None) -> None:
         path = self.registry.artifact_path(record.artifact_digest)
         data = await asyncio.to_thread(path.read_bytes)
         topic = topics.artifact_topic(record.artifact_digest, "chunks")
@@ -200,7 +200,7 @@ class RolloutController:
         now = time.monotonic()
         wanted = [i for i in missing if now - self._recent.get((digest, i), 0.0) > 1.0]
         if wanted:
-            await self._broadcast(record, only=wanted)
+            await self.broadcast(record, only=wanted)
 
     def _record_for(self, digest: str) -> VersionRecord:
         for record in self.registry.versions():

@@ -80,7 +80,11 @@ class MqttLink:
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._early_acks: set[int] = set()
-        self._lock = threading.Lock()
+        self._ignored_acks: set[int] = set()
+        # NOTE: paho calls on_publish while holding its own message mutex, so these locks
+        # are never held while calling into paho's publish (that order would deadlock).
+        self._ack_lock = threading.Lock()
+        self._sub_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -121,18 +125,22 @@ class MqttLink:
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Call ``handler(topic, payload)`` for each message; kept across reconnects."""
-        _, handlers = self._subs.setdefault(topic_filter, (qos, []))
-        handlers.append(handler)
-        if self.connected.is_set():
-            self._client.subscribe(topic_filter, qos)
+        # NOTE: under the lock so that a CONNACK racing with this call cannot miss the
+        # filter: either _on_connect sees it, or is_connected() is already true here.
+        with self._sub_lock:
+            _, handlers = self._subs.setdefault(topic_filter, (qos, []))
+            handlers.append(handler)
+            if self._client.is_connected():
+                self._client.subscribe(topic_filter, qos)
 
     def on_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` on the loop after every (re)connect, e.g. to republish status."""
         self._on_connected.append(callback)
 
     def unsubscribe(self, topic_filter: str) -> None:
-        if self._subs.pop(topic_filter, None) is not None and self.connected.is_set():
-            self._client.unsubscribe(topic_filter)
+        with self._sub_lock:
+            if self._subs.pop(topic_filter, None) is not None and self._client.is_connected():
+                self._client.unsubscribe(topic_filter)
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -140,21 +148,26 @@ class MqttLink:
         """Publish; for QoS 1 wait for the PUBACK. Raise MqttError when offline."""
         if not self.connected.is_set():
             raise MqttError(f"not connected; cannot publish to {topic}")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-            if qos == 0 or info.mid in self._early_acks:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._ack_lock:
+            if info.mid in self._early_acks:  # acknowledged before we got here
                 self._early_acks.discard(info.mid)
+                return
+            if qos == 0:
+                self._ignored_acks.add(info.mid)
                 return
             self._acks[info.mid] = fut
         try:
             await asyncio.wait_for(fut, self._ack_timeout_s)
         except TimeoutError:
+            with self._ack_lock:
+                if self._acks.pop(info.mid, None) is not None:
+                    self._ignored_acks.add(info.mid)
             raise MqttError(f"no PUBACK for {topic} in {self._ack_timeout_s}s") from None
-        finally:
+        with self._ack_lock:
             self._acks.pop(info.mid, None)
 
     # -- paho callbacks (network thread) -----------------------------------------
@@ -167,8 +180,9 @@ class MqttLink:
         if rc.is_failure:
             logger.warning("MQTT connect to %s:%s refused: %s", self._host, self._port, rc)
             return
-        for topic_filter, (qos, _) in list(self._subs.items()):
-            client.subscribe(topic_filter, qos)
+        with self._sub_lock:
+            for topic_filter, (qos, _) in list(self._subs.items()):
+                client.subscribe(topic_filter, qos)
         logger.info("MQTT connected to %s:%s as %s", self._host, self._port, self.client_id)
         self._call(self._connected)
 
@@ -180,8 +194,11 @@ class MqttLink:
         self._call(self._inbox.put_nowait, msg)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        with self._lock:
-            fut = self._acks.get(mid)
+        with self._ack_lock:
+            if mid in self._ignored_acks:
+                self._ignored_acks.discard(mid)
+                return
+            fut = self._acks.pop(mid, None)
             if fut is None:
                 self._early_acks.add(mid)
                 return

@@ -91,11 +91,13 @@ class ControlPlane:
             await asyncio.sleep(0.05)
         return self.registry.rollout(rollout_id)
 
-    async def wait_event(self, device_id: str, stage: str, timeout: float = 15) -> dict:
+    async def wait_event(
+        self, device_id: str, stage: str, timeout: float = 15, command_id: str | None = None
+    ) -> dict:
         async with asyncio.timeout(timeout):
             while True:
                 for ev in self.registry.events(device_id, limit=500):
-                    if ev.get("stage") == stage:
+                    if ev.get("stage") == stage and command_id in (None, ev.get("command_id")):
                         return ev
                 await asyncio.sleep(0.05)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import time
 
@@ -89,17 +90,24 @@ async def test_tampered_chunk_is_rejected_and_repaired(mosquitto, tmp_path) -> N
             await cp.wait_online([cfg.device_id])
             assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
             await attacker.wait_connected(5)
-            rollout = asyncio.create_task(cp.roll_out("toy", "2", [cfg.device_id]))
-            await cp.wait_event(cfg.device_id, "downloading")
+            # Drive the deployment by hand so the damaged chunk surely arrives first.
+            cid = await _send_command(cp, cfg.device_id, _deploy_body(v2))
+            await cp.wait_event(cfg.device_id, "downloading", command_id=cid)
             good = next(chunking.split(b"\0" * v2.artifact_size, 1024)).encode()
             bad = good[:-1] + bytes([good[-1] ^ 1])
             await attacker.publish(topics.artifact_topic(v2.artifact_digest, "chunks"), bad)
-            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
-            state = await rollout
-            assert state["state"] == "succeeded"
-            rejected = await cp.wait_event(cfg.device_id, "chunk_rejected")
+            rejected = await cp.wait_event(cfg.device_id, "chunk_rejected", command_id=cid)
             assert "SHA-256" in rejected["error"]
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+            # The agent asks for what it still lacks; the control plane resends just that.
+            done = await _final_event(cp, cfg.device_id, cid)
+            assert done["stage"] == "activated", done
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "2"
+
+
+def _deploy_body(record, **extra) -> dict:
+    artifact = {"digest": record.artifact_digest, "size": record.artifact_size, "chunk_size": 1024}
+    return {"package": record.signed.to_dict(), "artifact": artifact, **extra}
 
 
 async def _send_command(cp: ControlPlane, device_id: str, body: dict) -> str:
@@ -110,11 +118,15 @@ async def _send_command(cp: ControlPlane, device_id: str, body: dict) -> str:
     return cmd.id
 
 
-async def _failed_event(cp: ControlPlane, device_id: str, command_id: str) -> dict:
+async def _final_event(cp: ControlPlane, device_id: str, command_id: str) -> dict:
     async with asyncio.timeout(20):
         while True:
             for ev in cp.registry.events(device_id, limit=500):
-                if ev.get("command_id") == command_id and ev["stage"] in ("failed", "rejected"):
+                if ev.get("command_id") == command_id and ev["stage"] in (
+                    "failed",
+                    "rejected",
+                    "activated",
+                ):
                     return ev
             await asyncio.sleep(0.05)
 
@@ -127,34 +139,45 @@ async def test_bad_signature_and_truncated_artifact_keep_the_old_model(mosquitto
         async with EdgeAgent(cfg) as agent:
             await cp.wait_online([cfg.device_id])
             assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
-            artifact = {"digest": v2.artifact_digest, "size": v2.artifact_size, "chunk_size": 1024}
-
             # 1. A manifest whose signature does not match its content.
             forged = SignedManifest(
                 dataclasses.replace(v2.manifest, release=7), v2.signed.signature, v2.signed.key_id
             )
-            cid = await _send_command(
-                cp, cfg.device_id, {"package": forged.to_dict(), "artifact": artifact}
-            )
-            ev = await _failed_event(cp, cfg.device_id, cid)
+            body = {**_deploy_body(v2), "package": forged.to_dict()}
+            cid = await _send_command(cp, cfg.device_id, body)
+            ev = await _final_event(cp, cfg.device_id, cid)
             assert "signature" in ev["error"]
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
 
-            # 2. A truncated artifact: its chunks do not fit the signed size.
-            data = cp.registry.artifact_path(v2.artifact_digest).read_bytes()[:-100]
-            cid = await _send_command(
-                cp, cfg.device_id, {"package": v2.signed.to_dict(), "artifact": artifact}
-            )
-            await cp.wait_event(cfg.device_id, "downloading")
-            for chunk in chunking.split(data, 1024):
-                await cp.rollouts.link.publish(
-                    topics.artifact_topic(v2.artifact_digest, "chunks"), chunk.encode()
-                )
-            ev = await _failed_event(cp, cfg.device_id, cid)
-            assert "missing" in ev["error"] or "fit" in ev["error"]
+            # 2. A truncated artifact: its chunks do not fit the size the manifest signs.
+            good = cp.registry.artifact_path(v2.artifact_digest).read_bytes()
+            ev = await _deploy_raw(cp, cfg.device_id, v2, good[:-100])
+            assert "gave up" in ev["error"]
+            assert (await cp.wait_event(cfg.device_id, "chunk_rejected"))["error"]
+
+            # 3. Same length, every chunk self-consistent, but a file's bytes changed.
+            flipped = bytearray(good)
+            flipped[200] ^= 0xFF
+            ev = await _deploy_raw(cp, cfg.device_id, v2, bytes(flipped))
+            assert "SHA-256" in ev["error"]
+
             answer = await infer(agent)
             assert answer["status"] == 200
             assert answer["parameters"]["fogline.model_version"] == "1"
+
+
+async def _deploy_raw(cp: ControlPlane, device_id: str, record, data: bytes) -> dict:
+    """Deploy ``record``'s signed manifest but deliver ``data`` as its artifact."""
+    digest = hashlib.sha256(data).hexdigest()  # unknown to the registry: no repair
+    body = {
+        "package": record.signed.to_dict(),
+        "artifact": {"digest": digest, "size": len(data), "chunk_size": 1024},
+    }
+    cid = await _send_command(cp, device_id, body)
+    await cp.wait_event(device_id, "downloading", command_id=cid)
+    for chunk in chunking.split(data, 1024):
+        await cp.rollouts.link.publish(topics.artifact_topic(digest, "chunks"), chunk.encode())
+    return await _final_event(cp, device_id, cid)
 
 
 async def test_replayed_command_is_refused(mosquitto, tmp_path) -> None:
@@ -188,7 +211,7 @@ async def test_events_survive_a_broker_outage(tmp_path) -> None:
     broker.start()
     try:
         got: list[dict] = []
-        cfg = agent_config(tmp_path, "dev-o", broker, "00" * 32)
+        cfg = agent_config(tmp_path, "dev-o", broker, "00" * 32, telemetry_interval_s=600)
         async with EdgeAgent(cfg) as agent:
             await agent.link.wait_connected(10)
             broker.stop()
