@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cloud.fleet import FleetMonitor
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
 from common.errors import InvalidInputError
@@ -85,10 +86,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             host=settings.broker_host,
             port=settings.broker_port,
         )
-        async with (
-            link,
-            RolloutController(registry, signer, link, chunk_size=settings.chunk_size) as rollouts,
-        ):
+        fleet = FleetMonitor(registry, link)
+        rollouts = RolloutController(registry, fleet, signer, link, chunk_size=settings.chunk_size)
+        async with link, fleet, rollouts:
             app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer
             yield
         registry.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidInputError, ModelNotFoundError
+from common.errors import AlreadyExistsError, ModelNotFoundError
 from common.fsutil import atomic_write
 from common.manifest import (
     Manifest,
@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, state TEXT NOT NULL, status TEXT NOT NULL,
-    last_seen REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0
+    last_seen REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, telemetry TEXT
 );
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL,
@@ -115,7 +115,7 @@ class Registry:
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
         ):
-            raise InvalidInputError(f"{m.name} {m.variant} version {m.version} already exists")
+            raise AlreadyExistsError(f"{m.name} {m.variant} version {m.version} already exists")
         dest = package_path(self.store_dir, m.name, m.variant, m.version)
         dest.mkdir(parents=True, exist_ok=True)
         for f in m.files:
@@ -179,9 +179,19 @@ class Registry:
             (device_id, str(status.get("state", "unknown")), json.dumps(status), time.time()),
         )
 
+    def record_telemetry(self, device_id: str, doc: dict[str, Any]) -> None:
+        """Keep the latest telemetry report per device (history belongs in a TSDB)."""
+        self._q(
+            "UPDATE devices SET telemetry=?, last_seen=? WHERE device_id=?",
+            (json.dumps(doc), time.time(), device_id),
+        )
+
     def devices(self) -> list[dict[str, Any]]:
-        rows = self._q("SELECT status, last_seen FROM devices ORDER BY device_id")
-        return [{**json.loads(s), "last_seen": seen} for s, seen in rows]
+        rows = self._q("SELECT status, last_seen, telemetry FROM devices ORDER BY device_id")
+        return [
+            {**json.loads(s), "last_seen": seen, "telemetry": json.loads(t) if t else None}
+            for s, seen, t in rows
+        ]
 
     def next_seq(self, device_id: str) -> int:
         """The next command sequence number for a device (persisted before use)."""

@@ -15,6 +15,7 @@ import uuid
 from contextlib import suppress
 from typing import Any
 
+from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
 from common import chunking, messages, topics
 from common.errors import InvalidInputError
@@ -33,6 +34,7 @@ class RolloutController:
     def __init__(
         self,
         registry: Registry,
+        fleet: FleetMonitor,
         signer: Signer,
         link: MqttLink,
         *,
@@ -42,6 +44,7 @@ class RolloutController:
         rollout_timeout_s: float = 300.0,
     ) -> None:
         self.registry = registry
+        self.fleet = fleet
         self.signer = signer
         self.link = link
         self.chunk_size = chunk_size
@@ -49,13 +52,10 @@ class RolloutController:
         self.subscribe_wait_s = subscribe_wait_s
         self.rollout_timeout_s = rollout_timeout_s
         self.stats = {"chunks_broadcast": 0, "chunks_repaired": 0, "bytes_sent": 0}
-        self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._recent: dict[tuple[str, int], float] = {}
 
     async def __aenter__(self) -> RolloutController:
-        self.link.subscribe(topics.all_devices_filter("status"), self._on_status)
-        self.link.subscribe(topics.all_devices_filter("events"), self._on_event)
         self.link.subscribe(topics.all_artifacts_filter("requests"), self._on_request)
         return self
 
@@ -130,8 +130,8 @@ class RolloutController:
             return all(d["stage"] in stages for d in devs)
 
         with suppress(TimeoutError):
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(done)
+            async with asyncio.timeout(timeout), self.fleet.changed:
+                await self.fleet.changed.wait_for(done)
         return done()
 
     async def _drive(self, rollout_id: str, record: VersionRecord) -> None:
@@ -160,32 +160,6 @@ class RolloutController:
             self.stats["bytes_sent"] += len(payload)
 
     # -- MQTT handlers ---------------------------------------------------------------------
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _on_status(self, topic: str, payload: bytes) -> None:
-        try:
-            device_id = topics.parse(topic).ident
-            doc = messages.parse_json(payload, "status")
-        except ValueError as exc:
-            logger.warning("ignored status on %s: %s", topic, exc)
-            return
-        await asyncio.to_thread(self.registry.upsert_device, device_id, doc)
-
-    async def _on_event(self, topic: str, payload: bytes) -> None:
-        try:
-            device_id = topics.parse(topic).ident
-            doc = messages.parse_json(payload, "event")
-        except ValueError as exc:
-            logger.warning("ignored event on %s: %s", topic, exc)
-            return
-        doc["device_id"] = device_id  # the topic, not the payload, says who sent it
-        await asyncio.to_thread(self.registry.record_event, doc)
-        if doc.get("stage") in ("failed", "rejected", "chunk_rejected"):
-            logger.warning("device %s: %s %s", device_id, doc.get("stage"), doc.get("error"))
-        await self._notify()
 
     async def _on_request(self, topic: str, payload: bytes) -> None:
         """Repair: resend the chunks a device lacks, unless just sent."""

@@ -37,6 +37,12 @@ class ModelNotFoundError(FoglineError, LookupError):
         super().__init__(f"unknown model {what}")
 
 
+class AlreadyExistsError(FoglineError, FileExistsError):
+    """Something immutable (a published model version) exists already."""
+
+    http_status = 409
+
+
 class ModelNotReadyError(FoglineError, RuntimeError):
     """The model is known but cannot serve right now."""
 

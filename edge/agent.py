@@ -136,7 +136,12 @@ class EdgeAgent:
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("agent task %s failed", task.get_name(), exc_info=task.exception())
 
     async def _cancel_tasks(self) -> None:
         for task in list(self._tasks):
@@ -211,7 +216,7 @@ class EdgeAgent:
         assert self.outbox is not None
         while True:
             await asyncio.sleep(self.config.telemetry_interval_s)
-            doc = {"device_id": self.config.device_id, "router": self.router.stats()}
+            doc = {"device_id": self.config.device_id, "router": self.router.stats(reset=True)}
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
 
 

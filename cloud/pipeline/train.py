@@ -205,16 +205,24 @@ def train_model(
 
 
 def default_progress(width: int = 30) -> Progress:
-    """A one-line progress bar on stderr, redrawn in place with ``\\r``."""
+    """A one-line progress bar on stderr, redrawn in place with ``\\r``.
+
+    When stderr is not a terminal (CI, a log file) it writes a plain line every
+    tenth of the run instead, so logs do not fill with carriage returns.
+    """
+    interactive = sys.stderr.isatty()
 
     def show(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
         done = round(width * epoch / epochs)
         bar = "#" * done + "." * (width - done)
         line = f"[{bar}] epoch {epoch}/{epochs}  loss {loss:.4f}  val {val_acc * 100:.1f}%"
-        # Padding wipes what a longer previous line left behind.
-        sys.stderr.write("\r" + line.ljust(width + 48))
-        if epoch == epochs:
-            sys.stderr.write("\n")
+        if interactive:
+            # Padding wipes what a longer previous line left behind.
+            sys.stderr.write("\r" + line.ljust(width + 48))
+            if epoch == epochs:
+                sys.stderr.write("\n")
+        elif epoch == epochs or epoch % max(1, epochs // 10) == 0:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
     return show

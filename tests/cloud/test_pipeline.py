@@ -80,13 +80,25 @@ def test_bad_arguments_are_refused() -> None:
         train_model("edge", split, epochs=0)
 
 
-def test_default_progress_draws_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_progress_draws_one_line_on_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     show = default_progress(width=10)
     show(1, 2, 0.5, 0.9)
     show(2, 2, 0.25, 0.95)
     err = capsys.readouterr().err
     assert err.startswith("\r[#####.....] epoch 1/2") and err.endswith("\n")
     assert err.count("\r") == 2 and "val 95.0%" in err
+
+
+def test_default_progress_writes_plain_lines_to_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    show = default_progress(width=10)  # captured stderr is not a terminal
+    for epoch in range(1, 21):
+        show(epoch, 20, 0.1, 0.9)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.count("\n") == 10  # every tenth of the run
 
 
 def test_exported_model_signature_and_outputs(trained: Trained) -> None:

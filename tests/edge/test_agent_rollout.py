@@ -60,6 +60,13 @@ async def test_rollout_to_three_agents_activates_everywhere(mosquitto, tmp_path)
                 assert answer["status"] == 200
                 assert answer["parameters"]["fogline.served_by"] == "edge"
                 assert answer["parameters"]["fogline.model_version"] == "1"
+            # Telemetry (router counters) reaches the control plane's fleet view.
+            async with asyncio.timeout(10):
+                while True:
+                    dev = {d["device_id"]: d for d in cp.registry.devices()}["dev-0"]
+                    if (dev.get("telemetry") or {}).get("router", {}).get("requests", 0) > 0:
+                        break
+                    await asyncio.sleep(0.1)
             # One broadcast served all three agents: chunks sent once, not three times.
             record = cp.registry.version("toy", "1")
             assert cp.rollouts.stats["chunks_broadcast"] == chunking.chunk_count(

@@ -1,0 +1,69 @@
+"""Fleet state from the devices' own topics: status (retained), events, telemetry.
+
+Everything lands in the registry; ``changed`` wakes whoever waits on the fleet
+(a rollout waiting for its devices to reach a stage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cloud.registry import Registry
+from common import messages, topics
+from common.mqtt import MqttLink
+
+logger = logging.getLogger(__name__)
+
+
+class FleetMonitor:
+    def __init__(self, registry: Registry, link: MqttLink) -> None:
+        self.registry = registry
+        self.link = link
+        self.changed = asyncio.Condition()
+
+    async def __aenter__(self) -> FleetMonitor:
+        # NOTE: replicas of the control plane would use topics.shared(...) here so that
+        # each event is handled once; with one process a plain subscription is right.
+        self.link.subscribe(topics.all_devices_filter("status"), self._on_status)
+        self.link.subscribe(topics.all_devices_filter("events"), self._on_event)
+        self.link.subscribe(topics.all_devices_filter("telemetry"), self._on_telemetry)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for kind in ("status", "events", "telemetry"):
+            self.link.unsubscribe(topics.all_devices_filter(kind))
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    @staticmethod
+    def _parse(topic: str, payload: bytes, what: str) -> tuple[str, dict] | None:
+        try:
+            return topics.parse(topic).ident, messages.parse_json(payload, what)
+        except ValueError as exc:
+            logger.warning("ignored %s on %s: %s", what, topic, exc)
+            return None
+
+    async def _on_status(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, payload, "status")
+        if parsed is not None:
+            await asyncio.to_thread(self.registry.upsert_device, *parsed)
+            await self._notify()
+
+    async def _on_event(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, payload, "event")
+        if parsed is None:
+            return
+        device_id, doc = parsed
+        doc["device_id"] = device_id  # the topic, not the payload, says who sent it
+        await asyncio.to_thread(self.registry.record_event, doc)
+        if doc.get("stage") in ("failed", "rejected", "chunk_rejected"):
+            logger.warning("device %s: %s %s", device_id, doc.get("stage"), doc.get("error"))
+        await self._notify()
+
+    async def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        parsed = self._parse(topic, payload, "telemetry")
+        if parsed is not None:
+            await asyncio.to_thread(self.registry.record_telemetry, *parsed)

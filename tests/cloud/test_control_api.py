@@ -1,0 +1,71 @@
+"""The control plane's REST API over real HTTP: publish, models, artifacts, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from cloud.control_cli import ControlClient
+from common.manifest import MANIFEST_FILE
+from tests.edge.agent_harness import ControlPlane
+from tests.model_fixtures import make_package
+
+
+def _unsigned_package(tmp_path, version: str = "1"):
+    pkg = make_package(tmp_path / f"pkg-{version}", version=version, release=int(version))
+    (pkg.directory / MANIFEST_FILE).unlink()
+    (pkg.directory / "manifest.unsigned.json").write_text(json.dumps(pkg.manifest.to_dict()))
+    return pkg
+
+
+async def test_publish_over_http_signs_and_lists_the_model(mosquitto, tmp_path) -> None:
+    pkg = _unsigned_package(tmp_path)
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        client = ControlClient(cp.url)
+        record = await asyncio.to_thread(client.publish, pkg.directory)
+        assert (record["name"], record["version"], record["variant"]) == ("toy", "1", "edge")
+        listed = (await asyncio.to_thread(client.get, "/api/models"))["models"]
+        assert [m["version"] for m in listed] == ["1"]
+        detail = await asyncio.to_thread(client.get, "/api/models/toy/versions/1")
+        assert detail["signed_manifest"]["key_id"] == cp.signer.key_id
+        with pytest.raises(RuntimeError, match=r"HTTP 409.*already exists"):
+            await asyncio.to_thread(client.publish, pkg.directory)
+
+        digest = record["artifact"]["digest"]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(
+                f"{cp.url}/api/artifacts/{digest}", headers={"Range": "bytes=10-19"}
+            ) as resp:
+                assert resp.status == 206
+                full = cp.registry.artifact_path(digest).read_bytes()
+                assert await resp.read() == full[10:20]
+            async with s.get(f"{cp.url}/") as resp:
+                assert resp.status == 200 and "Fogline control plane" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/api/rollouts", b"{not json", 400),
+        ("POST", "/api/rollouts", b'{"version": "1"}', 400),
+        ("POST", "/api/rollouts", b'{"model": "nope", "version": "1"}', 404),
+        ("POST", "/api/rollouts", b'{"model": "toy", "version": "1", "devices": "all"}', 400),
+        ("POST", "/api/models", b"plain text", 400),
+        ("GET", "/api/rollouts/unknown", None, 404),
+        ("GET", "/api/artifacts/../../etc/passwd", None, 404),
+        ("GET", "/api/models/toy/versions/9", None, 404),
+    ],
+)
+async def test_bad_requests_get_a_clear_4xx(mosquitto, tmp_path, method, path, body, status):
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, cp.url + path, data=body) as resp:
+                assert resp.status == status
+                if resp.content_type == "application/json":
+                    assert "error" in await resp.json()
+            async with s.get(f"{cp.url}/api/health") as resp:  # still serving
+                assert resp.status == 200

@@ -1,0 +1,112 @@
+"""End to end: ``fogline demo --json`` with each broker, checked as a user reads the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+def test_demo_report(broker: str, tmp_path) -> None:
+    if broker == "mosquitto" and shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto binary not on PATH")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fogline",
+            "demo",
+            "--json",
+            "--broker",
+            broker,
+            "--samples",
+            "150",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # stdout is exactly one JSON object; logs go to stderr
+
+    assert report["broker"]["kind"] == broker
+    assert report["rollout_state"] == "succeeded"
+    assert len(report["agents"]) == 3
+    for agent in report["agents"]:
+        assert (agent["model"], agent["version"], agent["state"]) == ("digits", "1", "online")
+        assert agent["url"].startswith("http://127.0.0.1:")
+    acc = report["accuracy"]
+    assert acc["hybrid"] >= acc["edge"] > 0.85
+    assert acc["cloud"] > 0.9
+    assert 0 < report["escalated_fraction"] < 0.5
+    assert report["escalation_reasons"].get("uncertain", 0) > 0
+    assert report["heavy_requests"]["served_by_cloud"] == report["heavy_requests"]["requests"] > 0
+    assert report["errors"] == 0
+    assert report["model_bytes"]["int8"] < report["model_bytes"]["fp32"]
+    for key in ("local_p50", "local_p99", "escalated_p50", "escalated_p99"):
+        assert report["latency_ms"][key] > 0
+    assert report["rollout_seconds"] > 0
+    assert set(report["endpoints"]) == {"control", "fallback"}
+
+
+def test_demo_help_explains_itself() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fogline", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0
+    assert "--keep-running" in out.stdout and "--json" in out.stdout
+
+
+@pytest.mark.parametrize("group", ["control", "fallback", "edge", "model"])
+def test_every_command_group_has_help(group: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fogline", group, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "usage: fogline" in out.stdout
+
+
+def test_keep_running_leaves_services_up_until_interrupted(tmp_path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fogline",
+            "demo",
+            "--json",
+            "--keep-running",
+            "--samples",
+            "20",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        report = json.loads(proc.stdout.readline())
+        time.sleep(1)
+        assert proc.poll() is None  # still up after the report
+        with urllib.request.urlopen(report["endpoints"]["fallback"] + "/v2/health/live") as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
