@@ -13,7 +13,7 @@ import inspect
 import itertools
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,7 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._subs: dict[str, tuple[int, list[Handler]]] = {}
-        self._on_connected: list[Callable[[], Awaitable[None]]] = []
+        self._on_connected: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._early_acks: set[int] = set()
         self._ignored_acks: set[int] = set()
@@ -133,7 +133,7 @@ class MqttLink:
             if self._client.is_connected():
                 self._client.subscribe(topic_filter, qos)
 
-    def on_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
+    def on_connected(self, callback: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``callback`` on the loop after every (re)connect, e.g. to republish status."""
         self._on_connected.append(callback)
 
@@ -220,7 +220,7 @@ class MqttLink:
                     continue
                 for handler in handlers:
                     try:
-                        result = handler(msg.topic, msg.payload)
+                        result = handler(msg.topic, bytes(msg.payload))
                         if inspect.isawaitable(result):
                             await result
                     except Exception:

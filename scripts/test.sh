@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README, CI): set up .venv, then lint, format check, tests.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k broker -x`.
-# FOGLINE_MYPY=1 also runs mypy (config in pyproject.toml).
+# mypy checks common/, edge/ and kernels/ (config in pyproject.toml).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,7 +22,5 @@ python -m pip install -q --no-build-isolation -e '.[dev]'
 
 ruff check .
 ruff format --check .
-if [[ "${FOGLINE_MYPY:-0}" == "1" ]]; then
-    mypy
-fi
+mypy
 python -m pytest -q "$@"

@@ -275,3 +275,30 @@ def test_cloud_extra_pins_torch() -> None:
         if _normalize(_NAME.match(req).group(1)) == "torch"  # type: ignore[union-attr]
     ]
     assert torch_reqs == [TORCH_PIN]
+
+
+_CLI_CHILD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in {"torch", "tensorrt", "sklearn", "onnx"}:
+                raise ModuleNotFoundError(f"not installed on a device: {name}", name=name)
+
+    sys.meta_path.insert(0, Block())
+    from fogline.cli import main
+    try:
+        main(["edge", "run", "--help"])
+    except SystemExit as exc:
+        sys.exit(exc.code)
+    """
+)
+
+
+def test_fogline_edge_run_works_on_a_device_without_cloud_libraries() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _CLI_CHILD], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout

@@ -23,7 +23,7 @@ from common.inference import (
     response_from_rest,
     response_to_rest,
 )
-from common.v2_server import BinaryOutputs, decode_infer_request, encode_infer_response
+from common.v2_binary import BinaryOutputs, decode_infer_request, encode_infer_response
 
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=12)
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8)

@@ -452,7 +452,7 @@ async def test_bad_binary_header_is_400(client: TestClient) -> None:
 
 async def test_mixed_binary_and_json_outputs(runtime: OnnxRuntime) -> None:
     """Binary outputs are chosen per output; the rest stay JSON, in order."""
-    from common.v2_server import BinaryOutputs, encode_infer_response
+    from common.v2_binary import BinaryOutputs, encode_infer_response
 
     a = Tensor("a", np.arange(6, dtype=np.int64).reshape(2, 3))
     b = Tensor("b", np.array([True, False]))
