@@ -1,24 +1,12 @@
 #!/usr/bin/env bash
-# The one test command (README, CI): set up .venv, then lint, format check, tests.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k broker -x`.
-# mypy checks common/, edge/ and kernels/ (config in pyproject.toml).
+# The one test command (README, CI): set up .venv, then lint, format check, types, tests.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k broker -x`;
+# `bash scripts/test.sh -m slow` runs the slow soak/scale tests instead.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-if [[ ! -x .venv/bin/python ]]; then
-    python=$(command -v python3.11 || command -v python3)
-    "$python" -m venv .venv
-fi
+bash scripts/setup.sh dev
 # shellcheck disable=SC1091
 . .venv/bin/activate
-
-# NOTE: torch goes in first and pinned, so that resolving the extras below finds it
-# satisfied and never pulls some other torch build.
-python -m pip install -q torch==2.13.0
-# The venv's own setuptools builds the editable install: no isolated build env to fetch,
-# so a rerun on a set-up venv needs no network.
-python -m pip install -q 'setuptools>=68'
-python -m pip install -q --no-build-isolation -e '.[dev]'
 
 ruff check .
 ruff format --check .
