@@ -105,7 +105,7 @@ class Demo:
             self.control_url = f"http://127.0.0.1:{free_port()}"
             self.fallback_url = f"http://127.0.0.1:{free_port()}"
             self._start_control(broker.port)
-            agents = self._start_agents(broker.port)
+            agents = self.agents = self._start_agents(broker.port)
             compression = self._build_models()
             self._start_fallback(package_path(self.wd / "control" / "store", MODEL, "cloud", "1"))
             rollout = self._roll_out(len(agents))
@@ -275,7 +275,7 @@ class Demo:
         print(
             f"\nEverything is up. Control plane + dashboard: {self.control_url}/\n"
             f"Cloud fallback (V2): {self.fallback_url}/v2\n"
-            + "".join(f"Agent {p.name}: see its config\n" for p in self.procs[1:-1])
+            + "".join(f"Agent {a.name} (V2): {a.url}/v2\n" for a in self.agents)
             + "Press Ctrl-C to stop.",
             file=sys.stderr,
             flush=True,

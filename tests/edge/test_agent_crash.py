@@ -71,6 +71,8 @@ async def test_sigkill_during_activation_leaves_a_loadable_model(mosquitto, tmp_
                 await wait_stage(cp, cfg.device_id, stage, since_version=str(n))
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+                if n == 2:  # the broker publishes the agent's will: the fleet sees it offline
+                    await wait_state(cp, cfg.device_id, "offline")
                 proc = start_agent(config_path, log)
                 version = await served_version(cfg.api_url)
                 # Old or new, never anything else, and it answers.
@@ -86,6 +88,12 @@ async def test_sigkill_during_activation_leaves_a_loadable_model(mosquitto, tmp_
             proc.kill()
             proc.wait()
             log.close()
+
+
+async def wait_state(cp: ControlPlane, device_id: str, state: str) -> None:
+    async with asyncio.timeout(10):
+        while {d["device_id"]: d for d in cp.registry.devices()}[device_id]["state"] != state:
+            await asyncio.sleep(0.05)
 
 
 async def wait_stage(cp: ControlPlane, device_id: str, stage: str, since_version: str) -> None:

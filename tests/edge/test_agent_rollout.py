@@ -242,3 +242,28 @@ async def test_events_survive_a_broker_outage(tmp_path) -> None:
         assert [g["n"] for g in got if "n" in g] == [0, 1, 2, 3, 4]
     finally:
         broker.stop()
+
+
+async def test_signed_rollback_returns_to_the_previous_version(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        cp.publish_toy(tmp_path, "2", seed=1)
+        cfg = agent_config(tmp_path, "dev-rb", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            for version in ("1", "2"):
+                state = await cp.roll_out("toy", version, [cfg.device_id])
+                assert state["state"] == "succeeded"
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "2"
+            cmd = Command(
+                "rollback", cfg.device_id, cp.registry.next_seq(cfg.device_id), time.time() + 60, {}
+            )
+            await cp.rollouts.link.publish(
+                topics.device_topic(cfg.device_id, "commands"), sign_command(cmd, cp.signer)
+            )
+            done = await _final_event(cp, cfg.device_id, cmd.id)
+            assert (done["stage"], done["version"]) == ("activated", "1")
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+        # and it stays rolled back across a restart
+        async with EdgeAgent(cfg) as agent:
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
