@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fogline.processes import ManagedProcess, ProcessError
+from common.errors import FoglineError
+from fogline.processes import ManagedProcess
 from fogline.report import render_table
 from fogline.traffic import Target, run_phase
 
@@ -82,8 +83,9 @@ def _main(args: argparse.Namespace) -> int:
         )
         try:
             report = Demo(opts).run()
-        except ProcessError as exc:
-            logger.error("%s", exc)
+        except (FoglineError, RuntimeError, OSError) as exc:
+            # e.g. AccuracyDropError: int8 lost too much, nothing was published.
+            logger.error("demo failed: %s", exc)
             return 1
     return 0 if report["ok"] else 1
 
