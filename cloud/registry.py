@@ -163,6 +163,14 @@ class Registry:
         )
         return [self.version(n, v, var) for n, v, var in rows]
 
+    def version_by_digest(self, digest: str) -> VersionRecord:
+        rows = self._q(
+            "SELECT name, version, variant FROM versions WHERE artifact_digest=?", (digest,)
+        )
+        if not rows:
+            raise ModelNotFoundError(f"artifact {digest[:16]}")
+        return self.version(rows[0][0], rows[0][1], rows[0][2])
+
     def artifact_path(self, digest: str) -> Path:
         path = self.store_dir / "artifacts" / digest
         if len(digest) != 64 or not path.is_file():

@@ -167,7 +167,7 @@ class RolloutController:
             digest = topics.parse(topic).ident
             doc = messages.parse_json(payload, "chunk request")
             missing = [int(i) for i in doc["missing"]]
-            record = self._record_for(digest)
+            record = self.registry.version_by_digest(digest)
         except (ValueError, KeyError, TypeError, LookupError) as exc:
             logger.warning("ignored chunk request on %s: %s", topic, exc)
             return
@@ -175,9 +175,3 @@ class RolloutController:
         wanted = [i for i in missing if now - self._recent.get((digest, i), 0.0) > 1.0]
         if wanted:
             await self.broadcast(record, only=wanted)
-
-    def _record_for(self, digest: str) -> VersionRecord:
-        for record in self.registry.versions():
-            if record.artifact_digest == digest:
-                return record
-        raise LookupError(f"unknown artifact {digest[:12]}")

@@ -94,7 +94,11 @@ class EdgeAgent:
         await asyncio.to_thread(self.store.sweep)
         active = await asyncio.to_thread(self.store.load_active)
         if active is not None:
-            await self._activate(active, self._runtime_for(active))
+            try:
+                await self._activate(active, self._runtime_for(active))
+            except Exception:
+                # Serve (via the cloud) rather than crash-loop on a model this host can't load.
+                logger.exception("cannot load the active model; serving without a local one")
         await self.router.load()
         self._stack.push_async_callback(self.router.unload)
         await self._start_api()

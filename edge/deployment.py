@@ -66,8 +66,13 @@ class Deployer:
                     await self._rollback(cmd)
                 else:
                     raise InvalidInputError(f"command type {cmd.type!r} is not supported yet")
-            except (FoglineError, OSError, KeyError, ValueError) as exc:
-                logger.warning("command %s (%s) failed: %s", cmd.id, cmd.type, exc)
+            except Exception as exc:
+                # NOTE: broad on purpose: whatever goes wrong (a model ONNX Runtime cannot
+                # load included), the previous model keeps serving and the operator is told.
+                expected = isinstance(exc, FoglineError | OSError | KeyError | ValueError)
+                logger.warning(
+                    "command %s (%s) failed: %s", cmd.id, cmd.type, exc, exc_info=not expected
+                )
                 await self._emit(cmd, FAILED, error=f"{type(exc).__name__}: {exc}")
 
     async def _deploy(self, cmd: Command) -> None:

@@ -16,7 +16,7 @@ from common.messages import Command, sign_command
 from common.mqtt import MqttLink
 from edge.agent import EdgeAgent
 from tests.edge.agent_harness import ControlPlane, agent_config
-from tests.model_fixtures import toy_input
+from tests.model_fixtures import make_package, toy_input
 
 
 async def infer(agent: EdgeAgent, rows: int = 1) -> dict:
@@ -266,4 +266,28 @@ async def test_signed_rollback_returns_to_the_previous_version(mosquitto, tmp_pa
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
         # and it stays rolled back across a restart
         async with EdgeAgent(cfg) as agent:
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+
+
+async def test_signed_model_that_cannot_load_is_refused(mosquitto, tmp_path) -> None:
+    """Signed and intact, but not a model ONNX Runtime can load: the old one keeps serving."""
+    from common.manifest import file_entry
+
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        pkg = make_package(tmp_path / "broken", version="2", release=2)
+        pkg.model_path.write_bytes(b"this is not an ONNX model" * 20)
+        files = [file_entry(pkg.directory / f.name, f.role) for f in pkg.manifest.files]
+        cp.registry.publish(
+            pkg.directory, dataclasses.replace(pkg.manifest, files=files), cp.signer
+        )
+        cfg = agent_config(tmp_path, "dev-x", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
+            state = await cp.roll_out("toy", "2", [cfg.device_id])
+            assert state["state"] == "failed"
+            assert "onnx" in state["devices"][cfg.device_id]["error"].lower()
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+        async with EdgeAgent(cfg) as agent:  # and after a restart too
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
