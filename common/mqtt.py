@@ -59,12 +59,18 @@ class MqttLink:
         will: Will | None = None,
         keepalive: int = 10,
         ack_timeout_s: float = 10.0,
+        persistent_session: bool = False,
     ) -> None:
         self.client_id = client_id
         self._host, self._port, self._keepalive = host, port, keepalive
         self._ack_timeout_s = ack_timeout_s
+        # A persistent session makes the broker queue QoS 1 messages (commands) for a
+        # device while it is offline; the client id must then be stable per device.
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=not persistent_session,
         )
         if username:
             self._client.username_pw_set(username, password)

@@ -51,6 +51,7 @@ class EdgeAgent:
             username=config.broker_username,
             password=config.broker_password,
             will=Will(self._topic("status"), messages.status(config.device_id, online=False)),
+            persistent_session=True,  # commands sent while the device is offline wait for it
         )
         remote = None
         if config.cloud_url:

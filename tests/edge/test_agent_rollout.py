@@ -291,3 +291,17 @@ async def test_signed_model_that_cannot_load_is_refused(mosquitto, tmp_path) -> 
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
         async with EdgeAgent(cfg) as agent:  # and after a restart too
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+
+
+async def test_device_offline_at_rollout_gets_the_model_when_it_returns(mosquitto, tmp_path):
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        cfg = agent_config(tmp_path, "dev-away", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg):
+            await cp.wait_online([cfg.device_id])  # the broker now knows its session
+        rollout = asyncio.create_task(cp.roll_out("toy", "1", [cfg.device_id]))
+        await asyncio.sleep(1.0)  # the command waits at the broker
+        async with EdgeAgent(cfg) as agent:
+            state = await rollout
+            assert state["state"] == "succeeded", state
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
