@@ -38,8 +38,9 @@ from common.inference import (
 from common.manifest import RoutingHints
 from common.onnx_runtime import OnnxRuntime
 from common.v2_server import BINARY_HEADER, DataPlane, build_v2_app
+from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudClient, CloudConnectError
-from edge.router import CircuitBreaker, Router, RouterPolicy
+from edge.router import Router, RouterPolicy
 from kernels import uncertainty
 from tests.model_fixtures import Package, make_package, reference_output, toy_input
 
