@@ -305,3 +305,34 @@ async def test_device_offline_at_rollout_gets_the_model_when_it_returns(mosquitt
             state = await rollout
             assert state["state"] == "succeeded", state
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+
+
+async def test_activation_drops_no_request(mosquitto, tmp_path) -> None:
+    """Requests keep flowing while a new version is staged and switched in."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        cp.publish_toy(tmp_path, "2", seed=1)
+        cfg = agent_config(tmp_path, "dev-live", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
+            stop = asyncio.Event()
+            seen: list[tuple[int, str]] = []
+
+            async def traffic() -> None:
+                while not stop.is_set():
+                    answer = await infer(agent)
+                    seen.append((answer["status"], answer["parameters"]["fogline.model_version"]))
+
+            clients = [asyncio.create_task(traffic()) for _ in range(4)]
+            state = await cp.roll_out("toy", "2", [cfg.device_id])
+            await asyncio.sleep(0.2)
+            stop.set()
+            await asyncio.gather(*clients)
+        assert state["state"] == "succeeded"
+        assert {status for status, _ in seen} == {200}
+        versions = [v for _, v in seen]
+        assert versions[0] == "1" and versions[-1] == "2"
+        switch = versions.index("2")
+        # Each client sees 1s then 2s; interleaved clients may finish a v1 request late.
+        assert versions[switch:].count("1") <= len(clients)
