@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -21,7 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the edge agent: connect to the broker, accept signed deployments, "
         "serve the V2 inference API locally and escalate to the cloud fallback.",
     )
-    run.add_argument("--config", type=Path, required=True, help="agent config (JSON)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="agent config (JSON); any key can be overridden by FOGLINE_AGENT_<KEY>",
+    )
     run.add_argument("--device-id", help="override device_id from the config")
     run.add_argument("--api-port", type=int, help="override api_port from the config")
     run.set_defaults(func=_run)
@@ -29,9 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        config = AgentConfig.from_file(
-            args.config, device_id=args.device_id, api_port=args.api_port
+        # Precedence: flags over environment over the file.
+        overrides = AgentConfig.env_overrides(dict(os.environ))
+        overrides.update(
+            {
+                k: v
+                for k, v in (("device_id", args.device_id), ("api_port", args.api_port))
+                if v is not None
+            }
         )
+        config = AgentConfig.from_file(args.config, **overrides)
     except FoglineError as exc:
         logger.error("%s", exc)
         return 2

@@ -1,4 +1,4 @@
-"""The agent's settings: one object, built once in the entry point from a JSON file."""
+"""The agent's settings: one object, built once in the entry point (file, env, flags)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidInputError
+
+ENV_PREFIX = "FOGLINE_AGENT_"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,10 @@ class AgentConfig:
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> AgentConfig:
-        """Read a JSON config; unknown keys and missing required keys are errors."""
+        """Read a JSON config, then apply ``overrides`` (env, flags) that are not None.
+
+        Unknown keys and missing required keys are errors.
+        """
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -49,6 +54,27 @@ class AgentConfig:
             raise InvalidInputError(f"agent config {path} must be a JSON object")
         doc.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(doc)
+
+    @classmethod
+    def env_overrides(cls, environ: dict[str, str]) -> dict[str, Any]:
+        """``FOGLINE_AGENT_<KEY>`` variables as config values (e.g. in a container).
+
+        Values are parsed as JSON when they parse (numbers, lists, booleans), else
+        taken as strings, so ``FOGLINE_AGENT_API_PORT=8081`` is an int.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for name, raw in environ.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            if key not in known:
+                raise InvalidInputError(f"{name}: no agent config key {key!r}")
+            try:
+                out[key] = json.loads(raw)
+            except ValueError:
+                out[key] = raw
+        return out
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> AgentConfig:
