@@ -125,8 +125,11 @@ class EdgeAgent:
     async def __aexit__(self, *exc: object) -> None:
         if self.link.connected.is_set():
             try:  # a clean exit says offline itself; a crash leaves it to the will
-                await self.link.publish(self._topic("status"), self._status(False), retain=True)
-            except FoglineError as err:
+                await asyncio.wait_for(
+                    self.link.publish(self._topic("status"), self._status(False), retain=True),
+                    timeout=2.0,  # never hold up a shutdown for a broker that is gone
+                )
+            except (FoglineError, TimeoutError) as err:
                 logger.debug("could not publish offline status: %s", err)
         await self._stack.aclose()
 

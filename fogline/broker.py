@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import getpass
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from common.errors import FoglineError
+from fogline.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,8 @@ def _spawn(
             stderr=subprocess.STDOUT,
             env=_child_env(),
             start_new_session=True,
+            # and if whoever started it dies without stopping it, it goes too
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     except OSError as exc:
         log_file.close()
@@ -220,6 +224,9 @@ def _mosquitto_config(host: str, port: int) -> str:
             "allow_anonymous true",
             "persistence false",
             "log_dest stderr",
+            # Run as whoever started it: dropping root to the mosquitto user would clear
+            # the parent-death signal (and it is our own short-lived broker anyway).
+            f"user {getpass.getuser()}",
             # An artifact fans out as many QoS 1 chunks; the default queue (1000) could
             # drop chunks for a briefly slow agent, which would then have to ask again.
             "max_queued_messages 10000",

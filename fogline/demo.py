@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -67,7 +68,27 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_main)
 
 
+class _Stop(Exception):
+    """Raised from a signal handler so that every started process is stopped in order."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 def _main(args: argparse.Namespace) -> int:
+    # NOTE: explicit handlers, not Python's default: a demo started in the background
+    # inherits SIGINT ignored, and SIGTERM would otherwise skip all clean-up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
+    try:
+        return _run(args)
+    except _Stop as stop:
+        logger.info("stopped by %s", stop)
+        return 0 if args.keep_running else 130
+
+
+def _run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         workdir = args.workdir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="fogline-demo-"))
@@ -285,5 +306,5 @@ class Demo:
         try:
             while all(p.proc.poll() is None for p in self.procs):
                 time.sleep(0.5)
-        except KeyboardInterrupt:
+        finally:
             print("\nshutting down...", file=sys.stderr)

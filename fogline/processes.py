@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -18,6 +19,15 @@ from typing import Any
 from common.errors import FoglineError
 
 logger = logging.getLogger(__name__)
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, even by SIGKILL (Linux only)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class ProcessError(FoglineError, RuntimeError):
@@ -39,6 +49,7 @@ class ManagedProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
 
     def log_tail(self, lines: int = 20) -> str:

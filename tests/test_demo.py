@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -79,10 +82,34 @@ def test_every_command_group_has_help(group: str) -> None:
     assert "usage: fogline" in out.stdout
 
 
-def test_keep_running_leaves_services_up_until_interrupted(tmp_path) -> None:
-    import signal
-    import time
+def _endpoints_up(report: dict) -> list[bool]:
+    urls = [report["endpoints"]["fallback"] + "/v2/health/live"]
+    urls += [a["url"] + "/v2/health/live" for a in report["agents"]]
+    urls += [report["endpoints"]["control"] + "/api/health"]
+    host, port = report["broker"]["url"].removeprefix("mqtt://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        up = [True]
+    except OSError:
+        up = [False]
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                up.append(r.status == 200)
+        except OSError:
+            up.append(False)
+    return up
 
+
+def _wait_all_down(report: dict, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_endpoints_up(report)):
+        assert time.monotonic() < deadline, "a demo process outlived the demo"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_keep_running_stays_up_and_takes_everything_down_with_it(tmp_path, sig) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -104,9 +131,10 @@ def test_keep_running_leaves_services_up_until_interrupted(tmp_path) -> None:
         report = json.loads(proc.stdout.readline())
         time.sleep(1)
         assert proc.poll() is None  # still up after the report
-        with urllib.request.urlopen(report["endpoints"]["fallback"] + "/v2/health/live") as r:
-            assert r.status == 200
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert all(_endpoints_up(report))
+        proc.send_signal(sig)  # Ctrl-C, or the demo itself killed outright
+        code = proc.wait(60)
+        assert code == (0 if sig == signal.SIGINT else -signal.SIGKILL)
+        _wait_all_down(report, 15)
     finally:
         proc.kill()
