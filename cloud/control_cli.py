@@ -34,6 +34,10 @@ def register_control(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--public-url",
+        help="base URL agents use for HTTP artifact downloads (default: http://HOST:PORT)",
+    )
     serve.add_argument("--broker-host", default="127.0.0.1")
     serve.add_argument("--broker-port", type=int, default=1883)
     serve.add_argument(
@@ -82,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         broker_host=args.broker_host,
         broker_port=args.broker_port,
         chunk_size=args.chunk_size,
+        public_url=args.public_url,
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
     web.run_app(

@@ -41,6 +41,11 @@ class ControlSettings:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     chunk_size: int = 32 * 1024
+    public_url: str | None = None  # how agents reach this server over HTTP
+
+    @property
+    def artifact_base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
 
     @property
     def db_path(self) -> Path:
@@ -87,7 +92,14 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             port=settings.broker_port,
         )
         fleet = FleetMonitor(registry, link)
-        rollouts = RolloutController(registry, fleet, signer, link, chunk_size=settings.chunk_size)
+        rollouts = RolloutController(
+            registry,
+            fleet,
+            signer,
+            link,
+            chunk_size=settings.chunk_size,
+            artifact_base_url=settings.artifact_base_url,
+        )
         async with link, fleet, rollouts:
             app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer
             yield

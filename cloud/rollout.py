@@ -42,6 +42,7 @@ class RolloutController:
         command_ttl_s: float = 3600.0,
         subscribe_wait_s: float = 10.0,
         rollout_timeout_s: float = 300.0,
+        artifact_base_url: str | None = None,
     ) -> None:
         self.registry = registry
         self.fleet = fleet
@@ -51,6 +52,7 @@ class RolloutController:
         self.command_ttl_s = command_ttl_s
         self.subscribe_wait_s = subscribe_wait_s
         self.rollout_timeout_s = rollout_timeout_s
+        self.artifact_base_url = artifact_base_url  # HTTP transport: {base}/api/artifacts/{a}
         self.stats = {"chunks_broadcast": 0, "chunks_repaired": 0, "bytes_sent": 0}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recent: dict[tuple[str, int], float] = {}
@@ -112,6 +114,9 @@ class RolloutController:
             },
             "allow_downgrade": allow_downgrade,
         }
+        if self.artifact_base_url:
+            url = f"{self.artifact_base_url.rstrip('/')}/api/artifacts/{record.artifact_digest}"
+            body["artifact"]["http_url"] = url
         return Command(
             "deploy",
             device_id,

@@ -115,6 +115,7 @@ class EdgeAgent:
             on_activate=self._activate,
             chunk_timeout_s=self.config.chunk_timeout_s,
             intra_op_threads=self.config.intra_op_threads,
+            transport=self.config.artifact_transport,
         )
         self.link.on_connected(self.publish_status)
         self.link.subscribe(self._topic("commands"), self._on_command)

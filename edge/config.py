@@ -32,6 +32,7 @@ class AgentConfig:
     local_budget_ms: float = 50.0  # local queue wait above this sends requests to the cloud
     telemetry_interval_s: float = 10.0
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
+    artifact_transport: str = "mqtt"  # "mqtt" (HTTP as fallback) or "http" (HTTP only)
     intra_op_threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +87,8 @@ class AgentConfig:
             cfg = cls(**{**doc, "state_dir": Path(doc["state_dir"])})
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"agent config: {exc}") from exc
+        if cfg.artifact_transport not in ("mqtt", "http"):
+            raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
         return cfg

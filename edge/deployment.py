@@ -12,7 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
+
 from common import chunking, topics
+from common.artifact_http import fetch_artifact
 from common.chunking import Assembler
 from common.errors import FoglineError, InvalidInputError, VerificationError
 from common.golden import compare, load_golden
@@ -43,6 +46,7 @@ class Deployer:
         on_activate: Activate,
         chunk_timeout_s: float = 3.0,
         intra_op_threads: int = 1,
+        transport: str = "mqtt",
     ) -> None:
         self.device_id = device_id
         self._link = link
@@ -51,6 +55,8 @@ class Deployer:
         self._on_activate = on_activate
         self._chunk_timeout_s = chunk_timeout_s
         self._threads = intra_op_threads
+        self._transport = transport  # "mqtt" (HTTP only as a fallback) or "http"
+        self._downloads = store.root / "downloads"
         self._lock = asyncio.Lock()
 
     async def _emit(self, cmd: Command, stage: str, **fields: Any) -> None:
@@ -80,6 +86,7 @@ class Deployer:
             signed = SignedManifest.from_dict(cmd.body["package"])
             artifact = cmd.body["artifact"]
             digest, chunk_size = str(artifact["digest"]), int(artifact["chunk_size"])
+            http_url = artifact.get("http_url")
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"deploy command body: {exc}") from exc
         m = signed.manifest
@@ -88,7 +95,7 @@ class Deployer:
         self._store.check_release(signed, allow_downgrade=bool(cmd.body.get("allow_downgrade")))
         self._store.check_space(m.artifact_size)
         started = time.monotonic()
-        data = await self._download(cmd, digest, m.artifact_size, chunk_size)
+        data = await self._fetch(cmd, digest, m.artifact_size, chunk_size, http_url)
         await self._emit(cmd, "downloaded", seconds=round(time.monotonic() - started, 3))
         if artifact_digest(data) != digest:
             raise VerificationError(f"artifact digest mismatch for {digest[:12]}")
@@ -120,6 +127,27 @@ class Deployer:
         await self._on_activate(previous, runtime)
         m = previous.signed.manifest
         await self._emit(cmd, "activated", model=m.name, version=m.version, slot=previous.slot)
+
+    async def _fetch(
+        self, cmd: Command, digest: str, total: int, chunk_size: int, http_url: str | None
+    ) -> bytes:
+        """MQTT broadcast first (HTTP when configured); HTTP if MQTT gives up."""
+        if http_url is None or self._transport == "mqtt":
+            try:
+                return await self._download(cmd, digest, total, chunk_size)
+            except VerificationError as exc:
+                if http_url is None:
+                    raise
+                logger.warning("MQTT transfer failed (%s); falling back to HTTP", exc)
+        await self._emit(cmd, "downloading", transport="http")
+        self._downloads.mkdir(exist_ok=True)
+        partial = self._downloads / f"{digest}.part"  # survives a restart: resumed by Range
+        async with aiohttp.ClientSession() as session:
+            data = await fetch_artifact(
+                session, http_url, size=total, digest=digest, partial=partial
+            )
+        partial.unlink(missing_ok=True)
+        return data
 
     async def _download(self, cmd: Command, digest: str, total: int, chunk_size: int) -> bytes:
         """Collect chunks from the broadcast; ask for missing ones when it goes quiet."""

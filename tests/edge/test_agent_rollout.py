@@ -336,3 +336,43 @@ async def test_activation_drops_no_request(mosquitto, tmp_path) -> None:
         switch = versions.index("2")
         # Each client sees 1s then 2s; interleaved clients may finish a v1 request late.
         assert versions[switch:].count("1") <= len(clients)
+
+
+async def test_http_transport_when_configured(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        cfg = agent_config(
+            tmp_path, "dev-http", mosquitto, cp.signer.public_key_hex, artifact_transport="http"
+        )
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            state = await cp.roll_out("toy", "1", [cfg.device_id])
+            assert state["state"] == "succeeded", state
+            ev = await cp.wait_event(cfg.device_id, "downloading")
+            assert ev["transport"] == "http"
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+        assert not list((cfg.state_dir / "downloads").glob("*.part"))  # cleaned up
+
+
+async def test_http_is_the_fallback_when_mqtt_chunks_never_fit(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        v1 = cp.publish_toy(tmp_path, "1")
+        cfg = agent_config(tmp_path, "dev-fb", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            body = _deploy_body(v1)
+            # A chunk size the broadcaster does not use: every MQTT chunk is refused.
+            body["artifact"]["chunk_size"] = 1000
+            body["artifact"]["http_url"] = f"{cp.url}/api/artifacts/{v1.artifact_digest}"
+            cid = await _send_command(cp, cfg.device_id, body)
+            await cp.wait_event(cfg.device_id, "downloading", command_id=cid)
+            await cp.rollouts.broadcast(v1)
+            done = await _final_event(cp, cfg.device_id, cid)
+            assert done["stage"] == "activated", done
+            transports = [
+                e.get("transport")
+                for e in cp.registry.events(cfg.device_id)
+                if e.get("command_id") == cid and e["stage"] == "downloading"
+            ]
+            assert "http" in transports
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"

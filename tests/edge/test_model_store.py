@@ -87,3 +87,29 @@ def test_sweep_removes_staging_leftovers(tmp_path, signer) -> None:
     (leftover / "model.onnx").write_bytes(b"partial")
     store.sweep()
     assert not leftover.exists()
+
+
+def test_disk_full_while_staging_keeps_the_active_model(tmp_path, signer, monkeypatch) -> None:
+    """ENOSPC mid-write (the disk is the outside world, so it is faked here)."""
+    import errno
+
+    import edge.model_store as model_store
+
+    store = _store(tmp_path, signer)
+    v1 = make_package(tmp_path / "v1", version="1", release=1, signer=signer)
+    store.activate(store.stage(v1.signed, _files(v1)))
+    v2 = make_package(tmp_path / "v2", version="2", release=2, seed=1, signer=signer)
+    writes = 0
+
+    def full_disk(path, data):
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        path.write_bytes(data)
+
+    monkeypatch.setattr(model_store, "write_durable", full_disk)
+    with pytest.raises(StoreError, match="No space left"):
+        store.stage(v2.signed, _files(v2))
+    assert not list(store.slots_dir.glob(".staging-*"))  # nothing half-written left behind
+    assert store.load_active().signed.manifest.version == "1"
