@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cloud.package_cache import fetch_package, parse_model_ref
 from common.errors import FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
 from common.manifest import read_package
@@ -42,6 +43,9 @@ class FallbackSettings:
     tokens: set[str] | None = None  # None: no authentication
     max_inflight: int = 64
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
+    control_url: str | None = None  # fetch ``models`` from this control plane
+    models: list[str] = field(default_factory=list)  # NAME:VERSION, cloud variant
+    cache_dir: Path = Path("fogline-fallback-cache")
 
 
 FALLBACK_RUNTIMES = web.AppKey("fogline.fallback.runtimes", list)
@@ -103,14 +107,15 @@ async def load_package(directory: Path, trust: TrustStore | None, threads: int) 
 
 async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     """Verify and load every package, then the V2 app serving them (unloaded on cleanup)."""
-    if not settings.packages:
-        raise InvalidInputError("no packages to serve")
+    packages = list(settings.packages) + await _fetch_models(settings)
+    if not packages:
+        raise InvalidInputError("no packages to serve: give --package or --model")
     trust = TrustStore(settings.trusted_keys) if settings.trusted_keys else None
     if trust is None:
         logger.warning("no trusted keys: package signatures are not checked, only digests")
     dataplane = DataPlane(SERVER_NAME, _version())
     runtimes: list[Runtime] = []
-    for directory in settings.packages:
+    for directory in packages:
         runtime = serving_runtime(await load_package(directory, trust, settings.intra_op_threads))
         if dataplane.has(runtime.info.name):
             raise InvalidInputError(f"two packages serve model {runtime.info.name!r}")
@@ -120,6 +125,24 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     app[FALLBACK_RUNTIMES] = runtimes
     app.on_cleanup.append(_unload_all)
     return app
+
+
+async def _fetch_models(settings: FallbackSettings) -> list[Path]:
+    if settings.models and not settings.control_url:
+        raise InvalidInputError("--model needs --control (where to fetch it from)")
+    dirs = []
+    for ref in settings.models:
+        name, version = parse_model_ref(ref)
+        dirs.append(
+            await fetch_package(
+                settings.control_url or "",
+                name,
+                version,
+                variant="cloud",
+                cache_dir=settings.cache_dir,
+            )
+        )
+    return dirs
 
 
 async def _unload_all(app: web.Application) -> None:
@@ -188,9 +211,24 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         dest="packages",
         action="append",
         type=Path,
-        required=True,
+        default=[],
         metavar="DIR",
         help="a package directory to serve (repeatable)",
+    )
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="NAME:VERSION",
+        help="fetch the cloud variant of this model from --control (repeatable)",
+    )
+    p.add_argument("--control", dest="control_url", metavar="URL", help="control plane base URL")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("fogline-fallback-cache"),
+        help="where fetched packages are kept (default %(default)s)",
     )
     p.add_argument(
         "--trust-key",
@@ -244,6 +282,9 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         tokens=tokens or None,
         max_inflight=args.max_inflight,
         intra_op_threads=args.intra_op_threads,
+        control_url=args.control_url,
+        models=list(args.models),
+        cache_dir=args.cache_dir,
     )
 
 

@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-def package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
+def _package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
     """Where the artifact store keeps a signed package (read-only for the fallback)."""
     return store_dir / "packages" / name / variant / version
 
@@ -116,7 +116,7 @@ class Registry:
             (m.name, m.variant, m.version),
         ):
             raise AlreadyExistsError(f"{m.name} {m.variant} version {m.version} already exists")
-        dest = package_path(self.store_dir, m.name, m.variant, m.version)
+        dest = _package_path(self.store_dir, m.name, m.variant, m.version)
         dest.mkdir(parents=True, exist_ok=True)
         for f in m.files:
             shutil.copyfile(source_dir / f.name, dest / f.name)
@@ -151,7 +151,7 @@ class Registry:
         if not rows:
             raise ModelNotFoundError(name, f"{version} ({variant})")
         signed = SignedManifest.from_dict(json.loads(rows[0][0]))
-        dest = package_path(self.store_dir, name, variant, version)
+        dest = _package_path(self.store_dir, name, variant, version)
         return VersionRecord(signed, rows[0][1], rows[0][2], dest)
 
     def versions(self, name: str | None = None) -> list[VersionRecord]:

@@ -119,7 +119,6 @@ class Demo:
         self.timings: dict[str, float] = {}
 
     def run(self) -> dict[str, Any]:
-        from cloud.registry import package_path
         from fogline.broker import free_port, start_broker
 
         with ExitStack() as stack:
@@ -130,7 +129,7 @@ class Demo:
             self._start_control(broker.port)
             agents = self.agents = self._start_agents(broker.port)
             compression = self._build_models()
-            self._start_fallback(package_path(self.wd / "control" / "store", MODEL, "cloud", "1"))
+            self._start_fallback(f"{MODEL}:1")
             rollout = self._roll_out(len(agents))
             results = asyncio.run(self._send_traffic(agents))
             report = self._report(broker, agents, compression, rollout, results)
@@ -202,7 +201,8 @@ class Demo:
             proc.wait_ready(f"{agent.url}/v2/health/live", 60)
         return agents
 
-    def _start_fallback(self, package_dir: Path) -> None:
+    def _start_fallback(self, model_ref: str) -> None:
+        """The fallback fetches the signed cloud package from the control plane itself."""
         port = self.fallback_url.rsplit(":", 1)[1]
         proc = self._start(
             "fallback",
@@ -211,8 +211,12 @@ class Demo:
                 "serve",
                 "--port",
                 port,
-                "--package",
-                str(package_dir),
+                "--control",
+                self.control_url,
+                "--model",
+                model_ref,
+                "--cache-dir",
+                str(self.wd / "fallback-cache"),
                 "--trust-key",
                 self.public_key,
                 "--token",

@@ -28,7 +28,7 @@ from cloud.fallback import (
     register_cli,
     settings_from_args,
 )
-from common.errors import InvalidInputError, VerificationError
+from common.errors import InvalidInputError, ModelNotFoundError, VerificationError
 from common.inference import MODEL_VERSION, SERVED_BY
 from common.manifest import MANIFEST_FILE, SignedManifest, write_package
 from common.signing import Signer
@@ -303,3 +303,49 @@ class LogReader:
     def close(self) -> None:
         self.thread.join(10)  # the process has exited: the pipe reaches EOF
         self.stream.close()
+
+
+async def test_fallback_fetches_its_model_from_the_control_plane(mosquitto, tmp_path) -> None:
+    """``--control URL --model NAME:VERSION``: download, verify, cache, serve."""
+    from tests.edge.agent_harness import ControlPlane
+
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        pkg = make_package(tmp_path / "cloud-pkg", name="toy", variant="cloud")
+        cp.registry.publish(pkg.directory, pkg.manifest, cp.signer)
+        settings = FallbackSettings(
+            control_url=cp.url,
+            models=["toy:1"],
+            cache_dir=tmp_path / "cache",
+            trusted_keys=[cp.signer.public_key_hex],
+        )
+        app = await build_fallback_app(settings)
+        async with TestClient(TestServer(app)) as client:
+            body = {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, 64],
+                        "data": toy_input(1).ravel().tolist(),
+                    }
+                ]
+            }
+            resp = await client.post("/v2/models/toy/infer", json=body)
+            assert resp.status == 200
+            assert (await resp.json())["parameters"]["fogline.served_by"] == "cloud"
+        assert (tmp_path / "cache" / "toy" / "cloud" / "1" / "manifest.json").is_file()
+
+        # Unknown version, or a cache signed by someone else: refused at start.
+        with pytest.raises(ModelNotFoundError):
+            await build_fallback_app(
+                FallbackSettings(control_url=cp.url, models=["toy:9"], cache_dir=tmp_path / "cache")
+            )
+        with pytest.raises(VerificationError):
+            await build_fallback_app(
+                FallbackSettings(
+                    control_url=cp.url,
+                    models=["toy:1"],
+                    cache_dir=tmp_path / "cache",
+                    trusted_keys=[Signer.generate().public_key_hex],
+                )
+            )
