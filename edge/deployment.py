@@ -119,14 +119,9 @@ class Deployer:
         await self._emit(cmd, "activated", model=m.name, version=m.version, slot=staged.slot)
 
     async def _rollback(self, cmd: Command) -> None:
-        previous = await asyncio.to_thread(self._store.rollback)
-        runtime = OnnxRuntime(
-            previous.model_file, previous.signed.manifest, intra_op_threads=self._threads
-        )
-        await runtime.load()
-        await self._on_activate(previous, runtime)
-        m = previous.signed.manifest
-        await self._emit(cmd, "activated", model=m.name, version=m.version, slot=previous.slot)
+        """Back to the previous slot, through the same load / self-test / switch path."""
+        previous = await asyncio.to_thread(self._store.previous)
+        await self._load_and_activate(cmd, previous)
 
     async def _fetch(
         self, cmd: Command, digest: str, total: int, chunk_size: int, http_url: str | None

@@ -155,15 +155,12 @@ class ModelStore:
             staged.slot,
         )
 
-    def rollback(self) -> SlotModel:
-        """Make the previous slot active again (only on a signed rollback command)."""
+    def previous(self) -> SlotModel:
+        """The rollback target: the slot that was active before the current one."""
         pointer = self._read_json(self._pointer)
         previous = self._open_slot(pointer.get("previous"))
         if previous is None:
             raise StoreError("no previous model to roll back to")
-        atomic_write(
-            self._pointer, json.dumps({"slot": previous.slot, "previous": pointer["slot"]}).encode()
-        )
         return previous
 
     def sweep(self) -> None:

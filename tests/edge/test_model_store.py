@@ -39,8 +39,11 @@ def test_stage_activate_and_switch_slots(tmp_path, signer) -> None:
     assert store.load_active().signed.manifest.version == "1"
     store.activate(s2)
     assert store.load_active().signed.manifest.version == "2"
-    assert store.rollback().signed.manifest.version == "1"
+    previous = store.previous()
+    assert previous.signed.manifest.version == "1"
+    store.activate(previous)
     assert store.load_active().signed.manifest.version == "1"
+    assert store.previous().signed.manifest.version == "2"  # and forward again
 
 
 def test_damaged_active_slot_falls_back_to_previous(tmp_path, signer) -> None:
@@ -71,7 +74,7 @@ def test_staging_over_the_previous_slot_clears_it_as_rollback_target(tmp_path, s
         store.activate(store.stage(pkg.signed, _files(pkg)))
     pointer = json.loads((tmp_path / "state" / "active.json").read_text())
     assert pointer["previous"] is not None
-    assert store.rollback().signed.manifest.version == "2"
+    assert store.previous().signed.manifest.version == "2"
 
 
 def test_not_enough_disk_is_a_clear_error(tmp_path, signer) -> None:
