@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from common.errors import FoglineError
+from common.manifest import UNSIGNED_MANIFEST_FILE, read_unsigned
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTROL = "http://127.0.0.1:8000"
@@ -54,7 +57,7 @@ def register_operator(subparsers: argparse._SubParsersAction) -> None:
         "publish",
         help="upload a package to the control plane, which signs and stores it",
         description="Upload a package directory made by `fogline model package` "
-        "(manifest.unsigned.json + files). The control plane signs it.",
+        f"({UNSIGNED_MANIFEST_FILE} + files). The control plane signs it.",
     )
     pub.add_argument("--package", type=Path, required=True, help="package directory")
     pub.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
@@ -131,7 +134,7 @@ class ControlClient:
         )
 
     def publish(self, package_dir: Path) -> dict[str, Any]:
-        manifest = json.loads((package_dir / "manifest.unsigned.json").read_text())
+        manifest = read_unsigned(package_dir).to_dict()
         boundary = uuid.uuid4().hex
         parts = [_part(boundary, "manifest", None, json.dumps(manifest).encode())]
         for f in manifest["files"]:
@@ -181,15 +184,11 @@ def _part(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    if not (args.package / "manifest.unsigned.json").is_file():
-        print(
-            f"error: {args.package} has no manifest.unsigned.json "
-            "(make one with `fogline model package`)",
-            file=sys.stderr,
-        )
-        return 2
     try:
         record = ControlClient(args.control).publish(args.package)
+    except FoglineError as exc:  # no or bad unsigned manifest: the operator's input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from common.errors import InvalidInputError, VerificationError
 from common.signing import Signer, TrustStore
 
 MANIFEST_FILE = "manifest.json"
+UNSIGNED_MANIFEST_FILE = "manifest.unsigned.json"  # what operators upload; the control plane signs
 SCHEMA = "fogline.manifest/v1"
 # File names are a single path component: nothing may write outside its slot.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -168,6 +169,24 @@ def write_package(directory: Path, signed: SignedManifest) -> None:
     tmp = directory / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(signed.to_dict(), indent=2, sort_keys=True))
     tmp.replace(directory / MANIFEST_FILE)
+
+
+def write_unsigned(directory: Path, manifest: Manifest) -> Path:
+    """Write the manifest of a package that is ready to publish (signing happens on upload)."""
+    path = directory / UNSIGNED_MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+    return path
+
+
+def read_unsigned(directory: Path) -> Manifest:
+    try:
+        doc = json.loads((directory / UNSIGNED_MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(
+            f"{directory} has no readable {UNSIGNED_MANIFEST_FILE} "
+            f"(make one with `fogline model package`): {exc}"
+        ) from exc
+    return Manifest.from_dict(doc)
 
 
 def read_package(directory: Path, trust: TrustStore | None = None) -> SignedManifest:

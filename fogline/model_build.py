@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,6 @@ from typing import Any
 from cloud.control_cli import ControlClient
 
 logger = logging.getLogger(__name__)
-
-UNSIGNED_MANIFEST = "manifest.unsigned.json"
 
 
 def build_and_publish(
@@ -23,7 +20,7 @@ def build_and_publish(
     from cloud.pipeline.export import export_onnx
     from cloud.pipeline.package import build_package, calibrate_routing
     from cloud.pipeline.train import default_progress, train_model
-    from common.manifest import RoutingHints
+    from common.manifest import RoutingHints, write_unsigned
 
     workdir.mkdir(parents=True, exist_ok=True)
     split = load_digits_split(seed)
@@ -65,7 +62,7 @@ def build_and_publish(
         routing=RoutingHints(uncertainty_threshold=1.0, max_local_batch=1 << 20),
     )
     for manifest, directory in ((edge_manifest, "pkg-edge"), (cloud_manifest, "pkg-cloud")):
-        (workdir / directory / UNSIGNED_MANIFEST).write_text(json.dumps(manifest.to_dict()))
+        write_unsigned(workdir / directory, manifest)
         control.publish(workdir / directory)
     figures = {
         **report.to_dict(),

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from common.manifest import MANIFEST_FILE
+from common.manifest import MANIFEST_FILE, write_unsigned
 from fogline.processes import ManagedProcess
 from tests.conftest import free_port
 from tests.model_fixtures import make_package
@@ -61,7 +61,7 @@ def test_publish_and_rollout_commands_against_running_processes(mosquitto, tmp_p
 
         pkg = make_package(tmp_path / "pkg")
         (pkg.directory / MANIFEST_FILE).unlink()  # operators upload unsigned packages
-        (pkg.directory / "manifest.unsigned.json").write_text(json.dumps(pkg.manifest.to_dict()))
+        write_unsigned(pkg.directory, pkg.manifest)
         published = fogline(
             "model", "publish", "--package", str(pkg.directory), "--control", control_url
         )

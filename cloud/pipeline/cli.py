@@ -11,7 +11,6 @@ test rows that ``compress`` and ``package`` report on were never trained on;
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import FoglineError
+from common.manifest import UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
     from cloud.pipeline.compress import CompressionReport
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DATA_SEED = 0
-UNSIGNED_MANIFEST = "manifest.unsigned.json"
 GOLDEN_ROWS = 8
 
 Handler = Callable[[argparse.Namespace], int]
@@ -136,8 +135,7 @@ def cmd_package(args: argparse.Namespace) -> int:
         routing=routing,
         parent=args.parent,
     )
-    path = Path(args.out) / UNSIGNED_MANIFEST
-    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+    path = write_unsigned(Path(args.out), manifest)
     print(
         f"wrote package {args.out}: {manifest.name} {manifest.version} "
         f"({manifest.variant}, {manifest.precision}), test accuracy "
@@ -186,7 +184,7 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
         "package",
         help="build a model package dir with an unsigned manifest",
         description="Copy the model into DIR as model.onnx, record golden outputs, calibrate "
-        f"routing hints on the val split and write {UNSIGNED_MANIFEST}. The control plane "
+        f"routing hints on the val split and write {UNSIGNED_MANIFEST_FILE}. The control plane "
         "signs it on upload.",
     )
     p.add_argument("--model", type=_existing_file, required=True, help="ONNX model to package")

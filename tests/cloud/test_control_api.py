@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import aiohttp
 import pytest
 
 from cloud.control_cli import ControlClient
-from common.manifest import MANIFEST_FILE
+from common.manifest import MANIFEST_FILE, write_unsigned
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import make_package
 
@@ -17,7 +16,7 @@ from tests.model_fixtures import make_package
 def _unsigned_package(tmp_path, version: str = "1"):
     pkg = make_package(tmp_path / f"pkg-{version}", version=version, release=int(version))
     (pkg.directory / MANIFEST_FILE).unlink()
-    (pkg.directory / "manifest.unsigned.json").write_text(json.dumps(pkg.manifest.to_dict()))
+    write_unsigned(pkg.directory, pkg.manifest)
     return pkg
 
 

@@ -24,7 +24,13 @@ from cloud.pipeline.package import build_package, calibrate_routing
 from cloud.pipeline.train import default_progress, train_model
 from common.errors import InvalidInputError
 from common.golden import compare, load_golden
-from common.manifest import Manifest, RoutingHints, TensorSpec, sha256_file
+from common.manifest import (
+    UNSIGNED_MANIFEST_FILE,
+    Manifest,
+    RoutingHints,
+    TensorSpec,
+    sha256_file,
+)
 from common.onnx_runtime import describe_onnx_io
 from kernels.uncertainty import score
 
@@ -213,7 +219,7 @@ def test_cli_train_compress_package(tmp_path: Path, capsys: pytest.CaptureFixtur
     argv = ["package", "--model", str(int8), "--out", str(pkg), "--name", "digits"]
     argv += ["--version", "1", "--release", "1", "--variant", "edge", "--precision", "int8"]
     assert _run([*argv, "--escalate-fraction", "0.2", "--max-local-batch", "4"]) == 0
-    doc = json.loads((pkg / cli.UNSIGNED_MANIFEST).read_text())
+    doc = json.loads((pkg / UNSIGNED_MANIFEST_FILE).read_text())
     manifest = Manifest.from_dict(doc)
     assert (manifest.name, manifest.variant, manifest.precision) == ("digits", "edge", "int8")
     assert manifest.routing.max_local_batch == 4
