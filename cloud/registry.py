@@ -12,11 +12,13 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import AlreadyExistsError, ModelNotFoundError
+from common.errors import AlreadyExistsError, ModelNotFoundError, StoreError
 from common.fsutil import atomic_write
 from common.manifest import (
     Manifest,
@@ -93,17 +95,30 @@ class Registry:
     def __init__(self, db_path: Path, store_dir: Path) -> None:
         self.store_dir = store_dir
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        self._db: sqlite3.Connection | None = db
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._db.close()
+        # NOTE: under the lock: a worker thread may still be inside a query (its asyncio
+        # caller was cancelled), and closing a connection in use can crash the process.
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._db is None:
+                raise StoreError("the registry is closed")
+            yield self._db
 
     def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._locked() as db:
+            return db.execute(sql, args).fetchall()
 
     # -- model versions ------------------------------------------------------------
 
@@ -203,16 +218,16 @@ class Registry:
 
     def next_seq(self, device_id: str) -> int:
         """The next command sequence number for a device (persisted before use)."""
-        with self._lock:
-            self._db.execute(
+        with self._locked() as db:
+            db.execute(
                 "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
                 " ON CONFLICT(device_id) DO NOTHING",
                 (device_id, "unknown", json.dumps({"device_id": device_id}), time.time()),
             )
-            self._db.execute("UPDATE devices SET seq = seq + 1 WHERE device_id=?", (device_id,))
-            return self._db.execute(
-                "SELECT seq FROM devices WHERE device_id=?", (device_id,)
-            ).fetchone()[0]
+            db.execute("UPDATE devices SET seq = seq + 1 WHERE device_id=?", (device_id,))
+            return db.execute("SELECT seq FROM devices WHERE device_id=?", (device_id,)).fetchone()[
+                0
+            ]
 
     # -- rollouts and events ---------------------------------------------------------
 
@@ -220,23 +235,27 @@ class Registry:
         self, rollout_id: str, name: str, version: str, targets: dict[str, str]
     ) -> None:
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
-                (rollout_id, name, version, "running", now),
-            )
-            self._db.executemany(
-                "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
-                [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
-            )
-            self._db.execute("COMMIT")
+        with self._locked() as db:
+            db.execute("BEGIN")
+            try:
+                db.execute(
+                    "INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
+                    (rollout_id, name, version, "running", now),
+                )
+                db.executemany(
+                    "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
+                    [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def record_event(self, doc: dict[str, Any]) -> None:
         """Store an event and advance the rollout step of its command, if any."""
         now = time.time()
-        with self._lock:
-            self._db.execute(
+        with self._locked() as db:
+            db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
                 (
                     str(doc.get("device_id")),
@@ -247,7 +266,7 @@ class Registry:
                 ),
             )
             if doc.get("stage") not in ("chunk_rejected",):
-                self._db.execute(
+                db.execute(
                     "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
                     " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",
                     (doc.get("stage"), doc.get("error"), now, doc.get("command_id")),

@@ -8,11 +8,12 @@ Delivery is therefore at least once: events carry ids for de-duplication.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 
+from common.errors import StoreError
 from common.mqtt import MqttError, MqttLink
 
 logger = logging.getLogger(__name__)
@@ -22,16 +23,19 @@ class Outbox:
     """``async with Outbox(path, link)``: persists ``put`` and drains while connected."""
 
     def __init__(self, path: Path, link: MqttLink, *, max_rows: int = 10_000) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL)"
         )
+        self._db: sqlite3.Connection | None = db
+        # NOTE: a thread lock, not an asyncio one: queries run in worker threads that
+        # outlive a cancelled caller, and close() must wait for them.
+        self._lock = threading.Lock()
         self._link = link
         self._max_rows = max_rows
-        self._lock = asyncio.Lock()  # one writer of the connection at a time
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -44,24 +48,32 @@ class Outbox:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._db.close()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            if self._db is None:
+                raise StoreError("the outbox is closed")
+            return self._db.execute(sql, args).fetchall()
 
     async def put(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._insert, topic, payload, qos)
+        await asyncio.to_thread(self._insert, topic, payload, qos)
         self._wakeup.set()
 
     def _insert(self, topic: str, payload: bytes, qos: int) -> None:
-        self._db.execute(
+        self._run(
             "INSERT INTO outbox (topic, payload, qos) VALUES (?, ?, ?)", (topic, payload, qos)
         )
         # Bounded: on a long outage the oldest messages go first.
-        self._db.execute(
+        self._run(
             "DELETE FROM outbox WHERE id <= (SELECT MAX(id) FROM outbox) - ?", (self._max_rows,)
         )
 
     def pending(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return int(self._run("SELECT COUNT(*) FROM outbox")[0][0])
 
     async def flush(self, timeout: float) -> None:
         """Wait until everything queued so far is acknowledged (for tests and shutdown)."""
@@ -84,14 +96,11 @@ class Outbox:
 
     async def _drain_once(self) -> None:
         while True:
-            async with self._lock:
-                rows = self._db.execute(
-                    "SELECT id, topic, payload, qos FROM outbox ORDER BY id LIMIT 50"
-                ).fetchall()
+            rows = await asyncio.to_thread(
+                self._run, "SELECT id, topic, payload, qos FROM outbox ORDER BY id LIMIT 50"
+            )
             if not rows:
                 return
             for row_id, topic, payload, qos in rows:
                 await self._link.publish(topic, payload, qos=qos)
-                async with self._lock:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+                await asyncio.to_thread(self._run, "DELETE FROM outbox WHERE id = ?", (row_id,))
