@@ -7,7 +7,6 @@ RolloutController.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from cloud.fleet import FleetMonitor
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
 from common.errors import InvalidInputError
+from common.json_object import parse_json_object
 from common.manifest import Manifest
 from common.mqtt import MqttLink
 from common.signing import Signer
@@ -108,16 +108,6 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
     return ctx
 
 
-async def _json_body(request: web.Request) -> dict:
-    try:
-        doc = await request.json()
-    except ValueError as exc:
-        raise InvalidInputError(f"body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInputError("body must be a JSON object")
-    return doc
-
-
 async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(DASHBOARD)
 
@@ -160,7 +150,7 @@ async def publish(request: web.Request) -> web.Response:
     with tempfile.TemporaryDirectory(dir=request.app[REGISTRY].store_dir) as tmp:
         async for part in reader:
             if part.name == "manifest":
-                manifest = Manifest.from_dict(json.loads(await part.text()))
+                manifest = Manifest.from_dict(parse_json_object(await part.text(), "manifest"))
             elif part.filename:
                 name = Path(part.filename).name
                 (Path(tmp) / name).write_bytes(await part.read())
@@ -179,7 +169,7 @@ async def artifact(request: web.Request) -> web.FileResponse:
 
 
 async def start_rollout(request: web.Request) -> web.Response:
-    doc = await _json_body(request)
+    doc = parse_json_object(await request.read(), "rollout request")
     try:
         name, version = str(doc["model"]), str(doc["version"])
     except KeyError as exc:

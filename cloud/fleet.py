@@ -10,7 +10,8 @@ import asyncio
 import logging
 
 from cloud.registry import Registry
-from common import messages, topics
+from common import topics
+from common.json_object import parse_json_object
 from common.mqtt import MqttLink
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class FleetMonitor:
     @staticmethod
     def _parse(topic: str, payload: bytes, what: str) -> tuple[str, dict] | None:
         try:
-            return topics.parse(topic).ident, messages.parse_json(payload, what)
+            return topics.parse(topic).ident, parse_json_object(payload, what)
         except ValueError as exc:
             logger.warning("ignored %s on %s: %s", what, topic, exc)
             return None

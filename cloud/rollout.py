@@ -17,8 +17,9 @@ from typing import Any
 
 from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
-from common import chunking, messages, topics
+from common import chunking, topics
 from common.errors import InvalidInputError
+from common.json_object import parse_json_object
 from common.messages import Command, sign_command
 from common.mqtt import MqttLink
 from common.signing import Signer
@@ -170,7 +171,7 @@ class RolloutController:
         """Repair: resend the chunks a device lacks, unless just sent."""
         try:
             digest = topics.parse(topic).ident
-            doc = messages.parse_json(payload, "chunk request")
+            doc = parse_json_object(payload, "chunk request")
             missing = [int(i) for i in doc["missing"]]
             record = self.registry.version_by_digest(digest)
         except (ValueError, KeyError, TypeError, LookupError) as exc:

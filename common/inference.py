@@ -7,7 +7,6 @@ Fogline's own fields travel in ``parameters`` under the ``fogline.`` prefix.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidInputError
+from common.json_object import parse_json_object
 
 # V2 datatype name <-> numpy dtype.
 V2_TO_NUMPY: dict[str, np.dtype] = {
@@ -216,12 +216,4 @@ def response_from_rest(body: bytes | str | dict[str, Any]) -> InferResponse:
 
 
 def _load_json(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(body, dict):
-        return body
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"body is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInputError("body must be a JSON object")
-    return obj
+    return body if isinstance(body, dict) else parse_json_object(body, "body")

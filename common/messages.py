@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common.errors import InvalidInputError, ReplayError
+from common.json_object import parse_json_object
 from common.signing import Signer, TrustStore
 
 COMMAND_TYPES = ("deploy", "rollback", "set-policy")
@@ -54,7 +55,7 @@ def sign_command(cmd: Command, signer: Signer) -> bytes:
 
 def parse_command(payload: bytes, trust: TrustStore, device_id: str) -> Command:
     """Decode and verify a signed command for this device (not yet its sequence)."""
-    doc = parse_json(payload, "command")
+    doc = parse_json_object(payload, "command")
     try:
         body, signature, signer = doc["command"], doc["signature"], doc["key_id"]
     except KeyError as exc:
@@ -136,13 +137,3 @@ def status(
 
 def chunk_request(device_id: str, digest: str, missing: list[int]) -> bytes:
     return json.dumps({"device_id": device_id, "artifact": digest, "missing": missing}).encode()
-
-
-def parse_json(payload: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{what}: not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInputError(f"{what}: must be a JSON object")
-    return doc

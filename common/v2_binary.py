@@ -23,6 +23,7 @@ from common.inference import (
     request_from_rest,
     response_to_rest,
 )
+from common.json_object import parse_json_object
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -45,12 +46,7 @@ def decode_infer_request(
     if header_length is not None and header_length > len(body):
         raise InvalidInputError(f"{BINARY_HEADER} is {header_length}, the body {len(body)} bytes")
     head = body if header_length is None else body[:header_length]
-    try:
-        obj = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"body is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInputError("body must be a JSON object")
+    obj = parse_json_object(head, "body")
     if header_length is not None:
         _attach_binary_inputs(obj, body[header_length:])
     binary = _binary_outputs(obj)
