@@ -86,10 +86,13 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
         registry = Registry(settings.db_path, settings.store_dir)
+        # NOTE: a persistent session under a stable client id: the broker keeps the
+        # devices' events and chunk requests while the control plane restarts.
         link = MqttLink(
             client_id=f"fogline-control-{settings.port}",
             host=settings.broker_host,
             port=settings.broker_port,
+            persistent_session=True,
         )
         fleet = FleetMonitor(registry, link)
         rollouts = RolloutController(

@@ -272,6 +272,13 @@ class Registry:
                     (doc.get("stage"), doc.get("error"), now, doc.get("command_id")),
                 )
 
+    def running_rollouts(self) -> list[tuple[str, str, str]]:
+        """(id, model, version) of rollouts not finished: to resume after a restart."""
+        return [
+            (r[0], r[1], r[2])
+            for r in self._q("SELECT id, name, version FROM rollouts WHERE state='running'")
+        ]
+
     def finish_rollout(self, rollout_id: str, state: str) -> None:
         self._q(
             "UPDATE rollouts SET state=?, finished_at=? WHERE id=?",

@@ -21,7 +21,7 @@ from common import chunking, topics
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.messages import Command, sign_command
-from common.mqtt import MqttLink
+from common.mqtt import MqttError, MqttLink
 from common.signing import Signer
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,10 @@ class RolloutController:
 
     async def __aenter__(self) -> RolloutController:
         self.link.subscribe(topics.all_artifacts_filter("requests"), self._on_request)
+        for rollout_id, name, version in await asyncio.to_thread(self.registry.running_rollouts):
+            # Interrupted by a restart: its commands are out; drive it to the end again.
+            logger.info("resuming rollout %s (%s %s)", rollout_id, name, version)
+            self._spawn_drive(rollout_id, self.registry.version(name, version, "edge"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -98,10 +102,13 @@ class RolloutController:
                 topics.device_topic(device_id, "commands"), sign_command(cmd, self.signer)
             )
         logger.info("rollout %s: %s %s to %d devices", rollout_id, name, version, len(targets))
+        self._spawn_drive(rollout_id, record)
+        return rollout_id
+
+    def _spawn_drive(self, rollout_id: str, record: VersionRecord) -> None:
         task = asyncio.create_task(self._drive(rollout_id, record), name=f"rollout-{rollout_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return rollout_id
 
     def _deploy_command(
         self, device_id: str, record: VersionRecord, allow_downgrade: bool
@@ -142,7 +149,11 @@ class RolloutController:
 
     async def _drive(self, rollout_id: str, record: VersionRecord) -> None:
         await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
-        await self.broadcast(record)
+        try:
+            await self.link.connected.wait()
+            await self.broadcast(record)
+        except MqttError as exc:  # broker gone mid-broadcast: agents ask for what they lack
+            logger.warning("rollout %s: broadcast interrupted: %s", rollout_id, exc)
         await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)
         devices = self.registry.rollout(rollout_id)["devices"].values()
         ok = sum(d["stage"] == "activated" for d in devices)

@@ -376,3 +376,25 @@ async def test_http_is_the_fallback_when_mqtt_chunks_never_fit(mosquitto, tmp_pa
             ]
             assert "http" in transports
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+
+
+async def test_rollout_survives_a_control_plane_restart(mosquitto, tmp_path) -> None:
+    """Commands out, then the control plane dies before the broadcast: on restart it
+    resumes the rollout, and the events and chunk requests the broker kept catch it up."""
+    cp = ControlPlane(tmp_path / "control", mosquitto)
+    async with cp:
+        cp.publish_toy(tmp_path, "1")
+        key = cp.signer.public_key_hex
+    cfg = agent_config(tmp_path, "dev-cr", mosquitto, key, chunk_timeout_s=0.5)
+    async with EdgeAgent(cfg) as agent:
+        async with cp:
+            await cp.wait_online([cfg.device_id])
+            rollout_id = await cp.rollouts.start("toy", "1", [cfg.device_id])
+        # The control plane is down now; the agent waits for chunks and asks for them.
+        await asyncio.sleep(1.0)
+        async with cp:
+            async with asyncio.timeout(30):
+                while cp.registry.rollout(rollout_id)["state"] == "running":
+                    await asyncio.sleep(0.05)
+            assert cp.registry.rollout(rollout_id)["state"] == "succeeded"
+        assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
