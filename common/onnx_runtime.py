@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ from common.manifest import Manifest, TensorSpec
 from common.runtime import ModelInfo
 
 logger = logging.getLogger(__name__)
+
+# NOTE: an exception to "blocking work runs off the event loop", measured in
+# bench.edge: for a model whose session.run takes tens of microseconds, the hop
+# to a worker thread costs more than the run itself (about 90 us of a 550 us
+# request). Models whose typical run is below this bound run inline; the loop
+# is blocked for less than aiohttp spends parsing the request. Anything slower
+# (and every first run, before it is measured) goes to a worker thread.
+INLINE_BELOW_US = 200.0
 
 _ORT_TO_V2 = {
     "tensor(float)": "FP32",
@@ -80,12 +89,15 @@ class OnnxRuntime:
         *,
         intra_op_threads: int = 1,
         providers: list[str] | None = None,
+        inline_below_us: float = INLINE_BELOW_US,
     ) -> None:
         self.model_path = model_path
         self.manifest = manifest
         self._threads = intra_op_threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._session: Any = None
+        self._inline_below_us = inline_below_us
+        self._ewma_us: float | None = None  # typical session.run time, measured
 
     @property
     def info(self) -> ModelInfo:
@@ -132,15 +144,28 @@ class OnnxRuntime:
         if session is None:
             raise ModelNotReadyError(f"model {self.manifest.name!r} is not loaded")
         names = outputs or [o.name for o in self.manifest.outputs]
+        start = time.perf_counter_ns()
         results = session.run(names, feeds)
+        took_us = (time.perf_counter_ns() - start) / 1000.0
+        ewma = self._ewma_us
+        self._ewma_us = took_us if ewma is None else 0.9 * ewma + 0.1 * took_us
         return [Tensor(n, np.asarray(r)) for n, r in zip(names, results, strict=True)]
+
+    @property
+    def runs_inline(self) -> bool:
+        """Whether ``infer`` calls ``session.run`` on the event loop (see INLINE_BELOW_US)."""
+        ewma = self._ewma_us
+        return ewma is not None and ewma < self._inline_below_us
 
     async def infer(self, request: InferRequest) -> InferResponse:
         feeds = check_inputs(request, self.manifest.inputs)
         known = {o.name for o in self.manifest.outputs}
         if request.outputs is not None and not set(request.outputs) <= known:
             raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
-        outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
+        if self.runs_inline:
+            outputs = self.infer_sync(feeds, request.outputs)
+        else:
+            outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
         return InferResponse(
             model=self.manifest.name,
             version=self.manifest.version,

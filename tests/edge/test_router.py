@@ -210,8 +210,11 @@ async def test_unloaded_local_model_goes_to_cloud(
 
 
 async def test_busy_local_queue_sends_to_cloud(
-    cloud: TestServer, local: OnnxRuntime, routers: Any
+    cloud: TestServer, edge_pkg: Package, routers: Any
 ) -> None:
+    # A model that runs in worker threads (as any but the tiniest do), so requests queue.
+    local = OnnxRuntime(edge_pkg.model_path, edge_pkg.manifest, inline_below_us=0.0)
+    await local.load()
     router = await routers(url_of(cloud), local, CONFIDENT, RouterPolicy(local_budget_ms=1e-9))
     await router.infer(request(1))  # learn the local latency
     # The first runs locally; while it is in flight, the others see a queue past the budget.
