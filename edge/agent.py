@@ -135,7 +135,7 @@ class EdgeAgent:
         await self._stack.aclose()
 
     async def _start_api(self) -> None:
-        app = build_v2_app(self.dataplane)
+        app = build_v2_app(self.dataplane, max_inflight=self.config.max_inflight)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)

@@ -29,6 +29,7 @@ class AgentConfig:
     cloud_url: str | None = None  # base URL of the fallback's V2 API
     cloud_token: str | None = None
     cloud_timeout_s: float = 2.0
+    max_inflight: int = 64  # concurrent local API requests before 503 + Retry-After
     local_budget_ms: float = 50.0  # local queue wait above this sends requests to the cloud
     telemetry_interval_s: float = 10.0
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
