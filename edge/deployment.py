@@ -21,7 +21,7 @@ from common.errors import FoglineError, InvalidInputError, VerificationError
 from common.golden import compare, load_golden
 from common.manifest import SignedManifest, artifact_digest, split_artifact
 from common.messages import FAILED, Command, chunk_request, event
-from common.mqtt import MqttLink
+from common.mqtt import MqttError, MqttLink
 from common.onnx_runtime import OnnxRuntime
 from edge.model_store import ModelStore, SlotModel
 
@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[bytes], Awaitable[None]]
 Activate = Callable[[SlotModel, OnnxRuntime], Awaitable[None]]
 
-MAX_REPAIR_ROUNDS = 10
+MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
+MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
 
 
 class Deployer:
@@ -160,22 +161,43 @@ class Deployer:
         self._link.subscribe(topic, on_chunk)
         try:
             await self._emit(cmd, "downloading", chunks=asm.count)
-            for _ in range(MAX_REPAIR_ROUNDS):
-                while not asm.complete:
-                    progress.clear()
-                    try:
-                        await asyncio.wait_for(progress.wait(), self._chunk_timeout_s)
-                    except TimeoutError:
-                        break
-                if asm.complete:
-                    return asm.data()
+            async with asyncio.timeout(MAX_DOWNLOAD_S):
+                return await self._collect(asm, progress, digest)
+        except TimeoutError:
+            raise VerificationError(
+                f"gave up on artifact after {MAX_DOWNLOAD_S:.0f}s: "
+                f"{len(asm.missing)} chunks missing"
+            ) from None
+        finally:
+            self._link.unsubscribe(topic)
+
+    async def _collect(self, asm: Assembler, progress: asyncio.Event, digest: str) -> bytes:
+        """Wait for chunks; when they stop coming, ask for the missing ones.
+
+        Only requests the broker accepted count as repair rounds: a broker
+        outage delays the download but does not fail it.
+        """
+        rounds = 0
+        while rounds < MAX_REPAIR_ROUNDS:
+            while not asm.complete:
+                progress.clear()
+                try:
+                    await asyncio.wait_for(progress.wait(), self._chunk_timeout_s)
+                except TimeoutError:
+                    break
+            if asm.complete:
+                return asm.data()
+            await self._link.connected.wait()
+            try:
                 await self._link.publish(
                     topics.artifact_topic(digest, "requests"),
                     chunk_request(self.device_id, digest, asm.missing),
                 )
-            raise VerificationError(f"gave up on artifact: {len(asm.missing)} chunks missing")
-        finally:
-            self._link.unsubscribe(topic)
+            except MqttError as exc:  # lost the broker again: not a failed round
+                logger.info("cannot ask for missing chunks yet: %s", exc)
+                continue
+            rounds += 1
+        raise VerificationError(f"gave up on artifact: {len(asm.missing)} chunks missing")
 
 
 async def self_test(runtime: OnnxRuntime, model: SlotModel) -> None:

@@ -398,3 +398,28 @@ async def test_rollout_survives_a_control_plane_restart(mosquitto, tmp_path) -> 
                     await asyncio.sleep(0.05)
             assert cp.registry.rollout(rollout_id)["state"] == "succeeded"
         assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+
+
+async def test_deployment_rides_out_a_broker_restart(tmp_path) -> None:
+    """The broker vanishes mid-download (losing its sessions); once it is back, the agent
+    asks for the chunks it lacks, gets them, and activates."""
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        async with ControlPlane(tmp_path / "control", broker) as cp:
+            v1 = cp.publish_toy(tmp_path, "1")
+            cfg = agent_config(tmp_path, "dev-bk", broker, cp.signer.public_key_hex)
+            async with EdgeAgent(cfg) as agent:
+                await cp.wait_online([cfg.device_id])
+                cid = await _send_command(cp, cfg.device_id, _deploy_body(v1))
+                await cp.wait_event(cfg.device_id, "downloading", command_id=cid)
+                broker.stop()  # before a single chunk was sent
+                await asyncio.sleep(2.0)
+                broker.start()
+                done = await _final_event(cp, cfg.device_id, cid)
+                assert done["stage"] == "activated", done
+                assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+    finally:
+        broker.stop()
