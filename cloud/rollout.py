@@ -97,10 +97,15 @@ class RolloutController:
             version,
             {d: c.id for d, c in commands.items()},
         )
-        for device_id, cmd in commands.items():
-            await self.link.publish(
-                topics.device_topic(device_id, "commands"), sign_command(cmd, self.signer)
-            )
+        try:
+            for device_id, cmd in commands.items():
+                await self.link.publish(
+                    topics.device_topic(device_id, "commands"), sign_command(cmd, self.signer)
+                )
+        except MqttError:
+            # The operator gets a 503 and a rollout marked failed, not one that hangs.
+            await asyncio.to_thread(self.registry.finish_rollout, rollout_id, "failed")
+            raise
         logger.info("rollout %s: %s %s to %d devices", rollout_id, name, version, len(targets))
         self._spawn_drive(rollout_id, record)
         return rollout_id

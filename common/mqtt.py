@@ -31,6 +31,8 @@ _client_ids = itertools.count()
 class MqttError(FoglineError, ConnectionError):
     """The broker is unreachable or did not acknowledge a message in time."""
 
+    http_status = 503  # for an API that needed the broker: try again later
+
 
 @dataclass(frozen=True)
 class Will:

@@ -68,3 +68,24 @@ async def test_bad_requests_get_a_clear_4xx(mosquitto, tmp_path, method, path, b
                     assert "error" in await resp.json()
             async with s.get(f"{cp.url}/api/health") as resp:  # still serving
                 assert resp.status == 200
+
+
+async def test_rollout_while_the_broker_is_down_is_a_503_not_a_hang(tmp_path) -> None:
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        async with ControlPlane(tmp_path / "control", broker) as cp:
+            cp.publish_toy(tmp_path, "1")
+            broker.stop()
+            await asyncio.sleep(0.5)
+            async with aiohttp.ClientSession() as s:
+                body = {"model": "toy", "version": "1", "devices": ["somewhere"]}
+                async with s.post(f"{cp.url}/api/rollouts", json=body) as resp:
+                    assert resp.status == 503
+                    assert "not connected" in (await resp.json())["error"]
+                async with s.get(f"{cp.url}/api/health") as resp:
+                    assert (await resp.json())["broker_connected"] is False
+    finally:
+        broker.stop()
