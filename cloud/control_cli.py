@@ -23,6 +23,18 @@ DEFAULT_CONTROL = "http://127.0.0.1:8000"
 
 
 def register_control(subparsers: argparse._SubParsersAction) -> None:
+    _register_serve(subparsers)
+    for name, help_text in (
+        ("devices", "list the fleet: state, model, version, traffic"),
+        ("models", "list published model versions"),
+    ):
+        p = subparsers.add_parser(name, help=help_text, description=help_text + ".")
+        p.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+        p.add_argument("--json", action="store_true", help="print the API's JSON instead")
+        p.set_defaults(func=_list_devices if name == "devices" else _list_models)
+
+
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="run the control plane",
@@ -194,6 +206,59 @@ def _publish(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(record, indent=2))
     return 0
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header, *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def _list(args: argparse.Namespace, path: str, key: str, header: list[str], row: Any) -> int:
+    try:
+        doc = ControlClient(args.control).get(path)
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else _table([row(x) for x in doc[key]], header))
+    return 0
+
+
+def _list_devices(args: argparse.Namespace) -> int:
+    def row(d: dict[str, Any]) -> list[Any]:
+        model = (d.get("models") or [{}])[0]
+        router = (d.get("telemetry") or {}).get("router") or {}
+        return [
+            d["device_id"],
+            d.get("state"),
+            model.get("name"),
+            model.get("version"),
+            router.get("requests"),
+            sum((router.get("escalated") or {}).values()),
+            d.get("api_url"),
+        ]
+
+    header = ["DEVICE", "STATE", "MODEL", "VERSION", "REQUESTS", "ESCALATED", "API"]
+    return _list(args, "/api/devices", "devices", header, row)
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    def row(m: dict[str, Any]) -> list[Any]:
+        acc = (m.get("evaluation") or {}).get("accuracy")
+        return [
+            m["name"],
+            m["variant"],
+            m["version"],
+            m["release"],
+            m["precision"],
+            m["artifact"]["size"],
+            f"{acc:.2%}" if acc is not None else None,
+        ]
+
+    header = ["NAME", "VARIANT", "VERSION", "RELEASE", "PRECISION", "BYTES", "ACCURACY"]
+    return _list(args, "/api/models", "models", header, row)
 
 
 def _print_progress(state: dict[str, Any]) -> None:
