@@ -53,6 +53,11 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "--public-url",
         help="base URL agents use for HTTP artifact downloads (default: http://HOST:PORT)",
     )
+    serve.add_argument(
+        "--database",
+        metavar="URL",
+        help="postgresql://… for state shared by replicas (default: WORKDIR/control.sqlite)",
+    )
     serve.add_argument("--broker-host", default="127.0.0.1")
     serve.add_argument("--broker-port", type=int, default=1883)
     serve.add_argument(
@@ -102,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         chunk_size=args.chunk_size,
         public_url=args.public_url,
+        database=args.database,
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
     web.run_app(

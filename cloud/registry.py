@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import AlreadyExistsError, ModelNotFoundError, StoreError
+from cloud.database import Database
+from common.errors import AlreadyExistsError, ModelNotFoundError
 from common.fsutil import atomic_write
 from common.manifest import (
     Manifest,
@@ -35,25 +32,25 @@ CREATE TABLE IF NOT EXISTS versions (
     name TEXT NOT NULL, variant TEXT NOT NULL, version TEXT NOT NULL,
     release INTEGER NOT NULL, signed_manifest TEXT NOT NULL,
     artifact_digest TEXT NOT NULL, artifact_size INTEGER NOT NULL,
-    parent TEXT, created_at REAL NOT NULL,
+    parent TEXT, created_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (name, variant, version)
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, state TEXT NOT NULL, status TEXT NOT NULL,
-    last_seen REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, telemetry TEXT
+    last_seen DOUBLE PRECISION NOT NULL, seq INTEGER NOT NULL DEFAULT 0, telemetry TEXT
 );
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL,
-    state TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL
+    state TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, finished_at DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, command_id TEXT NOT NULL,
-    stage TEXT NOT NULL, error TEXT, updated_at REAL NOT NULL,
+    stage TEXT NOT NULL, error TEXT, updated_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (rollout_id, device_id)
 );
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, command_id TEXT,
-    stage TEXT NOT NULL, payload TEXT NOT NULL, ts REAL NOT NULL
+    id {autoid}, device_id TEXT NOT NULL, command_id TEXT,
+    stage TEXT NOT NULL, payload TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL
 );
 """
 
@@ -92,33 +89,18 @@ class VersionRecord:
 class Registry:
     """SQLite-backed registry. Thread-safe: calls are serialised by a lock."""
 
-    def __init__(self, db_path: Path, store_dir: Path) -> None:
+    def __init__(self, database: str | Path, store_dir: Path) -> None:
+        """``database``: a SQLite file path, or a ``postgresql://`` URL."""
         self.store_dir = store_dir
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(SCHEMA)
-        self._db: sqlite3.Connection | None = db
-        self._lock = threading.Lock()
+        self._db = Database(database)
+        self._db.schema(SCHEMA)
 
     def close(self) -> None:
-        # NOTE: under the lock: a worker thread may still be inside a query (its asyncio
-        # caller was cancelled), and closing a connection in use can crash the process.
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    @contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._db is None:
-                raise StoreError("the registry is closed")
-            yield self._db
+        self._db.close()
 
     def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._locked() as db:
-            return db.execute(sql, args).fetchall()
+        return self._db.execute(sql, args)
 
     # -- model versions ------------------------------------------------------------
 
@@ -217,17 +199,21 @@ class Registry:
         ]
 
     def next_seq(self, device_id: str) -> int:
-        """The next command sequence number for a device (persisted before use)."""
-        with self._locked() as db:
+        """The next command sequence number for a device (persisted before use).
+
+        One atomic ``UPDATE ... RETURNING``: replicas sharing PostgreSQL never hand
+        out the same number twice.
+        """
+        with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
                 " ON CONFLICT(device_id) DO NOTHING",
                 (device_id, "unknown", json.dumps({"device_id": device_id}), time.time()),
             )
-            db.execute("UPDATE devices SET seq = seq + 1 WHERE device_id=?", (device_id,))
-            return db.execute("SELECT seq FROM devices WHERE device_id=?", (device_id,)).fetchone()[
-                0
-            ]
+            rows = db.execute(
+                "UPDATE devices SET seq = seq + 1 WHERE device_id=? RETURNING seq", (device_id,)
+            )
+        return int(rows[0][0])
 
     # -- rollouts and events ---------------------------------------------------------
 
@@ -235,26 +221,20 @@ class Registry:
         self, rollout_id: str, name: str, version: str, targets: dict[str, str]
     ) -> None:
         now = time.time()
-        with self._locked() as db:
-            db.execute("BEGIN")
-            try:
-                db.execute(
-                    "INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
-                    (rollout_id, name, version, "running", now),
-                )
-                db.executemany(
-                    "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
-                    [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
-                )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self._db.transaction() as db:
+            db.execute(
+                "INSERT INTO rollouts VALUES (?,?,?,?,?,NULL)",
+                (rollout_id, name, version, "running", now),
+            )
+            db.executemany(
+                "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
+                [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
+            )
 
     def record_event(self, doc: dict[str, Any]) -> None:
         """Store an event and advance the rollout step of its command, if any."""
         now = time.time()
-        with self._locked() as db:
+        with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
                 (

@@ -1,4 +1,4 @@
-"""Registry: closing while worker threads still query must not crash the process."""
+"""The registry on SQLite and on a real PostgreSQL: the same behaviour on both."""
 
 from __future__ import annotations
 
@@ -7,11 +7,70 @@ import threading
 import pytest
 
 from cloud.registry import Registry
-from common.errors import StoreError
+from common.errors import AlreadyExistsError, ModelNotFoundError, StoreError
+from common.signing import Signer
+from tests.model_fixtures import make_package
 
 
-def test_close_waits_for_queries_in_flight_and_later_ones_fail_cleanly(tmp_path) -> None:
-    registry = Registry(tmp_path / "r.sqlite", tmp_path / "store")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.sqlite")
+    return request.getfixturevalue("postgres_url")
+
+
+def test_versions_devices_rollouts_and_events(database, tmp_path) -> None:
+    registry = Registry(database, tmp_path / "store")
+    signer = Signer.generate()
+    pkg = make_package(tmp_path / "pkg")
+    record = registry.publish(pkg.directory, pkg.manifest, signer)
+    assert registry.version("toy", "1").artifact_digest == record.artifact_digest
+    assert registry.version_by_digest(record.artifact_digest).manifest.version == "1"
+    with pytest.raises(AlreadyExistsError):
+        registry.publish(pkg.directory, pkg.manifest, signer)
+    with pytest.raises(ModelNotFoundError):
+        registry.version("toy", "9")
+
+    registry.upsert_device("d1", {"device_id": "d1", "state": "online"})
+    registry.record_telemetry("d1", {"router": {"requests": 3}})
+    [device] = registry.devices()
+    assert device["state"] == "online" and device["telemetry"]["router"]["requests"] == 3
+
+    registry.create_rollout("r1", "toy", "1", {"d1": "c1"})
+    assert registry.running_rollouts() == [("r1", "toy", "1")]
+    registry.record_event({"device_id": "d1", "command_id": "c1", "stage": "activated"})
+    registry.record_event({"device_id": "d1", "command_id": "c1", "stage": "staged"})  # late
+    assert registry.rollout("r1")["devices"]["d1"]["stage"] == "activated"
+    registry.finish_rollout("r1", "succeeded")
+    assert registry.running_rollouts() == []
+    assert [e["stage"] for e in registry.events("d1")] == ["staged", "activated"]
+    registry.close()
+
+
+def test_sequence_numbers_are_unique_across_replicas(database, tmp_path) -> None:
+    """Two registries on one database (two control-plane replicas), threads in each."""
+    replicas = [Registry(database, tmp_path / "store") for _ in range(2)]
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def take(registry: Registry) -> None:
+        for _ in range(25):
+            seq = registry.next_seq("dev")
+            with lock:
+                seen.append(seq)
+
+    threads = [threading.Thread(target=take, args=(r,)) for r in replicas for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(seen) == list(range(1, 101))
+    for r in replicas:
+        r.close()
+
+
+def test_close_waits_for_queries_in_flight_and_later_ones_fail_cleanly(database, tmp_path):
+    registry = Registry(database, tmp_path / "store")
     errors: list[BaseException] = []
     started = threading.Event()
 

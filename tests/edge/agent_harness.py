@@ -24,13 +24,16 @@ from tests.model_fixtures import make_package
 class ControlPlane:
     """``async with ControlPlane(tmp, broker) as cp``: the real app on a free port."""
 
-    def __init__(self, workdir: Path, broker: Any, *, chunk_size: int = 1024) -> None:
+    def __init__(
+        self, workdir: Path, broker: Any, *, chunk_size: int = 1024, database: str | None = None
+    ) -> None:
         self.settings = ControlSettings(
             workdir=workdir,
             port=free_port(),
             broker_host=broker.host,
             broker_port=broker.port,
             chunk_size=chunk_size,
+            database=database,
         )
         self.url = f"http://127.0.0.1:{self.settings.port}"
         self._runner: web.AppRunner | None = None

@@ -423,3 +423,15 @@ async def test_deployment_rides_out_a_broker_restart(tmp_path) -> None:
                 assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
     finally:
         broker.stop()
+
+
+async def test_rollout_with_the_control_plane_on_postgresql(mosquitto, tmp_path, postgres_url):
+    async with ControlPlane(tmp_path / "control", mosquitto, database=postgres_url) as cp:
+        cp.publish_toy(tmp_path, "1")
+        cfg = agent_config(tmp_path, "dev-pg", mosquitto, cp.signer.public_key_hex)
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            state = await cp.roll_out("toy", "1", [cfg.device_id])
+            assert state["state"] == "succeeded", state
+            assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
+    assert not (tmp_path / "control" / "control.sqlite").exists()  # it really used PostgreSQL

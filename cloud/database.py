@@ -1,0 +1,110 @@
+"""The control plane's SQL connection: SQLite (a file, the default) or PostgreSQL (a URL).
+
+Queries are written once, with ``?`` placeholders and SQL both engines accept;
+this module adapts the placeholders and the one schema difference (auto ids).
+PostgreSQL is what lets several control-plane replicas share one state.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from common.errors import StoreError
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
+
+
+class Database:
+    """One connection, used from worker threads one query at a time.
+
+    NOTE: every use of the connection, ``close`` included, holds ``_lock``: a worker
+    thread may still be inside a query when its asyncio caller is cancelled, and
+    closing a connection in use can crash the process.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self._lock = threading.RLock()
+        self.dialect = "postgresql" if is_postgres_url(target) else "sqlite"
+        self._conn: Any = (
+            _connect_postgres(str(target))
+            if self.dialect == "postgresql"
+            else _connect_sqlite(Path(target))
+        )
+
+    def schema(self, ddl: str) -> None:
+        """Run ``CREATE TABLE IF NOT EXISTS`` statements; ``{autoid}`` is an auto id column."""
+        autoid = (
+            "BIGSERIAL PRIMARY KEY"
+            if self.dialect == "postgresql"
+            else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        )
+        for statement in ddl.format(autoid=autoid).split(";"):
+            if statement.strip():
+                self.execute(statement)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            conn = self._open()
+            if self.dialect == "sqlite":
+                return conn.execute(sql, args).fetchall()
+            with conn.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), args)
+                return cur.fetchall() if cur.description is not None else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._lock:
+            conn = self._open()
+            if self.dialect == "sqlite":
+                conn.executemany(sql, rows)
+                return
+            with conn.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """Statements inside run as one transaction (and no other thread interleaves)."""
+        with self._lock:
+            self.execute("BEGIN")
+            try:
+                yield self
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            self.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _open(self) -> Any:
+        if self._conn is None:
+            raise StoreError("the database is closed")
+        return self._conn
+
+
+def _connect_sqlite(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn
+
+
+def _connect_postgres(url: str) -> Any:
+    try:
+        import psycopg  # lazy: only PostgreSQL deployments need it
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise StoreError("PostgreSQL needs psycopg: pip install 'psycopg[binary]'") from exc
+    try:
+        return psycopg.connect(url, autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
