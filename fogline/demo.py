@@ -28,6 +28,7 @@ from fogline.traffic import Target, run_phase
 logger = logging.getLogger(__name__)
 
 MODEL = "digits"
+VERSION = "1"  # the demo publishes one version of each variant
 TOKEN = "demo-device-token"
 
 
@@ -129,7 +130,7 @@ class Demo:
             self._start_control(broker.port)
             agents = self.agents = self._start_agents(broker.port)
             compression = self._build_models()
-            self._start_fallback(f"{MODEL}:1")
+            self._start_fallback(f"{MODEL}:{VERSION}")
             rollout = self._roll_out(len(agents))
             results = asyncio.run(self._send_traffic(agents))
             report = self._report(broker, agents, compression, rollout, results)
@@ -232,10 +233,11 @@ class Demo:
         from fogline.model_build import build_and_publish
 
         started = time.monotonic()
-        _, compression, self.split = build_and_publish(
+        compression, self.split = build_and_publish(
             self.wd / "models",
             self.control,
             MODEL,
+            VERSION,
             seed=self.opts.seed,
             progress=not self.opts.json,
         )
@@ -251,7 +253,7 @@ class Demo:
             if len(online) >= n_agents or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        rollout_id = self.control.rollout(MODEL, "1")
+        rollout_id = self.control.rollout(MODEL, VERSION)
         state = self.control.wait_rollout(rollout_id, 120)
         logger.info("rollout %s: %s in %.2fs", rollout_id, state["state"], state["seconds"])
         return state

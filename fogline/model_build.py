@@ -12,9 +12,9 @@ logger = logging.getLogger(__name__)
 
 
 def build_and_publish(
-    workdir: Path, control: ControlClient, name: str, *, seed: int, progress: bool
-) -> tuple[dict[str, str], dict[str, Any], Any]:
-    """Returns (published versions by variant, compression figures, the data split)."""
+    workdir: Path, control: ControlClient, name: str, version: str, *, seed: int, progress: bool
+) -> tuple[dict[str, Any], Any]:
+    """Publish both variants as ``version``; return (compression figures, the data split)."""
     from cloud.pipeline.compress import compress, evaluate
     from cloud.pipeline.data import load_digits_split
     from cloud.pipeline.export import export_onnx
@@ -40,7 +40,7 @@ def build_and_publish(
         int8,
         workdir / "pkg-edge",
         name=name,
-        version="1",
+        version=version,
         release=1,
         variant="edge",
         precision="int8",
@@ -53,7 +53,7 @@ def build_and_publish(
         cloud,
         workdir / "pkg-cloud",
         name=name,
-        version="1",
+        version=version,
         release=1,
         variant="cloud",
         precision="fp32",
@@ -69,4 +69,4 @@ def build_and_publish(
         "cloud_fp32_accuracy": cloud_acc,
         "cloud_bytes": (workdir / "cloud-fp32.onnx").stat().st_size,
     }
-    return {"edge": "1", "cloud": "1"}, figures, split
+    return figures, split

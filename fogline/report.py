@@ -77,7 +77,7 @@ def build_report(
     report["ok"] = (
         rollout["state"] == "succeeded"
         and report["errors"] == 0
-        and all(a["version"] == "1" for a in agent_rows)
+        and all(a["version"] == rollout["version"] for a in agent_rows)
     )
     return report
 
