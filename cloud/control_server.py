@@ -18,6 +18,8 @@ from aiohttp import web
 from cloud.fleet import FleetMonitor
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
+from common import topics
+from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.manifest import Manifest
@@ -70,6 +72,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
             web.get("/api/health", health),
             web.get("/api/keys", keys),
             web.get("/api/devices", devices),
+            web.post("/api/devices/{device_id}/token", device_token),
             web.get("/api/models", models),
             web.post("/api/models", publish),
             web.get("/api/models/{name}/versions/{version}", model_version),
@@ -130,6 +133,17 @@ async def keys(request: web.Request) -> web.Response:
 
 async def devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": request.app[REGISTRY].devices()})
+
+
+async def device_token(request: web.Request) -> web.Response:
+    """Enrollment, first part: a device's own token for the cloud fallback."""
+    device_id = request.match_info["device_id"]
+    try:
+        topics.device_topic(device_id, "status")  # the same rule as every device id
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    token = issue_token(request.app[SIGNER], device_id)
+    return web.json_response({"device_id": device_id, "token": token}, status=201)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cloud.package_cache import fetch_package, parse_model_ref
+from common.device_token import verify_token
 from common.errors import FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
 from common.manifest import read_package
@@ -40,7 +42,8 @@ class FallbackSettings:
     port: int = 8000
     packages: list[Path] = field(default_factory=list)
     trusted_keys: list[str] = field(default_factory=list)  # hex Ed25519; empty: digests only
-    tokens: set[str] | None = None  # None: no authentication
+    tokens: set[str] | None = None  # static bearer tokens; None (and no device_tokens): open
+    device_tokens: bool = False  # accept device tokens signed by a trusted key
     max_inflight: int = 64
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
     control_url: str | None = None  # fetch ``models`` from this control plane
@@ -121,7 +124,17 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
             raise InvalidInputError(f"two packages serve model {runtime.info.name!r}")
         dataplane.register(runtime)
         runtimes.append(runtime)
-    app = build_v2_app(dataplane, auth_tokens=settings.tokens, max_inflight=settings.max_inflight)
+    verifier = None
+    if settings.device_tokens:
+        if trust is None:
+            raise InvalidInputError("device tokens need --trust-key (the keys that sign them)")
+        verifier = functools.partial(verify_token, trust)
+    app = build_v2_app(
+        dataplane,
+        auth_tokens=settings.tokens,
+        token_verifier=verifier,
+        max_inflight=settings.max_inflight,
+    )
     app[FALLBACK_RUNTIMES] = runtimes
     app.on_cleanup.append(_unload_all)
     return app
@@ -160,7 +173,7 @@ def _version() -> str:
 async def serve(settings: FallbackSettings) -> None:
     """Run the fallback server until SIGINT or SIGTERM."""
     app = await build_fallback_app(settings)
-    if settings.tokens is None:
+    if settings.tokens is None and not settings.device_tokens:
         logger.warning("no tokens: the fallback API accepts any caller")
     # Per-request access lines only at DEBUG (STYLE: state changes at INFO, requests at DEBUG).
     access_log = logging.getLogger("aiohttp.access") if logger.isEnabledFor(logging.DEBUG) else None
@@ -247,6 +260,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="accepted bearer token (repeatable)",
     )
     p.add_argument(
+        "--device-tokens",
+        action="store_true",
+        help="accept device tokens signed by a --trust-key (issued at enrollment)",
+    )
+    p.add_argument(
         "--tokens-file",
         type=Path,
         metavar="FILE",
@@ -280,6 +298,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         packages=list(args.packages),
         trusted_keys=list(args.trusted_keys),
         tokens=tokens or None,
+        device_tokens=args.device_tokens,
         max_inflight=args.max_inflight,
         intra_op_threads=args.intra_op_threads,
         control_url=args.control_url,

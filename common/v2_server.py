@@ -17,7 +17,7 @@ import hmac
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,6 +207,13 @@ class V2State:
     gate: InflightGate
     auth_tokens: frozenset[str] | None
     metrics: Metrics = field(default_factory=Metrics)
+    # Accepts a bearer token that is not one of auth_tokens (a signed device token),
+    # or raises AuthError.
+    token_verifier: Callable[[str], object] | None = None
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth_tokens is not None or self.token_verifier is not None
 
 
 V2_STATE = web.AppKey("fogline.v2", V2State)
@@ -216,6 +223,7 @@ def build_v2_app(
     dataplane: DataPlane,
     *,
     auth_tokens: set[str] | None = None,
+    token_verifier: Callable[[str], object] | None = None,
     max_inflight: int | None = None,
     client_max_size: int = DEFAULT_MAX_BODY,
 ) -> web.Application:
@@ -230,7 +238,9 @@ def build_v2_app(
         client_max_size=client_max_size,
     )
     tokens = frozenset(auth_tokens) if auth_tokens is not None else None
-    app[V2_STATE] = V2State(dataplane, InflightGate(max_inflight), tokens)
+    app[V2_STATE] = V2State(
+        dataplane, InflightGate(max_inflight), tokens, token_verifier=token_verifier
+    )
     r = app.router
     r.add_get("/v2/health/live", _live, name="v2.health.live")
     r.add_get("/v2/health/ready", _ready, name="v2.health.ready")
@@ -303,20 +313,25 @@ async def _metrics_middleware(request: web.Request, handler: Any) -> web.StreamR
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    tokens = request.app[V2_STATE].auth_tokens
+    state = request.app[V2_STATE]
     route = request.match_info.route.name
-    if tokens is not None and request.path.startswith("/v2") and route not in _PUBLIC_ROUTES:
-        _check_bearer(request.headers.get("Authorization", ""), tokens)
+    if state.auth_required and request.path.startswith("/v2") and route not in _PUBLIC_ROUTES:
+        _check_bearer(request.headers.get("Authorization", ""), state)
     return await handler(request)
 
 
-def _check_bearer(header: str, tokens: frozenset[str]) -> None:
+def _check_bearer(header: str, state: V2State) -> None:
     scheme, _, token = header.partition(" ")
+    token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthError("missing 'Authorization: Bearer <token>' header")
     # compare_digest against every token: the time taken does not reveal which matched.
-    if not any(hmac.compare_digest(token.strip().encode(), t.encode()) for t in tokens):
+    tokens = state.auth_tokens or frozenset()
+    if any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+        return
+    if state.token_verifier is None:
         raise AuthError("invalid bearer token")
+    state.token_verifier(token)  # raises AuthError
 
 
 def _model_ref(request: web.Request) -> tuple[str, str | None]:

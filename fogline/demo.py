@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 MODEL = "digits"
 VERSION = "1"  # the demo publishes one version of each variant
-TOKEN = "demo-device-token"
 
 
 @dataclass(frozen=True)
@@ -174,6 +173,10 @@ class Demo:
         self.public_key = self.control.get("/api/keys")["keys"][0]["public_key"]
         logger.info("control plane ready at %s", self.control_url)
 
+    def _token_for(self, device_id: str) -> str:
+        """Enrollment's token part: each caller of the fallback gets its own, signed."""
+        return str(self.control.post_json(f"/api/devices/{device_id}/token", {})["token"])
+
     def _start_agents(self, broker_port: int) -> list[Target]:
         from fogline.broker import free_port
 
@@ -189,7 +192,7 @@ class Demo:
                 "broker_port": broker_port,
                 "api_port": port,
                 "cloud_url": self.fallback_url,
-                "cloud_token": TOKEN,
+                "cloud_token": self._token_for(device_id),
                 "telemetry_interval_s": 5.0,
                 "chunk_timeout_s": 2.0,
             }
@@ -220,8 +223,7 @@ class Demo:
                 str(self.wd / "fallback-cache"),
                 "--trust-key",
                 self.public_key,
-                "--token",
-                TOKEN,
+                "--device-tokens",
             ],
         )
         proc.wait_ready(f"{self.fallback_url}/v2/health/ready", 60)
@@ -264,7 +266,7 @@ class Demo:
         x, y = self.split.x_test, self.split.y_test
         if self.opts.samples:
             x, y = x[: self.opts.samples], y[: self.opts.samples]
-        cloud = [Target("cloud", self.fallback_url, token=TOKEN)]
+        cloud = [Target("cloud", self.fallback_url, token=self._token_for("demo-client"))]
         return {
             "edge": await run_phase(agents, MODEL, x, y, route="local"),
             "cloud": await run_phase(cloud, MODEL, x, y, route="auto"),

@@ -89,3 +89,18 @@ async def test_rollout_while_the_broker_is_down_is_a_503_not_a_hang(tmp_path) ->
                     assert (await resp.json())["broker_connected"] is False
     finally:
         broker.stop()
+
+
+async def test_enrollment_issues_each_device_its_own_signed_token(mosquitto, tmp_path) -> None:
+    from common.device_token import verify_token
+    from common.signing import TrustStore
+
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{cp.url}/api/devices/cam-7/token") as resp:
+                assert resp.status == 201
+                token = (await resp.json())["token"]
+            async with s.post(f"{cp.url}/api/devices/bad+id/token") as resp:
+                assert resp.status == 400
+        claims = verify_token(TrustStore([cp.signer.public_key_hex]), token)
+        assert claims.device_id == "cam-7"

@@ -349,3 +349,41 @@ async def test_fallback_fetches_its_model_from_the_control_plane(mosquitto, tmp_
                     trusted_keys=[Signer.generate().public_key_hex],
                 )
             )
+
+
+async def test_device_tokens_signed_by_a_trusted_key_are_accepted(tmp_path) -> None:
+    from common.device_token import issue_token
+
+    signer = Signer.generate()
+    pkg = make_package(tmp_path / "pkg", variant="cloud", signer=signer)
+    app = await build_fallback_app(
+        FallbackSettings(
+            packages=[pkg.directory],
+            trusted_keys=[signer.public_key_hex],
+            tokens={"static-ok"},
+            device_tokens=True,
+        )
+    )
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 64],
+                "data": toy_input(1).ravel().tolist(),
+            }
+        ]
+    }
+    async with TestClient(TestServer(app)) as client:
+        for token, status in [
+            (issue_token(signer, "dev-1"), 200),
+            ("static-ok", 200),
+            (issue_token(Signer.generate(), "dev-1"), 401),
+            (issue_token(signer, "dev-1", lifetime_s=-1), 401),
+            (None, 401),
+        ]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            resp = await client.post("/v2/models/toy/infer", json=body, headers=headers)
+            assert resp.status == status, (token, await resp.text())
+    with pytest.raises(InvalidInputError, match="trust-key"):
+        await build_fallback_app(FallbackSettings(packages=[pkg.directory], device_tokens=True))
