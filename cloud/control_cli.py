@@ -235,14 +235,14 @@ def _list(args: argparse.Namespace, path: str, key: str, header: list[str], row:
 def _list_devices(args: argparse.Namespace) -> int:
     def row(d: dict[str, Any]) -> list[Any]:
         model = (d.get("models") or [{}])[0]
-        router = (d.get("telemetry") or {}).get("router") or {}
+        totals = (d.get("telemetry") or {}).get("totals") or {}
         return [
             d["device_id"],
             d.get("state"),
             model.get("name"),
             model.get("version"),
-            router.get("requests"),
-            sum((router.get("escalated") or {}).values()),
+            totals.get("requests"),
+            totals.get("escalated"),
             d.get("api_url"),
         ]
 

@@ -78,6 +78,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
             web.get("/api/models/{name}/versions/{version}", model_version),
             web.get("/api/artifacts/{digest}", artifact),
             web.post("/api/rollouts", start_rollout),
+            web.get("/api/rollouts", rollouts),
             web.get("/api/rollouts/{id}", rollout),
             web.get("/api/events", events),
         ]
@@ -201,6 +202,11 @@ async def start_rollout(request: web.Request) -> web.Response:
         name, version, targets, allow_downgrade=bool(doc.get("allow_downgrade"))
     )
     return web.json_response({"id": rollout_id}, status=202)
+
+
+async def rollouts(request: web.Request) -> web.Response:
+    records = await asyncio.to_thread(request.app[REGISTRY].rollouts)
+    return web.json_response({"rollouts": records})
 
 
 async def rollout(request: web.Request) -> web.Response:

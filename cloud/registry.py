@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+# Router counters that the fleet view adds up across telemetry reports.
+TOTALLED = ("requests", "served_local", "served_cloud", "degraded", "cloud_errors")
+
+
 def _package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
     """Where the artifact store keeps a signed package (read-only for the fallback)."""
     return store_dir / "packages" / name / variant / version
@@ -185,11 +189,29 @@ class Registry:
         )
 
     def record_telemetry(self, device_id: str, doc: dict[str, Any]) -> None:
-        """Keep the latest telemetry report per device (history belongs in a TSDB)."""
-        self._q(
-            "UPDATE devices SET telemetry=?, last_seen=? WHERE device_id=?",
-            (json.dumps(doc), time.time(), device_id),
-        )
+        """Keep each device's latest report, plus running totals of its router counters.
+
+        Reports count "since the last report"; the totals are what a fleet view
+        shows. (History belongs in a time-series database.)
+        """
+        with self._db.transaction() as db:
+            rows = db.execute("SELECT telemetry FROM devices WHERE device_id=?", (device_id,))
+            previous = json.loads(rows[0][0]) if rows and rows[0][0] else {}
+            totals = dict(previous.get("totals") or {})
+            router = doc.get("router") or {}
+            for key in TOTALLED:
+                value = router.get(key)
+                if isinstance(value, int | float):
+                    totals[key] = totals.get(key, 0) + value
+            escalated = router.get("escalated") or {}
+            if isinstance(escalated, dict):
+                totals["escalated"] = totals.get("escalated", 0) + sum(
+                    v for v in escalated.values() if isinstance(v, int | float)
+                )
+            db.execute(
+                "UPDATE devices SET telemetry=?, last_seen=? WHERE device_id=?",
+                (json.dumps({**doc, "totals": totals}), time.time(), device_id),
+            )
 
     def devices(self) -> list[dict[str, Any]]:
         rows = self._q("SELECT status, last_seen, telemetry FROM devices ORDER BY device_id")
@@ -251,6 +273,11 @@ class Registry:
                     " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",
                     (doc.get("stage"), doc.get("error"), now, doc.get("command_id")),
                 )
+
+    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent rollouts, newest first, each with its devices' stages."""
+        ids = self._q("SELECT id FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [self.rollout(r[0]) for r in ids]
 
     def running_rollouts(self) -> list[tuple[str, str, str]]:
         """(id, model, version) of rollouts not finished: to resume after a restart."""

@@ -41,6 +41,8 @@ async def test_publish_over_http_signs_and_lists_the_model(mosquitto, tmp_path) 
                 assert resp.status == 206
                 full = cp.registry.artifact_path(digest).read_bytes()
                 assert await resp.read() == full[10:20]
+            async with s.get(f"{cp.url}/api/rollouts") as resp:
+                assert (await resp.json()) == {"rollouts": []}
             async with s.get(f"{cp.url}/") as resp:
                 assert resp.status == 200 and "Fogline control plane" in await resp.text()
 

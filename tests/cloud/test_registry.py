@@ -32,9 +32,11 @@ def test_versions_devices_rollouts_and_events(database, tmp_path) -> None:
         registry.version("toy", "9")
 
     registry.upsert_device("d1", {"device_id": "d1", "state": "online"})
-    registry.record_telemetry("d1", {"router": {"requests": 3}})
+    registry.record_telemetry("d1", {"router": {"requests": 3, "escalated": {"uncertain": 1}}})
+    registry.record_telemetry("d1", {"router": {"requests": 2, "escalated": {"heavy": 2}}})
     [device] = registry.devices()
-    assert device["state"] == "online" and device["telemetry"]["router"]["requests"] == 3
+    assert device["state"] == "online" and device["telemetry"]["router"]["requests"] == 2
+    assert device["telemetry"]["totals"] == {"requests": 5, "escalated": 3}
 
     registry.create_rollout("r1", "toy", "1", {"d1": "c1"})
     assert registry.running_rollouts() == [("r1", "toy", "1")]

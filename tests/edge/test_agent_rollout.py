@@ -67,6 +67,8 @@ async def test_rollout_to_three_agents_activates_everywhere(mosquitto, tmp_path)
                     if (dev.get("telemetry") or {}).get("router", {}).get("requests", 0) > 0:
                         break
                     await asyncio.sleep(0.1)
+            listed = cp.registry.rollouts()
+            assert [(r["state"], len(r["devices"])) for r in listed] == [("succeeded", 3)]
             # One broadcast served all three agents: chunks sent once, not three times.
             record = cp.registry.version("toy", "1")
             assert cp.rollouts.stats["chunks_broadcast"] == chunking.chunk_count(
