@@ -24,6 +24,9 @@ def test_topic_layout_matches_design() -> None:
     assert topics.device_topic("d1", "status") == "fogline/v1/devices/d1/status"
     assert topics.artifact_topic("ab12", "chunks") == "fogline/v1/artifacts/ab12/chunks"
     assert topics.all_devices_filter("events") == "fogline/v1/devices/+/events"
+    assert topics.shared(topics.all_devices_filter("events"), "control") == (
+        "$share/control/fogline/v1/devices/+/events"
+    )
 
 
 @pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "x y"])
