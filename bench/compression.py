@@ -24,8 +24,8 @@ import numpy as np
 from cloud.pipeline.compress import evaluate, quantize_int8
 from cloud.pipeline.data import load_digits_split
 from cloud.pipeline.export import export_onnx
-from cloud.pipeline.onnx_model import open_session
 from cloud.pipeline.train import train_model
+from common.onnx_runtime import open_session
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,11 @@ import numpy as np
 from cloud.pipeline.compress import quantize_int8
 from cloud.pipeline.data import load_digits_split
 from cloud.pipeline.export import export_onnx
-from cloud.pipeline.onnx_model import open_session
 from cloud.pipeline.package import build_package, calibrate_routing
 from cloud.pipeline.train import train_model
+from common.inference import ROUTE, InferRequest, Tensor, request_to_rest
 from common.manifest import SignedManifest, artifact_bytes, split_artifact
+from common.onnx_runtime import open_session
 from common.signing import Signer, TrustStore
 from edge.model_store import ModelStore
 from fogline.processes import ManagedProcess
@@ -103,17 +104,8 @@ def _raw(session: Any, rows: list[np.ndarray]) -> list[float]:
 async def _server(http: aiohttp.ClientSession, url: str, rows: list[np.ndarray]) -> list[float]:
     out = []
     for row in rows:
-        body = {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": [1, 64],
-                    "data": row.ravel().tolist(),
-                }
-            ],
-            "parameters": {"fogline.route": "local"},
-        }
+        request = InferRequest("digits", [Tensor("input", row)], parameters={ROUTE: "local"})
+        body = request_to_rest(request)
         start = time.perf_counter_ns()
         async with http.post(url, json=body) as resp:
             await resp.read()

@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from cloud.registry import Registry
-from common import topics
+from common import messages, topics
 from common.json_object import parse_json_object
 from common.mqtt import MqttLink
 
@@ -60,7 +60,7 @@ class FleetMonitor:
         device_id, doc = parsed
         doc["device_id"] = device_id  # the topic, not the payload, says who sent it
         await asyncio.to_thread(self.registry.record_event, doc)
-        if doc.get("stage") in ("failed", "rejected", "chunk_rejected"):
+        if doc.get("stage") in (messages.FAILED, messages.REJECTED, messages.CHUNK_REJECTED):
             logger.warning("device %s: %s %s", device_id, doc.get("stage"), doc.get("error"))
         await self._notify()
 

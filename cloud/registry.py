@@ -25,6 +25,7 @@ from common.manifest import (
     read_package,
     write_package,
 )
+from common.messages import CHUNK_REJECTED
 from common.signing import Signer
 
 SCHEMA = """
@@ -143,34 +144,34 @@ class Registry:
         )
         return VersionRecord(signed, digest, len(data), dest)
 
-    def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
+    def _records(self, where: str, args: tuple) -> list[VersionRecord]:
         rows = self._q(
             "SELECT signed_manifest, artifact_digest, artifact_size FROM versions"
-            " WHERE name=? AND variant=? AND version=?",
-            (name, variant, version),
+            f" WHERE {where} ORDER BY name, release",
+            args,
         )
-        if not rows:
+        records = []
+        for doc, digest, size in rows:
+            signed = SignedManifest.from_dict(json.loads(doc))
+            m = signed.manifest
+            path = _package_path(self.store_dir, m.name, m.variant, m.version)
+            records.append(VersionRecord(signed, digest, size, path))
+        return records
+
+    def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
+        found = self._records("name=? AND variant=? AND version=?", (name, variant, version))
+        if not found:
             raise ModelNotFoundError(name, f"{version} ({variant})")
-        signed = SignedManifest.from_dict(json.loads(rows[0][0]))
-        dest = _package_path(self.store_dir, name, variant, version)
-        return VersionRecord(signed, rows[0][1], rows[0][2], dest)
+        return found[0]
 
     def versions(self, name: str | None = None) -> list[VersionRecord]:
-        rows = self._q(
-            "SELECT name, version, variant FROM versions"
-            + (" WHERE name=?" if name else "")
-            + " ORDER BY name, release",
-            (name,) if name else (),
-        )
-        return [self.version(n, v, var) for n, v, var in rows]
+        return self._records("name=?", (name,)) if name else self._records("1=1", ())
 
     def version_by_digest(self, digest: str) -> VersionRecord:
-        rows = self._q(
-            "SELECT name, version, variant FROM versions WHERE artifact_digest=?", (digest,)
-        )
-        if not rows:
+        found = self._records("artifact_digest=?", (digest,))
+        if not found:
             raise ModelNotFoundError(f"artifact {digest[:16]}")
-        return self.version(rows[0][0], rows[0][1], rows[0][2])
+        return found[0]
 
     def artifact_path(self, digest: str) -> Path:
         path = self.store_dir / "artifacts" / digest
@@ -267,7 +268,7 @@ class Registry:
                     now,
                 ),
             )
-            if doc.get("stage") not in ("chunk_rejected",):
+            if doc.get("stage") != CHUNK_REJECTED:  # says nothing of the command's progress
                 db.execute(
                     "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
                     " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",

@@ -20,15 +20,15 @@ from cloud.registry import Registry, VersionRecord
 from common import chunking, topics
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
-from common.messages import Command, sign_command
+from common.messages import FAILED, REJECTED, STAGES, Command, sign_command
 from common.mqtt import MqttError, MqttLink
 from common.signing import Signer
 
 logger = logging.getLogger(__name__)
 
-TERMINAL = ("activated", "failed", "rejected")
+TERMINAL = ("activated", FAILED, REJECTED)
 # Stages at or after which an agent is subscribed to the chunk topic.
-SUBSCRIBED = ("downloading", "downloaded", "verified", "staged", "loaded", "self_tested", *TERMINAL)
+SUBSCRIBED = (*STAGES[STAGES.index("downloading") :], FAILED, REJECTED)
 
 
 class RolloutController:

@@ -71,12 +71,6 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] | None = None  # requested output names; None means all
 
-    def input(self, name: str) -> Tensor:
-        for t in self.inputs:
-            if t.name == name:
-                return t
-        raise InvalidInputError(f"request has no input named {name!r}")
-
 
 @dataclass
 class InferResponse:

@@ -31,6 +31,8 @@ STAGES = (
     "activated",
 )
 FAILED = "failed"
+REJECTED = "rejected"  # a command refused before it started (signature, seq, expiry)
+CHUNK_REJECTED = "chunk_rejected"  # one damaged chunk; the download goes on
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,7 @@ class OnnxRuntime:
         return self._session is not None
 
     def _open(self) -> Any:
-        import onnxruntime as ort  # lazy: heavy, and not needed by the wire formats
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self._threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(self.model_path), opts, providers=self._providers)
+        session = open_session(self.model_path, threads=self._threads, providers=self._providers)
         declared = {s.name for s in self.manifest.inputs}
         actual = {i.name for i in session.get_inputs()}
         if declared != actual:
@@ -178,11 +172,22 @@ class OnnxRuntime:
         self._session = None
 
 
+def open_session(model_path: Path, *, threads: int = 1, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session with a fixed thread count: the one way Fogline opens one."""
+    import onnxruntime as ort  # lazy: heavy, and not needed by the wire formats
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(
+        str(model_path), opts, providers=providers or ["CPUExecutionProvider"]
+    )
+
+
 def describe_onnx_io(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Read a model's input/output signature, for building a manifest."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = open_session(model_path)
 
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) else -1 for d in arg.shape]

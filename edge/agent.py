@@ -188,7 +188,7 @@ class EdgeAgent:
             logger.warning("refused command: %s", exc)
             await self._emit_event(
                 messages.event(
-                    self.config.device_id, _command_id(payload), "rejected", error=str(exc)
+                    self.config.device_id, _command_id(payload), messages.REJECTED, error=str(exc)
                 )
             )
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ class AgentConfig:
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
     artifact_transport: str = "mqtt"  # "mqtt" (HTTP as fallback) or "http" (HTTP only)
     intra_op_threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:

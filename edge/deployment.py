@@ -20,7 +20,7 @@ from common.chunking import Assembler
 from common.errors import FoglineError, InvalidInputError, VerificationError
 from common.golden import compare, load_golden
 from common.manifest import SignedManifest, artifact_digest, split_artifact
-from common.messages import FAILED, Command, chunk_request, event
+from common.messages import CHUNK_REJECTED, FAILED, Command, chunk_request, event
 from common.mqtt import MqttError, MqttLink
 from common.onnx_runtime import OnnxRuntime
 from edge.model_store import ModelStore, SlotModel
@@ -156,7 +156,7 @@ class Deployer:
                 if asm.add(chunking.decode(payload)):
                     progress.set()
             except VerificationError as exc:
-                await self._emit(cmd, "chunk_rejected", error=str(exc))
+                await self._emit(cmd, CHUNK_REJECTED, error=str(exc))
 
         self._link.subscribe(topic, on_chunk)
         try:

@@ -116,3 +116,20 @@ def make_package(
     signed = SignedManifest.sign(manifest, signer)
     write_package(directory, signed)
     return Package(directory, signed, signer)
+
+
+def v2_infer_body(rows: int = 1, **parameters: object) -> dict:
+    """A V2 JSON infer request for the toy model, as a plain REST client writes it."""
+    body: dict = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [rows, IN_FEATURES],
+                "data": toy_input(rows).ravel().tolist(),
+            }
+        ]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return body

@@ -1,5 +1,7 @@
 """Helpers on ONNX model files shared by export, compress, package and bench.
 
+Sessions are opened with ``common.onnx_runtime.open_session``, like everywhere else.
+
 NOTE: imports neither torch nor sklearn, so the CLI and the packager stay
 light; onnx and onnxruntime are imported where used.
 """
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.onnx_runtime import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +31,6 @@ def has_external_data(model: Any) -> bool:
     for node in model.graph.node:
         tensors.extend(a.t for a in node.attribute if a.HasField("t"))
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
-
-
-def open_session(model_path: Path, *, threads: int = 1) -> Any:
-    """A CPU ONNX Runtime session with a fixed, small thread count."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
 def input_name(model_path: Path) -> str:

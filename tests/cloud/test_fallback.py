@@ -32,7 +32,7 @@ from common.errors import InvalidInputError, ModelNotFoundError, VerificationErr
 from common.inference import MODEL_VERSION, SERVED_BY
 from common.manifest import MANIFEST_FILE, SignedManifest, write_package
 from common.signing import Signer
-from tests.model_fixtures import Package, make_package, reference_output, toy_input
+from tests.model_fixtures import Package, make_package, reference_output, toy_input, v2_infer_body
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "fallback-token"
@@ -320,16 +320,7 @@ async def test_fallback_fetches_its_model_from_the_control_plane(mosquitto, tmp_
         )
         app = await build_fallback_app(settings)
         async with TestClient(TestServer(app)) as client:
-            body = {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "datatype": "FP32",
-                        "shape": [1, 64],
-                        "data": toy_input(1).ravel().tolist(),
-                    }
-                ]
-            }
+            body = v2_infer_body(1)
             resp = await client.post("/v2/models/toy/infer", json=body)
             assert resp.status == 200
             assert (await resp.json())["parameters"]["fogline.served_by"] == "cloud"
@@ -364,16 +355,7 @@ async def test_device_tokens_signed_by_a_trusted_key_are_accepted(tmp_path) -> N
             device_tokens=True,
         )
     )
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": [1, 64],
-                "data": toy_input(1).ravel().tolist(),
-            }
-        ]
-    }
+    body = v2_infer_body(1)
     async with TestClient(TestServer(app)) as client:
         for token, status in [
             (issue_token(signer, "dev-1"), 200),

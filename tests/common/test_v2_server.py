@@ -19,18 +19,9 @@ from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
 from common.onnx_runtime import OnnxRuntime
 from common.runtime import ModelInfo
 from common.v2_server import BINARY_HEADER, V2_STATE, DataPlane, build_v2_app
-from tests.model_fixtures import Package, make_package, reference_output, toy_input
+from tests.model_fixtures import Package, make_package, reference_output, toy_input, v2_infer_body
 
-GOOD_BODY = {
-    "inputs": [
-        {
-            "name": "input",
-            "datatype": "FP32",
-            "shape": [2, 64],
-            "data": toy_input(2).ravel().tolist(),
-        }
-    ]
-}
+GOOD_BODY = v2_infer_body(2)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 import aiohttp
 
 from tests.edge.agent_harness import ControlPlane, agent_config
-from tests.model_fixtures import toy_input
+from tests.model_fixtures import v2_infer_body
 
 STAGES = ["downloading", "verified", "staged", "loaded", "self_tested", "activated"]
 
@@ -28,17 +28,7 @@ def start_agent(config_path, log) -> subprocess.Popen:
 
 
 async def served_version(url: str, timeout: float = 30) -> str:
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": [1, 64],
-                "data": toy_input(1).ravel().tolist(),
-            }
-        ],
-        "parameters": {"fogline.route": "local"},
-    }
+    body = v2_infer_body(1, **{"fogline.route": "local"})
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:

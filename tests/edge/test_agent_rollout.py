@@ -16,21 +16,11 @@ from common.messages import Command, sign_command
 from common.mqtt import MqttLink
 from edge.agent import EdgeAgent
 from tests.edge.agent_harness import ControlPlane, agent_config
-from tests.model_fixtures import make_package, toy_input
+from tests.model_fixtures import make_package, v2_infer_body
 
 
 async def infer(agent: EdgeAgent, rows: int = 1) -> dict:
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": [rows, 64],
-                "data": toy_input(rows).ravel().tolist(),
-            }
-        ],
-        "parameters": {"fogline.route": "local"},
-    }
+    body = v2_infer_body(rows, **{"fogline.route": "local"})
     async with (
         aiohttp.ClientSession() as s,
         s.post(f"{agent.config.api_url}/v2/models/toy/infer", json=body) as resp,

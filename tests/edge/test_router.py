@@ -42,7 +42,7 @@ from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudClient, CloudConnectError
 from edge.router import Router, RouterPolicy
 from kernels import uncertainty
-from tests.model_fixtures import Package, make_package, reference_output, toy_input
+from tests.model_fixtures import Package, make_package, reference_output, toy_input, v2_infer_body
 
 TOKEN = "edge-device-token"
 
@@ -471,17 +471,7 @@ async def test_local_api_wiring(cloud: TestServer, local: OnnxRuntime, routers: 
     try:
         meta = await (await client.get("/v2/models/toy")).json()
         assert meta["versions"] == ["e1"]
-        body = {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": [1, 64],
-                    "data": toy_input(1).ravel().tolist(),
-                }
-            ],
-            "parameters": {ROUTE: "cloud"},
-        }
+        body = v2_infer_body(1, **{ROUTE: "cloud"})
         doc = await (await client.post("/v2/models/toy/infer", json=body)).json()
         assert doc["parameters"][SERVED_BY] == "cloud" and doc["model_name"] == "toy"
         await _binary_request_through_edge_to_cloud(client)
