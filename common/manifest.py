@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidInputError, VerificationError
+from common.names import check_digest, check_name
 from common.signing import Signer, TrustStore
 
 MANIFEST_FILE = "manifest.json"
 UNSIGNED_MANIFEST_FILE = "manifest.unsigned.json"  # what operators upload; the control plane signs
 SCHEMA = "fogline.manifest/v1"
-# File names are a single path component: nothing may write outside its slot.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -100,16 +98,25 @@ class Manifest:
         return m
 
     def validate(self) -> None:
+        """Every field that becomes a path, a topic or a key is checked here, once."""
+        check_name(self.name, "model name")
+        check_name(self.version, "model version")
+        check_name(self.variant, "variant")
+        if not isinstance(self.release, int) or isinstance(self.release, bool) or self.release < 0:
+            raise InvalidInputError(f"release must be a non-negative integer, got {self.release!r}")
+        if self.parent is not None:
+            check_name(self.parent, "parent version")
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):
             raise InvalidInputError("manifest lists a file twice")
         for f in self.files:
-            if not _SAFE_NAME.match(f.name) or f.name == MANIFEST_FILE:
+            # File names are a single path component: nothing may write outside its slot.
+            check_name(f.name, "file name in manifest")
+            if f.name == MANIFEST_FILE:
                 raise InvalidInputError(f"unsafe file name in manifest: {f.name!r}")
-            if not isinstance(f.size, int) or f.size < 0:
+            if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
                 raise InvalidInputError(f"bad size for {f.name!r}")
-            if not re.fullmatch(r"[0-9a-f]{64}", f.sha256):
-                raise InvalidInputError(f"bad sha256 for {f.name!r}")
+            check_digest(f.sha256, f"sha256 of {f.name!r}")
         if sum(1 for f in self.files if f.role == "model") != 1:
             raise InvalidInputError("manifest must name exactly one model file")
 

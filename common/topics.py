@@ -6,33 +6,25 @@ and ``fogline/v1/artifacts/{a}/{chunks|requests}``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from common.names import check_digest, check_name
 
 ROOT = "fogline/v1"
 DEVICE_KINDS = ("status", "telemetry", "commands", "events")
 ARTIFACT_KINDS = ("chunks", "requests")
 
-# Device ids and digests become topic levels: no wildcards, separators or spaces.
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-def _check_segment(value: str, what: str) -> str:
-    if not _SEGMENT.match(value):
-        raise ValueError(f"invalid {what} for an MQTT topic: {value!r}")
-    return value
-
 
 def device_topic(device_id: str, kind: str) -> str:
     if kind not in DEVICE_KINDS:
         raise ValueError(f"unknown device topic kind {kind!r}")
-    return f"{ROOT}/devices/{_check_segment(device_id, 'device id')}/{kind}"
+    return f"{ROOT}/devices/{check_name(device_id, 'device id')}/{kind}"
 
 
 def artifact_topic(digest: str, kind: str) -> str:
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"unknown artifact topic kind {kind!r}")
-    return f"{ROOT}/artifacts/{_check_segment(digest, 'artifact digest')}/{kind}"
+    return f"{ROOT}/artifacts/{check_digest(digest)}/{kind}"
 
 
 def all_devices_filter(kind: str) -> str:
@@ -50,7 +42,7 @@ def all_artifacts_filter(kind: str) -> str:
 
 def shared(filter_: str, group: str) -> str:
     """An MQTT 5 shared subscription filter, for control-plane replicas."""
-    return f"$share/{_check_segment(group, 'share group')}/{filter_}"
+    return f"$share/{check_name(group, 'share group')}/{filter_}"
 
 
 @dataclass(frozen=True)
@@ -69,5 +61,8 @@ def parse(topic: str) -> Topic:
     kinds = {"devices": DEVICE_KINDS, "artifacts": ARTIFACT_KINDS}.get(scope)
     if kinds is None or kind not in kinds:
         raise ValueError(f"not a fogline topic: {topic!r}")
-    _check_segment(ident, "topic level")
+    if scope == "devices":
+        check_name(ident, "device id")
+    else:
+        check_digest(ident)
     return Topic(scope, ident, kind)
