@@ -30,12 +30,18 @@ async def fetch_artifact(
     partial: Path,
     attempts: int = 3,
     timeout_s: float = 60.0,
+    token: str | None = None,
 ) -> bytes:
-    """Download into ``partial`` (resuming what is there) and return the checked bytes."""
+    """Download into ``partial`` (resuming what is there) and return the checked bytes.
+
+    ``token`` goes out as ``Authorization: Bearer``: a device token from an agent,
+    an operator token from the fallback.
+    """
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     last_error: Exception | None = None
     for _ in range(attempts):
         try:
-            await _fill(session, url, size, partial, timeout_s)
+            await _fill(session, url, size, partial, timeout_s, auth)
         except (aiohttp.ClientError, TimeoutError) as exc:
             last_error = exc  # keep what arrived; the next attempt resumes from there
             logger.info("artifact download from %s interrupted: %s", url, exc)
@@ -51,7 +57,12 @@ async def fetch_artifact(
 
 
 async def _fill(
-    session: aiohttp.ClientSession, url: str, size: int, partial: Path, timeout_s: float
+    session: aiohttp.ClientSession,
+    url: str,
+    size: int,
+    partial: Path,
+    timeout_s: float,
+    auth: dict[str, str],
 ) -> None:
     have = partial.stat().st_size if partial.exists() else 0
     if have > size:
@@ -59,7 +70,7 @@ async def _fill(
         have = 0
     if have == size:
         return
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    headers = {**auth, "Range": f"bytes={have}-"} if have else dict(auth)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with session.get(url, headers=headers, timeout=timeout) as resp:
         if resp.status == 200:

@@ -20,8 +20,24 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "fallback": ("the cloud fallback inference server", [("cloud.fallback", "register_cli")]),
     "edge": ("the edge agent", [("edge.cli", "register")]),
     "model": (
-        "train, compress, package, publish and roll out models",
-        [("cloud.pipeline.cli", "register"), ("cloud.control_cli", "register_operator")],
+        "train, compress, package, sign, publish and roll out models",
+        [
+            ("cloud.pipeline.cli", "register"),
+            ("cloud.control_cli", "register_operator"),
+            ("cloud.keys_cli", "register_model_sign"),
+        ],
+    ),
+    "keys": (
+        "the signing keys: create, rotate, revoke, list",
+        [("cloud.keys_cli", "register")],
+    ),
+    "device": (
+        "enroll devices: broker credentials, trusted keys and a fallback token",
+        [("cloud.enrollment_cli", "register_device")],
+    ),
+    "broker": (
+        "broker configuration with per-device credentials and an ACL",
+        [("cloud.enrollment_cli", "register_broker")],
     ),
 }
 
