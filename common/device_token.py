@@ -48,7 +48,7 @@ def verify_token(trust: TrustStore, token: str, *, now: float | None = None) -> 
     try:
         payload, _, signature = token.partition(".")
         claims: Any = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        trust.verify(claims, signature, str(claims["key_id"]))
+        trust.verify(claims, signature, str(claims["key_id"]), purpose="token")
         device_id, expires_at = str(claims["device_id"]), float(claims["expires_at"])
     except (ValueError, KeyError, TypeError, binascii.Error, VerificationError) as exc:
         raise AuthError(f"invalid device token: {exc}") from None

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.errors import InvalidInputError, VerificationError
 from common.names import check_digest, check_name
-from common.signing import Signer, TrustStore
+from common.signing import Purpose, Signer, TrustStore
 
 MANIFEST_FILE = "manifest.json"
 UNSIGNED_MANIFEST_FILE = "manifest.unsigned.json"  # what operators upload; the control plane signs
@@ -155,8 +155,9 @@ class SignedManifest:
     def sign(cls, manifest: Manifest, signer: Signer) -> SignedManifest:
         return cls(manifest, signer.sign(manifest.to_dict()), signer.key_id)
 
-    def verify(self, trust: TrustStore) -> None:
-        trust.verify(self.manifest.to_dict(), self.signature, self.key_id)
+    def verify(self, trust: TrustStore, *, purpose: Purpose = "manifest") -> None:
+        """``purpose="installed"``: re-check a package this host accepted earlier (TrustStore)."""
+        trust.verify(self.manifest.to_dict(), self.signature, self.key_id, purpose=purpose)
 
 
 def sha256_file(path: Path) -> str:
@@ -196,7 +197,9 @@ def read_unsigned(directory: Path) -> Manifest:
     return Manifest.from_dict(doc)
 
 
-def read_package(directory: Path, trust: TrustStore | None = None) -> SignedManifest:
+def read_package(
+    directory: Path, trust: TrustStore | None = None, *, purpose: Purpose = "manifest"
+) -> SignedManifest:
     """Read and check a package dir: the signature (if ``trust``) and every file's digest."""
     try:
         doc = json.loads((directory / MANIFEST_FILE).read_text())
@@ -204,7 +207,7 @@ def read_package(directory: Path, trust: TrustStore | None = None) -> SignedMani
         raise InvalidInputError(f"cannot read manifest in {directory}: {exc}") from exc
     signed = SignedManifest.from_dict(doc)
     if trust is not None:
-        signed.verify(trust)
+        signed.verify(trust, purpose=purpose)
     for f in signed.manifest.files:
         path = directory / f.name
         if not path.is_file() or path.stat().st_size != f.size or sha256_file(path) != f.sha256:

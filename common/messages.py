@@ -17,7 +17,8 @@ from common.errors import InvalidInputError, ReplayError
 from common.json_object import parse_json_object
 from common.signing import Signer, TrustStore
 
-COMMAND_TYPES = ("deploy", "rollback", "set-policy")
+TRUST = "trust"  # a new signed keyring for the device (common.keyring)
+COMMAND_TYPES = ("deploy", "rollback", "set-policy", TRUST)
 
 # Event stages of a deployment, in order; "failed" and "rejected" end it early.
 STAGES = (
@@ -33,6 +34,7 @@ STAGES = (
 FAILED = "failed"
 REJECTED = "rejected"  # a command refused before it started (signature, seq, expiry)
 CHUNK_REJECTED = "chunk_rejected"  # one damaged chunk; the download goes on
+TRUSTED = "trusted"  # a trust command applied: the device now holds keyring ``keyring_version``
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,13 @@ class CommandGuard:
         self.last_seq = last_seq
         self._clock = clock
 
-    def accept(self, cmd: Command) -> None:
+    def check_fresh(self, cmd: Command) -> None:
+        """Expiry only: for trust commands, which keyring versions order instead of ``seq``."""
         if cmd.expires_at < self._clock():
             raise ReplayError(f"command {cmd.id} expired")
+
+    def accept(self, cmd: Command) -> None:
+        self.check_fresh(cmd)
         if cmd.seq <= self.last_seq:
             raise ReplayError(f"command {cmd.id} seq {cmd.seq} <= last accepted {self.last_seq}")
         self.last_seq = cmd.seq
@@ -122,7 +128,9 @@ def status(
     runtimes: list[str] | None = None,
     models: list[dict[str, Any]] | None = None,
     api_url: str | None = None,
+    keyring_version: int = 0,
 ) -> bytes:
+    """``keyring_version`` lets the control plane send a device the keyrings it lacks."""
     return json.dumps(
         {
             "device_id": device_id,
@@ -132,6 +140,7 @@ def status(
             "runtimes": runtimes or [],
             "models": models or [],
             "api_url": api_url,
+            "keyring_version": keyring_version,
             "ts": time.time(),
         }
     ).encode()

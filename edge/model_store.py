@@ -70,7 +70,9 @@ class ModelStore:
             return None
         path = self.slots_dir / slot
         try:
-            return SlotModel(slot, path, read_package(path, self.trust))
+            # "installed": a slot signed by a key retired since is still ours; a revoked one is not.
+            signed = read_package(path, self.trust, purpose="installed")
+            return SlotModel(slot, path, signed)
         except (InvalidInputError, VerificationError) as exc:
             logger.warning("slot %s is not a valid package: %s", slot, exc)
             return None
