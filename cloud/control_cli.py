@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FoglineError
-from common.manifest import UNSIGNED_MANIFEST_FILE, read_unsigned
+from common.manifest import MANIFEST_FILE, UNSIGNED_MANIFEST_FILE, read_package, read_unsigned
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="postgresql://… for state shared by replicas (default: WORKDIR/control.sqlite)",
     )
+    serve.add_argument(
+        "--require-offline-signature",
+        action="store_true",
+        help="accept only packages signed offline by a release key (fogline model sign), "
+        "so that a stolen operator token alone cannot ship a model",
+    )
     serve.add_argument("--broker-host", default="127.0.0.1")
     serve.add_argument("--broker-port", type=int, default=1883)
     serve.add_argument(
@@ -74,7 +80,9 @@ def register_operator(subparsers: argparse._SubParsersAction) -> None:
         "publish",
         help="upload a package to the control plane, which signs and stores it",
         description="Upload a package directory made by `fogline model package` "
-        f"({UNSIGNED_MANIFEST_FILE} + files). The control plane signs it.",
+        f"({UNSIGNED_MANIFEST_FILE} + files). The control plane signs it, unless the "
+        f"package was signed offline (`fogline model sign`: {MANIFEST_FILE}), which is "
+        "then sent as it is.",
     )
     pub.add_argument("--package", type=Path, required=True, help="package directory")
     pub.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
@@ -108,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         public_url=args.public_url,
         database=args.database,
+        require_offline_signature=args.require_offline_signature,
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
     web.run_app(
@@ -152,9 +161,15 @@ class ControlClient:
         )
 
     def publish(self, package_dir: Path) -> dict[str, Any]:
-        manifest = read_unsigned(package_dir).to_dict()
+        """Upload; a package signed offline (``manifest.json``) goes as ``signed_manifest``."""
         boundary = uuid.uuid4().hex
-        parts = [_part(boundary, "manifest", None, json.dumps(manifest).encode())]
+        if (package_dir / MANIFEST_FILE).is_file():
+            signed = read_package(package_dir).to_dict()  # its files match it, or this raises
+            manifest = signed["manifest"]
+            parts = [_part(boundary, "signed_manifest", None, json.dumps(signed).encode())]
+        else:
+            manifest = read_unsigned(package_dir).to_dict()
+            parts = [_part(boundary, "manifest", None, json.dumps(manifest).encode())]
         for f in manifest["files"]:
             parts.append(
                 _part(boundary, f["name"], f["name"], (package_dir / f["name"]).read_bytes())

@@ -15,23 +15,25 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cloud import keys_api
 from cloud.fleet import FleetMonitor
-from cloud.registry import Registry
+from cloud.key_rollout import KeyService
+from cloud.keys import KeyStore
+from cloud.keys_api import KEYS
+from cloud.registry import Registry, VersionRecord
 from cloud.rollout import RolloutController
 from common import topics
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
-from common.manifest import Manifest
+from common.manifest import Manifest, SignedManifest
 from common.mqtt import MqttLink
-from common.signing import Signer
 from common.v2_server import error_middleware
 
 logger = logging.getLogger(__name__)
 
 REGISTRY = web.AppKey("registry", Registry)
 ROLLOUTS = web.AppKey("rollouts", RolloutController)
-SIGNER = web.AppKey("signer", Signer)
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 
@@ -45,6 +47,7 @@ class ControlSettings:
     chunk_size: int = 32 * 1024
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
+    require_offline_signature: bool = False  # refuse uploads not signed by a release key
 
     @property
     def artifact_base_url(self) -> str:
@@ -70,7 +73,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         [
             web.get("/", dashboard),
             web.get("/api/health", health),
-            web.get("/api/keys", keys),
+            *keys_api.ROUTES,
             web.get("/api/devices", devices),
             web.post("/api/devices/{device_id}/token", device_token),
             web.get("/api/models", models),
@@ -89,29 +92,38 @@ def build_control_app(settings: ControlSettings) -> web.Application:
 def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings.workdir.mkdir(parents=True, exist_ok=True)
-        signer = Signer.load_or_create(settings.key_path)
-        registry = Registry(settings.database or settings.db_path, settings.store_dir)
-        # NOTE: a persistent session under a stable client id: the broker keeps the
-        # devices' events and chunk requests while the control plane restarts.
-        link = MqttLink(
-            client_id=f"fogline-control-{settings.port}",
-            host=settings.broker_host,
-            port=settings.broker_port,
-            persistent_session=True,
-        )
-        fleet = FleetMonitor(registry, link)
-        rollouts = RolloutController(
-            registry,
-            fleet,
-            signer,
-            link,
-            chunk_size=settings.chunk_size,
-            artifact_base_url=settings.artifact_base_url,
-        )
-        async with link, fleet, rollouts:
-            app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer
-            yield
-        registry.close()
+        keystore = KeyStore(settings.workdir)  # keys/: never under store/, which is served
+        with keystore.locked():
+            signer = await asyncio.to_thread(keystore.open_or_create)
+            registry = Registry(settings.database or settings.db_path, settings.store_dir)
+            # NOTE: a persistent session under a stable client id: the broker keeps the
+            # devices' events and chunk requests while the control plane restarts.
+            link = MqttLink(
+                client_id=f"fogline-control-{settings.port}",
+                host=settings.broker_host,
+                port=settings.broker_port,
+                persistent_session=True,
+            )
+            fleet = FleetMonitor(registry, link)
+            rollouts = RolloutController(
+                registry,
+                fleet,
+                signer,
+                link,
+                chunk_size=settings.chunk_size,
+                artifact_base_url=settings.artifact_base_url,
+            )
+            keys = KeyService(
+                keystore,
+                registry,
+                link,
+                rollouts,
+                require_offline_signature=settings.require_offline_signature,
+            )
+            async with link, fleet, rollouts, keys:
+                app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+                yield
+            registry.close()
 
     return ctx
 
@@ -125,13 +137,6 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "broker_connected": connected})
 
 
-async def keys(request: web.Request) -> web.Response:
-    signer = request.app[SIGNER]
-    return web.json_response(
-        {"keys": [{"key_id": signer.key_id, "public_key": signer.public_key_hex}]}
-    )
-
-
 async def devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": request.app[REGISTRY].devices()})
 
@@ -143,7 +148,7 @@ async def device_token(request: web.Request) -> web.Response:
         topics.device_topic(device_id, "status")  # the same rule as every device id
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
-    token = issue_token(request.app[SIGNER], device_id)
+    token = issue_token(request.app[KEYS].signer, device_id)
     return web.json_response({"device_id": device_id, "token": token}, status=201)
 
 
@@ -161,25 +166,44 @@ async def model_version(request: web.Request) -> web.Response:
 
 
 async def publish(request: web.Request) -> web.Response:
-    """Multipart upload: a ``manifest`` part (unsigned manifest JSON) and one part per file."""
+    """Multipart upload: the manifest and one part per file.
+
+    The manifest is either ``manifest`` (unsigned: the control plane signs it) or
+    ``signed_manifest`` (signed offline by a release key, stored as it is).
+    """
     if not request.content_type.startswith("multipart/"):
         raise InvalidInputError("publish expects multipart/form-data: manifest + files")
     reader = await request.multipart()
     manifest: Manifest | None = None
+    signed: SignedManifest | None = None
     with tempfile.TemporaryDirectory(dir=request.app[REGISTRY].store_dir) as tmp:
         async for part in reader:
             if part.name == "manifest":
                 manifest = Manifest.from_dict(parse_json_object(await part.text(), "manifest"))
+            elif part.name == "signed_manifest":
+                doc = parse_json_object(await part.text(), "signed manifest")
+                signed = SignedManifest.from_dict(doc)
             elif part.filename:
                 name = Path(part.filename).name
                 (Path(tmp) / name).write_bytes(await part.read())
-        if manifest is None:
-            raise InvalidInputError("publish: no 'manifest' part")
-        record = await asyncio.to_thread(
-            request.app[REGISTRY].publish, Path(tmp), manifest, request.app[SIGNER]
-        )
-    logger.info("published %s %s (%s)", manifest.name, manifest.version, manifest.variant)
+        request.app[KEYS].check_upload(signed)
+        record = await _store_upload(request.app, Path(tmp), manifest, signed)
+    m = record.manifest
+    logger.info("published %s %s (%s, key %s)", m.name, m.version, m.variant, record.signed.key_id)
     return web.json_response(record.summary(), status=201)
+
+
+async def _store_upload(
+    app: web.Application, tmp: Path, manifest: Manifest | None, signed: SignedManifest | None
+) -> VersionRecord:
+    registry = app[REGISTRY]
+    if signed is not None:
+        if manifest is not None and manifest != signed.manifest:
+            raise InvalidInputError("publish: 'manifest' and 'signed_manifest' differ")
+        return await asyncio.to_thread(registry.publish_signed, tmp, signed)
+    if manifest is None:
+        raise InvalidInputError("publish: no 'manifest' part")
+    return await asyncio.to_thread(registry.publish, tmp, manifest, app[KEYS].signer)
 
 
 async def artifact(request: web.Request) -> web.FileResponse:

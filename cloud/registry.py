@@ -112,7 +112,12 @@ class Registry:
     def publish(self, source_dir: Path, manifest: Manifest, signer: Signer) -> VersionRecord:
         """Sign a package whose files are in ``source_dir`` and store it."""
         manifest.validate()
-        m = manifest
+        return self.publish_signed(source_dir, SignedManifest.sign(manifest, signer))
+
+    def publish_signed(self, source_dir: Path, signed: SignedManifest) -> VersionRecord:
+        """Store a package signed elsewhere (offline, by a release key: checked by the caller)."""
+        m = signed.manifest
+        m.validate()
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
@@ -122,7 +127,6 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         for f in m.files:
             shutil.copyfile(source_dir / f.name, dest / f.name)
-        signed = SignedManifest.sign(m, signer)
         write_package(dest, signed)
         read_package(dest)  # every file matches the manifest, or this raises
         data = artifact_bytes(dest, m)
@@ -157,6 +161,24 @@ class Registry:
             path = _package_path(self.store_dir, m.name, m.variant, m.version)
             records.append(VersionRecord(signed, digest, size, path))
         return records
+
+    def resign(self, old_key_id: str, signer: Signer) -> int:
+        """Re-sign every manifest ``old_key_id`` signed with ``signer`` (after a rotation,
+        so versions published before it still deploy once the old key is retired).
+        Manifests signed offline by release keys are left alone. Returns how many."""
+        count = 0
+        for record in self._records("1=1", ()):
+            if record.signed.key_id != old_key_id:
+                continue
+            signed = SignedManifest.sign(record.manifest, signer)
+            write_package(record.package_dir, signed)
+            m = record.manifest
+            self._q(
+                "UPDATE versions SET signed_manifest=? WHERE name=? AND variant=? AND version=?",
+                (json.dumps(signed.to_dict()), m.name, m.variant, m.version),
+            )
+            count += 1
+        return count
 
     def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
         found = self._records("name=? AND variant=? AND version=?", (name, variant, version))

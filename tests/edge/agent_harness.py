@@ -12,7 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from cloud.control_server import REGISTRY, ROLLOUTS, SIGNER, ControlSettings, build_control_app
+from cloud.control_server import REGISTRY, ROLLOUTS, ControlSettings, build_control_app
+from cloud.key_rollout import KeyService
+from cloud.keys_api import KEYS
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
 from common.signing import Signer
@@ -25,7 +27,13 @@ class ControlPlane:
     """``async with ControlPlane(tmp, broker) as cp``: the real app on a free port."""
 
     def __init__(
-        self, workdir: Path, broker: Any, *, chunk_size: int = 1024, database: str | None = None
+        self,
+        workdir: Path,
+        broker: Any,
+        *,
+        chunk_size: int = 1024,
+        database: str | None = None,
+        require_offline_signature: bool = False,
     ) -> None:
         self.settings = ControlSettings(
             workdir=workdir,
@@ -34,6 +42,7 @@ class ControlPlane:
             broker_port=broker.port,
             chunk_size=chunk_size,
             database=database,
+            require_offline_signature=require_offline_signature,
         )
         self.url = f"http://127.0.0.1:{self.settings.port}"
         self._runner: web.AppRunner | None = None
@@ -59,8 +68,12 @@ class ControlPlane:
         return self.app[ROLLOUTS]
 
     @property
+    def keys(self) -> KeyService:
+        return self.app[KEYS]
+
+    @property
     def signer(self) -> Signer:
-        return self.app[SIGNER]
+        return self.app[KEYS].signer
 
     def publish_toy(self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy"):
         pkg = make_package(

@@ -1,0 +1,51 @@
+"""``/api/keys``: the signed keyring, and key changes on a running control plane.
+
+Handlers parse HTTP only; ``KeyService`` decides. Changing keys is an admin
+action (the operator-token middleware guards these routes by role).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from cloud.key_rollout import KeyService
+from common.errors import InvalidInputError
+from common.json_object import parse_json_object
+
+KEYS = web.AppKey("keys", KeyService)
+
+
+async def keys(request: web.Request) -> web.Response:
+    return web.json_response(request.app[KEYS].document())
+
+
+async def rotate(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[KEYS].rotate())
+
+
+async def retire(request: web.Request) -> web.Response:
+    doc = await request.app[KEYS].change("retire", request.match_info["key_id"])
+    return web.json_response(doc)
+
+
+async def revoke(request: web.Request) -> web.Response:
+    doc = await request.app[KEYS].change("revoke", request.match_info["key_id"])
+    return web.json_response(doc)
+
+
+async def add(request: web.Request) -> web.Response:
+    """Trust a key made elsewhere: ``{"public_key": HEX, "role": "release"}``."""
+    doc = parse_json_object(await request.read(), "key")
+    public_key, role = doc.get("public_key"), doc.get("role", "release")
+    if not isinstance(public_key, str) or not isinstance(role, str):
+        raise InvalidInputError("add a key with {'public_key': HEX, 'role': 'release'}")
+    return web.json_response(await request.app[KEYS].change("add", public_key, role), status=201)
+
+
+ROUTES = [
+    web.get("/api/keys", keys),
+    web.post("/api/keys", add),
+    web.post("/api/keys/rotate", rotate),
+    web.post("/api/keys/{key_id}/retire", retire),
+    web.post("/api/keys/{key_id}/revoke", revoke),
+]
