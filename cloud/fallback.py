@@ -19,10 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud.package_cache import fetch_package, parse_model_ref
+from cloud.package_cache import fetch_keyrings, fetch_package, parse_model_ref
 from common.device_token import verify_token
-from common.errors import FoglineError, InvalidInputError
+from common.errors import CloudUnavailableError, FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
+from common.keyring import apply_chain
 from common.manifest import read_package
 from common.onnx_runtime import OnnxRuntime
 from common.runtime import ModelInfo, Runtime
@@ -49,6 +50,7 @@ class FallbackSettings:
     control_url: str | None = None  # fetch ``models`` from this control plane
     models: list[str] = field(default_factory=list)  # NAME:VERSION, cloud variant
     cache_dir: Path = Path("fogline-fallback-cache")
+    refresh_keys: bool = True  # with control_url: learn rotations and revocations from it
 
 
 FALLBACK_RUNTIMES = web.AppKey("fogline.fallback.runtimes", list)
@@ -113,7 +115,7 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     packages = list(settings.packages) + await _fetch_models(settings)
     if not packages:
         raise InvalidInputError("no packages to serve: give --package or --model")
-    trust = TrustStore(settings.trusted_keys) if settings.trusted_keys else None
+    trust = await trusted_keys(settings)
     if trust is None:
         logger.warning("no trusted keys: package signatures are not checked, only digests")
     dataplane = DataPlane(SERVER_NAME, _version())
@@ -138,6 +140,28 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     app[FALLBACK_RUNTIMES] = runtimes
     app.on_cleanup.append(_unload_all)
     return app
+
+
+async def trusted_keys(settings: FallbackSettings) -> TrustStore | None:
+    """The ``--trust-key`` keys, moved forward by the control plane's signed keyrings.
+
+    A keyring counts only if signed by a key already trusted (``apply_chain``), so
+    the control plane's answer can add a rotated key or drop a revoked one, never
+    smuggle in a key of its own. Unreachable: the configured keys, with a warning.
+    """
+    if not settings.trusted_keys:
+        return None
+    trust = TrustStore(settings.trusted_keys)
+    if not (settings.control_url and settings.refresh_keys):
+        return trust
+    try:
+        chain = await fetch_keyrings(settings.control_url)
+    except CloudUnavailableError as exc:
+        logger.warning("keyring not refreshed (%s): trusting the configured keys only", exc)
+        return trust
+    trust, _ = apply_chain(trust, chain, require_newer=False)
+    logger.info("keyring %d: trusting %d keys", trust.version, len(trust.keys))
+    return trust
 
 
 async def _fetch_models(settings: FallbackSettings) -> list[Path]:
@@ -252,6 +276,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="trusted Ed25519 public key (repeatable); verify packages",
     )
     p.add_argument(
+        "--no-key-refresh",
+        dest="refresh_keys",
+        action="store_false",
+        help="do not update the --trust-key keys from --control's signed keyring",
+    )
+    p.add_argument(
         "--token",
         dest="tokens",
         action="append",
@@ -304,6 +334,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         control_url=args.control_url,
         models=list(args.models),
         cache_dir=args.cache_dir,
+        refresh_keys=args.refresh_keys,
     )
 
 

@@ -81,3 +81,15 @@ async def _get_json(
             return await resp.json()
     except aiohttp.ClientError as exc:
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc
+
+
+async def fetch_keyrings(control_url: str) -> list[Any]:
+    """The control plane's signed keyring history (``GET /api/keys``), unverified:
+    the caller applies it with ``common.keyring.apply_chain`` against keys it trusts."""
+    url = f"{control_url.rstrip('/')}/api/keys"
+    async with aiohttp.ClientSession() as session:
+        doc = await _get_json(session, url, {}, "keyring")
+    chain = doc.get("keyrings") if isinstance(doc, dict) else None
+    if not isinstance(chain, list):
+        raise InvalidInputError(f"{url}: no 'keyrings' list in the answer")
+    return chain

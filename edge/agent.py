@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from common import messages, topics
+from common import keyring, messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
 from common.mqtt import MqttLink, Will
@@ -40,7 +40,9 @@ class EdgeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.trust = TrustStore(config.trusted_keys)
+        self._keyring_file = config.state_dir / "keyring.json"
+        self._keyrings: list[dict[str, Any]] = []  # applied on top of the anchors, in order
+        self.trust = self._restore_trust()
         self.store = ModelStore(config.state_dir, self.trust)
         self._seq_file = config.state_dir / "seq.json"
         self.guard = messages.CommandGuard(self._read_seq())
@@ -74,6 +76,24 @@ class EdgeAgent:
 
     def _topic(self, kind: str) -> str:
         return topics.device_topic(self.config.device_id, kind)
+
+    def _restore_trust(self) -> TrustStore:
+        """Anchors from the config, then the enrollment keyring, then the keyrings applied
+        since (kept in the state dir, re-verified from the anchors on every start)."""
+        trust = TrustStore(self.config.trusted_keys)
+        if self.config.trusted_keyring is not None:
+            trust, _ = keyring.apply_chain(
+                trust, [self.config.trusted_keyring], require_newer=False
+            )
+        try:
+            chain = json.loads(self._keyring_file.read_text())["keyrings"]
+            trust, self._keyrings = keyring.apply_chain(trust, chain, require_newer=False)
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, FoglineError) as exc:
+            # The control plane sends the keyrings again when the status shows an old version.
+            logger.error("ignoring %s: %s", self._keyring_file, exc)
+        return trust
 
     def _read_seq(self) -> int:
         try:
@@ -179,6 +199,9 @@ class EdgeAgent:
 
     async def _on_command(self, _topic: str, payload: bytes) -> None:
         try:
+            if _command_type(payload) == messages.TRUST:
+                await self._apply_trust(payload)
+                return
             cmd = messages.parse_command(payload, self.trust, self.config.device_id)
             self.guard.accept(cmd)
             await asyncio.to_thread(
@@ -194,6 +217,27 @@ class EdgeAgent:
             return
         assert self.deployer is not None
         self._spawn(self.deployer.run(cmd), f"command-{cmd.id}")
+
+    async def _apply_trust(self, payload: bytes) -> None:
+        """A new keyring: checked (common.keyring), kept so a restart keeps it, then used
+        by everything that verifies (commands, manifests: the same TrustStore object)."""
+        cmd, trust, applied = keyring.verify_trust_command(
+            payload, self.trust, self.config.device_id
+        )
+        self.guard.check_fresh(cmd)
+        chain = [*self._keyrings, *applied]
+        data = json.dumps({"keyrings": chain}).encode()
+        await asyncio.to_thread(atomic_write, self._keyring_file, data)
+        self._keyrings = chain
+        self.trust.adopt(trust)
+        logger.info("keyring %d applied (%d keys)", trust.version, len(trust.keys))
+        await self._emit_event(
+            messages.event(
+                self.config.device_id, cmd.id, messages.TRUSTED, keyring_version=trust.version
+            )
+        )
+        if self.link.connected.is_set():
+            await self.publish_status()
 
     def _status(self, online: bool) -> bytes:
         models = []
@@ -216,6 +260,7 @@ class EdgeAgent:
             runtimes=["onnxruntime"],
             models=models,
             api_url=self.config.api_url,
+            keyring_version=self.trust.version,
         )
 
     async def publish_status(self) -> None:
@@ -232,5 +277,13 @@ class EdgeAgent:
 def _command_id(payload: bytes) -> str | None:
     try:
         return str(json.loads(payload)["command"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _command_type(payload: bytes) -> str | None:
+    """The claimed type, unverified: only picks which check the command goes through."""
+    try:
+        return str(json.loads(payload)["command"]["type"])
     except (ValueError, KeyError, TypeError):
         return None

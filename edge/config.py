@@ -18,7 +18,7 @@ ENV_PREFIX = "FOGLINE_AGENT_"
 class AgentConfig:
     device_id: str
     state_dir: Path
-    trusted_keys: list[str]  # hex Ed25519 public keys of the control plane
+    trusted_keys: list[str]  # hex Ed25519 public keys of the control plane: the anchors
     model: str  # the model name this device serves (edge variant locally, cloud variant remote)
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
@@ -35,6 +35,9 @@ class AgentConfig:
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
     artifact_transport: str = "mqtt"  # "mqtt" (HTTP as fallback) or "http" (HTTP only)
     intra_op_threads: int = 1
+    # The fleet's signed keyring at enrollment (cloud.keys.enrollment_trust): the device
+    # starts at its version, so an older keyring is never accepted.
+    trusted_keyring: dict[str, Any] | None = None
 
     @property
     def api_url(self) -> str:
