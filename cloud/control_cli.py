@@ -119,9 +119,13 @@ def _serve(args: argparse.Namespace) -> int:
         require_offline_signature=args.require_offline_signature,
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
-    web.run_app(
-        build_control_app(settings), host=args.host, port=args.port, print=None, access_log=None
-    )
+    try:
+        web.run_app(
+            build_control_app(settings), host=args.host, port=args.port, print=None, access_log=None
+        )
+    except FoglineError as exc:  # e.g. the keys are held by another control plane
+        print(f"fogline control serve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

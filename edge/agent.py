@@ -80,11 +80,7 @@ class EdgeAgent:
     def _restore_trust(self) -> TrustStore:
         """Anchors from the config, then the enrollment keyring, then the keyrings applied
         since (kept in the state dir, re-verified from the anchors on every start)."""
-        trust = TrustStore(self.config.trusted_keys)
-        if self.config.trusted_keyring is not None:
-            trust, _ = keyring.apply_chain(
-                trust, [self.config.trusted_keyring], require_newer=False
-            )
+        trust = self.config.initial_trust()
         try:
             chain = json.loads(self._keyring_file.read_text())["keyrings"]
             trust, self._keyrings = keyring.apply_chain(trust, chain, require_newer=False)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidInputError
+from common.errors import FoglineError, InvalidInputError
+from common.keyring import apply_chain
+from common.signing import TrustStore
 
 ENV_PREFIX = "FOGLINE_AGENT_"
 
@@ -94,7 +96,19 @@ class AgentConfig:
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
+        if cfg.trusted_keyring is not None:
+            cfg.initial_trust()  # a keyring the anchors did not sign: an error now, not later
         return cfg
+
+    def initial_trust(self) -> TrustStore:
+        """The anchors (``trusted_keys``), moved to the enrollment keyring if there is one."""
+        try:
+            trust = TrustStore(list(self.trusted_keys))
+            if self.trusted_keyring is not None:
+                trust, _ = apply_chain(trust, [self.trusted_keyring], require_newer=False)
+        except FoglineError as exc:
+            raise InvalidInputError(f"agent config: trusted keys: {exc}") from exc
+        return trust
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)

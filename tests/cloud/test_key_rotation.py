@@ -18,6 +18,7 @@ import pytest
 
 from cloud.control_cli import ControlClient
 from cloud.fallback import FALLBACK_RUNTIMES, FallbackSettings, build_fallback_app
+from cloud.keys import KeyStore
 from common import topics
 from common.errors import VerificationError
 from common.fsutil import write_private
@@ -252,3 +253,32 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
         )
         with pytest.raises(VerificationError, match="revoked"):
             await _fallback_models(settings)
+
+
+async def test_keys_changed_offline_reach_the_fleet_when_the_control_plane_returns(
+    mosquitto, tmp_path, capsys
+) -> None:
+    work = tmp_path / "control"
+    assert main(["keys", "create", "--workdir", str(work)]) == 0
+    first = KeyStore(work).signer()
+    cfg = agent_config(tmp_path, "dev-c", mosquitto, first.public_key_hex)
+    async with EdgeAgent(cfg) as agent:
+        async with ControlPlane(work, mosquitto) as cp:
+            await cp.wait_online([cfg.device_id])
+            await wait_keyring(cp, cfg.device_id, 1)
+            capsys.readouterr()
+            assert await asyncio.to_thread(main, ["keys", "list", "--control", cp.url]) == 0
+            assert first.key_id in capsys.readouterr().out
+            # While it runs, the keys are its own: the offline CLI is refused.
+            argv = ["keys", "rotate", "--workdir", str(work)]
+            assert await asyncio.to_thread(main, argv) == 2
+            assert "running control plane" in capsys.readouterr().err
+        # Stopped: rotate offline. The agent learns it when the control plane is back.
+        assert await asyncio.to_thread(main, ["keys", "rotate", "--workdir", str(work)]) == 0
+        async with ControlPlane(work, mosquitto) as cp:
+            await wait_keyring(cp, cfg.device_id, 2)  # its retained status said keyring 1
+            argv = ["keys", "retire", first.key_id, "--control", cp.url]
+            assert await asyncio.to_thread(main, argv) == 0
+            await wait_keyring(cp, cfg.device_id, 3)
+            assert [k.key_id for k in agent.trust.keys] == [cp.signer.key_id]
+            assert cp.signer.key_id != first.key_id
