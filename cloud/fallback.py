@@ -13,6 +13,8 @@ import functools
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +53,7 @@ class FallbackSettings:
     models: list[str] = field(default_factory=list)  # NAME:VERSION, cloud variant
     cache_dir: Path = Path("fogline-fallback-cache")
     refresh_keys: bool = True  # with control_url: learn rotations and revocations from it
+    key_refresh_s: float = 300.0  # and again this often while serving (device tokens)
 
 
 FALLBACK_RUNTIMES = web.AppKey("fogline.fallback.runtimes", list)
@@ -139,6 +142,8 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     )
     app[FALLBACK_RUNTIMES] = runtimes
     app.on_cleanup.append(_unload_all)
+    if trust is not None and settings.control_url and settings.refresh_keys:
+        app.cleanup_ctx.append(_key_refresher(settings, trust))
     return app
 
 
@@ -162,6 +167,34 @@ async def trusted_keys(settings: FallbackSettings) -> TrustStore | None:
     trust, _ = apply_chain(trust, chain, require_newer=False)
     logger.info("keyring %d: trusting %d keys", trust.version, len(trust.keys))
     return trust
+
+
+def _key_refresher(settings: FallbackSettings, trust: TrustStore):  # type: ignore[no-untyped-def]
+    """While serving, apply new keyrings to ``trust`` in place, so a key revoked at the
+    control plane stops authenticating device tokens here within ``key_refresh_s``.
+    (Packages are verified when loaded: a restart drops one whose key was revoked.)"""
+
+    async def refresh_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.key_refresh_s)
+            try:
+                chain = await fetch_keyrings(settings.control_url or "")
+                new, applied = apply_chain(trust, chain, require_newer=False)
+            except FoglineError as exc:
+                logger.warning("keyring not refreshed: %s", exc)
+                continue
+            if applied:
+                trust.adopt(new)
+                logger.info("keyring %d: trusting %d keys", new.version, len(new.keys))
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(refresh_forever(), name="fallback-key-refresh")
+        yield
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
 
 
 async def _fetch_models(settings: FallbackSettings) -> list[Path]:

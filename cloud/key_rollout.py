@@ -47,10 +47,12 @@ class KeyService:
         self.command_ttl_s = command_ttl_s
         self.signer: Signer = rollouts.signer
         self._pushed: dict[str, int] = {}  # device -> keyring version last sent to it
+        self._version = 0  # the current keyring's; only this process changes it while it runs
         self._mutex = asyncio.Lock()  # one key change at a time
 
     async def __aenter__(self) -> KeyService:
         # NOTE: the caller holds ``store.locked()`` for as long as this runs.
+        self._version = (await asyncio.to_thread(self.store.current)).version
         self.link.subscribe(topics.all_devices_filter("status"), self._on_status)
         return self
 
@@ -92,6 +94,7 @@ class KeyService:
             old, new = await asyncio.to_thread(self.store.rotate)
             self.signer = self.rollouts.signer = new
             resigned = await asyncio.to_thread(self.registry.resign, old.key_id, new)
+            self._version = (await asyncio.to_thread(self.store.current)).version
         logger.info(
             "rotated keys: %s -> %s (%d manifests re-signed)", old.key_id, new.key_id, resigned
         )
@@ -108,6 +111,7 @@ class KeyService:
             else:
                 await asyncio.to_thread(self.store.add, *args)
                 version = (await asyncio.to_thread(self.store.current)).version
+            self._version = version
         logger.info("keys: %s %s (keyring %d)", action, args[0][:16], version)
         return {"version": version, "sent": await self.push_all()}
 
@@ -129,7 +133,7 @@ class KeyService:
         history = await asyncio.to_thread(self.store.history)
         payload = trust_command(device_id, history, self.signer, self.command_ttl_s)
         await self.link.publish(topics.device_topic(device_id, "commands"), payload)
-        self._pushed[device_id] = int(history[-1]["keyring"]["version"])
+        self._pushed[device_id] = self._version = int(history[-1]["keyring"]["version"])
 
     async def _on_status(self, topic: str, payload: bytes) -> None:
         try:
@@ -140,7 +144,7 @@ class KeyService:
         reported = doc.get("keyring_version", 0)
         if doc.get("state") != "online" or not isinstance(reported, int):
             return
-        current = (await asyncio.to_thread(self.store.current)).version
+        current = self._version
         if reported < current and self._pushed.get(device_id, 0) < current:
             logger.info("device %s holds keyring %s of %s: sending", device_id, reported, current)
             try:

@@ -6,6 +6,8 @@ action (the operator-token middleware guards these routes by role).
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from cloud.key_rollout import KeyService
@@ -16,7 +18,7 @@ KEYS = web.AppKey("keys", KeyService)
 
 
 async def keys(request: web.Request) -> web.Response:
-    return web.json_response(request.app[KEYS].document())
+    return web.json_response(await asyncio.to_thread(request.app[KEYS].document))
 
 
 async def rotate(request: web.Request) -> web.Response:

@@ -15,11 +15,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from cloud.control_cli import ControlClient
 from cloud.fallback import FALLBACK_RUNTIMES, FallbackSettings, build_fallback_app
 from cloud.keys import KeyStore
 from common import topics
+from common.device_token import issue_token
 from common.errors import VerificationError
 from common.fsutil import write_private
 from common.keyring import Keyring, sign_keyring, trust_command
@@ -29,7 +31,7 @@ from common.signing import Signer, TrustedKey
 from edge.agent import EdgeAgent
 from fogline.cli import main
 from tests.edge.agent_harness import ControlPlane, agent_config
-from tests.model_fixtures import make_package
+from tests.model_fixtures import make_package, v2_infer_body
 
 
 async def api(cp: ControlPlane, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -246,8 +248,29 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
         settings.refresh_keys = False
         with pytest.raises(VerificationError, match="untrusted key"):
             await _fallback_models(settings)
+        # While it serves, it keeps following: a device token the old key signed works
+        # until the control plane revokes that key, then it is refused.
+        settings = FallbackSettings(
+            packages=[by_new.directory],
+            trusted_keys=[old.public_key_hex],
+            control_url=cp.url,
+            device_tokens=True,
+            key_refresh_s=0.1,
+        )
+        app = await build_fallback_app(settings)
+        headers = {"Authorization": f"Bearer {issue_token(old, 'dev-1')}"}
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.post("/v2/models/toy/infer", json=v2_infer_body(1), headers=headers)
+            assert resp.status == 200, await resp.text()
+            assert (await api(cp, "POST", f"/api/keys/{old.key_id}/revoke"))[0] == 200
+            async with asyncio.timeout(10):
+                while resp.status == 200:
+                    await asyncio.sleep(0.05)
+                    resp = await client.post(
+                        "/v2/models/toy/infer", json=v2_infer_body(1), headers=headers
+                    )
+            assert resp.status == 401 and "revoked" in await resp.text()
         # Revoked at the control plane: the old key's package is refused.
-        assert (await api(cp, "POST", f"/api/keys/{old.key_id}/revoke"))[0] == 200
         settings = FallbackSettings(
             packages=[by_old.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
         )
