@@ -93,37 +93,34 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings.workdir.mkdir(parents=True, exist_ok=True)
         keystore = KeyStore(settings.workdir)  # keys/: never under store/, which is served
-        with keystore.locked():
-            signer = await asyncio.to_thread(keystore.open_or_create)
-            registry = Registry(settings.database or settings.db_path, settings.store_dir)
-            # NOTE: a persistent session under a stable client id: the broker keeps the
-            # devices' events and chunk requests while the control plane restarts.
-            link = MqttLink(
-                client_id=f"fogline-control-{settings.port}",
-                host=settings.broker_host,
-                port=settings.broker_port,
-                persistent_session=True,
-            )
-            fleet = FleetMonitor(registry, link)
-            rollouts = RolloutController(
-                registry,
-                fleet,
-                signer,
-                link,
-                chunk_size=settings.chunk_size,
-                artifact_base_url=settings.artifact_base_url,
-            )
-            keys = KeyService(
-                keystore,
-                registry,
-                link,
-                rollouts,
-                require_offline_signature=settings.require_offline_signature,
-            )
-            async with link, fleet, rollouts, keys:
-                app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
-                yield
-            registry.close()
+        lock = keystore.hold()  # NOTE: held while this runs; the CLI changes keys offline only
+        signer = keystore.open_or_create()
+        registry = Registry(settings.database or settings.db_path, settings.store_dir)
+        # NOTE: a persistent session under a stable client id: the broker keeps the
+        # devices' events and chunk requests while the control plane restarts.
+        link = MqttLink(
+            client_id=f"fogline-control-{settings.port}",
+            host=settings.broker_host,
+            port=settings.broker_port,
+            persistent_session=True,
+        )
+        fleet = FleetMonitor(registry, link)
+        rollouts = RolloutController(
+            registry,
+            fleet,
+            signer,
+            link,
+            chunk_size=settings.chunk_size,
+            artifact_base_url=settings.artifact_base_url,
+        )
+        keys = KeyService(
+            keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
+        )
+        async with link, fleet, rollouts, keys:
+            app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            yield
+        registry.close()
+        lock.close()
 
     return ctx
 

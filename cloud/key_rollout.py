@@ -36,14 +36,14 @@ class KeyService:
         link: MqttLink,
         rollouts: RolloutController,
         *,
-        require_offline_signature: bool = False,
+        require_offline: bool = False,
         command_ttl_s: float = 3600.0,
     ) -> None:
         self.store = store
         self.registry = registry
         self.link = link
         self.rollouts = rollouts
-        self.require_offline_signature = require_offline_signature
+        self.require_offline = require_offline  # uploads must carry a release key's signature
         self.command_ttl_s = command_ttl_s
         self.signer: Signer = rollouts.signer
         self._pushed: dict[str, int] = {}  # device -> keyring version last sent to it
@@ -69,14 +69,14 @@ class KeyService:
             "keys": self.store.listing(),
             "keyring": history[-1],
             "keyrings": history,
-            "require_offline_signature": self.require_offline_signature,
+            "require_offline_signature": self.require_offline,
         }
 
     def check_upload(self, signed: SignedManifest | None) -> None:
         """An upload must carry a release key's signature when offline signing is required;
         one that carries a signature must carry a good one."""
         if signed is None:
-            if self.require_offline_signature:
+            if self.require_offline:
                 raise ForbiddenError(
                     "this control plane accepts only packages signed offline by a release key "
                     "(fogline model sign --key FILE); an operator token alone cannot publish"

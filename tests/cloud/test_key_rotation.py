@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,11 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
             packages=[by_new.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
         )
         assert await _fallback_models(settings) == ["toy"]
+        # A package signed offline by a release key the keyring names verifies too.
+        release = Signer.generate()
+        await api(cp, "POST", "/api/keys", {"public_key": release.public_key_hex})
+        by_release = make_package(tmp_path / "c-rel", variant="cloud", signer=release)
+        assert await _fallback_models(replace(settings, packages=[by_release.directory])) == ["toy"]
         settings.refresh_keys = False
         with pytest.raises(VerificationError, match="untrusted key"):
             await _fallback_models(settings)
