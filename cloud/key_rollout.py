@@ -23,7 +23,7 @@ from common.json_object import parse_json_object
 from common.keyring import trust_command
 from common.manifest import SignedManifest
 from common.mqtt import MqttError, MqttLink
-from common.signing import Signer
+from common.signing import Signer, TrustStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +46,26 @@ class KeyService:
         self.require_offline = require_offline  # uploads must carry a release key's signature
         self.command_ttl_s = command_ttl_s
         self.signer: Signer = rollouts.signer
+        # What this control plane trusts (device tokens, offline-signed uploads): one
+        # object, updated in place after every change, so holders of it stay current.
+        self.trust = TrustStore([self.signer.public_key_hex])
         self._pushed: dict[str, int] = {}  # device -> keyring version last sent to it
         self._version = 0  # the current keyring's; only this process changes it while it runs
         self._mutex = asyncio.Lock()  # one key change at a time
 
     async def __aenter__(self) -> KeyService:
         # NOTE: the caller holds ``store.locked()`` for as long as this runs.
-        self._version = (await asyncio.to_thread(self.store.current)).version
+        await self._reload()
         self.link.subscribe(topics.all_devices_filter("status"), self._on_status)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         pass  # no unsubscribe: it would drop the fleet monitor's handler on the same filter
+
+    async def _reload(self) -> None:
+        ring = await asyncio.to_thread(self.store.current)
+        self._version = ring.version
+        self.trust.adopt(ring.trust_store())
 
     # -- reading -------------------------------------------------------------------
 
@@ -83,7 +91,7 @@ class KeyService:
                 )
             return
         try:
-            signed.verify(self.store.trust(), purpose="release")
+            signed.verify(self.trust, purpose="release")
         except VerificationError as exc:
             raise ForbiddenError(f"offline signature refused: {exc}") from exc
 
@@ -94,7 +102,7 @@ class KeyService:
             old, new = await asyncio.to_thread(self.store.rotate)
             self.signer = self.rollouts.signer = new
             resigned = await asyncio.to_thread(self.registry.resign, old.key_id, new)
-            self._version = (await asyncio.to_thread(self.store.current)).version
+            await self._reload()
         logger.info(
             "rotated keys: %s -> %s (%d manifests re-signed)", old.key_id, new.key_id, resigned
         )
@@ -106,12 +114,11 @@ class KeyService:
         async with self._mutex:
             method = {"retire": self.store.retire, "revoke": self.store.revoke}.get(action)
             if method is not None:
-                ring = await asyncio.to_thread(method, *args)
-                version = ring.version
+                await asyncio.to_thread(method, *args)
             else:
                 await asyncio.to_thread(self.store.add, *args)
-                version = (await asyncio.to_thread(self.store.current)).version
-            self._version = version
+            await self._reload()
+            version = self._version
         logger.info("keys: %s %s (keyring %d)", action, args[0][:16], version)
         return {"version": version, "sent": await self.push_all()}
 

@@ -83,11 +83,12 @@ async def _get_json(
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc
 
 
-async def fetch_keyrings(control_url: str) -> list[Any]:
+async def fetch_keyrings(control_url: str, token: str | None = None) -> list[Any]:
     """The control plane's signed keyring history (``GET /api/keys``), unverified:
     the caller applies it with ``common.keyring.apply_chain`` against keys it trusts."""
     url = f"{control_url.rstrip('/')}/api/keys"
-    async with aiohttp.ClientSession() as session:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
         doc = await _get_json(session, url, {}, "keyring")
     chain = doc.get("keyrings") if isinstance(doc, dict) else None
     if not isinstance(chain, list):
