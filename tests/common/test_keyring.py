@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.errors import InvalidInputError, ReplayError, VerificationError
 from common.keyring import (
@@ -191,3 +194,48 @@ def test_trust_command_is_checked_against_the_trust_its_keyrings_lead_to() -> No
         verify_trust_command(sign_command(deploy, NEW), trust, "d1")
     with pytest.raises(InvalidInputError, match="keyrings"):
         verify_trust_command(b'{"command": {"body": {}}}', trust, "d1")
+
+
+KEYS = [Signer.generate() for _ in range(6)]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+
+
+@given(
+    version=st.integers(1, 2**40),
+    picks=st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from(["control", "release"]), st.integers(0, 2)),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda p: p[0],
+    ),
+)
+def test_keyring_round_trips(version, picks) -> None:
+    chosen = [
+        (TrustedKey(KEYS[i].key_id, KEYS[i].public_key_hex, role), where)
+        for i, role, where in picks
+    ]
+    keys = [k for k, where in chosen if where == 0]
+    control = TrustedKey(OLD.key_id, OLD.public_key_hex)
+    ring = Keyring(
+        version,
+        (control, *keys),
+        tuple(k for k, where in chosen if where == 1),
+        tuple(k.key_id for k, where in chosen if where == 2),
+        1.5,
+    )
+    assert Keyring.from_dict(ring.to_dict()) == Keyring(
+        ring.version, ring.keys, ring.retired, tuple(sorted(ring.revoked)), 1.5
+    )
+
+
+@given(
+    doc=json_values, field=st.sampled_from(["version", "keys", "retired", "revoked", "issued_at"])
+)
+def test_any_json_in_a_keyring_field_is_accepted_or_a_clear_error(doc, field) -> None:
+    raw = {**ring(1, [tk(OLD)]).to_dict(), field: doc}
+    with contextlib.suppress(InvalidInputError):  # any other exception fails the test
+        Keyring.from_dict(raw)
