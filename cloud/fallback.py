@@ -97,7 +97,9 @@ def serving_runtime(runtime: Runtime) -> Runtime:
 
 async def load_package(directory: Path, trust: TrustStore | None, threads: int) -> OnnxRuntime:
     """Verify one package (signature if ``trust``, every file's digest) and load its model."""
-    signed = await asyncio.to_thread(read_package, directory, trust)
+    # "installed": a cached package signed by a key retired since still loads (the cache
+    # would otherwise stop a restart after every rotation); a revoked key's never does.
+    signed = await asyncio.to_thread(read_package, directory, trust, purpose="installed")
     manifest = signed.manifest
     if manifest.format != "onnx":
         raise InvalidInputError(f"{directory}: format {manifest.format!r}; this server runs onnx")

@@ -254,7 +254,13 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
         settings.refresh_keys = False
         with pytest.raises(VerificationError, match="untrusted key"):
             await _fallback_models(settings)
-        # While it serves, it keeps following: a device token the old key signed works
+        # Retired: a package it signed (e.g. in the cache) still loads.
+        assert (await api(cp, "POST", f"/api/keys/{old.key_id}/retire"))[0] == 200
+        settings = FallbackSettings(
+            packages=[by_old.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
+        )
+        assert await _fallback_models(settings) == ["toy"]
+        # While it serves, it keeps following: a device token the retired key signed works
         # until the control plane revokes that key, then it is refused.
         settings = FallbackSettings(
             packages=[by_new.directory],
@@ -276,7 +282,7 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
                         "/v2/models/toy/infer", json=v2_infer_body(1), headers=headers
                     )
             assert resp.status == 401 and "revoked" in await resp.text()
-        # Revoked at the control plane: the old key's package is refused.
+        # Revoked: everything it signed is refused, the cached package included.
         settings = FallbackSettings(
             packages=[by_old.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
         )
