@@ -317,6 +317,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="do not update the --trust-key keys from --control's signed keyring",
     )
     p.add_argument(
+        "--key-refresh-s",
+        type=float,
+        default=300.0,
+        help="while serving, fetch --control's keyring this often (default %(default)s)",
+    )
+    p.add_argument(
         "--token",
         dest="tokens",
         action="append",
@@ -357,6 +363,8 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         tokens |= read_tokens(args.tokens_file)
     if args.max_inflight < 1:
         raise InvalidInputError("--max-inflight must be at least 1")
+    if not args.key_refresh_s > 0:
+        raise InvalidInputError("--key-refresh-s must be positive")
     return FallbackSettings(
         host=args.host,
         port=args.port,
@@ -370,6 +378,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         models=list(args.models),
         cache_dir=args.cache_dir,
         refresh_keys=args.refresh_keys,
+        key_refresh_s=args.key_refresh_s,
     )
 
 
