@@ -134,6 +134,12 @@ class KeyStore:
         """The first control key, and keyring 1 naming it (signed by itself)."""
         if self.exists():
             raise AlreadyExistsError(f"{self.signing_path} exists; use `fogline keys rotate`")
+        if self.keyring_path.exists():
+            # A new first key would restart the keyring at version 1: no device takes it.
+            raise InvalidInputError(
+                f"{self.keyring_path} exists but {self.signing_path} does not: "
+                "restore the key from a backup"
+            )
         self._mkdir()
         signer = Signer.generate()
         write_private(self.signing_path, signer.to_pem())

@@ -44,6 +44,11 @@ def test_create_rotate_retire_revoke_on_a_workdir(capsys, tmp_path) -> None:
     assert keys_json(capsys, work)[first.key_id]["state"] == "active"
     rc, _, err = fogline(capsys, "keys", "create", "--workdir", str(work))
     assert rc == 2 and "exists" in err and "Traceback" not in err
+    # A lost key is not silently replaced: the fleet would refuse a keyring restarted at 1.
+    store.signing_path.rename(tmp_path / "backup.pem")
+    rc, _, err = fogline(capsys, "keys", "create", "--workdir", str(work))
+    assert rc == 2 and "restore the key" in err
+    (tmp_path / "backup.pem").rename(store.signing_path)
 
     rc, out, _ = fogline(capsys, "keys", "rotate", "--workdir", str(work), "--json")
     second = store.signer()
