@@ -106,7 +106,9 @@ class KeyService:
         logger.info(
             "rotated keys: %s -> %s (%d manifests re-signed)", old.key_id, new.key_id, resigned
         )
-        sent = await self.push_all()
+        # The command that brings the new key is signed by the old one, like the keyring
+        # in it. (A later catch-up is signed by the new key: the keyring vouches for it.)
+        sent = await self.push_all(signer=old)
         return {"key_id": new.key_id, "previous": old.key_id, "resigned": resigned, "sent": sent}
 
     async def change(self, action: str, *args: str) -> dict[str, Any]:
@@ -124,21 +126,21 @@ class KeyService:
 
     # -- pushing to the fleet ------------------------------------------------------------
 
-    async def push_all(self) -> int:
+    async def push_all(self, signer: Signer | None = None) -> int:
         """Send the keyrings to every device the registry knows; returns how many got it."""
         devices = await asyncio.to_thread(self.registry.devices)
         sent = 0
         for device in devices:
             try:
-                await self.push(str(device["device_id"]))
+                await self.push(str(device["device_id"]), signer)
                 sent += 1
             except MqttError as exc:  # it catches up from its status when it is back
                 logger.warning("keyring to %s not sent: %s", device["device_id"], exc)
         return sent
 
-    async def push(self, device_id: str) -> None:
+    async def push(self, device_id: str, signer: Signer | None = None) -> None:
         history = await asyncio.to_thread(self.store.history)
-        payload = trust_command(device_id, history, self.signer, self.command_ttl_s)
+        payload = trust_command(device_id, history, signer or self.signer, self.command_ttl_s)
         await self.link.publish(topics.device_topic(device_id, "commands"), payload)
         self._pushed[device_id] = self._version = int(history[-1]["keyring"]["version"])
 

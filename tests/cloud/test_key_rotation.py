@@ -9,6 +9,7 @@ stolen operator token could upload and ships what a release key signed.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from common.fsutil import write_private
 from common.keyring import Keyring, sign_keyring, trust_command
 from common.manifest import MANIFEST_FILE, write_unsigned
 from common.messages import Command, sign_command
+from common.mqtt import MqttLink
 from common.signing import Signer, TrustedKey
 from edge.agent import EdgeAgent
 from fogline.cli import main
@@ -85,11 +87,23 @@ async def test_rotate_then_retire_moves_the_fleet_to_the_new_key(mosquitto, tmp_
             await wait_keyring(cp, cfg.device_id, 1)  # sent when its status showed keyring 0
             assert (await cp.roll_out("toy", "1", [cfg.device_id]))["state"] == "succeeded"
 
-            status, doc = await api(cp, "POST", "/api/keys/rotate")
-            assert status == 200 and doc["previous"] == old.key_id and doc["sent"] == 1
-            new = cp.signer
-            assert new.key_id == doc["key_id"] != old.key_id and doc["resigned"] == 2
-            await wait_keyring(cp, cfg.device_id, 2)
+            seen: list[dict] = []
+            async with MqttLink(client_id="spy", host=mosquitto.host, port=mosquitto.port) as spy:
+                spy.subscribe(
+                    topics.device_topic(cfg.device_id, "commands"),
+                    lambda _t, p: seen.append(json.loads(p)),
+                )
+                await spy.wait_connected(5)
+                status, doc = await api(cp, "POST", "/api/keys/rotate")
+                assert status == 200 and doc["previous"] == old.key_id and doc["sent"] == 1
+                new = cp.signer
+                assert new.key_id == doc["key_id"] != old.key_id and doc["resigned"] == 2
+                await wait_keyring(cp, cfg.device_id, 2)
+            # The command that brought the new key, and the keyring in it, are the old key's.
+            (trust,) = [c for c in seen if c["command"]["type"] == "trust"]
+            keyrings = trust["command"]["body"]["keyrings"]
+            assert trust["key_id"] == keyrings[-1]["key_id"] == old.key_id
+            assert new.public_key_hex in json.dumps(keyrings[-1]["keyring"])
             assert {k.key_id for k in agent.trust.keys} == {old.key_id, new.key_id}
 
             status, doc = await api(cp, "POST", f"/api/keys/{old.key_id}/retire")
@@ -123,6 +137,7 @@ async def test_rotate_then_retire_moves_the_fleet_to_the_new_key(mosquitto, tmp_
             (old.key_id, "retired"),
         ]
         assert doc["keys"][0]["public_key"] == new.public_key_hex  # the demo reads keys[0]
+        assert "PRIVATE" not in json.dumps(doc)  # public halves and signatures only
 
 
 async def test_retired_keys_installed_model_loads_a_revoked_ones_does_not(mosquitto, tmp_path):
