@@ -73,6 +73,7 @@ class EdgeAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox: Outbox | None = None
         self.deployer: Deployer | None = None
+        self._stopping = False
 
     def _topic(self, kind: str) -> str:
         return topics.device_topic(self.config.device_id, kind)
@@ -140,6 +141,7 @@ class EdgeAgent:
         logger.info("agent %s serving V2 API on %s", self.config.device_id, self.config.api_url)
 
     async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True  # NOTE: from here no "online" status may follow the "offline"
         if self.link.connected.is_set():
             try:  # a clean exit says offline itself; a crash leaves it to the will
                 await asyncio.wait_for(
@@ -260,6 +262,8 @@ class EdgeAgent:
         )
 
     async def publish_status(self) -> None:
+        if self._stopping:  # e.g. an on-connect callback that ran after the offline status
+            return
         await self.link.publish(self._topic("status"), self._status(True), retain=True)
 
     async def _telemetry_loop(self) -> None:
