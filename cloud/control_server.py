@@ -42,7 +42,7 @@ class ControlSettings:
     port: int = 8000
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
-    chunk_size: int = 32 * 1024
+    chunk_size: int = 32 * 1024  # the smallest; big artifacts get bigger chunks
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
 
@@ -90,7 +90,11 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
-        registry = Registry(settings.database or settings.db_path, settings.store_dir)
+        registry = Registry(
+            settings.database or settings.db_path,
+            settings.store_dir,
+            chunk_size=settings.chunk_size,
+        )
         # NOTE: a persistent session under a stable client id: the broker keeps the
         # devices' events and chunk requests while the control plane restarts.
         link = MqttLink(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.database import Database
+from common import chunking
 from common.errors import AlreadyExistsError, ModelNotFoundError
 from common.fsutil import atomic_write
 from common.manifest import (
@@ -94,9 +95,20 @@ class VersionRecord:
 class Registry:
     """SQLite-backed registry. Thread-safe: calls are serialised by a lock."""
 
-    def __init__(self, database: str | Path, store_dir: Path) -> None:
-        """``database``: a SQLite file path, or a ``postgresql://`` URL."""
+    def __init__(
+        self,
+        database: str | Path,
+        store_dir: Path,
+        *,
+        chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        """``database``: a SQLite file path, or a ``postgresql://`` URL.
+
+        ``chunk_size``: the smallest MQTT chunk for what this registry signs
+        (big artifacts get bigger chunks: ``chunking.chunk_size_for``).
+        """
         self.store_dir = store_dir
+        self.chunk_size = chunk_size
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self._db = Database(database)
         self._db.schema(SCHEMA)
@@ -122,10 +134,14 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         for f in m.files:
             shutil.copyfile(source_dir / f.name, dest / f.name)
+        data = artifact_bytes(dest, m)
+        # NOTE: recomputed even when the upload carries a list: we sign it, so we vouch
+        # for it. An uploaded size is kept; otherwise the registry's policy picks one.
+        size = m.chunks.size if m.chunks else chunking.chunk_size_for(len(data), self.chunk_size)
+        m = m.with_chunks(data, size)  # raises unless the files match the manifest
         signed = SignedManifest.sign(m, signer)
         write_package(dest, signed)
         read_package(dest)  # every file matches the manifest, or this raises
-        data = artifact_bytes(dest, m)
         digest = artifact_digest(data)
         atomic_write(self.store_dir / "artifacts" / digest, data)
         self._q(
