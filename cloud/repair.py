@@ -3,10 +3,11 @@
 Anyone who may write a request topic (every device, by the broker ACL) can ask,
 and the payload's device id is only a claim. So a request is bounded before it
 is parsed (bytes) and after (indices within the artifact's chunk count); it
-spends a token from its claimed device's bucket *and* from its artifact's
-bucket, so inventing device ids buys nothing past the artifact's budget; and
-each chunk is resent at most once per ``min_resend_s`` per artifact, however
-many ask. The rollout controller feeds these plain values and acts on the answer.
+spends a token from its claimed device's bucket, and the chunks it gets are
+paid from its artifact's bucket, so inventing device ids buys nothing past the
+artifact's budget; and each chunk is resent at most once per ``min_resend_s``
+per artifact, however many ask. The rollout controller feeds these plain
+values in and acts on the answer.
 """
 
 from __future__ import annotations
@@ -26,10 +27,16 @@ from common.names import check_name
 class RepairPolicy:
     # A request lists at most every chunk of the largest signed chunk list (~8 B/index).
     max_request_bytes: int = 256 + 8 * chunking.MAX_SIGNED_CHUNKS
-    device_rate: float = 1.0  # requests per second per claimed device id ...
-    device_burst: float = 3.0  # ... after a burst of this many
-    artifact_rate: float = 20.0  # requests per second per artifact, all devices together
-    artifact_burst: float = 40.0
+    # Per claimed device id, in requests: a burst, then one per 5 s. An honest agent
+    # asks once per quiet spell (``chunk_timeout_s``, 3 s by default) and needs one or
+    # two; a refused one falls back to HTTP after its repair rounds.
+    device_burst: float = 2.0
+    device_rate: float = 0.2
+    # Per artifact, all devices together, in whole artifacts' worth of chunks: a burst
+    # of two full resends, then one artifact per 10 s -- the ceiling on what invented
+    # device ids can cost.
+    artifact_burst: float = 2.0
+    artifact_rate: float = 0.1
     min_resend_s: float = 1.0  # a chunk goes out at most once per this, per artifact
     max_tracked_devices: int = 10_000  # device buckets kept (least recently used dropped)
     queue_size: int = 64  # requests waiting for the repair worker; more are dropped
@@ -73,16 +80,19 @@ def plan_resend(
 
 
 class _Bucket:
-    def __init__(self, burst: float, now: float) -> None:
+    """A token bucket; ``now`` is passed in so that tests drive the clock."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
         self.tokens, self.stamp = burst, now
 
-    def take(self, now: float, rate: float, burst: float) -> bool:
-        self.tokens = refill(self.tokens, now - self.stamp, rate, burst)
+    def take(self, now: float, wanted: int = 1) -> int:
+        """Take up to ``wanted`` whole tokens; return how many were taken."""
+        self.tokens = refill(self.tokens, now - self.stamp, self.rate, self.burst)
         self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+        taken = min(wanted, int(self.tokens))
+        self.tokens -= taken
+        return taken
 
 
 class RepairLimiter:
@@ -100,22 +110,27 @@ class RepairLimiter:
         self._sent: dict[str, dict[int, float]] = {}
 
     def admit_device(self, device_id: str, now: float) -> bool:
+        """True if this claimed device id may ask now (spends one of its tokens)."""
         p = self.policy
-        bucket = self._devices.pop(device_id, None) or _Bucket(p.device_burst, now)
+        bucket = self._devices.pop(device_id, None) or _Bucket(p.device_rate, p.device_burst, now)
         self._devices[device_id] = bucket  # most recently used at the end
         while len(self._devices) > p.max_tracked_devices:
             self._devices.popitem(last=False)
-        return bucket.take(now, p.device_rate, p.device_burst)
+        return bucket.take(now) == 1
 
-    def admit_artifact(self, digest: str, now: float) -> bool:
+    def plan(self, digest: str, count: int, missing: Iterable[int], now: float) -> list[int]:
+        """Which of ``missing`` to resend now, for an artifact of ``count`` chunks.
+
+        Chunks sent within ``min_resend_s`` are skipped; the rest are cut to the
+        artifact's budget. The chosen ones count as sent from this moment.
+        """
         p = self.policy
-        bucket = self._artifacts.setdefault(digest, _Bucket(p.artifact_burst, now))
-        return bucket.take(now, p.artifact_rate, p.artifact_burst)
-
-    def plan(self, digest: str, missing: Iterable[int], now: float) -> list[int]:
-        """Which of ``missing`` to resend now; they count as sent from this moment."""
-        sent = self._sent.setdefault(digest, {})
-        wanted = plan_resend(missing, sent, now, self.policy.min_resend_s)
+        bucket = self._artifacts.get(digest)
+        if bucket is None:
+            bucket = _Bucket(p.artifact_rate * count, p.artifact_burst * count, now)
+            self._artifacts[digest] = bucket
+        wanted = plan_resend(missing, self._sent.get(digest, {}), now, p.min_resend_s)
+        wanted = wanted[: bucket.take(now, len(wanted))]
         self.mark_sent(digest, wanted, now)
         return wanted
 

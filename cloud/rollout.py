@@ -67,7 +67,8 @@ class RolloutController:
             "chunks_repaired": 0,
             "bytes_sent": 0,
             "repair_requests_dropped": 0,  # too big, malformed, unknown, or queue full
-            "repair_requests_limited": 0,  # over a device's or an artifact's rate
+            "repair_requests_limited": 0,  # over its claimed device's rate
+            "chunks_not_resent": 0,  # asked for, but just sent or over the artifact's budget
         }
         self._tasks: set[asyncio.Task[None]] = set()
         self._limiter = RepairLimiter(repair or RepairPolicy())
@@ -236,13 +237,13 @@ class RolloutController:
 
     async def _repair(self, topic: str, payload: bytes) -> None:
         """Resend what a device lacks, within the limits of ``cloud.repair``."""
-        policy, now = self._limiter.policy, time.monotonic()
+        policy = self._limiter.policy
         try:
             digest = topics.parse(topic).ident
             request = await asyncio.to_thread(
                 parse_request, payload, chunking.MAX_SIGNED_CHUNKS, policy.max_request_bytes
             )
-            if not self._limiter.admit_device(request.device_id, now):
+            if not self._limiter.admit_device(request.device_id, time.monotonic()):
                 self.stats["repair_requests_limited"] += 1
                 return
             record = await asyncio.to_thread(self.registry.version_by_digest, digest)
@@ -253,9 +254,8 @@ class RolloutController:
             logger.info("ignored chunk request on %s: %s", topic, exc)
             self.stats["repair_requests_dropped"] += 1
             return
-        if not self._limiter.admit_artifact(digest, now):
-            self.stats["repair_requests_limited"] += 1
-            return
-        wanted = self._limiter.plan(digest, request.missing, now)
+        wanted = self._limiter.plan(digest, count, request.missing, time.monotonic())
+        if len(wanted) < len(request.missing):
+            self.stats["chunks_not_resent"] += len(request.missing) - len(wanted)
         if wanted:
             await self.broadcast(record, only=wanted)
