@@ -182,7 +182,7 @@ class Deployer:
                 rejected += 1
                 if rejected <= MAX_REJECTION_EVENTS:
                     await self._emit(cmd, CHUNK_REJECTED, error=str(exc))
-                logger.info("chunk refused (%d so far): %s", rejected, exc)
+                logger.debug("chunk refused (%d so far): %s", rejected, exc)
 
         # Retained chunks are stale at best and planted at worst: live ones only.
         self._link.subscribe(topic, on_chunk, retained=False)
