@@ -124,7 +124,7 @@ class Registry:
     def publish(self, source_dir: Path, manifest: Manifest, signer: Signer) -> VersionRecord:
         """Sign a package whose files are in ``source_dir`` and store it."""
         manifest.validate()
-        m = manifest
+        m = self.with_chunks(source_dir, manifest)
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
@@ -134,14 +134,10 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         for f in m.files:
             shutil.copyfile(source_dir / f.name, dest / f.name)
-        data = artifact_bytes(dest, m)
-        # NOTE: recomputed even when the upload carries a list: we sign it, so we vouch
-        # for it. An uploaded size is kept; otherwise the registry's policy picks one.
-        size = m.chunks.size if m.chunks else chunking.chunk_size_for(len(data), self.chunk_size)
-        m = m.with_chunks(data, size)  # raises unless the files match the manifest
         signed = SignedManifest.sign(m, signer)
         write_package(dest, signed)
         read_package(dest)  # every file matches the manifest, or this raises
+        data = artifact_bytes(dest, m)
         digest = artifact_digest(data)
         atomic_write(self.store_dir / "artifacts" / digest, data)
         self._q(
@@ -159,6 +155,19 @@ class Registry:
             ),
         )
         return VersionRecord(signed, digest, len(data), dest)
+
+    def with_chunks(self, source_dir: Path, manifest: Manifest) -> Manifest:
+        """``manifest`` with the chunk list of its files in ``source_dir``: call before signing.
+
+        NOTE: recomputed even when an upload carries a list: the control plane signs it,
+        so it vouches for it. An uploaded size is kept; otherwise this registry's policy
+        (``chunk_size``, grown for big artifacts) picks one. Raises VerificationError
+        unless the files match the manifest.
+        """
+        data = artifact_bytes(source_dir, manifest)
+        chunks = manifest.chunks
+        size = chunks.size if chunks else chunking.chunk_size_for(len(data), self.chunk_size)
+        return manifest.with_chunks(data, size)
 
     def _records(self, where: str, args: tuple) -> list[VersionRecord]:
         rows = self._q(
