@@ -144,12 +144,7 @@ class Manifest:
             self._validate_chunks(self.chunks)
 
     def _validate_chunks(self, chunks: ChunkList) -> None:
-        size = chunks.size
-        if not isinstance(size, int) or not (
-            chunking.MIN_CHUNK_SIZE <= size <= chunking.MAX_CHUNK_SIZE
-        ):
-            raise InvalidInputError(f"bad chunk size {size!r}")
-        count = chunking.chunk_count(self.artifact_size, size)
+        count = chunking.chunk_count(self.artifact_size, _check_chunk_size(chunks.size))
         if count > chunking.MAX_SIGNED_CHUNKS:
             raise InvalidInputError(f"{count} chunks is more than {chunking.MAX_SIGNED_CHUNKS}")
         if not isinstance(chunks.sha256, list) or len(chunks.sha256) != count:
@@ -165,6 +160,7 @@ class Manifest:
         """
         split_artifact(artifact, self)  # the list must describe these files, no others
         size = chunking.chunk_size_for(len(artifact)) if chunk_size is None else chunk_size
+        _check_chunk_size(size)
         listed = ChunkList(size, chunking.chunk_hashes(artifact, size))
         out = replace(self, chunks=listed)
         out.validate()
@@ -187,6 +183,12 @@ class Manifest:
     @property
     def artifact_size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def _check_chunk_size(size: object) -> int:
+    if not isinstance(size, int) or not chunking.MIN_CHUNK_SIZE <= size <= chunking.MAX_CHUNK_SIZE:
+        raise InvalidInputError(f"bad chunk size {size!r}")
+    return size
 
 
 def _chunk_list(doc: Any) -> ChunkList | None:

@@ -158,3 +158,10 @@ def test_malformed_chunk_lists_are_refused(package, chunks, message) -> None:
         doc["files"][0]["size"] = 64 * (chunking.MAX_SIGNED_CHUNKS + 1)
     with pytest.raises(InvalidInputError, match=message):
         Manifest.from_dict({**doc, "chunks": chunks})
+
+
+@pytest.mark.parametrize("size", [0, -1, 63, chunking.MAX_CHUNK_SIZE + 1])
+def test_with_chunks_refuses_a_bad_size(package, size: int) -> None:
+    data = artifact_bytes(package.directory, package.manifest)
+    with pytest.raises(InvalidInputError, match="chunk size"):
+        package.manifest.with_chunks(data, size)
