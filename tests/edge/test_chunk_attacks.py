@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, suppress
 import aiohttp
 
 from common import chunking, topics
+from common.device_token import issue_token
 from common.manifest import SignedManifest
 from common.mqtt import MqttLink
 from edge.agent import EdgeAgent
@@ -135,7 +136,13 @@ async def test_http_fallback_after_mqtt_digest_failure(mosquitto, tmp_path) -> N
         assert "chunks" not in legacy.to_dict()["manifest"]
         data = cp.registry.artifact_path(v1.artifact_digest).read_bytes()
         topic = topics.artifact_topic(v1.artifact_digest, "chunks")
-        cfg = agent_config(tmp_path, "dev-fb", mosquitto, cp.signer.public_key_hex)
+        cfg = agent_config(
+            tmp_path,
+            "dev-fb",
+            mosquitto,
+            cp.signer.public_key_hex,
+            cloud_token=issue_token(cp.signer, "dev-fb"),  # the artifact route asks for it
+        )
         async with attacker_link(mosquitto) as attacker, EdgeAgent(cfg) as agent:
             await cp.wait_online([cfg.device_id])
             body = {
