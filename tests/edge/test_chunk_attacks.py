@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager, suppress
 
 import aiohttp
 
+from cloud.repair import RepairPolicy
 from common import chunking, topics
 from common.device_token import issue_token
 from common.manifest import SignedManifest
@@ -220,3 +221,39 @@ async def test_huge_repair_request_is_dropped_and_the_api_stays_up(mosquitto, tm
         assert len(latencies) > 10 and max(latencies) < 1.0, max(latencies)
         assert cp.rollouts.stats["repair_requests_dropped"] == 3
         assert cp.rollouts.stats["chunks_repaired"] == 0
+
+
+async def test_http_is_the_fallback_when_repairs_are_refused(mosquitto, tmp_path) -> None:
+    """No broadcast and every repair request over the limit: after its repair rounds the
+    agent gives up on MQTT and fetches the artifact over HTTP."""
+    cp = ControlPlane(tmp_path / "control", mosquitto)
+    cp.settings = dataclasses.replace(cp.settings, repair=RepairPolicy(device_burst=0))
+    async with cp:
+        v1 = cp.publish_toy(tmp_path, "1", seed=16)
+        cfg = agent_config(
+            tmp_path,
+            "dev-norepair",
+            mosquitto,
+            cp.signer.public_key_hex,
+            cloud_token=issue_token(cp.signer, "dev-norepair"),
+        )
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            body = {
+                "package": v1.signed.to_dict(),
+                "artifact": {
+                    "digest": v1.artifact_digest,
+                    "size": v1.artifact_size,
+                    "http_url": f"{cp.url}/api/artifacts/{v1.artifact_digest}",
+                },
+            }
+            cid = await cp.send_command(cfg.device_id, body)
+            done = await cp.final_event(cfg.device_id, cid)
+            assert done["stage"] == "activated", done
+            transports = [
+                e.get("transport") for e in command_events(cp, cfg.device_id, cid, "downloading")
+            ]
+            assert transports == ["http", None]
+            assert cp.rollouts.stats["repair_requests_limited"] >= 1
+            assert cp.rollouts.stats["chunks_repaired"] == 0
+            assert await local_version(agent) == "1"
