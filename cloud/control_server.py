@@ -10,7 +10,7 @@ import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +21,7 @@ from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
 from cloud.registry import Registry, VersionRecord
+from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
 from common import topics
 from common.device_token import issue_token
@@ -44,9 +45,10 @@ class ControlSettings:
     port: int = 8000
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
-    chunk_size: int = 32 * 1024
+    chunk_size: int = 32 * 1024  # the smallest; big artifacts get bigger chunks
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
+    repair: RepairPolicy = field(default_factory=RepairPolicy)  # limits on repair requests
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
 
     @property
@@ -95,7 +97,11 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         keystore = KeyStore(settings.workdir)  # keys/: never under store/, which is served
         lock = keystore.hold()  # NOTE: held while this runs; the CLI changes keys offline only
         signer = keystore.open_or_create()
-        registry = Registry(settings.database or settings.db_path, settings.store_dir)
+        registry = Registry(
+            settings.database or settings.db_path,
+            settings.store_dir,
+            chunk_size=settings.chunk_size,
+        )
         # NOTE: a persistent session under a stable client id: the broker keeps the
         # devices' events and chunk requests while the control plane restarts.
         link = MqttLink(
@@ -112,6 +118,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             link,
             chunk_size=settings.chunk_size,
             artifact_base_url=settings.artifact_base_url,
+            repair=settings.repair,
         )
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature

@@ -24,6 +24,7 @@ from common.errors import AlreadyExistsError, FoglineError, InvalidInputError, V
 from common.fsutil import write_private
 from common.manifest import (
     SignedManifest,
+    artifact_bytes,
     file_entry,
     read_package,
     read_unsigned,
@@ -206,6 +207,9 @@ def _sign(args: argparse.Namespace) -> int:
             path = args.package / f.name
             if not path.is_file() or file_entry(path, f.role) != f:
                 raise VerificationError(f"{path}: missing, or size or SHA-256 differs")
+        # The chunk list is signed too (agents check each chunk against it); the control
+        # plane checks it against the files and stores the package as signed here.
+        manifest = manifest.with_chunks(artifact_bytes(args.package, manifest))
         write_package(args.package, SignedManifest.sign(manifest, signer))
         signed = read_package(args.package)
         return {"key_id": signed.key_id, "name": manifest.name, "version": manifest.version}

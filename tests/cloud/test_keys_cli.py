@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cloud.keys import KeyStore, enrollment_trust, trusted_public_keys
 from common.keyring import apply_chain
-from common.manifest import MANIFEST_FILE, read_package, write_unsigned
+from common.manifest import MANIFEST_FILE, artifact_bytes, read_package, write_unsigned
 from common.signing import Signer, TrustStore
 from fogline.cli import main
 from tests.model_fixtures import make_package
@@ -143,7 +144,9 @@ def test_release_key_and_offline_signing(capsys, tmp_path) -> None:
     assert rc == 0 and release.key_id in out
     trust = KeyStore(work).trust()
     signed = read_package(pkg.directory, trust, purpose="release")
-    assert signed.key_id == release.key_id and signed.manifest == pkg.manifest
+    assert signed.key_id == release.key_id
+    assert replace(signed.manifest, chunks=None) == pkg.manifest
+    signed.manifest.check_chunks(artifact_bytes(pkg.directory, pkg.manifest))  # chunks signed
 
     (pkg.directory / MANIFEST_FILE).unlink()
     (pkg.directory / "model.onnx").write_bytes(b"not the model the manifest names")
