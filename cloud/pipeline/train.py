@@ -18,7 +18,7 @@ from torch import nn
 from cloud.pipeline import digits
 from cloud.pipeline.data import Split
 from cloud.pipeline.distributed import DistContext
-from cloud.pipeline.factory import TrainingData, make_dataset, make_model
+from cloud.pipeline.factory import FactoryError, TrainingData, make_dataset, make_model
 from cloud.pipeline.loop import CheckpointPlan, TrainResult, fit
 from cloud.pipeline.progress import Progress, default_progress
 from cloud.pipeline.recipe import Recipe
@@ -68,6 +68,7 @@ def train(
     with training_context(seed, threads):
         data = make_dataset(dataset_spec)
         model = make_model(model_spec)
+        check_model_fits(model, data, model_spec)
         result = fit(
             model,
             data,
@@ -80,6 +81,33 @@ def train(
         )
     logger.info("trained %s: %s", model_spec, result.metrics())
     return result, data
+
+
+def check_model_fits(model: nn.Module, data: TrainingData, spec: str) -> None:
+    """Run one val row through the model, so a mismatch is one clear line, not a traceback.
+
+    Runs in eval mode without gradients and draws no random numbers, so the
+    seeded run that follows is the same with or without this check.
+    """
+    row = [v[:1] for v in data.val_inputs.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*row)
+    except Exception as exc:
+        raise FactoryError(
+            f"model from {spec!r} cannot take inputs {data.input_names}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    outputs = len(out) if isinstance(out, tuple | list) else 1
+    if outputs != len(data.output_names):
+        raise FactoryError(
+            f"model from {spec!r} returns {outputs} output(s) but the dataset names "
+            f"{len(data.output_names)}: {list(data.output_names)}"
+        )
 
 
 _DIGITS = {"edge": (digits.edge_model, False), "cloud": (digits.cloud_model, True)}

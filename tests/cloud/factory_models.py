@@ -67,3 +67,10 @@ def empty_dataset() -> TrainingData:
         data.val_inputs,
         data.val_targets,
     )
+
+
+def wrong_width_model() -> nn.Module:
+    """Expects ``a`` with 5 features: the dataset gives 4."""
+    model = TwoInput()
+    model.a = nn.Linear(5, 16)
+    return model

@@ -8,6 +8,7 @@ self-tested the way an agent does it. Bad input of every kind ends in one
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from common.golden import compare, load_golden
 from common.inference import InferRequest, Tensor
 from common.manifest import UNSIGNED_MANIFEST_FILE, Manifest, TensorSpec, sha256_file
-from common.onnx_runtime import OnnxRuntime, describe_onnx_io
+from common.onnx_runtime import OnnxRuntime, check_inputs, describe_onnx_io
 from fogline.cli import main
 
 MODELS = "tests.cloud.factory_models"
@@ -88,22 +89,14 @@ def test_compress_package_and_self_test_like_an_agent(
     assert sha256_file(pkg / "model.onnx") == sha256_file(int8)
     # What an agent does before activating a slot: load, run the golden inputs, compare.
     runtime = OnnxRuntime(pkg / "model.onnx", manifest)
-    await_load(runtime)
+    asyncio.run(runtime.load())
     inputs, expected = load_golden(pkg / "golden.npz")
     assert sorted(inputs) == ["a", "b"] and len(inputs["a"]) == 8
     outputs = runtime.infer_sync(inputs, list(expected))
     compare(expected, {t.name: t.data for t in outputs})
     request = InferRequest("pair", [Tensor("a", inputs["a"]), Tensor("b", inputs["b"])])
-    from common.onnx_runtime import check_inputs
-
     feeds = check_inputs(request, manifest.inputs)
     np.testing.assert_allclose(runtime.infer_sync(feeds, None)[0].data, expected["score"])
-
-
-def await_load(runtime: OnnxRuntime) -> None:
-    import asyncio
-
-    asyncio.run(runtime.load())
 
 
 def test_reference_data_scores_by_cosine_and_max_local_batch_is_explicit(
@@ -197,6 +190,7 @@ def test_a_model_that_does_not_load_is_refused(
         ("make_model", "not_training_data", "not cloud.pipeline.factory.TrainingData"),
         ("make_model", "empty_dataset", "the train split is empty"),
         ("make_model", "no_such_function", "has no 'no_such_function'"),
+        ("wrong_width_model", "make_dataset", "cannot take inputs ['a', 'b']: RuntimeError"),
     ],
 )
 def test_bad_factories_are_one_error_line(
@@ -231,3 +225,40 @@ def test_factory_and_zoo_arguments_are_checked(
     _fails(["model", "train", "--factory", f"{MODELS}:make_model", *out], capsys, says="together")
     _fails(["model", "train", *out], capsys, says="say what to train")
     _fails(["model", "train", "--model", "digits-edge", "--resume", *out], capsys, says="--resume")
+
+
+@pytest.mark.parametrize(
+    ("latency_ms", "budget", "expected"),
+    [
+        ({1: 0.1, 2: 0.2, 4: 0.5, 8: 1.2}, 1.0, 4),
+        ({1: 0.1, 2: 0.2, 4: 0.5}, 10.0, 4),  # all within: the largest measured
+        ({1: 3.0, 2: 4.0}, 1.0, 1),  # even one row is over: still serve one locally
+        ({1: 0.1, 2: 2.0, 4: 0.9}, 1.0, 1),  # stop at the first over budget, ignore a dip
+    ],
+)
+def test_largest_local_batch_from_measured_latency(
+    latency_ms: dict[int, float], budget: float, expected: int
+) -> None:
+    from cloud.pipeline.routing import largest_within
+
+    assert largest_within(latency_ms, budget) == expected
+
+
+def test_only_a_softmax_output_gets_an_uncertainty_threshold() -> None:
+    from cloud.pipeline.routing import looks_like_probabilities
+
+    probs = np.array([[0.2, 0.8], [0.5, 0.5]], np.float32)
+    assert looks_like_probabilities(probs)
+    assert not looks_like_probabilities(np.array([[2.0, -1.0], [0.5, 0.5]], np.float32))
+    assert not looks_like_probabilities(np.ones((2, 1), np.float32))  # one column
+    assert not looks_like_probabilities(np.zeros((0, 3), np.float32))
+
+
+def test_the_model_cli_stays_torch_free_at_import() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, cloud.pipeline.cli; print(sorted(m for m in sys.modules if m in "
+    code += "('torch', 'onnx', 'onnxruntime', 'sklearn', 'rich')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
