@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud.pipeline.train_cli import add_train
-from common.errors import FoglineError, InvalidInputError
+from common.errors import FoglineError
 from common.manifest import UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
@@ -94,10 +94,7 @@ def _load_data(model: Path, data: Path) -> ModelData:
     from common.onnx_runtime import describe_onnx_io
 
     check_loads(model)
-    try:
-        inputs, _ = describe_onnx_io(model)
-    except KeyError as exc:
-        raise InvalidInputError(f"{model}: unsupported tensor type {exc}") from exc
+    inputs, _ = describe_onnx_io(model)
     return load_model_data(data, inputs)
 
 

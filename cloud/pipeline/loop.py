@@ -184,6 +184,7 @@ class _Trainer:
 
     def snapshot(self) -> dict[str, Any]:
         s = self.state
+        cuda = self.device.type == "cuda"
         return {
             "config": self.config(),
             "epoch": s.epoch,
@@ -196,6 +197,7 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -206,6 +208,8 @@ class _Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         # NOTE: every rank is seeded alike and draws alike, so rank 0's RNG state is everyone's.
         torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
         self.state = _State(
             saved["epoch"],
             saved["batch"],
@@ -257,6 +261,8 @@ def fit(
         saved = load_latest(checkpoints.directory)
         if saved is not None:
             trainer.restore(saved)
+        else:
+            logger.info("no checkpoint in %s: starting from the beginning", checkpoints.directory)
     show = progress if (progress is not None and ctx.is_main) else NullProgress()
     per_epoch = trainer.batches_per_epoch
     show.start(per_epoch * recipe.epochs, recipe.epochs, trainer.state.global_step)

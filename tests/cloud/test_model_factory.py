@@ -262,3 +262,37 @@ def test_the_model_cli_stays_torch_free_at_import() -> None:
     code += "('torch', 'onnx', 'onnxruntime', 'sklearn', 'rich')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _identity_model(path: Path, elem_type: int) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", elem_type, ["batch", 2])],
+        [helper.make_tensor_value_info("y", elem_type, ["batch", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_signature_maps_onnx_types_to_v2_and_refuses_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnx import TensorProto
+
+    from common.errors import InvalidInputError
+
+    for elem, v2 in [(TensorProto.INT16, "INT16"), (TensorProto.UINT32, "UINT32")]:
+        inputs, outputs = describe_onnx_io(_identity_model(tmp_path / f"{v2}.onnx", elem))
+        assert inputs == [TensorSpec("x", v2, [-1, 2])] and outputs[0].datatype == v2
+    strings = _identity_model(tmp_path / "s.onnx", TensorProto.STRING)
+    with pytest.raises(InvalidInputError, match="tensor\\(string\\), which Fogline cannot serve"):
+        describe_onnx_io(strings)
+    data = _bad_npz(tmp_path, x=np.zeros((2, 2), np.int16))
+    argv = ["model", "compress", "--fp32", str(strings), "--data", data]
+    _fails([*argv, "--out", str(tmp_path / "o.onnx")], capsys, says="cannot serve")
