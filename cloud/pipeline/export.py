@@ -31,9 +31,13 @@ class ExportError(FoglineError, RuntimeError):
 
 
 def _torch_export(
-    model: nn.Module, path: Path, examples: dict[str, torch.Tensor], output_names: Sequence[str]
+    model: nn.Module,
+    path: Path,
+    examples: dict[str, torch.Tensor],
+    output_names: Sequence[str],
+    extra_axes: dict[str, dict[int, str]],
 ) -> None:
-    axes = {name: {0: "batch"} for name in [*examples, *output_names]}
+    axes = {name: {0: "batch", **extra_axes.get(name, {})} for name in [*examples, *output_names]}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, but it is
         # fast, dependency-free and exact for these small graphs (and writes
@@ -69,11 +73,13 @@ def export_onnx(
     *,
     examples: dict[str, torch.Tensor] | None = None,
     output_names: Sequence[str] = (OUTPUT_NAME,),
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """Write ``model`` as ONNX (opset 17, dynamic batch on every input and output) and check it.
 
     ``examples`` maps each input name, in ``forward``'s argument order, to an
     example tensor [1, ...]; the default is the digits model's single input.
+    ``dynamic_axes`` adds axes beyond the batch axis (e.g. a sequence axis).
     The file appears at ``path`` only once it has passed the checks.
     """
     if examples is None:
@@ -84,7 +90,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     try:
         try:
-            _torch_export(model, tmp, examples, output_names)
+            _torch_export(model, tmp, examples, output_names, dynamic_axes or {})
         except Exception as exc:  # the exporter raises many types for a user's model
             raise ExportError(f"cannot export to ONNX: {type(exc).__name__}: {exc}") from exc
         _check(tmp)

@@ -62,6 +62,9 @@ class TrainingData:
     output_names: tuple[str, ...] = ("output",)
     loss: str | None = None  # "cross_entropy" | "mse"; None: from the targets' dtype
     augment: Augment | None = field(default=None, compare=False)
+    # More dynamic axes for the ONNX export, beyond the batch axis every tensor
+    # gets, e.g. {"input_ids": {1: "sequence"}} for variable-length sequences.
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -165,3 +168,6 @@ def check_training_data(data: TrainingData, where: str) -> None:
         raise FactoryError(f"{where}: unknown loss {data.loss!r}; known: {list(LOSSES)}")
     if not data.output_names or not all(isinstance(n, str) and n for n in data.output_names):
         raise FactoryError(f"{where}: output_names must be non-empty strings")
+    unknown = set(data.dynamic_axes) - {*data.train_inputs, *data.output_names}
+    if unknown:
+        raise FactoryError(f"{where}: dynamic_axes names unknown tensors {sorted(unknown)}")

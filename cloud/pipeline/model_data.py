@@ -3,7 +3,8 @@
 One array per model input, keyed by the input's name, rows first; and
 optionally ``labels`` (int class per row: the model is a classifier scored by
 top-1 accuracy of its first output) or ``reference`` (the expected first
-output per row, e.g. embeddings, scored by mean cosine similarity). It is
+output per row, e.g. embeddings, scored by mean cosine similarity; R² when
+each row is one number). It is
 checked against the model's own signature before anything runs, so a wrong
 file is one clear error rather than a stack trace from deep inside ONNX Runtime.
 

@@ -2,9 +2,10 @@
 
 - ``labels`` present: top-1 ``accuracy`` of the first output (a classifier).
 - ``reference`` present: ``mean_cosine`` of the first output to it (embeddings,
-  regressions).
+  vectors), or ``r2`` (coefficient of determination) when each row is a single
+  number, where a cosine would only compare signs.
 - neither: quality is judged relative to a baseline model's outputs (int8 vs
-  its own fp32), as ``mean_cosine``; the baseline scores 1.0 by definition.
+  its own fp32), the same way; the baseline scores 1.0 by definition.
 
 ``compress_with_data`` is the user-model form of ``compress``: the same
 quantizer and the same gate, calibrated and judged on the operator's rows.
@@ -37,6 +38,24 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(cos.mean())
 
 
+def r2(out: np.ndarray, reference: np.ndarray) -> float:
+    """1 - residual / total sum of squares: 1.0 is exact, 0.0 no better than the mean."""
+    if out.shape != reference.shape:
+        raise InvalidInputError(
+            f"outputs of shape {list(out.shape)} vs reference {list(reference.shape)}"
+        )
+    ref = reference.astype(np.float64)
+    total = float(((ref - ref.mean()) ** 2).sum())
+    residual = float(((out.astype(np.float64) - ref) ** 2).sum())
+    return 1.0 - residual / total if total > 0 else float(residual == 0)
+
+
+def _closeness(out: np.ndarray, expected: np.ndarray) -> tuple[str, float]:
+    if out.size == len(out):  # one number per row
+        return "r2", r2(out, expected)
+    return "mean_cosine", mean_cosine(out, expected)
+
+
 def first_output(model_path: Path, data: ModelData) -> np.ndarray:
     """The model's first output for every row of ``data``."""
     inputs, outputs = describe_onnx_io(model_path)
@@ -56,8 +75,10 @@ def score_outputs(
             )
         return "accuracy", float((out.argmax(axis=-1) == data.labels).mean())
     if data.reference is not None:
-        return "mean_cosine", mean_cosine(out, data.reference)
-    return "mean_cosine", 1.0 if baseline is None else mean_cosine(out, baseline)
+        return _closeness(out, data.reference)
+    if baseline is None:
+        return _closeness(out, out)[0], 1.0
+    return _closeness(out, baseline)
 
 
 def compress_with_data(

@@ -34,7 +34,8 @@ your own model:
   --dataset pkg.module:make_dataset make_dataset() -> cloud.pipeline.factory.TrainingData(
                                     train_inputs={name: Tensor[N, ...]}, train_targets=Tensor[N],
                                     val_inputs={...}, val_targets=..., output_names=("out",),
-                                    loss=None|"cross_entropy"|"mse", augment=None|fn(batch)->batch)
+                                    loss=None|"cross_entropy"|"mse", augment=None|fn(batch)->batch,
+                                    dynamic_axes={name: {axis: label}} beyond the batch axis)
                                     Integer targets: classification (cross-entropy, accuracy);
                                     float targets: regression (MSE).
   Both are called with no arguments after the seed is set; the current directory is importable.
@@ -127,7 +128,13 @@ def _write_outputs(
     from cloud.pipeline.onnx_model import run_outputs
 
     examples = {k: v[:1].cpu() for k, v in data.val_inputs.items()}
-    path = export_onnx(result.model, args.out, examples=examples, output_names=data.output_names)
+    path = export_onnx(
+        result.model,
+        args.out,
+        examples=examples,
+        output_names=data.output_names,
+        dynamic_axes=data.dynamic_axes,
+    )
     val = {k: v.cpu().numpy() for k, v in data.val_inputs.items()}
     targets = data.val_targets.cpu().numpy()
     first = run_outputs(path, val)[data.output_names[0]]

@@ -74,3 +74,33 @@ def wrong_width_model() -> nn.Module:
     model = TwoInput()
     model.a = nn.Linear(5, 16)
     return model
+
+
+class MeanOfSequence(nn.Module):
+    """A regression over variable-length sequences: mean over time, then linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens.mean(dim=1))
+
+
+def make_sequence_model() -> nn.Module:
+    return MeanOfSequence()
+
+
+def make_sequence_dataset() -> TrainingData:
+    """Float targets (regression), a sequence axis that the export keeps dynamic."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 6, 2, generator=g)
+    y = x.mean(dim=1) @ torch.tensor([[2.0], [-1.0]]) + 0.5
+    return TrainingData(
+        {"tokens": x[:300]},
+        y[:300],
+        {"tokens": x[300:]},
+        y[300:],
+        output_names=("value",),
+        dynamic_axes={"tokens": {1: "sequence"}},
+    )

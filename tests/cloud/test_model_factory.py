@@ -296,3 +296,28 @@ def test_signature_maps_onnx_types_to_v2_and_refuses_the_rest(
     data = _bad_npz(tmp_path, x=np.zeros((2, 2), np.int16))
     argv = ["model", "compress", "--fp32", str(strings), "--data", data]
     _fails([*argv, "--out", str(tmp_path / "o.onnx")], capsys, says="cannot serve")
+
+
+def test_regression_with_a_sequence_axis_exports_dynamic_and_chains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Float targets train with MSE; --data-out writes them as 'reference' for compress."""
+    from cloud.pipeline.onnx_model import run_outputs
+
+    fp32, data = tmp_path / "seq.onnx", tmp_path / "seq.npz"
+    argv = ["model", "train", "--factory", f"{MODELS}:make_sequence_model", "--dataset"]
+    argv += [f"{MODELS}:make_sequence_dataset", "--epochs", "30", "--lr", "0.05"]
+    assert main([*argv, "--out", str(fp32), "--data-out", str(data)]) == 0
+    assert "val loss" in capsys.readouterr().out
+    inputs, outputs = describe_onnx_io(fp32)
+    assert inputs == [TensorSpec("tokens", "FP32", [-1, -1, 2])]
+    assert outputs == [TensorSpec("value", "FP32", [-1, 1])]
+    for length in (3, 11):  # any sequence length runs
+        x = np.ones((2, length, 2), np.float32)
+        assert run_outputs(fp32, {"tokens": x})["value"].shape == (2, 1)
+    with np.load(data) as d:
+        assert sorted(d.files) == ["reference", "tokens"]
+    argv = ["model", "compress", "--fp32", str(fp32), "--data", str(data), "--max-drop", "5"]
+    assert main([*argv, "--out", str(tmp_path / "seq8.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "\nr2 " in out  # one number per row: judged by R², not by a cosine of signs
