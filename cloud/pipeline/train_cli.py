@@ -173,10 +173,18 @@ def add_train(subparsers: argparse._SubParsersAction, guarded: Any) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (Adam)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step, all ranks")
     p.add_argument("--seed", type=int, default=0, help="weight init / data order seed (default 0)")
-    p.add_argument("--data-out", type=Path, default=None, metavar="D.npz", help="write val split")
+    p.add_argument(
+        "--data-out",
+        type=Path,
+        default=None,
+        metavar="D.npz",
+        help="write the val split, for compress/package --data",
+    )
     p.add_argument("--metrics-out", type=Path, default=None, help="write final metrics as JSON")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="where checkpoints go")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.set_defaults(func=guarded(cmd_train))
