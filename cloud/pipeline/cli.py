@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud.pipeline.train_cli import add_train
-from common.errors import FoglineError
+from common.errors import FoglineError, InvalidInputError
 from common.manifest import UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
@@ -98,10 +98,23 @@ def _load_data(model: Path, data: Path) -> ModelData:
     return load_model_data(data, inputs)
 
 
+def _check_digits_model(model: Path) -> None:
+    """Without --data the digits rows are used: refuse a model they cannot feed."""
+    from cloud.pipeline.onnx_model import check_loads
+    from common.onnx_runtime import describe_onnx_io
+
+    check_loads(model)
+    inputs, _ = describe_onnx_io(model)
+    if len(inputs) != 1 or inputs[0].datatype != "FP32" or inputs[0].shape[1:] != [64]:
+        raise InvalidInputError(
+            f"{model} takes {[(i.name, i.datatype, i.shape) for i in inputs]}, not digits "
+            "(one FP32 [N, 64] input): give its rows with --data D.npz"
+        )
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Quantize to int8; exit 1 if quality drops more than --max-drop points."""
     from cloud.pipeline.compress import AccuracyDropError, compress
-    from cloud.pipeline.onnx_model import check_loads
 
     try:
         if args.data is not None:
@@ -110,7 +123,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             data = _load_data(args.fp32, args.data)
             report = compress_with_data(args.fp32, args.out, data, max_drop_points=args.max_drop)
         else:
-            check_loads(args.fp32)
+            _check_digits_model(args.fp32)
             report = compress(args.fp32, args.out, _split(), max_drop_points=args.max_drop)
     except AccuracyDropError as exc:
         print(format_report(exc.report))
@@ -188,13 +201,12 @@ def _staged(out: Path) -> Iterator[Path]:
 
 def cmd_package(args: argparse.Namespace) -> int:
     """Build the package dir and write its unsigned manifest beside the files."""
-    from cloud.pipeline.onnx_model import check_loads
     from cloud.pipeline.package import build_package
 
-    check_loads(args.model)
     if args.data is not None:
         golden, evaluation, routing, task = _data_package_inputs(args)
     else:
+        _check_digits_model(args.model)
         golden, evaluation, routing, task = _digits_package_inputs(args)
     out = Path(args.out)
     with _staged(out) as stage:

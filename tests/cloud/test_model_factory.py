@@ -167,6 +167,18 @@ def test_bad_data_is_one_error_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
 
 
+def test_without_data_only_a_digits_model_is_accepted(
+    two_input: TwoInput, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fp32 = str(two_input.fp32)
+    out = str(tmp_path / "o")
+    _fails(["model", "compress", "--fp32", fp32, "--out", out], capsys, says="give its rows with")
+    argv = ["model", "package", "--model", fp32, "--out", out, "--name", "x", "--version", "1"]
+    argv += ["--release", "1", "--variant", "edge", "--precision", "fp32"]
+    _fails(argv, capsys, says="not digits (one FP32 [N, 64] input)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_that_does_not_load_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
