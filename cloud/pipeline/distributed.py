@@ -79,13 +79,19 @@ def process_group(ctx: DistContext) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def mean_across(ctx: DistContext, total: float, count: int) -> float:
-    """``sum(total) / sum(count)`` over all ranks (just ``total / count`` alone)."""
+def sum_across(ctx: DistContext, total: float, count: int) -> tuple[float, int]:
+    """``(sum(total), sum(count))`` over all ranks; a collective: every rank must call it."""
     if not ctx.distributed:
-        return total / max(count, 1)
+        return total, count
     t = torch.tensor([total, float(count)], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
-    return float(t[0] / t[1].clamp(min=1.0))
+    return float(t[0]), round(float(t[1]))
+
+
+def mean_across(ctx: DistContext, total: float, count: int) -> float:
+    """``sum(total) / sum(count)`` over all ranks (just ``total / count`` alone)."""
+    total, count = sum_across(ctx, total, count)
+    return total / max(count, 1)
 
 
 def barrier(ctx: DistContext) -> None:

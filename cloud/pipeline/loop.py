@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from cloud.pipeline.checkpoint import check_config, load_latest, save_checkpoint
-from cloud.pipeline.distributed import DistContext, mean_across
+from cloud.pipeline.distributed import DistContext, mean_across, sum_across
 from cloud.pipeline.factory import TrainingData
 from cloud.pipeline.progress import NullProgress, Progress
 from cloud.pipeline.recipe import Recipe
@@ -182,7 +182,8 @@ class _Trainer:
     def config(self) -> dict[str, Any]:
         return _config(self.recipe, self.seed, self.ctx, len(self.data.train_targets))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, loss_total: float, loss_rows: int) -> dict[str, Any]:
+        """The checkpoint; ``loss_*`` are the running sums over *all* ranks."""
         s = self.state
         cuda = self.device.type == "cuda"
         return {
@@ -190,8 +191,8 @@ class _Trainer:
             "epoch": s.epoch,
             "batch": s.batch,
             "global_step": s.global_step,
-            "loss_total": s.loss_total,
-            "loss_rows": s.loss_rows,
+            "loss_total": loss_total,
+            "loss_rows": loss_rows,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -210,13 +211,10 @@ class _Trainer:
         torch.set_rng_state(saved["rng"])
         if saved.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
-        self.state = _State(
-            saved["epoch"],
-            saved["batch"],
-            saved["global_step"],
-            saved["loss_total"],
-            saved["loss_rows"],
-        )
+        # The saved running loss is every rank's together: rank 0 carries it on,
+        # the others start from zero, so the epoch's mean across ranks comes out right.
+        mine = (saved["loss_total"], saved["loss_rows"]) if self.ctx.is_main else (0.0, 0)
+        self.state = _State(saved["epoch"], saved["batch"], saved["global_step"], *mine)
 
     def step(self, idx: torch.Tensor) -> None:
         data = self.data
@@ -275,6 +273,14 @@ def fit(
     return TrainResult(model, recipe.epochs, s.global_step, val[0], val[1], val[2])
 
 
+def _checkpoint(trainer: _Trainer, directory: Path) -> None:
+    """Rank 0 writes; every rank takes part in summing the running loss first."""
+    s, ctx = trainer.state, trainer.ctx
+    total, rows = sum_across(ctx, s.loss_total, s.loss_rows)
+    if ctx.is_main:
+        save_checkpoint(directory, s.global_step, trainer.snapshot(total, rows))
+
+
 def _epochs(
     trainer: _Trainer, checkpoints: CheckpointPlan | None, show: Progress
 ) -> tuple[float, float, float | None]:
@@ -288,8 +294,8 @@ def _epochs(
             idx = order[s.batch * trainer.rank_batch : (s.batch + 1) * trainer.rank_batch]
             trainer.step(idx)
             show.step(1, len(idx) * ctx.world_size, s.loss_total / s.loss_rows)
-            if checkpoints and ctx.is_main and s.global_step % checkpoints.every == 0:
-                save_checkpoint(checkpoints.directory, s.global_step, trainer.snapshot())
+            if checkpoints and s.global_step % checkpoints.every == 0:
+                _checkpoint(trainer, checkpoints.directory)
         train_loss = mean_across(ctx, s.loss_total, s.loss_rows)
         trainer.scheduler.step()
         val_loss, val_acc = evaluate_torch(trainer.plain_view, trainer.data, trainer.device)

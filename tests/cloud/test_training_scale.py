@@ -42,6 +42,11 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _torchrun(argv: list[str]) -> list[str]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, "--nproc_per_node", "2", "-m", "fogline", "--log-level", "WARNING", *argv]
+
+
 def _metrics(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -122,11 +127,10 @@ def test_two_gloo_processes_reach_the_one_process_accuracy(tmp_path: Path) -> No
     Path("one.json").unlink()
     two_dir = tmp_path / "two"
     two_dir.mkdir()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    torchrun += ["--nproc_per_node", "2", "-m", "fogline", "--log-level", "WARNING", *run]
     result = subprocess.run(
-        [*torchrun, "--out", str(two_dir / "m.onnx"), "--metrics-out", str(two_dir / "m.json"),
-         "--checkpoint-dir", str(two_dir / "ckpt"), "--checkpoint-every", "50"],
+        _torchrun([*run, "--out", str(two_dir / "m.onnx"), "--metrics-out",
+                   str(two_dir / "m.json"), "--checkpoint-dir", str(two_dir / "ckpt"),
+                   "--checkpoint-every", "50"]),
         env=_env(),
         capture_output=True,
         text=True,
@@ -147,6 +151,45 @@ def test_two_gloo_processes_reach_the_one_process_accuracy(tmp_path: Path) -> No
         "ckpt-00000300.pt",
     ]
     print(f"1 process: {one}\n2 processes: {two}")
+
+
+@pytest.mark.slow
+def test_killed_two_process_training_resumes_to_the_same_metrics(tmp_path: Path) -> None:
+    """The whole torchrun job is SIGKILLed after rank 0's first checkpoint, then resumed."""
+    run = ["model", "train", "--model", "digits-cloud", "--epochs", "2", "--seed", "3"]
+    ref = tmp_path / "ref.json"
+    done = subprocess.run(
+        _torchrun([*run, "--out", str(tmp_path / "ref.onnx"), "--metrics-out", str(ref)]),
+        env=_env(),
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "resumed.json"
+    resumable = [*run, "--out", str(tmp_path / "m.onnx"), "--metrics-out", str(metrics)]
+    resumable += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]
+    proc = subprocess.Popen(
+        _torchrun(resumable),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes every rank
+    )
+    try:
+        _wait_for_checkpoint(ckpt, proc, timeout=240)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not metrics.exists()
+    again = subprocess.run(
+        _torchrun([*resumable, "--resume"]), env=_env(), capture_output=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    reference, resumed = _metrics(ref), _metrics(metrics)
+    assert resumed["steps"] == reference["steps"]
+    assert resumed["val_accuracy"] == pytest.approx(reference["val_accuracy"], abs=1e-9)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+    assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
 
 
 class _Terminal(io.StringIO):
