@@ -63,9 +63,9 @@ def test_killed_training_resumes_to_the_same_metrics(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = ["model", "train", "--model", "digits-cloud", "--epochs", "2", "--seed", "5"]
-    assert main([*run, "--out", str(tmp_path / "ref.onnx"), "--metrics-out", "ref.json"]) == 0
-    reference = _metrics(Path("ref.json"))
-    Path("ref.json").unlink()
+    ref = tmp_path / "ref.json"
+    assert main([*run, "--out", str(tmp_path / "ref.onnx"), "--metrics-out", str(ref)]) == 0
+    reference = _metrics(ref)
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.onnx"
     resumable = [*run, "--out", str(out), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]
@@ -122,9 +122,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
 
 def test_two_gloo_processes_reach_the_one_process_accuracy(tmp_path: Path) -> None:
     run = ["model", "train", "--model", "digits-edge", "--epochs", "20", "--seed", "0"]
-    assert main([*run, "--out", str(tmp_path / "one.onnx"), "--metrics-out", "one.json"]) == 0
-    one = _metrics(Path("one.json"))
-    Path("one.json").unlink()
+    one_json = tmp_path / "one.json"
+    assert main([*run, "--out", str(tmp_path / "one.onnx"), "--metrics-out", str(one_json)]) == 0
+    one = _metrics(one_json)
     two_dir = tmp_path / "two"
     two_dir.mkdir()
     result = subprocess.run(
