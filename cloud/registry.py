@@ -8,6 +8,8 @@ that is sent to devices. Every write is one transaction.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cloud.database import Database
-from common.errors import AlreadyExistsError, ModelNotFoundError
+from cloud.operator_tokens import OperatorTokens
+from common.errors import AlreadyExistsError, InvalidInputError, ModelNotFoundError
 from common.fsutil import atomic_write
 from common.manifest import (
     Manifest,
@@ -26,7 +29,10 @@ from common.manifest import (
     write_package,
 )
 from common.messages import CHUNK_REJECTED
+from common.names import check_digest, check_name, safe_join
 from common.signing import Signer
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -58,11 +64,43 @@ CREATE TABLE IF NOT EXISTS events (
 
 # Router counters that the fleet view adds up across telemetry reports.
 TOTALLED = ("requests", "served_local", "served_cloud", "degraded", "cloud_errors")
+# The most one report may add to one counter: a device serving more than this between
+# two reports is not plausible, and a forged "a billion requests" must not count.
+MAX_COUNTER = 1e6
+DEVICE_STATES = ("online", "offline")
 
 
 def _package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
     """Where the artifact store keeps a signed package (read-only for the fallback)."""
-    return store_dir / "packages" / name / variant / version
+    return safe_join(store_dir / "packages", name, variant, version)
+
+
+def _counter(value: object, what: str) -> float:
+    """A telemetry figure: a finite number in [0, MAX_COUNTER], else InvalidInputError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_COUNTER
+    ):
+        raise InvalidInputError(f"telemetry {what} must be a number in [0, {MAX_COUNTER:g}]")
+    return value
+
+
+def telemetry_increments(doc: dict[str, Any]) -> dict[str, float]:
+    """What one report adds to a device's running totals; InvalidInputError if implausible.
+
+    A pure function of the report, so the rules are tested with tables of cases.
+    """
+    router = doc.get("router") or {}
+    escalated = router.get("escalated") if isinstance(router, dict) else None
+    if not isinstance(router, dict) or not isinstance(escalated or {}, dict):
+        raise InvalidInputError("telemetry 'router' and 'router.escalated' must be objects")
+    out = {k: _counter(router[k], k) for k in TOTALLED if router.get(k) is not None}
+    if escalated:
+        reasons = [_counter(v, f"escalated.{k}") for k, v in escalated.items()]
+        out["escalated"] = _counter(sum(reasons), "escalated (sum)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,6 +138,7 @@ class Registry:
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self._db = Database(database)
         self._db.schema(SCHEMA)
+        self.operators = OperatorTokens(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -159,59 +198,66 @@ class Registry:
         return records
 
     def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
+        check_name(name, "model name")
+        check_name(version, "model version")
+        check_name(variant, "variant")
         found = self._records("name=? AND variant=? AND version=?", (name, variant, version))
         if not found:
             raise ModelNotFoundError(name, f"{version} ({variant})")
         return found[0]
 
     def versions(self, name: str | None = None) -> list[VersionRecord]:
+        if name is not None:
+            check_name(name, "model name")
         return self._records("name=?", (name,)) if name else self._records("1=1", ())
 
     def version_by_digest(self, digest: str) -> VersionRecord:
+        check_digest(digest)
         found = self._records("artifact_digest=?", (digest,))
         if not found:
             raise ModelNotFoundError(f"artifact {digest[:16]}")
         return found[0]
 
     def artifact_path(self, digest: str) -> Path:
-        path = self.store_dir / "artifacts" / digest
-        if len(digest) != 64 or not path.is_file():
+        path = self.store_dir / "artifacts" / check_digest(digest)
+        if not path.is_file():
             raise ModelNotFoundError(f"artifact {digest[:16]}")
         return path
 
     # -- devices -------------------------------------------------------------------
 
     def upsert_device(self, device_id: str, status: dict[str, Any]) -> None:
+        """Store a device's status; ``device_id`` is who sent it (its topic), not the payload."""
+        check_name(device_id, "device id")
+        state = status.get("state")
+        status = {**status, "device_id": device_id}
+        status["state"] = state if state in DEVICE_STATES else "unknown"
         self._q(
             "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
             " ON CONFLICT(device_id) DO UPDATE SET state=excluded.state,"
             " status=excluded.status, last_seen=excluded.last_seen",
-            (device_id, str(status.get("state", "unknown")), json.dumps(status), time.time()),
+            (device_id, status["state"], json.dumps(status), time.time()),
         )
 
     def record_telemetry(self, device_id: str, doc: dict[str, Any]) -> None:
         """Keep each device's latest report, plus running totals of its router counters.
 
         Reports count "since the last report"; the totals are what a fleet view
-        shows. (History belongs in a time-series database.)
+        shows. (History belongs in a time-series database.) A report with an
+        implausible figure raises InvalidInputError and changes nothing.
         """
+        check_name(device_id, "device id")
+        increments = telemetry_increments(doc)
         with self._db.transaction() as db:
             rows = db.execute("SELECT telemetry FROM devices WHERE device_id=?", (device_id,))
             previous = json.loads(rows[0][0]) if rows and rows[0][0] else {}
             totals = dict(previous.get("totals") or {})
-            router = doc.get("router") or {}
-            for key in TOTALLED:
-                value = router.get(key)
-                if isinstance(value, int | float):
-                    totals[key] = totals.get(key, 0) + value
-            escalated = router.get("escalated") or {}
-            if isinstance(escalated, dict):
-                totals["escalated"] = totals.get("escalated", 0) + sum(
-                    v for v in escalated.values() if isinstance(v, int | float)
-                )
+            for key, value in increments.items():
+                totals[key] = totals.get(key, 0) + value
+            report = {**doc, "device_id": device_id, "totals": totals}
             db.execute(
                 "UPDATE devices SET telemetry=?, last_seen=? WHERE device_id=?",
-                (json.dumps({**doc, "totals": totals}), time.time(), device_id),
+                (json.dumps(report), time.time(), device_id),
             )
 
     def devices(self) -> list[dict[str, Any]]:
@@ -227,6 +273,7 @@ class Registry:
         One atomic ``UPDATE ... RETURNING``: replicas sharing PostgreSQL never hand
         out the same number twice.
         """
+        check_name(device_id, "device id")
         with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
@@ -243,6 +290,9 @@ class Registry:
     def create_rollout(
         self, rollout_id: str, name: str, version: str, targets: dict[str, str]
     ) -> None:
+        check_name(rollout_id, "rollout id")
+        for device_id in targets:
+            check_name(device_id, "device id")
         now = time.time()
         with self._db.transaction() as db:
             db.execute(
@@ -254,25 +304,30 @@ class Registry:
                 [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
             )
 
-    def record_event(self, doc: dict[str, Any]) -> None:
-        """Store an event and advance the rollout step of its command, if any."""
+    def record_event(self, device_id: str, doc: dict[str, Any]) -> None:
+        """Store an event from ``device_id`` and advance the rollout step of its command.
+
+        NOTE: ``device_id`` is who sent it (the topic it came on). A step advances only
+        when that device was sent that command: an event on another device's topic
+        that quotes a real command id changes nothing.
+        """
+        check_name(device_id, "device id")
+        doc = {**doc, "device_id": device_id}
+        command_id = doc.get("command_id")
+        command_id = command_id if isinstance(command_id, str) else None
         now = time.time()
         with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
-                (
-                    str(doc.get("device_id")),
-                    doc.get("command_id"),
-                    str(doc.get("stage")),
-                    json.dumps(doc),
-                    now,
-                ),
+                (device_id, command_id, str(doc.get("stage")), json.dumps(doc), now),
             )
-            if doc.get("stage") != CHUNK_REJECTED:  # says nothing of the command's progress
+            if command_id is not None and doc.get("stage") != CHUNK_REJECTED:
+                # CHUNK_REJECTED says nothing of the command's progress.
                 db.execute(
                     "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
-                    " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",
-                    (doc.get("stage"), doc.get("error"), now, doc.get("command_id")),
+                    " WHERE device_id=? AND command_id=?"
+                    " AND stage NOT IN ('activated', 'failed', 'rejected')",
+                    (str(doc.get("stage")), _text(doc.get("error")), now, device_id, command_id),
                 )
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -294,6 +349,7 @@ class Registry:
         )
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
+        check_name(rollout_id, "rollout id")
         rows = self._q(
             "SELECT name, version, state, created_at, finished_at FROM rollouts WHERE id=?",
             (rollout_id,),
@@ -320,6 +376,8 @@ class Registry:
         }
 
     def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if device_id is not None:
+            check_name(device_id, "device id")
         rows = self._q(
             "SELECT payload FROM events"
             + (" WHERE device_id=?" if device_id else "")
@@ -327,3 +385,7 @@ class Registry:
             (device_id, limit) if device_id else (limit,),
         )
         return [json.loads(r[0]) for r in rows]
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)[:1000]

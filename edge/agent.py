@@ -116,6 +116,7 @@ class EdgeAgent:
             chunk_timeout_s=self.config.chunk_timeout_s,
             intra_op_threads=self.config.intra_op_threads,
             transport=self.config.artifact_transport,
+            http_token=self.config.cloud_token,  # the device token opens artifacts too
         )
         self.link.on_connected(self.publish_status)
         self.link.subscribe(self._topic("commands"), self._on_command)

@@ -48,6 +48,7 @@ class Deployer:
         chunk_timeout_s: float = 3.0,
         intra_op_threads: int = 1,
         transport: str = "mqtt",
+        http_token: str | None = None,
     ) -> None:
         self.device_id = device_id
         self._link = link
@@ -57,6 +58,7 @@ class Deployer:
         self._chunk_timeout_s = chunk_timeout_s
         self._threads = intra_op_threads
         self._transport = transport  # "mqtt" (HTTP only as a fallback) or "http"
+        self._http_token = http_token  # the device token: the control plane asks for one
         self._downloads = store.root / "downloads"
         self._lock = asyncio.Lock()
 
@@ -140,7 +142,12 @@ class Deployer:
         partial = self._downloads / f"{digest}.part"  # survives a restart: resumed by Range
         async with aiohttp.ClientSession() as session:
             data = await fetch_artifact(
-                session, http_url, size=total, digest=digest, partial=partial
+                session,
+                http_url,
+                size=total,
+                digest=digest,
+                partial=partial,
+                token=self._http_token,
             )
         partial.unlink(missing_ok=True)
         return data

@@ -40,8 +40,8 @@ def test_versions_devices_rollouts_and_events(database, tmp_path) -> None:
 
     registry.create_rollout("r1", "toy", "1", {"d1": "c1"})
     assert registry.running_rollouts() == [("r1", "toy", "1")]
-    registry.record_event({"device_id": "d1", "command_id": "c1", "stage": "activated"})
-    registry.record_event({"device_id": "d1", "command_id": "c1", "stage": "staged"})  # late
+    registry.record_event("d1", {"command_id": "c1", "stage": "activated"})
+    registry.record_event("d1", {"command_id": "c1", "stage": "staged"})  # late
     assert registry.rollout("r1")["devices"]["d1"]["stage"] == "activated"
     registry.finish_rollout("r1", "succeeded")
     assert registry.running_rollouts() == []
