@@ -13,11 +13,12 @@ import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cloud.operator_tokens import TOKEN_PREFIX, VIEWER, Operator, OperatorTokens
 from common.device_token import verify_token
-from common.errors import AuthError, InvalidInputError
+from common.errors import AuthError, FoglineError, InvalidInputError
 from common.json_object import parse_json_object
 from common.manifest import Manifest
 from common.names import check_name
@@ -78,7 +79,15 @@ async def receive_package(request: web.Request, dest: Path) -> Manifest:
     limit = request.app[UPLOAD_LIMIT]
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    reader = await request.multipart()
+    try:
+        return await _receive_parts(await request.multipart(), dest, limit)
+    except FoglineError:
+        raise
+    except (HttpProcessingError, ValueError) as exc:  # aiohttp's multipart parser refused it
+        raise InvalidInputError(f"publish: malformed multipart body: {exc}") from None
+
+
+async def _receive_parts(reader: MultipartReader, dest: Path, limit: int) -> Manifest:
     manifest: Manifest | None = None
     received: set[str] = set()
     total = 0
@@ -86,7 +95,7 @@ async def receive_package(request: web.Request, dest: Path) -> Manifest:
         if not isinstance(part, BodyPartReader):
             raise InvalidInputError("publish: nested multipart is not accepted")
         if part.name == "manifest" and manifest is None:
-            raw = await _read_bounded(part, MAX_MANIFEST_BYTES, "manifest part")
+            raw = await _read_bounded(part, MAX_MANIFEST_BYTES)
             manifest = Manifest.from_dict(parse_json_object(raw, "manifest"))
             continue
         if manifest is None:
@@ -102,7 +111,7 @@ async def receive_package(request: web.Request, dest: Path) -> Manifest:
     return manifest
 
 
-async def _read_bounded(part: BodyPartReader, limit: int, what: str) -> bytes:
+async def _read_bounded(part: BodyPartReader, limit: int) -> bytes:
     data = bytearray()
     while block := await part.read_chunk(BLOCK):
         data += block
