@@ -109,6 +109,12 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
         registry = Registry(settings.database or settings.db_path, settings.store_dir)
+        if not await asyncio.to_thread(registry.operators.list):
+            logger.warning(
+                "no operator tokens yet: every route but /api/health answers 401; make one "
+                "with `fogline control token create NAME --role admin --workdir %s`",
+                settings.workdir,
+            )
         # NOTE: only a configured (secret, ACL-protected) name gets a persistent session;
         # a guessable stable id would let any client take the session and its messages.
         client_id = settings.mqtt_client_id or f"fogline-control-{secrets.token_hex(8)}"

@@ -322,12 +322,16 @@ class Registry:
                 (device_id, command_id, str(doc.get("stage")), json.dumps(doc), now),
             )
             if command_id is not None and doc.get("stage") != CHUNK_REJECTED:
-                # CHUNK_REJECTED says nothing of the command's progress.
+                # CHUNK_REJECTED says nothing of the command's progress. REJECTED means
+                # "refused before it started": once the device has made progress on the
+                # command, a REJECTED for it is a replayed copy being refused, not news.
+                stage = str(doc.get("stage"))
                 db.execute(
                     "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
                     " WHERE device_id=? AND command_id=?"
-                    " AND stage NOT IN ('activated', 'failed', 'rejected')",
-                    (str(doc.get("stage")), _text(doc.get("error")), now, device_id, command_id),
+                    " AND stage NOT IN ('activated', 'failed', 'rejected')"
+                    " AND (? <> 'rejected' OR stage = 'sent')",
+                    (stage, _text(doc.get("error")), now, device_id, command_id, stage),
                 )
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:

@@ -180,3 +180,24 @@ def test_tokens_are_stored_hashed_and_revocable(tokens) -> None:
         {"name": "alice", "role": "viewer", "created_at": store.list()[0]["created_at"],
          "revoked": False}
     ]  # fmt: skip
+
+
+async def test_tokens_made_on_the_host_work_against_a_plane_on_postgresql(
+    mosquitto, tmp_path, postgres_url
+) -> None:
+    from cloud.token_cli import create_token, open_registry
+
+    token = create_token(tmp_path / "control", "ops", "operator", database=postgres_url)
+    async with (
+        ControlPlane(tmp_path / "control", mosquitto, database=postgres_url) as cp,
+        aiohttp.ClientSession() as s,
+    ):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with s.get(f"{cp.url}/api/models", headers=headers) as resp:
+            assert resp.status == 200
+        registry = open_registry(tmp_path / "control", database=postgres_url)
+        registry.operators.revoke("ops")  # on the host, while the plane runs
+        registry.close()
+        async with s.get(f"{cp.url}/api/models", headers=headers) as resp:
+            assert resp.status == 401
+    assert not (tmp_path / "control" / "control.sqlite").exists()

@@ -111,6 +111,10 @@ def test_an_event_advances_only_the_command_sent_to_its_device(database, tmp_pat
     assert registry.events("d1") == []
     registry.record_event("d1", {"command_id": "c1", "stage": "activated"})
     assert registry.rollout("r1")["devices"]["d1"]["stage"] == "activated"
+    # A replayed copy of c2, refused by d2 after it started on the real one: not a failure.
+    registry.record_event("d2", {"command_id": "c2", "stage": "received"})
+    registry.record_event("d2", {"command_id": "c2", "stage": "rejected", "error": "replayed"})
+    assert registry.rollout("r1")["devices"]["d2"]["stage"] == "received"
     registry.close()
 
 
