@@ -109,21 +109,8 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
         registry = Registry(settings.database or settings.db_path, settings.store_dir)
-        if not await asyncio.to_thread(registry.operators.list):
-            logger.warning(
-                "no operator tokens yet: every route but /api/health answers 401; make one "
-                "with `fogline control token create NAME --role admin --workdir %s`",
-                settings.workdir,
-            )
-        # NOTE: only a configured (secret, ACL-protected) name gets a persistent session;
-        # a guessable stable id would let any client take the session and its messages.
-        client_id = settings.mqtt_client_id or f"fogline-control-{secrets.token_hex(8)}"
-        link = MqttLink(
-            client_id=client_id,
-            host=settings.broker_host,
-            port=settings.broker_port,
-            persistent_session=settings.mqtt_client_id is not None,
-        )
+        await _warn_without_tokens(registry, settings.workdir)
+        link = _mqtt_link(settings)
         fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
         rollouts = RolloutController(
             registry,
@@ -141,6 +128,29 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         registry.close()
 
     return ctx
+
+
+def _mqtt_link(settings: ControlSettings) -> MqttLink:
+    """The control plane's broker link.
+
+    NOTE: only a configured (secret, ACL-protected) name gets a persistent session;
+    a guessable stable id would let any client take the session and its messages.
+    """
+    return MqttLink(
+        client_id=settings.mqtt_client_id or f"fogline-control-{secrets.token_hex(8)}",
+        host=settings.broker_host,
+        port=settings.broker_port,
+        persistent_session=settings.mqtt_client_id is not None,
+    )
+
+
+async def _warn_without_tokens(registry: Registry, workdir: Path) -> None:
+    if not await asyncio.to_thread(registry.operators.list):
+        logger.warning(
+            "no operator tokens yet: every route but /api/health answers 401; make one "
+            "with `fogline control token create NAME --role admin --workdir %s`",
+            workdir,
+        )
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:

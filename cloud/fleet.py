@@ -10,44 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from cloud.registry import Registry
+from cloud.telemetry import TelemetryLimiter
 from common import messages, topics
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.mqtt import MqttLink
 
 logger = logging.getLogger(__name__)
-
-
-class TelemetryLimiter:
-    """Accept at most one telemetry report per device per ``interval_s`` (a token bucket).
-
-    A small burst is allowed so that a report arriving a little early (jitter, an
-    outbox flushed after an outage) is not lost; the long-run rate stays bounded.
-    """
-
-    MAX_DEVICES = 100_000  # NOTE: bounds the table even under a flood of made-up ids
-
-    def __init__(self, interval_s: float = 1.0, burst: float = 3.0) -> None:
-        self.interval_s = interval_s
-        self.burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
-
-    def allow(self, device_id: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        if self.interval_s <= 0:
-            return True
-        tokens, at = self._buckets.get(device_id, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) / self.interval_s)
-        if len(self._buckets) >= self.MAX_DEVICES and device_id not in self._buckets:
-            self._buckets.clear()  # crude, but bounded; honest devices refill at once
-        if tokens < 1:
-            self._buckets[device_id] = (tokens, now)
-            return False
-        self._buckets[device_id] = (tokens - 1, now)
-        return True
 
 
 class FleetMonitor:

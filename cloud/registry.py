@@ -8,31 +8,33 @@ that is sent to devices. Every write is one transaction.
 from __future__ import annotations
 
 import json
-import logging
-import math
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud.database import Database
 from cloud.operator_tokens import OperatorTokens
-from common.errors import AlreadyExistsError, InvalidInputError, ModelNotFoundError
+from cloud.telemetry import telemetry_increments
+from common.errors import (
+    AlreadyExistsError,
+    ModelNotFoundError,
+    VerificationError,
+)
 from common.fsutil import atomic_write
 from common.manifest import (
     Manifest,
     SignedManifest,
     artifact_bytes,
     artifact_digest,
-    read_package,
+    sha256_file,
     write_package,
 )
 from common.messages import CHUNK_REJECTED
 from common.names import check_digest, check_name, safe_join
 from common.signing import Signer
-
-logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -62,45 +64,12 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-# Router counters that the fleet view adds up across telemetry reports.
-TOTALLED = ("requests", "served_local", "served_cloud", "degraded", "cloud_errors")
-# The most one report may add to one counter: a device serving more than this between
-# two reports is not plausible, and a forged "a billion requests" must not count.
-MAX_COUNTER = 1e6
 DEVICE_STATES = ("online", "offline")
 
 
 def _package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
     """Where the artifact store keeps a signed package (read-only for the fallback)."""
     return safe_join(store_dir / "packages", name, variant, version)
-
-
-def _counter(value: object, what: str) -> float:
-    """A telemetry figure: a finite number in [0, MAX_COUNTER], else InvalidInputError."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 <= value <= MAX_COUNTER
-    ):
-        raise InvalidInputError(f"telemetry {what} must be a number in [0, {MAX_COUNTER:g}]")
-    return value
-
-
-def telemetry_increments(doc: dict[str, Any]) -> dict[str, float]:
-    """What one report adds to a device's running totals; InvalidInputError if implausible.
-
-    A pure function of the report, so the rules are tested with tables of cases.
-    """
-    router = doc.get("router") or {}
-    escalated = router.get("escalated") if isinstance(router, dict) else None
-    if not isinstance(router, dict) or not isinstance(escalated or {}, dict):
-        raise InvalidInputError("telemetry 'router' and 'router.escalated' must be objects")
-    out = {k: _counter(router[k], k) for k in TOTALLED if router.get(k) is not None}
-    if escalated:
-        reasons = [_counter(v, f"escalated.{k}") for k, v in escalated.items()]
-        out["escalated"] = _counter(sum(reasons), "escalated (sum)")
-    return out
 
 
 @dataclass(frozen=True)
@@ -149,21 +118,22 @@ class Registry:
     # -- model versions ------------------------------------------------------------
 
     def publish(self, source_dir: Path, manifest: Manifest, signer: Signer) -> VersionRecord:
-        """Sign a package whose files are in ``source_dir`` and store it."""
+        """Sign a package whose files are in ``source_dir`` and store it.
+
+        The files are checked against the manifest before anything is written to the
+        store, and the package directory appears by one rename, never over another.
+        """
         manifest.validate()
         m = manifest
+        _check_files(source_dir, m)
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
         ):
             raise AlreadyExistsError(f"{m.name} {m.variant} version {m.version} already exists")
         dest = _package_path(self.store_dir, m.name, m.variant, m.version)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in m.files:
-            shutil.copyfile(source_dir / f.name, dest / f.name)
         signed = SignedManifest.sign(m, signer)
-        write_package(dest, signed)
-        read_package(dest)  # every file matches the manifest, or this raises
+        _place_package(source_dir, dest, signed)
         data = artifact_bytes(dest, m)
         digest = artifact_digest(data)
         atomic_write(self.store_dir / "artifacts" / digest, data)
@@ -389,6 +359,31 @@ class Registry:
             (device_id, limit) if device_id else (limit,),
         )
         return [json.loads(r[0]) for r in rows]
+
+
+def _check_files(directory: Path, manifest: Manifest) -> None:
+    """Every file of ``manifest`` is in ``directory`` with its size and SHA-256."""
+    for f in manifest.files:
+        path = directory / f.name
+        if not path.is_file() or path.stat().st_size != f.size or sha256_file(path) != f.sha256:
+            raise VerificationError(f"file {f.name!r} is missing or does not match the manifest")
+
+
+def _place_package(source_dir: Path, dest: Path, signed: SignedManifest) -> None:
+    """Copy the files and the signed manifest into ``dest``, which must not exist yet."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        for f in signed.manifest.files:
+            shutil.copyfile(source_dir / f.name, staging / f.name)
+        write_package(staging, signed)
+        if dest.exists():  # left by an interrupted publish, or a concurrent one
+            raise AlreadyExistsError(f"{dest} exists in the store already")
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _text(value: object) -> str | None:

@@ -153,6 +153,9 @@ def _publish_attacks(manifest: dict, files: list[tuple[str, bytes]]):
     yield manifest, [*files, ("extra.bin", b"x")]  # not in the manifest
     yield manifest, [files[0], files[0], *files[1:]]  # sent twice
     yield manifest, [(files[0][0], files[0][1] + b"more"), *files[1:]]  # longer than declared
+    yield manifest, [(files[0][0], files[0][1][:-1]), *files[1:]]  # shorter
+    yield manifest, [(files[0][0], bytes([files[0][1][0] ^ 1]) + files[0][1][1:]), *files[1:]]
+    yield manifest, files[:1]  # a file missing
     yield {**manifest, "files": [{**manifest["files"][0], "name": "manifest.json"}]}, files
     yield None, files  # no manifest
     yield b"[1, 2]", files

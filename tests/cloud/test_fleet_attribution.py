@@ -14,8 +14,7 @@ import uuid
 
 import pytest
 
-from cloud.fleet import TelemetryLimiter
-from cloud.registry import telemetry_increments
+from cloud.telemetry import TelemetryLimiter, telemetry_increments
 from common import messages, topics
 from common.errors import InvalidInputError
 from common.mqtt import MqttLink

@@ -142,3 +142,26 @@ def test_names_are_checked_before_the_store_or_the_database(tmp_path, bad) -> No
         with pytest.raises(InvalidInputError):
             call()
     registry.close()
+
+
+def test_publish_never_writes_over_a_package_directory(tmp_path) -> None:
+    """A directory left in the store (an interrupted publish) is refused, not overwritten;
+    files that do not match the manifest are refused before the store is touched."""
+    from common.errors import VerificationError
+
+    registry = Registry(tmp_path / "r.sqlite", tmp_path / "store")
+    pkg = make_package(tmp_path / "pkg")
+    (pkg.directory / "golden.npz").write_bytes(b"not the golden data")
+    with pytest.raises(VerificationError):
+        registry.publish(pkg.directory, pkg.manifest, Signer.generate())
+    assert not (tmp_path / "store" / "packages").exists()
+
+    pkg = make_package(tmp_path / "pkg2")
+    left = tmp_path / "store" / "packages" / "toy" / "edge" / "1"
+    left.mkdir(parents=True)
+    (left / "model.onnx").write_bytes(b"keep me")
+    with pytest.raises(AlreadyExistsError):
+        registry.publish(pkg.directory, pkg.manifest, Signer.generate())
+    assert (left / "model.onnx").read_bytes() == b"keep me"
+    assert [p.name for p in left.parent.iterdir()] == ["1"]  # no staging dir left behind
+    registry.close()
