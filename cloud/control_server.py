@@ -12,7 +12,7 @@ import logging
 import secrets
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from cloud.control_auth import (
 from cloud.fleet import FleetMonitor
 from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER
 from cloud.registry import Registry
+from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
 from common.device_token import issue_token
 from common.errors import InvalidInputError
@@ -52,9 +53,10 @@ class ControlSettings:
     port: int = 8000
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
-    chunk_size: int = 32 * 1024
+    chunk_size: int = 32 * 1024  # the smallest; big artifacts get bigger chunks
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
+    repair: RepairPolicy = field(default_factory=RepairPolicy)  # limits on repair requests
     # A stable MQTT client id makes a persistent session (the broker keeps events and
     # chunk requests across a restart). Unset: a per-process random id and a clean
     # session, so a device cannot guess the id and take the control plane's place.
@@ -108,7 +110,11 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
-        registry = Registry(settings.database or settings.db_path, settings.store_dir)
+        registry = Registry(
+            settings.database or settings.db_path,
+            settings.store_dir,
+            chunk_size=settings.chunk_size,
+        )
         await _warn_without_tokens(registry, settings.workdir)
         link = _mqtt_link(settings)
         fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
@@ -119,6 +125,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             link,
             chunk_size=settings.chunk_size,
             artifact_base_url=settings.artifact_base_url,
+            repair=settings.repair,
         )
         async with link, fleet, rollouts:
             app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer

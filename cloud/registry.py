@@ -18,6 +18,7 @@ from typing import Any
 from cloud.database import Database
 from cloud.operator_tokens import OperatorTokens
 from cloud.telemetry import telemetry_increments
+from common import chunking
 from common.errors import (
     AlreadyExistsError,
     ModelNotFoundError,
@@ -101,9 +102,20 @@ class VersionRecord:
 class Registry:
     """SQLite-backed registry. Thread-safe: calls are serialised by a lock."""
 
-    def __init__(self, database: str | Path, store_dir: Path) -> None:
-        """``database``: a SQLite file path, or a ``postgresql://`` URL."""
+    def __init__(
+        self,
+        database: str | Path,
+        store_dir: Path,
+        *,
+        chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        """``database``: a SQLite file path, or a ``postgresql://`` URL.
+
+        ``chunk_size``: the smallest MQTT chunk for what this registry signs
+        (big artifacts get bigger chunks: ``chunking.chunk_size_for``).
+        """
         self.store_dir = store_dir
+        self.chunk_size = chunk_size
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self._db = Database(database)
         self._db.schema(SCHEMA)
@@ -124,8 +136,8 @@ class Registry:
         store, and the package directory appears by one rename, never over another.
         """
         manifest.validate()
-        m = manifest
-        _check_files(source_dir, m)
+        _check_files(source_dir, manifest)  # before a byte is read for the chunk list
+        m = self.with_chunks(source_dir, manifest)
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
@@ -152,6 +164,19 @@ class Registry:
             ),
         )
         return VersionRecord(signed, digest, len(data), dest)
+
+    def with_chunks(self, source_dir: Path, manifest: Manifest) -> Manifest:
+        """``manifest`` with the chunk list of its files in ``source_dir``: call before signing.
+
+        NOTE: recomputed even when an upload carries a list: the control plane signs it,
+        so it vouches for it. An uploaded size is kept; otherwise this registry's policy
+        (``chunk_size``, grown for big artifacts) picks one. Raises VerificationError
+        unless the files match the manifest.
+        """
+        data = artifact_bytes(source_dir, manifest)
+        chunks = manifest.chunks
+        size = chunks.size if chunks else chunking.chunk_size_for(len(data), self.chunk_size)
+        return manifest.with_chunks(data, size)
 
     def _records(self, where: str, args: tuple) -> list[VersionRecord]:
         rows = self._q(
