@@ -1,13 +1,15 @@
 """The control plane process: operator REST API + dashboard over registry and rollouts.
 
 Handlers parse HTTP and map errors; decisions live in Registry and
-RolloutController.
+RolloutController. Every route but health (and the dashboard's static page)
+needs a bearer token; the route table below says which role each one needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,19 +18,28 @@ from pathlib import Path
 from aiohttp import web
 
 from cloud import keys_api
+from cloud.control_auth import (
+    DEVICE_OR_VIEWER,
+    OPERATORS,
+    TRUST,
+    UPLOAD_LIMIT,
+    guarded,
+    receive_package,
+)
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
-from cloud.registry import Registry, VersionRecord
+from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER
+from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
-from common import topics
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
-from common.manifest import Manifest, SignedManifest
+from common.manifest import SignedManifest
 from common.mqtt import MqttLink
+from common.names import check_name
 from common.v2_server import error_middleware
 
 logger = logging.getLogger(__name__)
@@ -49,6 +60,13 @@ class ControlSettings:
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
     repair: RepairPolicy = field(default_factory=RepairPolicy)  # limits on repair requests
+    # A stable MQTT client id makes a persistent session (the broker keeps events and
+    # chunk requests across a restart). Unset: a per-process random id and a clean
+    # session, so a device cannot guess the id and take the control plane's place.
+    mqtt_client_id: str | None = None
+    max_upload_bytes: int = 2 * 1024**3  # a published package, all files together
+    max_body_bytes: int = 1024**2  # every other request body
+    telemetry_interval_s: float = 1.0  # at most one report per device per interval
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
 
     @property
@@ -69,25 +87,26 @@ class ControlSettings:
 
 
 def build_control_app(settings: ControlSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=512 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[UPLOAD_LIMIT] = settings.max_upload_bytes
     app.cleanup_ctx.append(_resources(settings))
-    app.add_routes(
-        [
-            web.get("/", dashboard),
-            web.get("/api/health", health),
-            *keys_api.ROUTES,
-            web.get("/api/devices", devices),
-            web.post("/api/devices/{device_id}/token", device_token),
-            web.get("/api/models", models),
-            web.post("/api/models", publish),
-            web.get("/api/models/{name}/versions/{version}", model_version),
-            web.get("/api/artifacts/{digest}", artifact),
-            web.post("/api/rollouts", start_rollout),
-            web.get("/api/rollouts", rollouts),
-            web.get("/api/rollouts/{id}", rollout),
-            web.get("/api/events", events),
-        ]
-    )
+    # (method, path, handler, who may call it: None is public)
+    table = [
+        ("GET", "/", dashboard, None),  # static HTML; its data calls carry a token
+        ("GET", "/api/health", health, None),
+        *keys_api.ROUTES,
+        ("GET", "/api/devices", devices, VIEWER),
+        ("POST", "/api/devices/{device_id}/token", device_token, ADMIN),
+        ("GET", "/api/models", models, VIEWER),
+        ("POST", "/api/models", publish, OPERATOR),
+        ("GET", "/api/models/{name}/versions/{version}", model_version, VIEWER),
+        ("GET", "/api/artifacts/{digest}", artifact, DEVICE_OR_VIEWER),
+        ("POST", "/api/rollouts", start_rollout, OPERATOR),
+        ("GET", "/api/rollouts", rollouts, VIEWER),
+        ("GET", "/api/rollouts/{id}", rollout, VIEWER),
+        ("GET", "/api/events", events, VIEWER),
+    ]
+    app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
 
 
@@ -102,15 +121,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             settings.store_dir,
             chunk_size=settings.chunk_size,
         )
-        # NOTE: a persistent session under a stable client id: the broker keeps the
-        # devices' events and chunk requests while the control plane restarts.
-        link = MqttLink(
-            client_id=f"fogline-control-{settings.port}",
-            host=settings.broker_host,
-            port=settings.broker_port,
-            persistent_session=True,
-        )
-        fleet = FleetMonitor(registry, link)
+        await _warn_without_tokens(registry, settings.workdir)
+        link = _mqtt_link(settings)
+        fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
         rollouts = RolloutController(
             registry,
             fleet,
@@ -125,11 +138,36 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         async with link, fleet, rollouts, keys:
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[OPERATORS] = registry.operators
+            app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
             yield
         registry.close()
         lock.close()
 
     return ctx
+
+
+def _mqtt_link(settings: ControlSettings) -> MqttLink:
+    """The control plane's broker link.
+
+    NOTE: only a configured (secret, ACL-protected) name gets a persistent session;
+    a guessable stable id would let any client take the session and its messages.
+    """
+    return MqttLink(
+        client_id=settings.mqtt_client_id or f"fogline-control-{secrets.token_hex(8)}",
+        host=settings.broker_host,
+        port=settings.broker_port,
+        persistent_session=settings.mqtt_client_id is not None,
+    )
+
+
+async def _warn_without_tokens(registry: Registry, workdir: Path) -> None:
+    if not await asyncio.to_thread(registry.operators.list):
+        logger.warning(
+            "no operator tokens yet: every route but /api/health answers 401; make one "
+            "with `fogline control token create NAME --role admin --workdir %s`",
+            workdir,
+        )
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
@@ -147,11 +185,7 @@ async def devices(request: web.Request) -> web.Response:
 
 async def device_token(request: web.Request) -> web.Response:
     """Enrollment, first part: a device's own token for the cloud fallback."""
-    device_id = request.match_info["device_id"]
-    try:
-        topics.device_topic(device_id, "status")  # the same rule as every device id
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from None
+    device_id = check_name(request.match_info["device_id"], "device id")
     token = issue_token(request.app[KEYS].signer, device_id)
     return web.json_response({"device_id": device_id, "token": token}, status=201)
 
@@ -170,48 +204,31 @@ async def model_version(request: web.Request) -> web.Response:
 
 
 async def publish(request: web.Request) -> web.Response:
-    """Multipart upload: the manifest and one part per file.
+    """Multipart upload: the manifest part, then one part per file.
 
-    The manifest is either ``manifest`` (unsigned: the control plane signs it) or
+    The manifest is ``manifest`` (unsigned: the control plane signs it) or
     ``signed_manifest`` (signed offline by a release key, stored as it is).
     """
-    if not request.content_type.startswith("multipart/"):
-        raise InvalidInputError("publish expects multipart/form-data: manifest + files")
-    reader = await request.multipart()
-    manifest: Manifest | None = None
-    signed: SignedManifest | None = None
-    with tempfile.TemporaryDirectory(dir=request.app[REGISTRY].store_dir) as tmp:
-        async for part in reader:
-            if part.name == "manifest":
-                manifest = Manifest.from_dict(parse_json_object(await part.text(), "manifest"))
-            elif part.name == "signed_manifest":
-                doc = parse_json_object(await part.text(), "signed manifest")
-                signed = SignedManifest.from_dict(doc)
-            elif part.filename:
-                name = Path(part.filename).name
-                (Path(tmp) / name).write_bytes(await part.read())
-        request.app[KEYS].check_upload(signed)
-        record = await _store_upload(request.app, Path(tmp), manifest, signed)
+    keys, registry = request.app[KEYS], request.app[REGISTRY]
+    with tempfile.TemporaryDirectory(dir=registry.store_dir) as tmp:
+        received = await receive_package(request, Path(tmp))
+        if isinstance(received, SignedManifest):
+            keys.check_upload(received)
+            record = await asyncio.to_thread(registry.publish_signed, Path(tmp), received)
+        else:
+            keys.check_upload(None)
+            record = await asyncio.to_thread(registry.publish, Path(tmp), received, keys.signer)
     m = record.manifest
     logger.info("published %s %s (%s, key %s)", m.name, m.version, m.variant, record.signed.key_id)
     return web.json_response(record.summary(), status=201)
 
 
-async def _store_upload(
-    app: web.Application, tmp: Path, manifest: Manifest | None, signed: SignedManifest | None
-) -> VersionRecord:
-    registry = app[REGISTRY]
-    if signed is not None:
-        if manifest is not None and manifest != signed.manifest:
-            raise InvalidInputError("publish: 'manifest' and 'signed_manifest' differ")
-        return await asyncio.to_thread(registry.publish_signed, tmp, signed)
-    if manifest is None:
-        raise InvalidInputError("publish: no 'manifest' part")
-    return await asyncio.to_thread(registry.publish, tmp, manifest, app[KEYS].signer)
-
-
 async def artifact(request: web.Request) -> web.FileResponse:
-    """HTTP transport for artifacts; aiohttp's FileResponse honours Range for resume."""
+    """HTTP transport for artifacts; aiohttp's FileResponse honours Range for resume.
+
+    The id is checked by ``artifact_path`` (a hex digest, nothing else): aiohttp
+    decodes ``%2F`` into the match, so the route pattern alone does not stop ``/``.
+    """
     return web.FileResponse(request.app[REGISTRY].artifact_path(request.match_info["digest"]))
 
 
@@ -222,10 +239,10 @@ async def start_rollout(request: web.Request) -> web.Response:
     except KeyError as exc:
         raise InvalidInputError(f"rollout needs {exc.args[0]!r}") from None
     targets = doc.get("devices")
-    if targets is not None and not (
-        isinstance(targets, list) and all(isinstance(d, str) for d in targets)
-    ):
+    if targets is not None and not isinstance(targets, list):
         raise InvalidInputError("'devices' must be a list of device ids")
+    for device_id in targets or []:
+        check_name(device_id, "device id")  # before it becomes a topic
     rollout_id = await request.app[ROLLOUTS].start(
         name, version, targets, allow_downgrade=bool(doc.get("allow_downgrade"))
     )

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from cloud.package_cache import fetch_keyrings, fetch_package, parse_model_ref
 from common.device_token import verify_token
-from common.errors import CloudUnavailableError, FoglineError, InvalidInputError
+from common.errors import AuthError, CloudUnavailableError, FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
 from common.keyring import apply_chain
 from common.manifest import read_package
@@ -50,6 +51,7 @@ class FallbackSettings:
     max_inflight: int = 64
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
     control_url: str | None = None  # fetch ``models`` from this control plane
+    control_token: str | None = None  # an operator token (viewer) for that control plane
     models: list[str] = field(default_factory=list)  # NAME:VERSION, cloud variant
     cache_dir: Path = Path("fogline-fallback-cache")
     refresh_keys: bool = True  # with control_url: learn rotations and revocations from it
@@ -117,10 +119,10 @@ async def load_package(directory: Path, trust: TrustStore | None, threads: int) 
 
 async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     """Verify and load every package, then the V2 app serving them (unloaded on cleanup)."""
-    packages = list(settings.packages) + await _fetch_models(settings)
+    trust = await trusted_keys(settings)  # before any fetch: it verifies what it fetches
+    packages = list(settings.packages) + await _fetch_models(settings, trust)
     if not packages:
         raise InvalidInputError("no packages to serve: give --package or --model")
-    trust = await trusted_keys(settings)
     if trust is None:
         logger.warning("no trusted keys: package signatures are not checked, only digests")
     dataplane = DataPlane(SERVER_NAME, _version())
@@ -162,8 +164,8 @@ async def trusted_keys(settings: FallbackSettings) -> TrustStore | None:
     if not (settings.control_url and settings.refresh_keys):
         return trust
     try:
-        chain = await fetch_keyrings(settings.control_url)
-    except CloudUnavailableError as exc:
+        chain = await fetch_keyrings(settings.control_url, settings.control_token)
+    except (CloudUnavailableError, AuthError) as exc:  # unreachable, or no viewer token
         logger.warning("keyring not refreshed (%s): trusting the configured keys only", exc)
         return trust
     trust, _ = apply_chain(trust, chain, require_newer=False)
@@ -180,7 +182,7 @@ def _key_refresher(settings: FallbackSettings, trust: TrustStore):  # type: igno
         while True:
             await asyncio.sleep(settings.key_refresh_s)
             try:
-                chain = await fetch_keyrings(settings.control_url or "")
+                chain = await fetch_keyrings(settings.control_url or "", settings.control_token)
                 new, applied = apply_chain(trust, chain, require_newer=False)
             except FoglineError as exc:
                 logger.warning("keyring not refreshed: %s", exc)
@@ -199,7 +201,7 @@ def _key_refresher(settings: FallbackSettings, trust: TrustStore):  # type: igno
     return ctx
 
 
-async def _fetch_models(settings: FallbackSettings) -> list[Path]:
+async def _fetch_models(settings: FallbackSettings, trust: TrustStore | None) -> list[Path]:
     if settings.models and not settings.control_url:
         raise InvalidInputError("--model needs --control (where to fetch it from)")
     dirs = []
@@ -212,6 +214,8 @@ async def _fetch_models(settings: FallbackSettings) -> list[Path]:
                 version,
                 variant="cloud",
                 cache_dir=settings.cache_dir,
+                trust=trust,
+                token=settings.control_token,
             )
         )
     return dirs
@@ -297,6 +301,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     )
     p.add_argument("--control", dest="control_url", metavar="URL", help="control plane base URL")
     p.add_argument(
+        "--control-token",
+        metavar="TOKEN",
+        help="operator token (viewer) for --control (default: $FOGLINE_CONTROL_TOKEN)",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=Path("fogline-fallback-cache"),
@@ -375,6 +384,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         max_inflight=args.max_inflight,
         intra_op_threads=args.intra_op_threads,
         control_url=args.control_url,
+        control_token=args.control_token or os.environ.get("FOGLINE_CONTROL_TOKEN"),
         models=list(args.models),
         cache_dir=args.cache_dir,
         refresh_keys=args.refresh_keys,

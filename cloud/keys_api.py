@@ -1,7 +1,7 @@
 """``/api/keys``: the signed keyring, and key changes on a running control plane.
 
-Handlers parse HTTP only; ``KeyService`` decides. Changing keys is an admin
-action (the operator-token middleware guards these routes by role).
+Handlers parse HTTP only; ``KeyService`` decides. ``ROUTES`` gives each route the
+role the control plane's route table guards it with.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 from aiohttp import web
 
 from cloud.key_rollout import KeyService
+from cloud.operator_tokens import ADMIN, VIEWER
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 
@@ -44,10 +45,13 @@ async def add(request: web.Request) -> web.Response:
     return web.json_response(await request.app[KEYS].change("add", public_key, role), status=201)
 
 
+# (method, path, handler, role) rows for the control plane's route table. The keyring
+# is public data (public keys, signatures), but listed like the rest of the fleet view;
+# changing keys is an admin's job.
 ROUTES = [
-    web.get("/api/keys", keys),
-    web.post("/api/keys", add),
-    web.post("/api/keys/rotate", rotate),
-    web.post("/api/keys/{key_id}/retire", retire),
-    web.post("/api/keys/{key_id}/revoke", revoke),
+    ("GET", "/api/keys", keys, VIEWER),
+    ("POST", "/api/keys", add, ADMIN),
+    ("POST", "/api/keys/rotate", rotate, ADMIN),
+    ("POST", "/api/keys/{key_id}/retire", retire, ADMIN),
+    ("POST", "/api/keys/{key_id}/revoke", revoke, ADMIN),
 ]

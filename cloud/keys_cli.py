@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud.control_cli import DEFAULT_CONTROL, ControlClient, _table
+from cloud.control_cli import DEFAULT_CONTROL, TOKEN_ENV, _table, client_from_args
 from cloud.keys import KeyStore
 from common.errors import AlreadyExistsError, FoglineError, InvalidInputError, VerificationError
 from common.fsutil import write_private
@@ -77,6 +77,9 @@ def _where(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workdir", type=Path, help="change the keys offline (server stopped)")
     group.add_argument("--control", help=f"ask a running control plane (e.g. {DEFAULT_CONTROL})")
+    p.add_argument(
+        "--token", help=f"with --control: an admin token (viewer to list; default: ${TOKEN_ENV})"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=func)
     return p
@@ -139,7 +142,7 @@ def _create(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     def body() -> Any:
         if args.control:
-            return ControlClient(args.control).get("/api/keys")["keys"]
+            return client_from_args(args).get("/api/keys")["keys"]
         return KeyStore(_workdir(args)).listing()
 
     return _run(body, args.json, _render_keys)
@@ -158,7 +161,7 @@ def _workdir(args: argparse.Namespace) -> Path:
 def _rotate(args: argparse.Namespace) -> int:
     def body() -> Any:
         if args.control:
-            return ControlClient(args.control).post_json("/api/keys/rotate", {})
+            return client_from_args(args).post_json("/api/keys/rotate", {})
         store = KeyStore(_workdir(args))
         with store.locked():
             old, new = store.rotate()
@@ -177,7 +180,7 @@ def _change(args: argparse.Namespace) -> int:
     def body() -> Any:
         arg = args.public_key if args.action == "add" else check_name(args.key_id, "key id")
         if args.control:
-            client = ControlClient(args.control)
+            client = client_from_args(args)
             if args.action == "add":
                 return client.post_json("/api/keys", {"public_key": arg, "role": args.role})
             return client.post_json(f"/api/keys/{arg}/{args.action}", {})

@@ -26,7 +26,8 @@ class AuthError(FoglineError, PermissionError):
 
 
 class ForbiddenError(FoglineError, PermissionError):
-    """The caller is known but may not do this (role, or a policy such as offline signing)."""
+    """The caller is known but may not do this (its role, or a policy such as offline
+    signing)."""
 
     http_status = 403
 

@@ -44,9 +44,11 @@ from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.model_fixtures import make_package, v2_infer_body
 
 
-async def api(cp: ControlPlane, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+async def api(
+    cp: ControlPlane, method: str, path: str, body: Any = None, role: str = "admin"
+) -> tuple[int, Any]:
     async with (
-        aiohttp.ClientSession() as s,
+        aiohttp.ClientSession(headers=cp.auth(role)) as s,
         s.request(method, cp.url + path, json=body) as resp,
     ):
         return resp.status, await resp.json()
@@ -214,7 +216,7 @@ def _unsigned(pkg_dir: Path, manifest: Any) -> Path:
 
 async def test_offline_signing_only_control_plane(mosquitto, tmp_path) -> None:
     async with ControlPlane(tmp_path / "control", mosquitto, require_offline_signature=True) as cp:
-        client = ControlClient(cp.url)
+        client = ControlClient(cp.url, token=cp.tokens["operator"])
         # What a stolen operator token could send: an unsigned package, or one signed by
         # any key but a trusted release key. All refused with 403.
         unsigned = make_package(tmp_path / "p-unsigned")
@@ -283,7 +285,10 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
         by_new = make_package(tmp_path / "c-new", variant="cloud", signer=cp.signer)
         # Configured with the old key only, it learns the new one from the keyring.
         settings = FallbackSettings(
-            packages=[by_new.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
+            packages=[by_new.directory],
+            trusted_keys=[old.public_key_hex],
+            control_url=cp.url,
+            control_token=cp.tokens["viewer"],
         )
         assert await _fallback_models(settings) == ["toy"]
         # A package signed offline by a release key the keyring names verifies too.
@@ -297,7 +302,10 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
         # Retired: a package it signed (e.g. in the cache) still loads.
         assert (await api(cp, "POST", f"/api/keys/{old.key_id}/retire"))[0] == 200
         settings = FallbackSettings(
-            packages=[by_old.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
+            packages=[by_old.directory],
+            trusted_keys=[old.public_key_hex],
+            control_url=cp.url,
+            control_token=cp.tokens["viewer"],
         )
         assert await _fallback_models(settings) == ["toy"]
         # While it serves, it keeps following: a device token the retired key signed works
@@ -306,6 +314,7 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
             packages=[by_new.directory],
             trusted_keys=[old.public_key_hex],
             control_url=cp.url,
+            control_token=cp.tokens["viewer"],
             device_tokens=True,
             key_refresh_s=0.1,
         )
@@ -324,7 +333,10 @@ async def test_fallback_follows_the_signed_keyring(mosquitto, tmp_path) -> None:
             assert resp.status == 401 and "revoked" in await resp.text()
         # Revoked: everything it signed is refused, the cached package included.
         settings = FallbackSettings(
-            packages=[by_old.directory], trusted_keys=[old.public_key_hex], control_url=cp.url
+            packages=[by_old.directory],
+            trusted_keys=[old.public_key_hex],
+            control_url=cp.url,
+            control_token=cp.tokens["viewer"],
         )
         with pytest.raises(VerificationError, match="revoked"):
             await _fallback_models(settings)
@@ -339,11 +351,17 @@ async def test_keys_changed_offline_reach_the_fleet_when_the_control_plane_retur
     cfg = agent_config(tmp_path, "dev-c", mosquitto, first.public_key_hex)
     async with EdgeAgent(cfg) as agent:
         async with ControlPlane(work, mosquitto) as cp:
+            tokens = dict(cp.tokens)  # made once per workdir: the restarted plane has them
             await cp.wait_online([cfg.device_id])
             await wait_keyring(cp, cfg.device_id, 1)
             capsys.readouterr()
-            assert await asyncio.to_thread(main, ["keys", "list", "--control", cp.url]) == 0
+            argv = ["keys", "list", "--control", cp.url, "--token", tokens["viewer"]]
+            assert await asyncio.to_thread(main, argv) == 0
             assert first.key_id in capsys.readouterr().out
+            # Changing keys through it is an admin's job.
+            argv = ["keys", "rotate", "--control", cp.url, "--token", tokens["operator"]]
+            assert await asyncio.to_thread(main, argv) == 1
+            assert "HTTP 403" in capsys.readouterr().err
             # While it runs, the keys are its own: the offline CLI is refused.
             argv = ["keys", "rotate", "--workdir", str(work)]
             assert await asyncio.to_thread(main, argv) == 2
@@ -352,7 +370,7 @@ async def test_keys_changed_offline_reach_the_fleet_when_the_control_plane_retur
         assert await asyncio.to_thread(main, ["keys", "rotate", "--workdir", str(work)]) == 0
         async with ControlPlane(work, mosquitto) as cp:
             await wait_keyring(cp, cfg.device_id, 2)  # its retained status said keyring 1
-            argv = ["keys", "retire", first.key_id, "--control", cp.url]
+            argv = ["keys", "retire", first.key_id, "--control", cp.url, "--token", tokens["admin"]]
             assert await asyncio.to_thread(main, argv) == 0
             await wait_keyring(cp, cfg.device_id, 3)
             assert [k.key_id for k in agent.trust.keys] == [cp.signer.key_id]

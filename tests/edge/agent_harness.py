@@ -15,6 +15,7 @@ from aiohttp import web
 from cloud.control_server import REGISTRY, ROLLOUTS, ControlSettings, build_control_app
 from cloud.key_rollout import KeyService
 from cloud.keys_api import KEYS
+from cloud.operator_tokens import ROLES
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
 from common import topics
@@ -35,7 +36,7 @@ class ControlPlane:
         *,
         chunk_size: int = 1024,
         database: str | None = None,
-        require_offline_signature: bool = False,
+        **settings: Any,
     ) -> None:
         self.settings = ControlSettings(
             workdir=workdir,
@@ -44,10 +45,11 @@ class ControlPlane:
             broker_port=broker.port,
             chunk_size=chunk_size,
             database=database,
-            require_offline_signature=require_offline_signature,
+            **settings,
         )
         self.url = f"http://127.0.0.1:{self.settings.port}"
         self._runner: web.AppRunner | None = None
+        self.tokens: dict[str, str] = {}  # role -> an operator token with that role
 
     async def __aenter__(self) -> ControlPlane:
         self.app = build_control_app(self.settings)
@@ -55,7 +57,15 @@ class ControlPlane:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.settings.port).start()
         await self.rollouts.link.wait_connected(10)
+        for role in ROLES:
+            name = f"test-{role}"
+            if not any(t["name"] == name for t in self.registry.operators.list()):
+                self.tokens[role] = self.registry.operators.create(name, role)
         return self
+
+    def auth(self, role: str = "admin") -> dict[str, str]:
+        """The Authorization header of this plane's token for ``role``."""
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
