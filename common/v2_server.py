@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +31,7 @@ from common.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     OverloadedError,
+    PayloadTooLargeError,
     http_status_of,
 )
 from common.inference import (
@@ -38,6 +39,7 @@ from common.inference import (
     InferResponse,
 )
 from common.manifest import TensorSpec
+from common.request_body import ByteBudget, RequestLimits, read_body
 from common.runtime import Runtime
 from common.v2_binary import (
     BINARY_HEADER,
@@ -47,7 +49,6 @@ from common.v2_binary import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY = 64 << 20  # aiohttp's 1 MiB default is too small for batched tensors
 _OFFLOAD_BYTES = 1 << 16  # (de)serialise bodies larger than this off the event loop
 _PUBLIC_ROUTES = frozenset({"v2.health.live", "v2.health.ready", "metrics"})
 _INFER_ROUTES = frozenset({"v2.infer", "v2.version.infer"})
@@ -164,7 +165,7 @@ class Metrics:
         self.seconds_sum[model] = self.seconds_sum.get(model, 0.0) + seconds
         self.seconds_count[model] += 1
 
-    def render(self, gate: InflightGate) -> str:
+    def render(self, gate: InflightGate, budget: ByteBudget) -> str:
         lines = [
             "# HELP fogline_v2_requests_total Inference requests by model and HTTP status.",
             "# TYPE fogline_v2_requests_total counter",
@@ -193,6 +194,12 @@ class Metrics:
             "# HELP fogline_v2_shed_total Inference requests refused with 503 (overload).",
             "# TYPE fogline_v2_shed_total counter",
             f"fogline_v2_shed_total {gate.shed}",
+            "# HELP fogline_v2_request_bytes Request body bytes held now (read, decoded, served).",
+            "# TYPE fogline_v2_request_bytes gauge",
+            f"fogline_v2_request_bytes {budget.used}",
+            "# HELP fogline_v2_bytes_shed_total Requests refused with 503 past the byte budget.",
+            "# TYPE fogline_v2_bytes_shed_total counter",
+            f"fogline_v2_bytes_shed_total {budget.shed}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -206,10 +213,15 @@ class V2State:
     dataplane: DataPlane
     gate: InflightGate
     auth_tokens: frozenset[str] | None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    budget: ByteBudget = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
     # Accepts a bearer token that is not one of auth_tokens (a signed device token),
     # or raises AuthError.
     token_verifier: Callable[[str], object] | None = None
+
+    def __post_init__(self) -> None:
+        self.budget = ByteBudget(self.limits.decode_budget)
 
     @property
     def auth_required(self) -> bool:
@@ -225,21 +237,28 @@ def build_v2_app(
     auth_tokens: set[str] | None = None,
     token_verifier: Callable[[str], object] | None = None,
     max_inflight: int | None = None,
-    client_max_size: int = DEFAULT_MAX_BODY,
+    client_max_size: int | None = None,
+    limits: RequestLimits | None = None,
 ) -> web.Application:
     """An aiohttp app serving ``dataplane`` over V2 REST, plus ``GET /metrics``.
 
     To serve more routes beside V2 (an agent's admin API, say), add them to the
     returned app before it starts; the error middleware then covers them too,
-    and auth covers every ``/v2`` path except health.
+    auth covers every ``/v2`` path except health, and their bodies are held to
+    ``limits.max_small_body``. ``client_max_size`` (the largest infer body) is
+    kept for callers that set only that.
     """
+    limits = limits or RequestLimits()
+    if client_max_size is not None:
+        budget = max(limits.decode_budget, client_max_size)
+        limits = replace(limits, max_body=client_max_size, decode_budget=budget)
     app = web.Application(
-        middlewares=[error_middleware, _metrics_middleware, _auth_middleware],
-        client_max_size=client_max_size,
+        middlewares=[error_middleware, _metrics_middleware, _auth_middleware, _small_body],
+        client_max_size=limits.max_small_body,
     )
     tokens = frozenset(auth_tokens) if auth_tokens is not None else None
     app[V2_STATE] = V2State(
-        dataplane, InflightGate(max_inflight), tokens, token_verifier=token_verifier
+        dataplane, InflightGate(max_inflight), tokens, limits, token_verifier=token_verifier
     )
     r = app.router
     r.add_get("/v2/health/live", _live, name="v2.health.live")
@@ -320,6 +339,17 @@ async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return await handler(request)
 
 
+@web.middleware
+async def _small_body(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Routes other than infer take small bodies: refuse a large one before reading it."""
+    limit = request.app[V2_STATE].limits.max_small_body
+    route = request.match_info.route.name
+    size = request.content_length
+    if route not in _INFER_ROUTES and size is not None and size > limit:
+        raise PayloadTooLargeError(f"body of {size} bytes is over this route's limit of {limit}")
+    return await handler(request)
+
+
 def _check_bearer(header: str, state: V2State) -> None:
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -365,15 +395,23 @@ async def _model_ready(request: web.Request) -> web.Response:
 
 async def _infer(request: web.Request) -> web.Response:
     state = request.app[V2_STATE]
+    limits = state.limits
     model, version = _model_ref(request)
-    with state.gate.admit():
-        body = await request.read()
-        infer_request, binary = await _offload(
-            len(body), decode_infer_request, body, _header_length(request), model, version
+    header = _header_length(request)
+    with state.budget.hold() as hold:
+        # NOTE: the body is read before the gate: a slow body must never hold a slot.
+        body = await read_body(
+            request, limit=limits.max_body, timeout_s=limits.body_timeout_s, hold=hold
         )
-        response = await state.dataplane.infer(infer_request)
-    size = sum(t.data.nbytes for t in response.outputs)
-    payload, header_length = await _offload(size, encode_infer_response, response, binary)
+        with state.gate.admit():
+            infer_request, binary = await _offload(
+                len(body), decode_infer_request, body, header, model, version, limits.json
+            )
+            del body  # binary tensors keep their own view of it; the rest can go
+            response = await state.dataplane.infer(infer_request)
+        del infer_request
+        size = sum(t.data.nbytes for t in response.outputs)
+        payload, header_length = await _offload(size, encode_infer_response, response, binary)
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
     headers = {BINARY_HEADER: str(header_length)}
@@ -391,14 +429,15 @@ def _header_length(request: web.Request) -> int | None:
     value = request.headers.get(BINARY_HEADER)
     if value is None:
         return None
-    if not value.isdigit():
+    # isascii: "²".isdigit() is true and int() refuses it; 18 digits: no huge ints to parse.
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
         raise InvalidInputError(f"{BINARY_HEADER} must be a byte count, got {value!r}")
     return int(value)
 
 
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[V2_STATE]
-    text = state.metrics.render(state.gate)
+    text = state.metrics.render(state.gate, state.budget)
     return web.Response(
         body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )
