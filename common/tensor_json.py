@@ -59,6 +59,7 @@ class NumericText:
         """The numbers as a flat array of ``dtype``; InvalidInputError if they are not."""
         flat = self.text.translate(None, b"[]")
         kind = dtype.kind
+        parse: np.dtype[Any]
         if kind == "f":
             parse = np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
         else:
@@ -68,7 +69,7 @@ class NumericText:
             raise InvalidInputError("data is not a list of numbers")
         if kind == "f":
             return array.astype(dtype, copy=False)  # FP16 overflow: inf, refused by the caller
-        info = np.iinfo(parse)
+        info = np.iinfo(parse)  # type: ignore[type-var]
         if array.size and (array.min() == info.min or array.max() == info.max):
             # strtoll clamps what it cannot hold: let Python's ints say whether it fits.
             array = np.asarray([int(x) for x in flat.split(b",")], dtype=parse)

@@ -171,4 +171,3 @@ def _dumps(doc: dict[str, Any]) -> bytes:
 def _binary_entry(t: Tensor, size: int) -> dict[str, Any]:
     params = {**t.parameters, "binary_data_size": size}
     return {"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": params}
-

@@ -37,6 +37,7 @@ from common.inference import (
 )
 from common.manifest import RoutingHints
 from common.onnx_runtime import OnnxRuntime
+from common.v2_binary import decode_infer_request
 from common.v2_server import BINARY_HEADER, DataPlane, build_v2_app
 from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudClient, CloudConnectError
@@ -323,7 +324,11 @@ class FlakyCloud:
             return web.Response()
         if self.mode == "slow":
             await asyncio.sleep(5)
-        rows = (await request.json())["inputs"][0]["shape"][0]
+        header = request.headers.get(BINARY_HEADER)
+        body = await request.read()
+        sent, _ = decode_infer_request(body, int(header) if header else None, "toy", None)
+        self.seen.append(sent)
+        rows = sent.inputs[0].shape[0]
         probs = np.full((rows, 10), 0.1, np.float32)
         answer = InferResponse(
             "toy",
@@ -484,7 +489,7 @@ async def test_local_api_wiring(cloud: TestServer, local: OnnxRuntime, routers: 
 
 
 async def _binary_request_through_edge_to_cloud(client: TestClient) -> None:
-    """tritonclient's binary defaults at the edge; the hop to the cloud stays JSON."""
+    """tritonclient's binary defaults at the edge (the hop to the cloud is binary too)."""
     x = toy_input(2)
     header = json.dumps(
         {
