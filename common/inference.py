@@ -165,12 +165,13 @@ def _array_of(data: Any, dtype: np.dtype, expected: int, where: str) -> np.ndarr
     return array
 
 
-def _tensor_to_rest(t: Tensor) -> dict[str, Any]:
+def _tensor_to_rest(t: Tensor, raw: bool = False) -> dict[str, Any]:
+    """The REST form; ``raw`` leaves the data an ndarray, for ``tensor_json.dumps_v2``."""
     out: dict[str, Any] = {
         "name": t.name,
         "datatype": t.datatype,
         "shape": t.shape,
-        "data": t.data.reshape(-1).tolist(),
+        "data": t.data if raw else t.data.reshape(-1).tolist(),
     }
     if t.parameters:
         out["parameters"] = t.parameters
@@ -226,10 +227,11 @@ def request_to_rest(req: InferRequest) -> dict[str, Any]:
     return out
 
 
-def response_to_rest(resp: InferResponse) -> dict[str, Any]:
+def response_to_rest(resp: InferResponse, raw: bool = False) -> dict[str, Any]:
+    """The REST document; ``raw`` keeps tensor data as ndarrays (see ``dumps_v2``)."""
     out: dict[str, Any] = {
         "model_name": resp.model,
-        "outputs": [_tensor_to_rest(t) for t in resp.outputs],
+        "outputs": [_tensor_to_rest(t, raw) for t in resp.outputs],
     }
     if resp.version is not None:
         out["model_version"] = resp.version

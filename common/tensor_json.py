@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidInputError, PayloadTooLargeError
-from common.json_object import MAX_DEPTH, parse_json_object
+from common.json_object import MAX_DEPTH, dumps_strict, parse_json_object
 
 _DATA_KEY = re.compile(rb'"data"[ \t\n\r]*:[ \t\n\r]*(?=\[)')
 _RUN = re.compile(rb"[-+0-9.eE,\[\] \t\n\r]*")
@@ -35,6 +35,7 @@ _WS = b" \t\n\r"
 _MIN_CUT = 64  # shorter arrays are cheap as Python objects
 _SCAN = 1 << 22  # bracket scan in slices, so its temporaries stay small
 _OPEN, _CLOSE, _COMMA = ord("["), ord("]"), ord(",")
+_DUMP_CHUNK = 1 << 16  # elements turned into Python numbers at a time when writing JSON
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,15 @@ class JsonLimits:
 class NumericText:
     """A tensor's ``data`` array as checked JSON text, read into numpy on demand."""
 
-    __slots__ = ("count", "text")
+    __slots__ = ("count", "flat")
 
     def __init__(self, text: bytes) -> None:
-        self.text = text
-        self.count = text.count(b",") + 1  # exact: empty arrays are never cut
+        self.flat = text.translate(None, b"[]")  # numbers, commas and whitespace only
+        self.count = self.flat.count(b",") + 1  # exact: empty arrays are never cut
 
     def to_array(self, dtype: np.dtype) -> np.ndarray:
         """The numbers as a flat array of ``dtype``; InvalidInputError if they are not."""
-        flat = self.text.translate(None, b"[]")
+        flat = self.flat
         kind = dtype.kind
         parse: np.dtype[Any]
         if kind == "f":
@@ -167,3 +168,30 @@ def _bracket_positions(buf: np.ndarray) -> np.ndarray:
         part = buf[off : off + _SCAN]
         parts.append(np.flatnonzero((part == _OPEN) | (part == _CLOSE)) + off)
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def dumps_v2(doc: dict[str, Any]) -> bytes:
+    """JSON bytes of a V2 document whose tensors' ``data`` may be ndarrays.
+
+    An array is written a slice at a time, so no more than ``_DUMP_CHUNK``
+    Python numbers exist at once (``tolist()`` of a whole answer once held
+    millions). ValueError if any number is NaN or infinite: JSON has neither.
+    """
+    nonce = f"\x00fogline-tensor-{secrets.token_hex(8)}-"
+    arrays: dict[bytes, np.ndarray] = {}
+    for field in ("inputs", "outputs"):
+        for tensor in doc.get(field) or []:
+            data = tensor.get("data")
+            if isinstance(data, np.ndarray):
+                stand_in = nonce + str(len(arrays))
+                arrays[json.dumps(stand_in).encode()] = data.reshape(-1)
+                tensor["data"] = stand_in
+    text = dumps_strict(doc)
+    for mark, array in arrays.items():
+        before, after = text.split(mark)
+        chunks = (
+            dumps_strict(array[i : i + _DUMP_CHUNK].tolist())[1:-1]
+            for i in range(0, array.size, _DUMP_CHUNK)
+        )
+        text = b"".join([before, b"[", b",".join(chunks), b"]", after])
+    return text

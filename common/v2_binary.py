@@ -25,8 +25,7 @@ from common.inference import (
     response_from_rest,
     response_to_rest,
 )
-from common.json_object import dumps_strict
-from common.tensor_json import JsonLimits, parse_infer_json
+from common.tensor_json import JsonLimits, dumps_v2, parse_infer_json
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -123,10 +122,11 @@ def encode_infer_response(
     """The body, and the JSON header's length when outputs are sent as binary."""
     wanted = [t for t in response.outputs if binary.wants(t.name)]
     if not wanted:
-        return _dumps(response_to_rest(response)), None
+        return _dumps(response_to_rest(response, raw=True)), None
     as_json = iter(
         response_to_rest(
-            replace(response, outputs=[t for t in response.outputs if not binary.wants(t.name)])
+            replace(response, outputs=[t for t in response.outputs if not binary.wants(t.name)]),
+            raw=True,
         )["outputs"]
     )
     doc = response_to_rest(replace(response, outputs=[]))
@@ -160,7 +160,7 @@ def _le_bytes(data: np.ndarray) -> bytes:
 
 def _dumps(doc: dict[str, Any]) -> bytes:
     try:
-        return dumps_strict(doc)
+        return dumps_v2(doc)
     except ValueError:
         raise NonFiniteOutputError(
             "the answer holds NaN or infinity, which JSON cannot carry; "

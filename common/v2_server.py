@@ -39,6 +39,7 @@ from common.inference import (
     InferResponse,
 )
 from common.manifest import TensorSpec
+from common.memory import TRIM_AFTER_BYTES, release_free_memory
 from common.request_body import ByteBudget, RequestLimits, read_body
 from common.runtime import Runtime
 from common.v2_binary import (
@@ -412,6 +413,9 @@ async def _infer(request: web.Request) -> web.Response:
         del infer_request
         size = sum(t.data.nbytes for t in response.outputs)
         payload, header_length = await _offload(size, encode_infer_response, response, binary)
+        del response
+        if hold.taken >= TRIM_AFTER_BYTES:
+            await asyncio.to_thread(release_free_memory)
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
     headers = {BINARY_HEADER: str(header_length)}
