@@ -412,14 +412,35 @@ async def _infer(request: web.Request) -> web.Response:
             response = await state.dataplane.infer(infer_request)
         del infer_request
         size = sum(t.data.nbytes for t in response.outputs)
-        payload, header_length = await _offload(size, encode_infer_response, response, binary)
+        large = hold.taken >= TRIM_AFTER_BYTES
+        # NOTE: no local names the payload, so _answer can let go of it once it is sent.
+        answer = _answer(
+            request,
+            *await _offload(size, encode_infer_response, response, binary),
+            give_back=large,
+        )
         del response
-        if hold.taken >= TRIM_AFTER_BYTES:
-            await asyncio.to_thread(release_free_memory)
+    return await answer
+
+
+async def _answer(
+    request: web.Request, payload: bytes, header_length: int | None, *, give_back: bool
+) -> web.StreamResponse:
+    """Send the answer; after a large request, give its memory back once it is sent."""
+    response = web.StreamResponse()
     if header_length is None:
-        return web.Response(body=payload, content_type="application/json")
-    headers = {BINARY_HEADER: str(header_length)}
-    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+        response.content_type = "application/json"
+    else:
+        response.content_type = "application/octet-stream"
+        response.headers[BINARY_HEADER] = str(header_length)
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload)
+    del payload
+    await response.write_eof()
+    if give_back:
+        await asyncio.to_thread(release_free_memory)
+    return response
 
 
 async def _offload(size: int, fn: Any, *args: Any) -> Any:
