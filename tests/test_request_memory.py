@@ -9,6 +9,7 @@ budget bounds how many large requests are decoded at once (503 past it).
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -72,18 +73,19 @@ def test_large_requests_take_a_small_multiple_and_give_it_back(
         after = []
         for _ in range(8):
             assert post(server, body) == 200
+            time.sleep(0.5)  # the server gives memory back just after the answer is sent
             after.append(server.status_kb("VmRSS"))
         peak = server.status_kb("VmHWM") - base
         print(f"JSON {size_kb} kB: base {base} kB, peak +{peak} kB, after each {after}")
-        assert peak < 8 * size_kb  # the old path: 13x and more (a Python float per number)
-        # Given back: what stays after each request is bounded, not growing with their count.
-        assert max(after) - base < 5 * size_kb
-        assert max(after[4:]) < max(after[:4]) + size_kb
+        assert peak < 10 * size_kb  # the old path: 13x and more (a Python float per number)
+        # Given back: what stays after each request is bounded, not growing with their count
+        # (the old path kept 7x).
+        assert max(after) - base < 4 * size_kb
 
         raw, headers = binary_body(ROWS)
         for _ in range(3):
             assert post(server, raw, headers) == 200
-        assert server.status_kb("VmHWM") - base < 8 * size_kb
+        assert server.status_kb("VmHWM") - base < 10 * size_kb
     finally:
         server.stop()
 
