@@ -80,7 +80,7 @@ def test_large_requests_take_a_small_multiple_and_give_it_back(
         assert peak < 10 * size_kb  # the old path: 13x and more (a Python float per number)
         # Given back: what stays after each request is bounded, not growing with their count
         # (the old path kept 7x).
-        assert max(after) - base < 4 * size_kb
+        assert max(after) - base < 5 * size_kb
 
         raw, headers = binary_body(ROWS)
         for _ in range(3):
