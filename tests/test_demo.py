@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -57,6 +58,8 @@ def test_demo_report(broker: str, tmp_path) -> None:
         assert report["latency_ms"][key] > 0
     assert report["rollout_seconds"] > 0
     assert set(report["endpoints"]) == {"control", "fallback"}
+    assert set(report["tokens"]) == {"operator", "app"}
+    assert report["tokens"]["operator"].startswith("fgo_")
 
 
 def test_demo_help_explains_itself() -> None:
@@ -101,6 +104,16 @@ def _endpoints_up(report: dict) -> list[bool]:
     return up
 
 
+def _check_tokens(report: dict) -> None:
+    """The printed operator token opens the control plane's API; nothing else does."""
+    url = report["endpoints"]["control"] + "/api/devices"
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(url, timeout=5)
+    auth = {"Authorization": f"Bearer {report['tokens']['operator']}"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=5) as r:
+        assert len(json.loads(r.read())["devices"]) == 3
+
+
 def _wait_all_down(report: dict, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(_endpoints_up(report)):
@@ -132,6 +145,7 @@ def test_keep_running_stays_up_and_takes_everything_down_with_it(tmp_path, sig) 
         time.sleep(1)
         assert proc.poll() is None  # still up after the report
         assert all(_endpoints_up(report))
+        _check_tokens(report)
         proc.send_signal(sig)  # Ctrl-C, or the demo itself killed outright
         code = proc.wait(60)
         assert code == (0 if sig == signal.SIGINT else -signal.SIGKILL)
