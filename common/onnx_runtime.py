@@ -186,6 +186,9 @@ def open_session(model_path: Path, *, threads: int = 1, providers: list[str] | N
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # NOTE: no CPU arena: it keeps the largest batch's memory forever (and grows with
+    # each new batch size); plain malloc/free gives it back after a large request.
+    opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(
         str(model_path), opts, providers=providers or ["CPUExecutionProvider"]
     )
