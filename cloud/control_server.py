@@ -23,7 +23,7 @@ from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.manifest import Manifest
-from common.mqtt import MqttLink
+from common.mqtt import MqttLink, TlsConfig
 from common.signing import Signer
 from common.v2_server import error_middleware
 
@@ -45,6 +45,9 @@ class ControlSettings:
     chunk_size: int = 32 * 1024
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
+    broker_username: str | None = None  # default: WORKDIR/broker-control.json if present
+    broker_password: str | None = None
+    broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
 
     @property
     def artifact_base_url(self) -> str:
@@ -98,6 +101,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             host=settings.broker_host,
             port=settings.broker_port,
             persistent_session=True,
+            username=settings.broker_username,
+            password=settings.broker_password,
+            tls=TlsConfig(settings.broker_tls_ca) if settings.broker_tls_ca else None,
         )
         fleet = FleetMonitor(registry, link)
         rollouts = RolloutController(

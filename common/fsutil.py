@@ -28,3 +28,16 @@ def atomic_write(path: Path, data: bytes) -> None:
     write_durable(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_secret(path: Path, data: bytes) -> None:
+    """``atomic_write`` for secrets: the file is 0600 from its first byte, never wider."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -20,7 +20,7 @@ from aiohttp import web
 from common import messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
-from common.mqtt import MqttLink, Will
+from common.mqtt import MqttLink, TlsConfig, Will
 from common.onnx_runtime import OnnxRuntime
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
@@ -52,6 +52,7 @@ class EdgeAgent:
             password=config.broker_password,
             will=Will(self._topic("status"), messages.status(config.device_id, online=False)),
             persistent_session=True,  # commands sent while the device is offline wait for it
+            tls=_broker_tls(config),
         )
         remote = None
         if config.cloud_url:
@@ -234,3 +235,9 @@ def _command_id(payload: bytes) -> str | None:
         return str(json.loads(payload)["command"]["id"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _broker_tls(config: AgentConfig) -> TlsConfig | None:
+    if not config.broker_tls_ca:
+        return None
+    return TlsConfig(config.broker_tls_ca, config.broker_tls_cert, config.broker_tls_key)

@@ -24,6 +24,9 @@ class AgentConfig:
     broker_port: int = 1883
     broker_username: str | None = None
     broker_password: str | None = None
+    broker_tls_ca: str | None = None  # CA file: connect with TLS, checking the broker's cert
+    broker_tls_cert: str | None = None  # optional client certificate (with broker_tls_key)
+    broker_tls_key: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     cloud_url: str | None = None  # base URL of the fallback's V2 API
@@ -89,6 +92,8 @@ class AgentConfig:
             raise InvalidInputError(f"agent config: {exc}") from exc
         if cfg.artifact_transport not in ("mqtt", "http"):
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
+        if (cfg.broker_tls_cert or cfg.broker_tls_key) and not cfg.broker_tls_ca:
+            raise InvalidInputError("agent config: broker_tls_cert/key need broker_tls_ca")
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
         return cfg
