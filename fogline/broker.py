@@ -341,7 +341,7 @@ def _mqtt_connects(broker: BrokerProcess, *, wait: float) -> bool:
         client.connect(broker.host, broker.port, keepalive=10)
         while not answers and time.monotonic() < deadline:
             if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS:
-                return False
+                break  # a refusing broker closes the socket right after its CONNACK
         if answers and not answers[0].is_failure:
             client.disconnect()
             client.loop(timeout=0.1)
