@@ -122,6 +122,9 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _broker_config(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        print(f"error: --port {args.port} is not a TCP port", file=sys.stderr)
+        return 1
     if (args.tls_cert is None) != (args.tls_key is None):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 1

@@ -119,6 +119,9 @@ def test_broker_config_covers_every_enrolled_device(tmp_path: Path, capsys) -> N
         ["broker", "config", "--out", "b", "--tls-cert", "c.pem"],
         ["broker", "config", "--out", "b", "--tls-cert", "c.pem", "--tls-key", "k.pem"],
         ["broker", "config", "--out", "b", "--ca", "ca.pem"],
+        ["broker", "config", "--out", "b", "--port", "70000"],
+        ["control", "serve", "--broker-username", "x"],
+        ["control", "serve", "--broker-username", "x", "--broker-password-file", "missing"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(tmp_path: Path, monkeypatch, capsys, argv) -> None:
