@@ -131,9 +131,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _broker_login(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """Flags first, else the login ``fogline broker config`` left in the workdir, else none."""
+    """Flags first, else the login ``fogline broker config`` left in the workdir, else none.
+
+    Also checks the TLS CA file, so that a typo is one line at start, not a failing
+    reconnect loop.
+    """
     from cloud.enrollment import CONTROL_CREDENTIALS_FILE, read_control_credentials
 
+    if args.broker_tls_ca and not Path(args.broker_tls_ca).is_file():
+        raise InvalidInputError(f"--broker-tls-ca {args.broker_tls_ca} is not a file")
     if args.broker_username or args.broker_password_file:
         if not (args.broker_username and args.broker_password_file):
             raise InvalidInputError("--broker-username and --broker-password-file go together")

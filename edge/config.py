@@ -92,8 +92,7 @@ class AgentConfig:
             raise InvalidInputError(f"agent config: {exc}") from exc
         if cfg.artifact_transport not in ("mqtt", "http"):
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
-        if (cfg.broker_tls_cert or cfg.broker_tls_key) and not cfg.broker_tls_ca:
-            raise InvalidInputError("agent config: broker_tls_cert/key need broker_tls_ca")
+        _check_tls_files(cfg)
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
         return cfg
@@ -102,3 +101,15 @@ class AgentConfig:
         doc = dataclasses.asdict(self)
         doc["state_dir"] = str(self.state_dir)
         return doc
+
+
+def _check_tls_files(cfg: AgentConfig) -> None:
+    """Missing TLS files are a config error at start, not a failure deep in the MQTT thread."""
+    if (cfg.broker_tls_cert or cfg.broker_tls_key) and not cfg.broker_tls_ca:
+        raise InvalidInputError("agent config: broker_tls_cert/key need broker_tls_ca")
+    if bool(cfg.broker_tls_cert) != bool(cfg.broker_tls_key):
+        raise InvalidInputError("agent config: broker_tls_cert and broker_tls_key go together")
+    for key in ("broker_tls_ca", "broker_tls_cert", "broker_tls_key"):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_file():
+            raise InvalidInputError(f"agent config: {key} {value!r} is not a file")

@@ -30,14 +30,9 @@ def _enroll(workdir: Path, device_id: str, out: Path, *extra: str) -> int:
 def test_enroll_writes_a_working_agent_config(tmp_path: Path) -> None:
     workdir, out = tmp_path / "control", tmp_path / "device-1.json"
     extra = ["--label", "site=berlin", "--fallback-url", "http://fallback:9000"]
-    extra += [
-        "--broker-host",
-        "broker.example",
-        "--broker-port",
-        "8883",
-        "--broker-tls-ca",
-        "ca.pem",
-    ]
+    ca = make_pki(tmp_path / "pki").ca
+    extra += ["--broker-host", "broker.example", "--broker-port", "8883"]
+    extra += ["--broker-tls-ca", str(ca)]
     assert _enroll(workdir, "device-1", out, *extra) == 0
     assert _mode(out) == 0o600
     config = AgentConfig.from_file(out)
@@ -45,7 +40,7 @@ def test_enroll_writes_a_working_agent_config(tmp_path: Path) -> None:
     assert config.device_id == config.broker_username == "device-1"
     assert config.trusted_keys == [signer.public_key_hex]
     assert (config.broker_host, config.broker_port) == ("broker.example", 8883)
-    assert config.broker_tls_ca == "ca.pem"
+    assert config.broker_tls_ca == str(ca)
     assert config.cloud_url == "http://fallback:9000"
     assert config.cloud_token is not None
     assert (
@@ -122,6 +117,7 @@ def test_broker_config_covers_every_enrolled_device(tmp_path: Path, capsys) -> N
         ["broker", "config", "--out", "b", "--port", "70000"],
         ["control", "serve", "--broker-username", "x"],
         ["control", "serve", "--broker-username", "x", "--broker-password-file", "missing"],
+        ["control", "serve", "--broker-tls-ca", "missing.pem"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(tmp_path: Path, monkeypatch, capsys, argv) -> None:

@@ -21,6 +21,7 @@ from cloud.enrollment import (
     write_broker_config,
 )
 from common.broker_auth import TlsFiles
+from common.errors import InvalidInputError
 from edge.agent import EdgeAgent
 from edge.config import AgentConfig
 from fogline.broker import BrokerSecurity, start_broker
@@ -77,3 +78,17 @@ async def test_rollout_over_tls_with_enrolled_logins(kind: str, tmp_path: Path) 
             async with asyncio.timeout(10):  # telemetry flows on each device's own topic
                 while not all(d.get("telemetry") for d in cp.registry.devices()):
                     await asyncio.sleep(0.1)
+
+
+def test_agent_config_checks_its_tls_files(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    base = {"device_id": "d", "state_dir": str(tmp_path), "trusted_keys": ["00"], "model": "m"}
+    ok = AgentConfig.from_dict({**base, "broker_tls_ca": str(pki.ca)})
+    assert ok.broker_tls_ca == str(pki.ca)
+    for bad in (
+        {"broker_tls_ca": str(tmp_path / "missing.pem")},
+        {"broker_tls_cert": str(pki.cert), "broker_tls_key": str(pki.key)},  # no CA
+        {"broker_tls_ca": str(pki.ca), "broker_tls_cert": str(pki.cert)},  # no key
+    ):
+        with pytest.raises(InvalidInputError):
+            AgentConfig.from_dict({**base, **bad})
