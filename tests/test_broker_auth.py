@@ -8,12 +8,16 @@ the ACL forbids is asserted where it matters: the message never arrives.
 
 from __future__ import annotations
 
+import getpass
+import json
 import queue
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import paho.mqtt.client as paho
 import pytest
@@ -23,6 +27,8 @@ from cloud.enrollment import AgentSettings, control_credentials, enroll_device, 
 from common import topics
 from common.broker_auth import TlsFiles
 from fogline.broker import BrokerProcess, BrokerSecurity, start_broker
+from fogline.cli import main
+from tests.conftest import free_port, wait_port
 from tests.tls_certs import make_pki
 
 WAIT_S = 5.0
@@ -266,3 +272,33 @@ def test_tls_listener(kind: str, tmp_path: Path) -> None:
         finally:
             for client in made:
                 client.close()
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="no mosquitto binary")
+def test_generated_mosquitto_conf_runs_as_written(tmp_path: Path) -> None:
+    """``fogline broker config``'s own mosquitto.conf, started with ``mosquitto -c``."""
+    workdir, out, port = tmp_path / "control", tmp_path / "broker", free_port()
+    device = tmp_path / "device-1.json"
+    argv = ["device", "enroll", "device-1", "--workdir", str(workdir), "--out", str(device)]
+    assert main(argv) == 0
+    argv = ["broker", "config", "--workdir", str(workdir), "--out", str(out)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--run-as", getpass.getuser()]
+    assert main(argv) == 0
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(out / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    made: list[Client] = []
+    try:
+        wait_port("127.0.0.1", port)
+        broker = SimpleNamespace(host="127.0.0.1", port=port)
+        config = json.loads(device.read_text())
+        login = (config["broker_username"], config["broker_password"])
+        _client(made, broker, "device", login).connected()
+        assert _client(made, broker, "anonymous").connack().is_failure  # type: ignore[attr-defined]
+    finally:
+        for client in made:
+            client.close()
+        proc.terminate()
+        proc.wait(10)
