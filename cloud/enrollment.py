@@ -28,7 +28,7 @@ from common import broker_auth
 from common.broker_auth import CONTROL_USERNAME, TlsFiles
 from common.device_token import DEFAULT_LIFETIME_S, issue_token
 from common.errors import InvalidInputError
-from common.fsutil import atomic_write_secret
+from common.fsutil import write_private
 from common.names import check_name
 from common.signing import Signer
 
@@ -105,7 +105,7 @@ def load_enrollments(workdir: Path) -> dict[str, Enrollment]:
 
 def _save_enrollments(workdir: Path, enrollments: dict[str, Enrollment]) -> None:
     doc = {"devices": {d: asdict(e) for d, e in sorted(enrollments.items())}}
-    atomic_write_secret(workdir / ENROLLMENTS_FILE, json.dumps(doc, indent=2).encode())
+    write_private(workdir / ENROLLMENTS_FILE, json.dumps(doc, indent=2).encode())
 
 
 def enroll_device(
@@ -158,7 +158,7 @@ def _agent_config(
 def write_agent_config(path: Path, config: dict[str, Any]) -> None:
     """The device's config holds its broker password and token: 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_secret(path, (json.dumps(config, indent=2) + "\n").encode())
+    write_private(path, (json.dumps(config, indent=2) + "\n").encode())
 
 
 def revoke_device(workdir: Path, device_id: str) -> None:
@@ -186,7 +186,7 @@ def control_credentials(workdir: Path, *, rotate: bool = False) -> BrokerCredent
         if path.exists() and not rotate:
             return read_control_credentials(path)
         creds = BrokerCredentials(CONTROL_USERNAME, broker_auth.new_password())
-        atomic_write_secret(path, json.dumps(asdict(creds), indent=2).encode())
+        write_private(path, json.dumps(asdict(creds), indent=2).encode())
     return creds
 
 
@@ -228,8 +228,8 @@ def write_broker_config(
     grants[control.username] = broker_auth.control_grants()
     files = BrokerFiles(out / "mosquitto.conf", out / "passwd", out / "acl", out / "data")
     files.persistence_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_secret(files.password_file, broker_auth.render_password_file(hashes).encode())
-    atomic_write_secret(files.acl_file, broker_auth.render_acl(grants).encode())
+    write_private(files.password_file, broker_auth.render_password_file(hashes).encode())
+    write_private(files.acl_file, broker_auth.render_acl(grants).encode())
     conf = broker_auth.render_mosquitto_conf(
         port=port,
         host=host,
@@ -239,5 +239,5 @@ def write_broker_config(
         tls=tls,
         run_as=run_as,
     )
-    atomic_write_secret(files.conf, conf.encode())
+    write_private(files.conf, conf.encode())
     return files

@@ -30,8 +30,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_secret(path: Path, data: bytes) -> None:
-    """``atomic_write`` for secrets: the file is 0600 from its first byte, never wider."""
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically write a secret (a private key): mode 0600 from creation, never wider.
+
+    The temp file is created with ``O_EXCL`` and mode 0600, so no other user can
+    open it between creation and a later chmod.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -39,5 +43,6 @@ def atomic_write_secret(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)  # the umask cannot widen it, but it could narrow it oddly
     os.replace(tmp, path)
     fsync_dir(path.parent)
