@@ -113,14 +113,18 @@ def enroll_device(
     device_id: str,
     settings: AgentSettings,
     labels: dict[str, str] | None = None,
+    *,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """Enroll (or re-enroll, rotating its password) a device; return its agent config.
 
-    The returned config holds the only copy of the broker password: write it
-    with ``write_agent_config`` and hand it to the device.
+    The config holds the only copy of the broker password. With ``out`` it is
+    written there (0600) *before* the new hash is saved, so a config that
+    could not be written never locks the device out.
     """
     check_name(device_id, "device id")
     password = broker_auth.new_password()
+    config = _agent_config(workdir, device_id, password, settings)
     with _locked(workdir):
         enrollments = load_enrollments(workdir)
         old = enrollments.get(device_id)
@@ -130,8 +134,10 @@ def enroll_device(
             created_at=old.created_at if old else round(time.time(), 3),
             labels=labels if labels is not None else (old.labels if old else {}),
         )
+        if out is not None:
+            write_agent_config(out, config)
         _save_enrollments(workdir, enrollments)
-    return _agent_config(workdir, device_id, password, settings)
+    return config
 
 
 def _agent_config(

@@ -99,8 +99,7 @@ def _enroll(args: argparse.Namespace) -> int:
         token_lifetime_s=args.token_days * 86400.0,
     )
     labels = enrollment.parse_labels(args.label) if args.label else None
-    config = enrollment.enroll_device(args.workdir, args.device_id, settings, labels)
-    enrollment.write_agent_config(args.out, config)
+    enrollment.enroll_device(args.workdir, args.device_id, settings, labels, out=args.out)
     print(f"enrolled {args.device_id}: agent config in {args.out} (keep it secret)")
     return 0
 

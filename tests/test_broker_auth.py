@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import queue
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +25,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.enrollment import AgentSettings, control_credentials, enroll_device, write_broker_config
+from cloud.enrollment import (
+    AgentSettings,
+    control_credentials,
+    enroll_device,
+    revoke_device,
+    write_broker_config,
+)
 from common import topics
 from common.broker_auth import TlsFiles
 from fogline.broker import BrokerProcess, BrokerSecurity, start_broker
@@ -302,3 +310,27 @@ def test_generated_mosquitto_conf_runs_as_written(tmp_path: Path) -> None:
             client.close()
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="no mosquitto binary")
+def test_revoke_and_rotate_take_effect_on_reload(tmp_path: Path) -> None:
+    """Operator flow: revoke or re-enroll, regenerate the files, SIGHUP Mosquitto."""
+    broker, logins, _ = _secure_broker("mosquitto", tmp_path)
+    workdir = tmp_path / "control"
+    made: list[Client] = []
+    with broker:
+        try:
+            for login in logins.devices.values():
+                _client(made, broker, "before", login).connected()
+            revoke_device(workdir, "device-2")
+            rotated = enroll_device(workdir, "device-1", AgentSettings())
+            write_broker_config(workdir, tmp_path / "broker-config")
+            os.kill(broker.pid, signal.SIGHUP)
+            time.sleep(0.5)
+            for login in (logins.devices["device-2"], logins.devices["device-1"]):
+                assert _client(made, broker, "after", login).connack().is_failure  # type: ignore[attr-defined]
+            new_login = (rotated["broker_username"], rotated["broker_password"])
+            _client(made, broker, "rotated", new_login).connected()
+        finally:
+            for client in made:
+                client.close()

@@ -126,3 +126,14 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path: Path, monkeypatch, capsys, a
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_config_that_cannot_be_written_changes_nothing(tmp_path: Path, capsys) -> None:
+    workdir = tmp_path / "control"
+    assert _enroll(workdir, "device-1", tmp_path / "a.json") == 0
+    before = load_enrollments(workdir)["device-1"].password_hash
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert _enroll(workdir, "device-1", blocker / "b.json") == 1
+    assert load_enrollments(workdir)["device-1"].password_hash == before
+    assert capsys.readouterr().err.startswith("error: ")
