@@ -4,7 +4,8 @@ Used when no ``mosquitto`` binary is on PATH. ``python -m fogline.amqtt_broker
 --host H --port P`` serves until SIGTERM/SIGINT, or until its parent dies.
 With ``--password-file F --acl-file F`` (the files ``fogline broker config``
 writes for Mosquitto) it admits only those users, with the same topic ACL
-(fogline/amqtt_auth.py); with ``--tls-cert/--tls-key`` it listens with TLS.
+(fogline/amqtt_auth.py), rereading both on SIGHUP as Mosquitto does; with
+``--tls-cert/--tls-key`` it listens with TLS.
 
 NOTE: amqtt is imported only inside functions, so importing this module (which
 amqtt does, to find the auth plugin by dotted path) stays cheap.
@@ -167,20 +168,38 @@ _RESUMED_SESSION_FIELDS = (
 )
 
 
+def _reload_identities(broker: Any, auth: AuthFiles) -> None:
+    """(Re)read the logins and ACL; a file that cannot be read keeps the old ones."""
+    from fogline.amqtt_auth import Identities
+
+    try:
+        identities = Identities.load(auth.password_file, auth.acl_file)
+    except (OSError, ValueError) as exc:
+        if broker.identities is None:
+            raise
+        logger.error("kept the old logins and ACL: %s", exc)
+        return
+    broker.identities = identities
+    plugin = broker.plugins_manager.get_plugin("FoglineAuthPlugin")
+    if plugin is not None:  # None before start: the plugin reads the files itself
+        plugin.identities = identities
+    logger.info("loaded %d logins and their ACL", len(identities.hashes))
+
+
 async def _serve_embedded(
     host: str, port: int, auth: AuthFiles | None = None, tls: TlsFiles | None = None
 ) -> None:
     broker = _patched_broker_class()(amqtt_config(host, port, auth, tls))
     if auth is not None:
-        from fogline.amqtt_auth import Identities
-
-        broker.identities = Identities.load(auth.password_file, auth.acl_file)
+        _reload_identities(broker, auth)
     await broker.start()
     logger.info("amqtt broker listening on %s:%d", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if auth is not None:  # like Mosquitto: SIGHUP rereads the password and ACL files
+        loop.add_signal_handler(signal.SIGHUP, _reload_identities, broker, auth)
     parent = os.getppid()
     while not stop.is_set():
         # Exit with our parent: a test run that is killed must not leave brokers behind.

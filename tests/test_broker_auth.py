@@ -312,10 +312,10 @@ def test_generated_mosquitto_conf_runs_as_written(tmp_path: Path) -> None:
         proc.wait(10)
 
 
-@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="no mosquitto binary")
-def test_revoke_and_rotate_take_effect_on_reload(tmp_path: Path) -> None:
-    """Operator flow: revoke or re-enroll, regenerate the files, SIGHUP Mosquitto."""
-    broker, logins, _ = _secure_broker("mosquitto", tmp_path)
+@pytest.mark.parametrize("kind", KINDS)
+def test_revoke_and_rotate_take_effect_on_reload(kind: str, tmp_path: Path) -> None:
+    """Operator flow: revoke or re-enroll, regenerate the files, SIGHUP the broker."""
+    broker, logins, _ = _secure_broker(kind, tmp_path)
     workdir = tmp_path / "control"
     made: list[Client] = []
     with broker:
