@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import signal
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,10 @@ def _patched_broker_class() -> type:
     class PatchedBroker(Broker):
         identities: Identities | None = None
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._superseded: weakref.WeakSet[Any] = weakref.WeakSet()
+
         async def _initialize_client_session(
             self, reader: Any, writer: Any, remote_address: str, remote_port: int
         ) -> tuple[Any, Session]:
@@ -131,6 +136,7 @@ def _patched_broker_class() -> type:
                 await writer.close()
                 raise
             bind_identity(session, self.identities)
+            await self._supersede(session.client_id)
             if session.clean_session:
                 await self._delete_session(session.client_id)
                 session.parent = 0
@@ -145,6 +151,29 @@ def _patched_broker_class() -> type:
             if session.keep_alive > 0 and isinstance(delay, int):
                 session.keep_alive += delay
             return handler, session
+
+        async def _supersede(self, client_id: str) -> None:
+            """A new connection for a connected session: end the old one, as Mosquitto does.
+
+            amqtt 0.12.1 lets the old connection's teardown run *after* the takeover:
+            it sends the old will and marks the (shared) session disconnected, so the
+            new connection gets nothing more; with a clean session it leaves the old
+            connection open. A superseded connection here ends quietly.
+            """
+            previous, old_handler = self._sessions.get(client_id, (None, None))
+            if previous is None or old_handler is None or not previous.transitions.is_connected():
+                return
+            self._superseded.add(old_handler)
+            await old_handler.handle_connection_closed()
+
+        async def _handle_disconnect(
+            self, client_session: Session, handler: Any, disconnect_waiter: Any
+        ) -> None:
+            if handler in self._superseded:
+                self._superseded.discard(handler)
+                await self._stop_handler(handler)
+                return
+            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
         async def _publish_retained_messages_for_subscription(
             self, subscription: tuple[str, int], session: Session

@@ -69,6 +69,7 @@ class Client:
         *,
         clean_session: bool = True,
         ca: Path | None = None,
+        will: str | None = None,
     ) -> None:
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.connacks: queue.Queue[object] = queue.Queue()
@@ -83,6 +84,8 @@ class Client:
             self.paho.username_pw_set(*login)
         if ca is not None:
             self.paho.tls_set(ca_certs=str(ca))
+        if will is not None:
+            self.paho.will_set(will, b"offline", qos=1, retain=True)
         self.paho.on_connect = lambda _c, _u, _f, rc, _p: self.connacks.put(rc)
         self.paho.on_subscribe = lambda _c, _u, _m, codes, _p: self.subacks.put(codes)
         self.paho.on_message = lambda _c, _u, msg: self.messages.put(msg)
@@ -334,3 +337,22 @@ def test_revoke_and_rotate_take_effect_on_reload(kind: str, tmp_path: Path) -> N
         finally:
             for client in made:
                 client.close()
+
+
+def test_reconnecting_with_the_same_login_takes_the_session_over(secured, opened) -> None:
+    """A device that reconnects before the broker noticed its old connection died."""
+    broker, logins = secured
+    control = _client(opened, broker, "control", logins.control).connected()
+    assert control.subscribe(topics.all_devices_filter("status"))
+    status = topics.device_topic("device-2", "status")
+    first = Client(broker, "agent", logins.devices["device-2"], clean_session=False, will=status)
+    opened.append(first)
+    first.connected()
+    assert first.subscribe(topics.device_topic("device-2", "commands"))
+    first.paho.loop_stop()  # its socket stays open, unread: a connection that died quietly
+    second = Client(broker, "agent", logins.devices["device-2"], clean_session=False, will=status)
+    opened.append(second)
+    second.connected()
+    control.publish(topics.device_topic("device-2", "commands"), b"after the takeover")
+    assert second.receive().payload == b"after the takeover"
+    assert control.drain() == []  # no "offline" will for a device that is online
