@@ -70,7 +70,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "--chunk-size",
         type=int,
         default=32 * 1024,
-        help="artifact chunk size in bytes (default: %(default)s)",
+        help="smallest artifact chunk size in bytes; big artifacts get bigger chunks "
+        "(at most 1024 per artifact) (default: %(default)s)",
     )
     serve.set_defaults(func=_serve)
 

@@ -10,13 +10,14 @@ import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from cloud.fleet import FleetMonitor
 from cloud.registry import Registry
+from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
 from common import topics
 from common.device_token import issue_token
@@ -42,9 +43,10 @@ class ControlSettings:
     port: int = 8000
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
-    chunk_size: int = 32 * 1024
+    chunk_size: int = 32 * 1024  # the smallest; big artifacts get bigger chunks
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
+    repair: RepairPolicy = field(default_factory=RepairPolicy)  # limits on repair requests
     broker_username: str | None = None  # default: WORKDIR/broker-control.json if present
     broker_password: str | None = None
     broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
@@ -93,7 +95,11 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings.workdir.mkdir(parents=True, exist_ok=True)
         signer = Signer.load_or_create(settings.key_path)
-        registry = Registry(settings.database or settings.db_path, settings.store_dir)
+        registry = Registry(
+            settings.database or settings.db_path,
+            settings.store_dir,
+            chunk_size=settings.chunk_size,
+        )
         # NOTE: a persistent session under a stable client id: the broker keeps the
         # devices' events and chunk requests while the control plane restarts.
         link = MqttLink(
@@ -113,6 +119,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             link,
             chunk_size=settings.chunk_size,
             artifact_base_url=settings.artifact_base_url,
+            repair=settings.repair,
         )
         async with link, fleet, rollouts:
             app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer

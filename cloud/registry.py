@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.database import Database
+from common import chunking
 from common.errors import AlreadyExistsError, ModelNotFoundError
 from common.fsutil import atomic_write
 from common.manifest import (
@@ -94,9 +95,20 @@ class VersionRecord:
 class Registry:
     """SQLite-backed registry. Thread-safe: calls are serialised by a lock."""
 
-    def __init__(self, database: str | Path, store_dir: Path) -> None:
-        """``database``: a SQLite file path, or a ``postgresql://`` URL."""
+    def __init__(
+        self,
+        database: str | Path,
+        store_dir: Path,
+        *,
+        chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        """``database``: a SQLite file path, or a ``postgresql://`` URL.
+
+        ``chunk_size``: the smallest MQTT chunk for what this registry signs
+        (big artifacts get bigger chunks: ``chunking.chunk_size_for``).
+        """
         self.store_dir = store_dir
+        self.chunk_size = chunk_size
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self._db = Database(database)
         self._db.schema(SCHEMA)
@@ -112,7 +124,7 @@ class Registry:
     def publish(self, source_dir: Path, manifest: Manifest, signer: Signer) -> VersionRecord:
         """Sign a package whose files are in ``source_dir`` and store it."""
         manifest.validate()
-        m = manifest
+        m = self.with_chunks(source_dir, manifest)
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
@@ -143,6 +155,19 @@ class Registry:
             ),
         )
         return VersionRecord(signed, digest, len(data), dest)
+
+    def with_chunks(self, source_dir: Path, manifest: Manifest) -> Manifest:
+        """``manifest`` with the chunk list of its files in ``source_dir``: call before signing.
+
+        NOTE: recomputed even when an upload carries a list: the control plane signs it,
+        so it vouches for it. An uploaded size is kept; otherwise this registry's policy
+        (``chunk_size``, grown for big artifacts) picks one. Raises VerificationError
+        unless the files match the manifest.
+        """
+        data = artifact_bytes(source_dir, manifest)
+        chunks = manifest.chunks
+        size = chunks.size if chunks else chunking.chunk_size_for(len(data), self.chunk_size)
+        return manifest.with_chunks(data, size)
 
     def _records(self, where: str, args: tuple) -> list[VersionRecord]:
         rows = self._q(

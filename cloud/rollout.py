@@ -4,6 +4,12 @@ The artifact is published once on ``artifacts/{a}/chunks`` after the targeted
 agents have subscribed (their ``downloading`` event); agents that missed
 chunks ask for them on ``artifacts/{a}/requests`` and get just those. So the
 control plane's cost grows with the artifact, not with artifact x devices.
+
+Chunks are cut as the signed manifest says (``manifest.chunks.size``), so that
+each matches its signed hash. Repair requests come from anyone who may write a
+request topic: the MQTT handler only checks their size and queues them; one
+worker parses them off the dispatcher and ``cloud.repair`` decides what, if
+anything, is resent.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from typing import Any
 
 from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
+from cloud.repair import RepairLimiter, RepairPolicy, parse_request
 from common import chunking, topics
 from common.errors import InvalidInputError
-from common.json_object import parse_json_object
 from common.messages import FAILED, REJECTED, STAGES, Command, sign_command
 from common.mqtt import MqttError, MqttLink
 from common.signing import Signer
@@ -44,22 +50,38 @@ class RolloutController:
         subscribe_wait_s: float = 10.0,
         rollout_timeout_s: float = 300.0,
         artifact_base_url: str | None = None,
+        repair: RepairPolicy | None = None,
     ) -> None:
+        """``chunk_size`` serves only packages signed before manifests listed their chunks."""
         self.registry = registry
         self.fleet = fleet
         self.signer = signer
         self.link = link
-        self.chunk_size = chunk_size
+        self.legacy_chunk_size = chunk_size
         self.command_ttl_s = command_ttl_s
         self.subscribe_wait_s = subscribe_wait_s
         self.rollout_timeout_s = rollout_timeout_s
         self.artifact_base_url = artifact_base_url  # HTTP transport: {base}/api/artifacts/{a}
-        self.stats = {"chunks_broadcast": 0, "chunks_repaired": 0, "bytes_sent": 0}
+        self.stats = {
+            "chunks_broadcast": 0,
+            "chunks_repaired": 0,
+            "bytes_sent": 0,
+            "repair_requests_dropped": 0,  # too big, malformed, unknown, or queue full
+            "repair_requests_limited": 0,  # over its claimed device's rate
+            "chunks_not_resent": 0,  # asked for, but just sent or over the artifact's budget
+        }
         self._tasks: set[asyncio.Task[None]] = set()
-        self._recent: dict[tuple[str, int], float] = {}
+        self._limiter = RepairLimiter(repair or RepairPolicy())
+        self._requests: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(
+            self._limiter.policy.queue_size
+        )
 
     async def __aenter__(self) -> RolloutController:
-        self.link.subscribe(topics.all_artifacts_filter("requests"), self._on_request)
+        self._spawn(self._repair_worker(), "repair")
+        # A retained request would be replayed at every reconnect: only live ones count.
+        self.link.subscribe(
+            topics.all_artifacts_filter("requests"), self._on_request, retained=False
+        )
         for rollout_id, name, version in await asyncio.to_thread(self.registry.running_rollouts):
             # Interrupted by a restart: its commands are out; drive it to the end again.
             logger.info("resuming rollout %s (%s %s)", rollout_id, name, version)
@@ -111,9 +133,17 @@ class RolloutController:
         return rollout_id
 
     def _spawn_drive(self, rollout_id: str, record: VersionRecord) -> None:
-        task = asyncio.create_task(self._drive(rollout_id, record), name=f"rollout-{rollout_id}")
+        self._spawn(self._drive(rollout_id, record), f"rollout-{rollout_id}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def chunk_size(self, record: VersionRecord) -> int:
+        """The signed chunk size (a legacy package: this controller's setting)."""
+        chunks = record.manifest.chunks
+        return chunks.size if chunks is not None else self.legacy_chunk_size
 
     def _deploy_command(
         self, device_id: str, record: VersionRecord, allow_downgrade: bool
@@ -123,7 +153,7 @@ class RolloutController:
             "artifact": {
                 "digest": record.artifact_digest,
                 "size": record.artifact_size,
-                "chunk_size": self.chunk_size,
+                "chunk_size": self.chunk_size(record),  # agents read the signed one
             },
             "allow_downgrade": allow_downgrade,
         }
@@ -169,31 +199,63 @@ class RolloutController:
         logger.info("rollout %s %s (%d/%d activated)", rollout_id, state, ok, len(devices))
 
     async def broadcast(self, record: VersionRecord, only: list[int] | None = None) -> None:
-        path = self.registry.artifact_path(record.artifact_digest)
-        data = await asyncio.to_thread(path.read_bytes)
-        topic = topics.artifact_topic(record.artifact_digest, "chunks")
-        for chunk in chunking.split(data, self.chunk_size):
-            if only is not None and chunk.index not in only:
-                continue
-            payload = chunk.encode()
+        """Publish every chunk of the artifact, or just the indices in ``only``."""
+        digest = record.artifact_digest
+        data = await asyncio.to_thread(self.registry.artifact_path(digest).read_bytes)
+        size = self.chunk_size(record)
+        topic = topics.artifact_topic(digest, "chunks")
+        indices = range(chunking.chunk_count(len(data), size)) if only is None else only
+        for index in indices:
+            payload = chunking.chunk_at(data, index, size).encode()
             await self.link.publish(topic, payload)
-            self._recent[(record.artifact_digest, chunk.index)] = time.monotonic()
+            self._limiter.mark_sent(digest, [index], time.monotonic())
             self.stats["chunks_repaired" if only is not None else "chunks_broadcast"] += 1
             self.stats["bytes_sent"] += len(payload)
 
     # -- MQTT handlers ---------------------------------------------------------------------
 
-    async def _on_request(self, topic: str, payload: bytes) -> None:
-        """Repair: resend the chunks a device lacks, unless just sent."""
+    def _on_request(self, topic: str, payload: bytes) -> None:
+        """On the MQTT dispatcher: a size check and a queue slot, nothing slower."""
+        if len(payload) > self._limiter.policy.max_request_bytes:
+            logger.warning("dropped a %d-byte chunk request on %s", len(payload), topic)
+            self.stats["repair_requests_dropped"] += 1
+            return
+        try:
+            self._requests.put_nowait((topic, payload))
+        except asyncio.QueueFull:
+            self.stats["repair_requests_dropped"] += 1
+
+    async def _repair_worker(self) -> None:
+        while True:
+            topic, payload = await self._requests.get()
+            try:
+                await self._repair(topic, payload)
+            except MqttError as exc:  # the agent will ask again
+                logger.info("repair on %s interrupted: %s", topic, exc)
+            except Exception:  # NOTE: broad on purpose: one bad request must not end repairs
+                logger.exception("repair on %s failed", topic)
+
+    async def _repair(self, topic: str, payload: bytes) -> None:
+        """Resend what a device lacks, within the limits of ``cloud.repair``."""
+        policy = self._limiter.policy
         try:
             digest = topics.parse(topic).ident
-            doc = parse_json_object(payload, "chunk request")
-            missing = [int(i) for i in doc["missing"]]
-            record = self.registry.version_by_digest(digest)
-        except (ValueError, KeyError, TypeError, LookupError) as exc:
-            logger.warning("ignored chunk request on %s: %s", topic, exc)
+            request = await asyncio.to_thread(
+                parse_request, payload, chunking.MAX_SIGNED_CHUNKS, policy.max_request_bytes
+            )
+            if not self._limiter.admit_device(request.device_id, time.monotonic()):
+                self.stats["repair_requests_limited"] += 1
+                return
+            record = await asyncio.to_thread(self.registry.version_by_digest, digest)
+            count = chunking.chunk_count(record.artifact_size, self.chunk_size(record))
+            if request.missing and request.missing[-1] >= count:
+                raise InvalidInputError(f"chunk {request.missing[-1]} of {count}")
+        except (ValueError, LookupError) as exc:
+            logger.info("ignored chunk request on %s: %s", topic, exc)
+            self.stats["repair_requests_dropped"] += 1
             return
-        now = time.monotonic()
-        wanted = [i for i in missing if now - self._recent.get((digest, i), 0.0) > 1.0]
+        wanted = self._limiter.plan(digest, count, request.missing, time.monotonic())
+        if len(wanted) < len(request.missing):
+            self.stats["chunks_not_resent"] += len(request.missing) - len(wanted)
         if wanted:
             await self.broadcast(record, only=wanted)

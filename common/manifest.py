@@ -4,16 +4,23 @@ A package is a directory: ``manifest.json`` (signed) plus the files it names.
 The artifact sent over MQTT or HTTP is the files' bytes concatenated in
 manifest order; the manifest fixes each file's name, size and SHA-256, so the
 receiver splits and checks it without parsing any archive format.
+
+The manifest also lists the SHA-256 of every chunk of that artifact
+(``chunks``), so an agent can tell a real chunk from a forged one as each
+arrives, not only once the whole artifact is in. ``Manifest.with_chunks`` is
+the one place that list is computed, by whoever signs: the control plane at
+publish, or an operator signing offline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from common import chunking
 from common.errors import InvalidInputError, VerificationError
 from common.names import check_digest, check_name
 from common.signing import Signer, TrustStore
@@ -54,6 +61,14 @@ class RoutingHints:
 
 
 @dataclass(frozen=True)
+class ChunkList:
+    """How the artifact is cut for MQTT, and the SHA-256 (hex) of each chunk in order."""
+
+    size: int
+    sha256: list[str]
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -70,10 +85,15 @@ class Manifest:
     evaluation: dict[str, float] = field(default_factory=dict)
     parent: str | None = None  # version this one was derived from
     created_at: str = ""
+    chunks: ChunkList | None = None  # None only in packages signed before chunk lists
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        if self.chunks is None:
+            # NOTE: no key at all, so manifests signed before chunk lists still verify.
+            del doc["chunks"]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Manifest:
@@ -90,6 +110,7 @@ class Manifest:
                     "outputs": [TensorSpec(**t) for t in doc["outputs"]],
                     "target": Target(**doc.get("target", {})),
                     "routing": RoutingHints(**doc.get("routing", {})),
+                    "chunks": _chunk_list(doc.get("chunks")),
                 }
             )
         except (KeyError, TypeError) as exc:
@@ -119,6 +140,39 @@ class Manifest:
             check_digest(f.sha256, f"sha256 of {f.name!r}")
         if sum(1 for f in self.files if f.role == "model") != 1:
             raise InvalidInputError("manifest must name exactly one model file")
+        if self.chunks is not None:
+            self._validate_chunks(self.chunks)
+
+    def _validate_chunks(self, chunks: ChunkList) -> None:
+        count = chunking.chunk_count(self.artifact_size, _check_chunk_size(chunks.size))
+        if count > chunking.MAX_SIGNED_CHUNKS:
+            raise InvalidInputError(f"{count} chunks is more than {chunking.MAX_SIGNED_CHUNKS}")
+        if not isinstance(chunks.sha256, list) or len(chunks.sha256) != count:
+            raise InvalidInputError(f"the chunk list must hold {count} SHA-256 digests")
+        for digest in chunks.sha256:
+            check_digest(digest, "chunk sha256")
+
+    def with_chunks(self, artifact: bytes, chunk_size: int | None = None) -> Manifest:
+        """This manifest with the chunk list of ``artifact``; call it before signing.
+
+        ``chunk_size`` defaults to ``chunking.chunk_size_for`` the artifact. Raise
+        VerificationError unless ``artifact`` is exactly the files this manifest names.
+        """
+        split_artifact(artifact, self)  # the list must describe these files, no others
+        size = chunking.chunk_size_for(len(artifact)) if chunk_size is None else chunk_size
+        _check_chunk_size(size)
+        listed = ChunkList(size, chunking.chunk_hashes(artifact, size))
+        out = replace(self, chunks=listed)
+        out.validate()
+        return out
+
+    def check_chunks(self, artifact: bytes) -> None:
+        """Raise VerificationError unless the chunk list is present and describes ``artifact``
+        (for a manifest signed elsewhere, e.g. offline by an operator)."""
+        if self.chunks is None:
+            raise VerificationError("the manifest carries no chunk list")
+        if self.with_chunks(artifact, self.chunks.size).chunks != self.chunks:
+            raise VerificationError("the manifest's chunk list does not match the artifact")
 
     def file(self, role: str) -> FileEntry:
         for f in self.files:
@@ -129,6 +183,20 @@ class Manifest:
     @property
     def artifact_size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def _check_chunk_size(size: object) -> int:
+    if not isinstance(size, int) or not chunking.MIN_CHUNK_SIZE <= size <= chunking.MAX_CHUNK_SIZE:
+        raise InvalidInputError(f"bad chunk size {size!r}")
+    return size
+
+
+def _chunk_list(doc: Any) -> ChunkList | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise InvalidInputError("malformed manifest: 'chunks' must be an object")
+    return ChunkList(**doc)
 
 
 @dataclass(frozen=True)

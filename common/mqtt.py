@@ -99,6 +99,7 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._subs: dict[str, tuple[int, list[Handler]]] = {}
+        self._live_only: set[str] = set()  # filters whose retained messages are dropped
         self._on_connected: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._early_acks: set[int] = set()
@@ -145,13 +146,21 @@ class MqttLink:
 
     # -- subscribe / publish ---------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Call ``handler(topic, payload)`` for each message; kept across reconnects."""
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, retained: bool = True
+    ) -> None:
+        """Call ``handler(topic, payload)`` for each message; kept across reconnects.
+
+        ``retained=False`` drops the messages the broker replays from its retained
+        store on subscribing (anyone may have left one there): live messages only.
+        """
         # NOTE: under the lock so that a CONNACK racing with this call cannot miss the
         # filter: either _on_connect sees it, or is_connected() is already true here.
         with self._sub_lock:
             _, handlers = self._subs.setdefault(topic_filter, (qos, []))
             handlers.append(handler)
+            if not retained:
+                self._live_only.add(topic_filter)
             if self._client.is_connected():
                 self._client.subscribe(topic_filter, qos)
 
@@ -161,6 +170,7 @@ class MqttLink:
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._sub_lock:
+            self._live_only.discard(topic_filter)
             if self._subs.pop(topic_filter, None) is not None and self._client.is_connected():
                 self._client.unsubscribe(topic_filter)
 
@@ -239,6 +249,9 @@ class MqttLink:
             msg = await self._inbox.get()
             for topic_filter, (_, handlers) in list(self._subs.items()):
                 if not paho.topic_matches_sub(topic_filter, msg.topic):
+                    continue
+                if msg.retain and topic_filter in self._live_only:
+                    logger.debug("ignored a retained message on %s", msg.topic)
                     continue
                 for handler in handlers:
                     try:

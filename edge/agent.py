@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import platform
+from collections import deque
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -44,6 +45,7 @@ class EdgeAgent:
         self.store = ModelStore(config.state_dir, self.trust)
         self._seq_file = config.state_dir / "seq.json"
         self.guard = messages.CommandGuard(self._read_seq())
+        self._accepted: deque[str] = deque(maxlen=256)  # ids of recently accepted commands
         self.link = MqttLink(
             client_id=f"fogline-agent-{config.device_id}",
             host=config.broker_host,
@@ -117,6 +119,7 @@ class EdgeAgent:
             chunk_timeout_s=self.config.chunk_timeout_s,
             intra_op_threads=self.config.intra_op_threads,
             transport=self.config.artifact_transport,
+            token=self.config.cloud_token,
         )
         self.link.on_connected(self.publish_status)
         self.link.subscribe(self._topic("commands"), self._on_command)
@@ -181,20 +184,31 @@ class EdgeAgent:
     async def _on_command(self, _topic: str, payload: bytes) -> None:
         try:
             cmd = messages.parse_command(payload, self.trust, self.config.device_id)
+        except FoglineError as exc:
+            # NOTE: nothing from an unverified payload goes into the event (not its id,
+            # not its key id): anyone can publish here, and the event is attributed to us.
+            logger.warning("refused unverified command: %s", exc)
+            await self._reject(None, f"{type(exc).__name__}: command not verified")
+            return
+        try:
             self.guard.accept(cmd)
             await asyncio.to_thread(
                 atomic_write, self._seq_file, json.dumps({"last_seq": cmd.seq}).encode()
             )
         except FoglineError as exc:
             logger.warning("refused command: %s", exc)
-            await self._emit_event(
-                messages.event(
-                    self.config.device_id, _command_id(payload), messages.REJECTED, error=str(exc)
-                )
-            )
+            # Signed, so its id is the control plane's; but a replay of one we accepted
+            # must not report that command (perhaps still running) as rejected.
+            await self._reject(None if cmd.id in self._accepted else cmd.id, str(exc))
             return
+        self._accepted.append(cmd.id)
         assert self.deployer is not None
         self._spawn(self.deployer.run(cmd), f"command-{cmd.id}")
+
+    async def _reject(self, command_id: str | None, error: str) -> None:
+        await self._emit_event(
+            messages.event(self.config.device_id, command_id, messages.REJECTED, error=error)
+        )
 
     def _status(self, online: bool) -> bytes:
         models = []
@@ -228,13 +242,6 @@ class EdgeAgent:
             await asyncio.sleep(self.config.telemetry_interval_s)
             doc = {"device_id": self.config.device_id, "router": self.router.stats(reset=True)}
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
-
-
-def _command_id(payload: bytes) -> str | None:
-    try:
-        return str(json.loads(payload)["command"]["id"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def _broker_tls(config: AgentConfig) -> TlsConfig | None:

@@ -2,6 +2,12 @@
 
 Every step is reported on the device's events topic (through the outbox), and
 any failure leaves the previous model serving.
+
+MQTT chunks are checked one by one against the signed manifest's chunk list,
+so a forged copy (live or retained) never takes a real chunk's place. If the
+MQTT transfer still ends in a verification failure -- chunks missing, or, for a
+package signed before chunk lists, an artifact that does not match its
+digest -- the agent fetches the artifact over HTTP when the command names a URL.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -32,6 +39,7 @@ Activate = Callable[[SlotModel, OnnxRuntime], Awaitable[None]]
 
 MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
 MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
+MAX_REJECTION_EVENTS = 3  # per download: a flood of forged chunks must not flood the outbox
 
 
 class Deployer:
@@ -48,6 +56,7 @@ class Deployer:
         chunk_timeout_s: float = 3.0,
         intra_op_threads: int = 1,
         transport: str = "mqtt",
+        token: str | None = None,
     ) -> None:
         self.device_id = device_id
         self._link = link
@@ -57,6 +66,7 @@ class Deployer:
         self._chunk_timeout_s = chunk_timeout_s
         self._threads = intra_op_threads
         self._transport = transport  # "mqtt" (HTTP only as a fallback) or "http"
+        self._token = token  # the device's token: the artifact route asks for it
         self._downloads = store.root / "downloads"
         self._lock = asyncio.Lock()
 
@@ -86,8 +96,12 @@ class Deployer:
         try:
             signed = SignedManifest.from_dict(cmd.body["package"])
             artifact = cmd.body["artifact"]
-            digest, chunk_size = str(artifact["digest"]), int(artifact["chunk_size"])
+            digest = str(artifact["digest"])
             http_url = artifact.get("http_url")
+            # The signed chunk size wins; the command's is for packages without a list.
+            legacy_size = int(artifact.get("chunk_size") or chunking.DEFAULT_CHUNK_SIZE)
+            if not chunking.MIN_CHUNK_SIZE <= legacy_size <= chunking.MAX_CHUNK_SIZE:
+                raise ValueError(f"chunk size {legacy_size}")
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"deploy command body: {exc}") from exc
         m = signed.manifest
@@ -96,11 +110,9 @@ class Deployer:
         self._store.check_release(signed, allow_downgrade=bool(cmd.body.get("allow_downgrade")))
         self._store.check_space(m.artifact_size)
         started = time.monotonic()
-        data = await self._fetch(cmd, digest, m.artifact_size, chunk_size, http_url)
+        target = _Target(digest, signed, m.chunks.size if m.chunks else legacy_size)
+        files = await self._fetch(cmd, target, http_url)
         await self._emit(cmd, "downloaded", seconds=round(time.monotonic() - started, 3))
-        if artifact_digest(data) != digest:
-            raise VerificationError(f"artifact digest mismatch for {digest[:12]}")
-        files = split_artifact(data, m)
         await self._emit(cmd, "verified")
         staged = await asyncio.to_thread(self._store.stage, signed, files)
         await self._emit(cmd, "staged", slot=staged.slot)
@@ -124,45 +136,60 @@ class Deployer:
         previous = await asyncio.to_thread(self._store.previous)
         await self._load_and_activate(cmd, previous)
 
-    async def _fetch(
-        self, cmd: Command, digest: str, total: int, chunk_size: int, http_url: str | None
-    ) -> bytes:
-        """MQTT broadcast first (HTTP when configured); HTTP if MQTT gives up."""
+    async def _fetch(self, cmd: Command, target: _Target, http_url: str | None) -> dict[str, bytes]:
+        """MQTT broadcast first (HTTP when configured); HTTP if MQTT fails verification.
+
+        Returns the artifact's files, each checked against the signed manifest.
+        """
         if http_url is None or self._transport == "mqtt":
             try:
-                return await self._download(cmd, digest, total, chunk_size)
+                data = await self._download(cmd, target)
+                return await asyncio.to_thread(target.verify, data)
             except VerificationError as exc:
                 if http_url is None:
                     raise
                 logger.warning("MQTT transfer failed (%s); falling back to HTTP", exc)
         await self._emit(cmd, "downloading", transport="http")
         self._downloads.mkdir(exist_ok=True)
-        partial = self._downloads / f"{digest}.part"  # survives a restart: resumed by Range
+        partial = self._downloads / f"{target.digest}.part"  # resumed by Range after a restart
         async with aiohttp.ClientSession() as session:
             data = await fetch_artifact(
-                session, http_url, size=total, digest=digest, partial=partial
+                session,
+                http_url,
+                size=target.size,
+                digest=target.digest,
+                partial=partial,
+                token=self._token,
             )
         partial.unlink(missing_ok=True)
-        return data
+        return await asyncio.to_thread(target.verify, data)
 
-    async def _download(self, cmd: Command, digest: str, total: int, chunk_size: int) -> bytes:
+    async def _download(self, cmd: Command, target: _Target) -> bytes:
         """Collect chunks from the broadcast; ask for missing ones when it goes quiet."""
-        asm = Assembler(total, chunk_size)
+        m = target.signed.manifest
+        hashes = m.chunks.sha256 if m.chunks else None
+        asm = Assembler(target.size, target.chunk_size, hashes)
         progress = asyncio.Event()
-        topic = topics.artifact_topic(digest, "chunks")
+        topic = topics.artifact_topic(target.digest, "chunks")
+        rejected = 0
 
         async def on_chunk(_topic: str, payload: bytes) -> None:
+            nonlocal rejected
             try:
                 if asm.add(chunking.decode(payload)):
                     progress.set()
             except VerificationError as exc:
-                await self._emit(cmd, CHUNK_REJECTED, error=str(exc))
+                rejected += 1
+                if rejected <= MAX_REJECTION_EVENTS:
+                    await self._emit(cmd, CHUNK_REJECTED, error=str(exc))
+                logger.debug("chunk refused (%d so far): %s", rejected, exc)
 
-        self._link.subscribe(topic, on_chunk)
+        # Retained chunks are stale at best and planted at worst: live ones only.
+        self._link.subscribe(topic, on_chunk, retained=False)
         try:
             await self._emit(cmd, "downloading", chunks=asm.count)
             async with asyncio.timeout(MAX_DOWNLOAD_S):
-                return await self._collect(asm, progress, digest)
+                return await self._collect(asm, progress, target.digest)
         except TimeoutError:
             raise VerificationError(
                 f"gave up on artifact after {MAX_DOWNLOAD_S:.0f}s: "
@@ -198,6 +225,25 @@ class Deployer:
                 continue
             rounds += 1
         raise VerificationError(f"gave up on artifact: {len(asm.missing)} chunks missing")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What a deploy must end up with: signed metadata, never a server's word."""
+
+    digest: str
+    signed: SignedManifest
+    chunk_size: int
+
+    @property
+    def size(self) -> int:
+        return self.signed.manifest.artifact_size
+
+    def verify(self, data: bytes) -> dict[str, bytes]:
+        """The artifact's files; VerificationError unless ``data`` is what was signed."""
+        if artifact_digest(data) != self.digest:
+            raise VerificationError(f"artifact digest mismatch for {self.digest[:12]}")
+        return split_artifact(data, self.signed.manifest)
 
 
 async def self_test(runtime: OnnxRuntime, model: SlotModel) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
 
 from cloud.registry import Registry
+from common import chunking
 from common.errors import AlreadyExistsError, ModelNotFoundError, StoreError
-from common.signing import Signer
+from common.manifest import ChunkList, artifact_bytes
+from common.signing import Signer, TrustStore
 from tests.model_fixtures import make_package
 
 
@@ -96,3 +99,25 @@ def test_close_waits_for_queries_in_flight_and_later_ones_fail_cleanly(database,
     assert not errors
     with pytest.raises(StoreError, match="closed"):
         registry.devices()
+
+
+def test_publish_signs_the_chunk_list_it_computed_itself(tmp_path) -> None:
+    """The control plane signs: it fills the chunk list in, and recomputes an uploaded one."""
+    registry = Registry(tmp_path / "r.sqlite", tmp_path / "store", chunk_size=1024)
+    signer = Signer.generate()
+    trust = TrustStore([signer.public_key_hex])
+    pkg = make_package(tmp_path / "pkg")
+    data = artifact_bytes(pkg.directory, pkg.manifest)
+    record = registry.publish(pkg.directory, pkg.manifest, signer)
+    record.signed.verify(trust)
+    assert record.manifest.chunks == ChunkList(1024, chunking.chunk_hashes(data, 1024))
+    record.manifest.check_chunks(registry.artifact_path(record.artifact_digest).read_bytes())
+
+    # An upload with a wrong list (right length) and its own size: size kept, list recomputed.
+    lying = ChunkList(512, ["0" * 64] * chunking.chunk_count(len(data), 512))
+    upload = dataclasses.replace(pkg.manifest, version="2", chunks=lying)
+    record = registry.publish(pkg.directory, upload, signer)
+    assert record.manifest.chunks == ChunkList(512, chunking.chunk_hashes(data, 512))
+    # What was stored reads back the same, list and all.
+    assert registry.version("toy", "2").signed == record.signed
+    registry.close()

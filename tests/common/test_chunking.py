@@ -51,3 +51,65 @@ def test_chunk_from_another_artifact_does_not_fit() -> None:
     other = next(chunking.split(b"y" * 5000, 100))  # valid digest, wrong total
     with pytest.raises(VerificationError, match="does not fit"):
         asm.add(other)
+
+
+# -- the signed chunk list -------------------------------------------------------------
+
+
+def _forge(chunk: chunking.Chunk) -> chunking.Chunk:
+    """Same index, offsets and length; other bytes (a self-consistent header once encoded)."""
+    return chunking.Chunk(
+        chunk.index, chunk.count, chunk.offset, chunk.total, bytes(b ^ 0x5A for b in chunk.data)
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=4000), size=st.integers(1, 600), seed=st.integers())
+def test_forged_copies_never_take_an_index_and_real_ones_still_fit(
+    data: bytes, size: int, seed: int
+) -> None:
+    """Forgeries of every chunk arrive first, in any order; the real ones still complete it."""
+    hashes = chunking.chunk_hashes(data, size)
+    asm = chunking.Assembler(len(data), size, hashes)
+    real = list(chunking.split(data, size))
+    forged = [chunking.decode(_forge(c).encode()) for c in real]  # passes the header check
+    rng = random.Random(seed)
+    rng.shuffle(forged)
+    rng.shuffle(real)
+    for c in forged:  # every byte differs from the real chunk at that index
+        with pytest.raises(VerificationError, match="signed manifest"):
+            asm.add(c)
+    assert sorted(asm.missing) == list(range(len(hashes)))
+    for c in real:
+        assert asm.add(chunking.decode(c.encode()))
+    assert asm.data() == data
+    for c in forged:  # late forgeries change nothing
+        asm.add(c)
+    assert asm.data() == data
+
+
+def test_hash_list_must_match_the_chunk_count() -> None:
+    with pytest.raises(VerificationError, match="3 chunk hashes for 2 chunks"):
+        chunking.Assembler(200, 100, ["0" * 64] * 3)
+
+
+@pytest.mark.parametrize(
+    ("total", "minimum", "expected"),
+    [
+        (0, 32 * 1024, 32 * 1024),
+        (7_112, 1024, 1024),
+        (32 * 1024 * 1024, 32 * 1024, 32 * 1024),  # exactly 1024 chunks: no change
+        (32 * 1024 * 1024 + 1, 32 * 1024, 64 * 1024),
+        (90_000_000, 32 * 1024, 128 * 1024),  # 687 chunks instead of 2,747
+        (10 * 1024**3, 32 * 1024, chunking.MAX_CHUNK_SIZE),  # capped: more chunks then
+    ],
+)
+def test_chunk_size_grows_with_the_artifact(total: int, minimum: int, expected: int) -> None:
+    assert chunking.chunk_size_for(total, minimum) == expected
+
+
+def test_chunk_at_matches_split() -> None:
+    data = bytes(range(256)) * 9
+    assert [chunking.chunk_at(data, i, 500) for i in range(5)] == list(chunking.split(data, 500))
+    with pytest.raises(IndexError):
+        chunking.chunk_at(data, 5, 500)

@@ -7,10 +7,13 @@ import json
 
 import pytest
 
+from common import chunking
 from common.errors import InvalidInputError, VerificationError
 from common.manifest import (
     MANIFEST_FILE,
+    ChunkList,
     FileEntry,
+    Manifest,
     SignedManifest,
     artifact_bytes,
     read_package,
@@ -83,3 +86,82 @@ def test_malformed_manifest_documents_are_refused(package) -> None:
         SignedManifest.from_dict(doc)
     with pytest.raises(InvalidInputError):
         SignedManifest.from_dict({"manifest": {"schema": "other"}, "signature": "", "key_id": ""})
+
+
+# -- the chunk list --------------------------------------------------------------------
+
+
+def test_with_chunks_lists_every_chunk_and_is_signed(package) -> None:
+    data = artifact_bytes(package.directory, package.manifest)
+    m = package.manifest.with_chunks(data, 1024)
+    assert m.chunks == ChunkList(1024, chunking.chunk_hashes(data, 1024))
+    assert len(m.chunks.sha256) == chunking.chunk_count(len(data), 1024)
+    m.check_chunks(data)
+    signer = Signer.generate()
+    signed = SignedManifest.sign(m, signer)
+    again = SignedManifest.from_dict(json.loads(json.dumps(signed.to_dict())))
+    assert again == signed
+    again.verify(TrustStore([signer.public_key_hex]))
+    # The list is under the signature: one changed hash breaks it.
+    hashes = [*m.chunks.sha256[:-1], "0" * 64]
+    forged = dataclasses.replace(m, chunks=ChunkList(1024, hashes))
+    with pytest.raises(VerificationError, match="bad signature"):
+        SignedManifest(forged, signed.signature, signed.key_id).verify(
+            TrustStore([signer.public_key_hex])
+        )
+
+
+def test_default_chunk_size_follows_the_artifact(package) -> None:
+    data = artifact_bytes(package.directory, package.manifest)
+    assert package.manifest.with_chunks(data).chunks.size == chunking.chunk_size_for(len(data))
+
+
+def test_manifest_without_chunk_list_keeps_its_old_signature(package) -> None:
+    """Packages signed before chunk lists existed still verify: no ``chunks`` key at all."""
+    assert package.manifest.chunks is None
+    assert "chunks" not in package.manifest.to_dict()
+    doc = json.loads((package.directory / MANIFEST_FILE).read_text())
+    SignedManifest.from_dict(doc).verify(TrustStore([package.signer.public_key_hex]))
+
+
+def test_chunk_list_must_describe_the_artifact(package) -> None:
+    data = artifact_bytes(package.directory, package.manifest)
+    with pytest.raises(VerificationError):
+        package.manifest.with_chunks(data[:-1] + bytes([data[-1] ^ 1]), 1024)  # not these files
+    with pytest.raises(VerificationError, match="no chunk list"):
+        package.manifest.check_chunks(data)
+    m = package.manifest.with_chunks(data, 1024)
+    other = dataclasses.replace(
+        m, chunks=ChunkList(1024, [m.chunks.sha256[1], *m.chunks.sha256[1:]])
+    )
+    with pytest.raises(VerificationError, match="does not match"):
+        other.check_chunks(data)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ({"size": 1024, "sha256": ["0" * 64]}, "must hold"),  # too few for the artifact
+        ({"size": 1024, "sha256": "0" * 64}, "must hold"),
+        ({"size": 0, "sha256": []}, "chunk size"),
+        ({"size": 2**40, "sha256": []}, "chunk size"),
+        ({"size": "1024", "sha256": []}, "chunk size"),
+        ({"size": 64, "sha256": []}, "more than"),  # a tiny size: too many chunks to list
+        ({"size": 1024, "sha256": ["../x"] * 7}, "chunk sha256"),
+        ({"size": 1024}, "malformed"),
+        ([1024], "must be an object"),
+    ],
+)
+def test_malformed_chunk_lists_are_refused(package, chunks, message) -> None:
+    doc = package.manifest.to_dict()
+    if chunks == {"size": 64, "sha256": []}:  # make the artifact look big
+        doc["files"][0]["size"] = 64 * (chunking.MAX_SIGNED_CHUNKS + 1)
+    with pytest.raises(InvalidInputError, match=message):
+        Manifest.from_dict({**doc, "chunks": chunks})
+
+
+@pytest.mark.parametrize("size", [0, -1, 63, chunking.MAX_CHUNK_SIZE + 1])
+def test_with_chunks_refuses_a_bad_size(package, size: int) -> None:
+    data = artifact_bytes(package.directory, package.manifest)
+    with pytest.raises(InvalidInputError, match="chunk size"):
+        package.manifest.with_chunks(data, size)

@@ -59,3 +59,28 @@ async def test_publish_while_broker_down_raises_then_recovers(tmp_path) -> None:
             await client.publish("fogline/v1/test/x", b"2")
     finally:
         broker.stop()
+
+
+async def test_retained_messages_can_be_refused_per_subscription(mosquitto) -> None:
+    """``retained=False``: what the broker replays from its retained store on subscribing
+    is dropped (anyone may have left it there); live messages, retained or not, still come."""
+    live_only: asyncio.Queue[bytes] = asyncio.Queue()
+    everything: asyncio.Queue[bytes] = asyncio.Queue()
+    topic = "fogline/v1/test/retained-chunks"
+    async with link(mosquitto, "ret-pub") as pub:
+        await pub.wait_connected(5)
+        await pub.publish(topic, b"planted", retain=True)
+        try:
+            async with link(mosquitto, "ret-sub") as sub, link(mosquitto, "ret-all") as other:
+                await sub.wait_connected(5)
+                await other.wait_connected(5)
+                sub.subscribe(topic, lambda t, p: live_only.put_nowait(p), retained=False)
+                other.subscribe(topic, lambda t, p: everything.put_nowait(p))
+                assert await asyncio.wait_for(everything.get(), 5) == b"planted"
+                await asyncio.sleep(0.2)  # sub's copy of "planted" has come (and gone) too
+                await pub.publish(topic, b"live", retain=True)  # live: forwarded, flag cleared
+                assert await asyncio.wait_for(everything.get(), 5) == b"live"
+                assert await asyncio.wait_for(live_only.get(), 5) == b"live"
+                assert live_only.empty()
+        finally:
+            await pub.publish(topic, b"", retain=True)

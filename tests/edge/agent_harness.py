@@ -15,6 +15,8 @@ from aiohttp import web
 from cloud.control_server import REGISTRY, ROLLOUTS, SIGNER, ControlSettings, build_control_app
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
+from common import topics
+from common.messages import Command, sign_command
 from common.signing import Signer
 from edge.config import AgentConfig
 from tests.conftest import free_port
@@ -101,6 +103,28 @@ class ControlPlane:
             while True:
                 for ev in self.registry.events(device_id, limit=500):
                     if ev.get("stage") == stage and command_id in (None, ev.get("command_id")):
+                        return ev
+                await asyncio.sleep(0.05)
+
+    async def send_command(self, device_id: str, body: dict, kind: str = "deploy") -> str:
+        """Sign and send one command by hand (no rollout); return its id."""
+        seq = self.registry.next_seq(device_id)
+        cmd = Command(kind, device_id, seq, time.time() + 60, body)
+        await self.rollouts.link.publish(
+            topics.device_topic(device_id, "commands"), sign_command(cmd, self.signer)
+        )
+        return cmd.id
+
+    async def final_event(self, device_id: str, command_id: str, timeout: float = 20) -> dict:
+        """The command's activated / failed / rejected event, when it comes."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for ev in self.registry.events(device_id, limit=500):
+                    if ev.get("command_id") == command_id and ev["stage"] in (
+                        "activated",
+                        "failed",
+                        "rejected",
+                    ):
                         return ev
                 await asyncio.sleep(0.05)
 
