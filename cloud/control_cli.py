@@ -1,11 +1,15 @@
 """``fogline control serve`` and the operator commands that talk to it
-(``fogline model publish``, ``fogline model rollout``)."""
+(``fogline model publish``, ``fogline model rollout``, ``fogline control devices|models``).
+
+Every client command sends an operator token: ``--token`` or ``FOGLINE_TOKEN``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import urllib.error
@@ -20,18 +24,34 @@ from common.manifest import UNSIGNED_MANIFEST_FILE, read_unsigned
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTROL = "http://127.0.0.1:8000"
+TOKEN_ENV = "FOGLINE_TOKEN"
 
 
 def register_control(subparsers: argparse._SubParsersAction) -> None:
+    from cloud.token_cli import register_token
+
     _register_serve(subparsers)
+    register_token(subparsers)
     for name, help_text in (
         ("devices", "list the fleet: state, model, version, traffic"),
         ("models", "list published model versions"),
     ):
         p = subparsers.add_parser(name, help=help_text, description=help_text + ".")
-        p.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+        _client_args(p)
         p.add_argument("--json", action="store_true", help="print the API's JSON instead")
         p.set_defaults(func=_list_devices if name == "devices" else _list_models)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+    p.add_argument(
+        "--token", help=f"operator token (default: ${TOKEN_ENV}); see `fogline control token`"
+    )
+
+
+def client_from_args(args: argparse.Namespace) -> ControlClient:
+    """The client a command uses: ``--control`` and ``--token`` or ``$FOGLINE_TOKEN``."""
+    return ControlClient(args.control, token=args.token or os.environ.get(TOKEN_ENV))
 
 
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +87,18 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--broker-password-file", type=Path, help="file holding the password")
     serve.add_argument("--broker-tls-ca", help="CA file: connect to the broker with TLS")
     serve.add_argument(
+        "--mqtt-client-id",
+        metavar="NAME",
+        help="stable MQTT client id: a persistent session that survives restarts; keep it "
+        "secret or ACL-protected (default: a random id per process, clean session)",
+    )
+    serve.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=2 * 1024**3,
+        help="largest package a publish may upload (default: %(default)s)",
+    )
+    serve.add_argument(
         "--chunk-size",
         type=int,
         default=32 * 1024,
@@ -84,7 +116,7 @@ def register_operator(subparsers: argparse._SubParsersAction) -> None:
         f"({UNSIGNED_MANIFEST_FILE} + files). The control plane signs it.",
     )
     pub.add_argument("--package", type=Path, required=True, help="package directory")
-    pub.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+    _client_args(pub)
     pub.set_defaults(func=_publish)
     roll = subparsers.add_parser(
         "rollout",
@@ -95,7 +127,7 @@ def register_operator(subparsers: argparse._SubParsersAction) -> None:
     roll.add_argument("--version", required=True)
     roll.add_argument("--device", action="append", help="target device (default: all online)")
     roll.add_argument("--allow-downgrade", action="store_true")
-    roll.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+    _client_args(roll)
     roll.add_argument("--wait", action="store_true", help="wait and print progress")
     roll.add_argument("--timeout", type=float, default=300.0)
     roll.set_defaults(func=_rollout)
@@ -123,6 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         public_url=args.public_url,
         database=args.database,
+        mqtt_client_id=args.mqtt_client_id,
+        max_upload_bytes=args.max_upload_bytes,
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
     web.run_app(
@@ -159,12 +193,26 @@ def _broker_login(args: argparse.Namespace) -> tuple[str | None, str | None]:
 # -- HTTP client helpers (stdlib only: operators need nothing else installed) -----------
 
 
+class ControlError(RuntimeError):
+    """The control plane answered with an HTTP error; the message is one line."""
+
+    def __init__(self, method: str, path: str, status: int, detail: str) -> None:
+        self.status = status
+        hint = ""
+        if status == 401:
+            hint = f" (give --token or set {TOKEN_ENV}; tokens: `fogline control token create`)"
+        elif status == 403:
+            hint = " (this token's role does not allow it)"
+        super().__init__(f"{method} {path}: HTTP {status}: {detail}{hint}")
+
+
 class ControlClient:
     """A small synchronous client of the control plane's REST API."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, *, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def request(
         self,
@@ -173,15 +221,14 @@ class ControlClient:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Any:
-        req = urllib.request.Request(
-            self.base_url + path, data=body, method=method, headers=headers or {}
-        )
+        headers = {**self._auth, **(headers or {})}
+        url = self.base_url + path
+        req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+            raise ControlError(method, path, exc.code, _error_text(exc.read())) from None
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -234,6 +281,16 @@ class ControlClient:
             time.sleep(0.2)
 
 
+def _error_text(body: bytes) -> str:
+    """The ``error`` of a JSON error body, else the body itself, on one line."""
+    try:
+        doc = json.loads(body)
+        text = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else body.decode()
+    except (ValueError, UnicodeDecodeError):
+        text = body.decode(errors="replace")
+    return " ".join(text.split())[:500]
+
+
 def _part(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
     disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
     head = f"--{boundary}\r\nContent-Disposition: {disp}\r\n"
@@ -243,7 +300,7 @@ def _part(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
 
 def _publish(args: argparse.Namespace) -> int:
     try:
-        record = ControlClient(args.control).publish(args.package)
+        record = client_from_args(args).publish(args.package)
     except FoglineError as exc:  # no or bad unsigned manifest: the operator's input
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -264,7 +321,7 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 def _list(args: argparse.Namespace, path: str, key: str, header: list[str], row: Any) -> int:
     try:
-        doc = ControlClient(args.control).get(path)
+        doc = client_from_args(args).get(path)
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -313,7 +370,7 @@ def _print_progress(state: dict[str, Any]) -> None:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    client = ControlClient(args.control)
+    client = client_from_args(args)
     try:
         rollout_id = client.rollout(args.model, args.version, args.device, args.allow_downgrade)
         if not args.wait:

@@ -1,13 +1,15 @@
 """The control plane process: operator REST API + dashboard over registry and rollouts.
 
 Handlers parse HTTP and map errors; decisions live in Registry and
-RolloutController.
+RolloutController. Every route but health (and the dashboard's static page)
+needs a bearer token; the route table below says which role each one needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,17 +17,25 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cloud.control_auth import (
+    DEVICE_OR_VIEWER,
+    OPERATORS,
+    TRUST,
+    UPLOAD_LIMIT,
+    guarded,
+    receive_package,
+)
 from cloud.fleet import FleetMonitor
+from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
-from common import topics
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
-from common.manifest import Manifest
 from common.mqtt import MqttLink, TlsConfig
-from common.signing import Signer
+from common.names import check_name
+from common.signing import Signer, TrustStore
 from common.v2_server import error_middleware
 
 logger = logging.getLogger(__name__)
@@ -47,6 +57,13 @@ class ControlSettings:
     public_url: str | None = None  # how agents reach this server over HTTP
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
     repair: RepairPolicy = field(default_factory=RepairPolicy)  # limits on repair requests
+    # A stable MQTT client id makes a persistent session (the broker keeps events and
+    # chunk requests across a restart). Unset: a per-process random id and a clean
+    # session, so a device cannot guess the id and take the control plane's place.
+    mqtt_client_id: str | None = None
+    max_upload_bytes: int = 2 * 1024**3  # a published package, all files together
+    max_body_bytes: int = 1024**2  # every other request body
+    telemetry_interval_s: float = 1.0  # at most one report per device per interval
     broker_username: str | None = None  # default: WORKDIR/broker-control.json if present
     broker_password: str | None = None
     broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
@@ -69,25 +86,26 @@ class ControlSettings:
 
 
 def build_control_app(settings: ControlSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=512 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[UPLOAD_LIMIT] = settings.max_upload_bytes
     app.cleanup_ctx.append(_resources(settings))
-    app.add_routes(
-        [
-            web.get("/", dashboard),
-            web.get("/api/health", health),
-            web.get("/api/keys", keys),
-            web.get("/api/devices", devices),
-            web.post("/api/devices/{device_id}/token", device_token),
-            web.get("/api/models", models),
-            web.post("/api/models", publish),
-            web.get("/api/models/{name}/versions/{version}", model_version),
-            web.get("/api/artifacts/{digest}", artifact),
-            web.post("/api/rollouts", start_rollout),
-            web.get("/api/rollouts", rollouts),
-            web.get("/api/rollouts/{id}", rollout),
-            web.get("/api/events", events),
-        ]
-    )
+    # (method, path, handler, who may call it: None is public)
+    table = [
+        ("GET", "/", dashboard, None),  # static HTML; its data calls carry a token
+        ("GET", "/api/health", health, None),
+        ("GET", "/api/keys", keys, VIEWER),
+        ("GET", "/api/devices", devices, VIEWER),
+        ("POST", "/api/devices/{device_id}/token", device_token, ADMIN),
+        ("GET", "/api/models", models, VIEWER),
+        ("POST", "/api/models", publish, OPERATOR),
+        ("GET", "/api/models/{name}/versions/{version}", model_version, VIEWER),
+        ("GET", "/api/artifacts/{digest}", artifact, DEVICE_OR_VIEWER),
+        ("POST", "/api/rollouts", start_rollout, OPERATOR),
+        ("GET", "/api/rollouts", rollouts, VIEWER),
+        ("GET", "/api/rollouts/{id}", rollout, VIEWER),
+        ("GET", "/api/events", events, VIEWER),
+    ]
+    app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
 
 
@@ -100,18 +118,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             settings.store_dir,
             chunk_size=settings.chunk_size,
         )
-        # NOTE: a persistent session under a stable client id: the broker keeps the
-        # devices' events and chunk requests while the control plane restarts.
-        link = MqttLink(
-            client_id=f"fogline-control-{settings.port}",
-            host=settings.broker_host,
-            port=settings.broker_port,
-            persistent_session=True,
-            username=settings.broker_username,
-            password=settings.broker_password,
-            tls=TlsConfig(settings.broker_tls_ca) if settings.broker_tls_ca else None,
-        )
-        fleet = FleetMonitor(registry, link)
+        await _warn_without_tokens(registry, settings.workdir)
+        link = _mqtt_link(settings)
+        fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
         rollouts = RolloutController(
             registry,
             fleet,
@@ -123,10 +132,38 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         async with link, fleet, rollouts:
             app[REGISTRY], app[ROLLOUTS], app[SIGNER] = registry, rollouts, signer
+            app[OPERATORS] = registry.operators
+            app[TRUST] = TrustStore([signer.public_key_hex])  # verifies device tokens
             yield
         registry.close()
 
     return ctx
+
+
+def _mqtt_link(settings: ControlSettings) -> MqttLink:
+    """The control plane's broker link.
+
+    NOTE: only a configured (secret, ACL-protected) name gets a persistent session;
+    a guessable stable id would let any client take the session and its messages.
+    """
+    return MqttLink(
+        client_id=settings.mqtt_client_id or f"fogline-control-{secrets.token_hex(8)}",
+        host=settings.broker_host,
+        port=settings.broker_port,
+        persistent_session=settings.mqtt_client_id is not None,
+        username=settings.broker_username,
+        password=settings.broker_password,
+        tls=TlsConfig(settings.broker_tls_ca) if settings.broker_tls_ca else None,
+    )
+
+
+async def _warn_without_tokens(registry: Registry, workdir: Path) -> None:
+    if not await asyncio.to_thread(registry.operators.list):
+        logger.warning(
+            "no operator tokens yet: every route but /api/health answers 401; make one "
+            "with `fogline control token create NAME --role admin --workdir %s`",
+            workdir,
+        )
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
@@ -151,11 +188,7 @@ async def devices(request: web.Request) -> web.Response:
 
 async def device_token(request: web.Request) -> web.Response:
     """Enrollment, first part: a device's own token for the cloud fallback."""
-    device_id = request.match_info["device_id"]
-    try:
-        topics.device_topic(device_id, "status")  # the same rule as every device id
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from None
+    device_id = check_name(request.match_info["device_id"], "device id")
     token = issue_token(request.app[SIGNER], device_id)
     return web.json_response({"device_id": device_id, "token": token}, status=201)
 
@@ -174,20 +207,9 @@ async def model_version(request: web.Request) -> web.Response:
 
 
 async def publish(request: web.Request) -> web.Response:
-    """Multipart upload: a ``manifest`` part (unsigned manifest JSON) and one part per file."""
-    if not request.content_type.startswith("multipart/"):
-        raise InvalidInputError("publish expects multipart/form-data: manifest + files")
-    reader = await request.multipart()
-    manifest: Manifest | None = None
+    """Multipart upload: a ``manifest`` part (unsigned manifest JSON), then one part per file."""
     with tempfile.TemporaryDirectory(dir=request.app[REGISTRY].store_dir) as tmp:
-        async for part in reader:
-            if part.name == "manifest":
-                manifest = Manifest.from_dict(parse_json_object(await part.text(), "manifest"))
-            elif part.filename:
-                name = Path(part.filename).name
-                (Path(tmp) / name).write_bytes(await part.read())
-        if manifest is None:
-            raise InvalidInputError("publish: no 'manifest' part")
+        manifest = await receive_package(request, Path(tmp))
         record = await asyncio.to_thread(
             request.app[REGISTRY].publish, Path(tmp), manifest, request.app[SIGNER]
         )
@@ -196,7 +218,11 @@ async def publish(request: web.Request) -> web.Response:
 
 
 async def artifact(request: web.Request) -> web.FileResponse:
-    """HTTP transport for artifacts; aiohttp's FileResponse honours Range for resume."""
+    """HTTP transport for artifacts; aiohttp's FileResponse honours Range for resume.
+
+    The id is checked by ``artifact_path`` (a hex digest, nothing else): aiohttp
+    decodes ``%2F`` into the match, so the route pattern alone does not stop ``/``.
+    """
     return web.FileResponse(request.app[REGISTRY].artifact_path(request.match_info["digest"]))
 
 
@@ -207,10 +233,10 @@ async def start_rollout(request: web.Request) -> web.Response:
     except KeyError as exc:
         raise InvalidInputError(f"rollout needs {exc.args[0]!r}") from None
     targets = doc.get("devices")
-    if targets is not None and not (
-        isinstance(targets, list) and all(isinstance(d, str) for d in targets)
-    ):
+    if targets is not None and not isinstance(targets, list):
         raise InvalidInputError("'devices' must be a list of device ids")
+    for device_id in targets or []:
+        check_name(device_id, "device id")  # before it becomes a topic
     rollout_id = await request.app[ROLLOUTS].start(
         name, version, targets, allow_downgrade=bool(doc.get("allow_downgrade"))
     )

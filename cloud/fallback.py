@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class FallbackSettings:
     max_inflight: int = 64
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
     control_url: str | None = None  # fetch ``models`` from this control plane
+    control_token: str | None = None  # an operator token (viewer) for that control plane
     models: list[str] = field(default_factory=list)  # NAME:VERSION, cloud variant
     cache_dir: Path = Path("fogline-fallback-cache")
 
@@ -110,10 +112,10 @@ async def load_package(directory: Path, trust: TrustStore | None, threads: int) 
 
 async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     """Verify and load every package, then the V2 app serving them (unloaded on cleanup)."""
-    packages = list(settings.packages) + await _fetch_models(settings)
+    trust = TrustStore(settings.trusted_keys) if settings.trusted_keys else None
+    packages = list(settings.packages) + await _fetch_models(settings, trust)
     if not packages:
         raise InvalidInputError("no packages to serve: give --package or --model")
-    trust = TrustStore(settings.trusted_keys) if settings.trusted_keys else None
     if trust is None:
         logger.warning("no trusted keys: package signatures are not checked, only digests")
     dataplane = DataPlane(SERVER_NAME, _version())
@@ -140,7 +142,7 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     return app
 
 
-async def _fetch_models(settings: FallbackSettings) -> list[Path]:
+async def _fetch_models(settings: FallbackSettings, trust: TrustStore | None) -> list[Path]:
     if settings.models and not settings.control_url:
         raise InvalidInputError("--model needs --control (where to fetch it from)")
     dirs = []
@@ -153,6 +155,8 @@ async def _fetch_models(settings: FallbackSettings) -> list[Path]:
                 version,
                 variant="cloud",
                 cache_dir=settings.cache_dir,
+                trust=trust,
+                token=settings.control_token,
             )
         )
     return dirs
@@ -238,6 +242,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     )
     p.add_argument("--control", dest="control_url", metavar="URL", help="control plane base URL")
     p.add_argument(
+        "--control-token",
+        metavar="TOKEN",
+        help="operator token (viewer) for --control (default: $FOGLINE_CONTROL_TOKEN)",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=Path("fogline-fallback-cache"),
@@ -302,6 +311,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         max_inflight=args.max_inflight,
         intra_op_threads=args.intra_op_threads,
         control_url=args.control_url,
+        control_token=args.control_token or os.environ.get("FOGLINE_CONTROL_TOKEN"),
         models=list(args.models),
         cache_dir=args.cache_dir,
     )

@@ -1,7 +1,9 @@
 """Fleet state from the devices' own topics: status (retained), events, telemetry.
 
 Everything lands in the registry; ``changed`` wakes whoever waits on the fleet
-(a rollout waiting for its devices to reach a stage).
+(a rollout waiting for its devices to reach a stage). Who sent a message is the
+topic it came on (the broker's ACL ties a device to its own topics), never an id
+inside the payload.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import asyncio
 import logging
 
 from cloud.registry import Registry
+from cloud.telemetry import TelemetryLimiter
 from common import messages, topics
+from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.mqtt import MqttLink
 
@@ -18,10 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 class FleetMonitor:
-    def __init__(self, registry: Registry, link: MqttLink) -> None:
+    def __init__(
+        self, registry: Registry, link: MqttLink, *, telemetry_interval_s: float = 1.0
+    ) -> None:
         self.registry = registry
         self.link = link
         self.changed = asyncio.Condition()
+        self.telemetry_limiter = TelemetryLimiter(telemetry_interval_s)
 
     async def __aenter__(self) -> FleetMonitor:
         # NOTE: replicas of the control plane would use topics.shared(...) here so that
@@ -42,6 +49,7 @@ class FleetMonitor:
     @staticmethod
     def _parse(topic: str, payload: bytes, what: str) -> tuple[str, dict] | None:
         try:
+            # topics.parse checks the device id (common.names) on the way.
             return topics.parse(topic).ident, parse_json_object(payload, what)
         except ValueError as exc:
             logger.warning("ignored %s on %s: %s", what, topic, exc)
@@ -57,14 +65,21 @@ class FleetMonitor:
         parsed = self._parse(topic, payload, "event")
         if parsed is None:
             return
-        device_id, doc = parsed
-        doc["device_id"] = device_id  # the topic, not the payload, says who sent it
-        await asyncio.to_thread(self.registry.record_event, doc)
+        device_id, doc = parsed  # the topic, not the payload, says who sent it
+        await asyncio.to_thread(self.registry.record_event, device_id, doc)
         if doc.get("stage") in (messages.FAILED, messages.REJECTED, messages.CHUNK_REJECTED):
             logger.warning("device %s: %s %s", device_id, doc.get("stage"), doc.get("error"))
         await self._notify()
 
     async def _on_telemetry(self, topic: str, payload: bytes) -> None:
         parsed = self._parse(topic, payload, "telemetry")
-        if parsed is not None:
-            await asyncio.to_thread(self.registry.record_telemetry, *parsed)
+        if parsed is None:
+            return
+        device_id, doc = parsed
+        if not self.telemetry_limiter.allow(device_id):
+            logger.warning("dropped telemetry from %s: more than its rate allows", device_id)
+            return
+        try:
+            await asyncio.to_thread(self.registry.record_telemetry, device_id, doc)
+        except InvalidInputError as exc:
+            logger.warning("dropped telemetry from %s: %s", device_id, exc)

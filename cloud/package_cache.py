@@ -1,7 +1,9 @@
 """The fallback's read-only model cache, filled from the control plane over HTTP.
 
 A cached package is verified (signature and digests) when it is loaded, like
-any other package directory, so the cache itself is never trusted.
+any other package directory, so the cache itself is never trusted. A download
+is verified too, and in the order that wastes nothing on a forgery: signature
+first, then the bytes, bounded by the signed size.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from typing import Any
 import aiohttp
 
 from common.artifact_http import fetch_artifact
-from common.errors import CloudUnavailableError, InvalidInputError, ModelNotFoundError
+from common.errors import (
+    AuthError,
+    CloudUnavailableError,
+    InvalidInputError,
+    ModelNotFoundError,
+    VerificationError,
+)
 from common.fsutil import write_durable
 from common.manifest import MANIFEST_FILE, SignedManifest, split_artifact, write_package
+from common.names import check_digest, check_name, safe_join
+from common.signing import TrustStore
 
 logger = logging.getLogger(__name__)
 
@@ -27,35 +37,47 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
     name, sep, version = ref.partition(":")
     if not sep or not name or not version:
         raise InvalidInputError(f"model must be NAME:VERSION, got {ref!r}")
-    return name, version
+    return check_name(name, "model name"), check_name(version, "model version")
 
 
 async def fetch_package(
-    control_url: str, name: str, version: str, *, variant: str, cache_dir: Path
+    control_url: str,
+    name: str,
+    version: str,
+    *,
+    variant: str,
+    cache_dir: Path,
+    trust: TrustStore | None = None,
+    token: str | None = None,
 ) -> Path:
-    """The package directory for ``name`` ``version`` ``variant``, downloaded if not cached."""
-    dest = cache_dir / name / variant / version
+    """The package directory for ``name`` ``version`` ``variant``, downloaded if not cached.
+
+    NOTE: the manifest's signature is checked (against ``trust``) BEFORE a single
+    artifact byte is fetched, and the download is bounded by the signed size; the
+    server's unsigned figures only name the artifact, and must agree.
+    """
+    dest = safe_join(cache_dir, name, variant, version)
     if (dest / MANIFEST_FILE).is_file():
         return dest
     base = control_url.rstrip("/")
-    async with aiohttp.ClientSession() as session:
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=auth) as session:
         meta = await _get_json(
             session,
             f"{base}/api/models/{name}/versions/{version}",
             {"variant": variant},
             f"{name} {version} ({variant})",
         )
-        signed = SignedManifest.from_dict(meta["signed_manifest"])
-        artifact = meta["artifact"]
+        signed, digest = _checked_meta(meta, (name, version, variant), trust)
         cache_dir.mkdir(parents=True, exist_ok=True)
         data = await fetch_artifact(
             session,
-            f"{base}/api/artifacts/{artifact['digest']}",
-            size=int(artifact["size"]),
-            digest=str(artifact["digest"]),
-            partial=cache_dir / f"{artifact['digest']}.part",
+            f"{base}/api/artifacts/{digest}",
+            size=signed.manifest.artifact_size,
+            digest=digest,
+            partial=cache_dir / f"{digest}.part",
         )
-    files = split_artifact(data, signed.manifest)
+    files = split_artifact(data, signed.manifest)  # every file against the signed SHA-256
     tmp = cache_dir / f".incoming-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     for entry in signed.manifest.files:
@@ -64,9 +86,39 @@ async def fetch_package(
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    (cache_dir / f"{artifact['digest']}.part").unlink(missing_ok=True)
+    (cache_dir / f"{digest}.part").unlink(missing_ok=True)
     logger.info("cached %s %s (%s) from %s", name, version, variant, base)
     return dest
+
+
+def _checked_meta(
+    meta: Any, wanted: tuple[str, str, str], trust: TrustStore | None
+) -> tuple[SignedManifest, str]:
+    """The signed manifest (verified) and the artifact id, from the server's answer.
+
+    Refuses a manifest signed by an untrusted key, one for another model than asked
+    (mix-and-match), a malformed artifact id, and an advertised size that is not the
+    signed one.
+    """
+    try:
+        signed = SignedManifest.from_dict(meta["signed_manifest"])
+        artifact = meta["artifact"]
+        digest = check_digest(artifact["digest"])
+        advertised = artifact["size"]
+    except (KeyError, TypeError) as exc:
+        raise InvalidInputError(f"malformed model metadata from the control plane: {exc}") from None
+    if trust is not None:
+        signed.verify(trust)
+    m = signed.manifest
+    if (m.name, m.version, m.variant) != wanted:
+        got = (m.name, m.version, m.variant)
+        raise VerificationError(f"asked for {wanted}, got a signed manifest for {got}")
+    if advertised != m.artifact_size:
+        raise VerificationError(
+            f"the server says the artifact is {advertised!r} bytes, the signed manifest "
+            f"{m.artifact_size}"
+        )
+    return signed, digest
 
 
 async def _get_json(
@@ -76,8 +128,15 @@ async def _get_json(
         async with session.get(url, params=params) as resp:
             if resp.status == 404:
                 raise ModelNotFoundError(what)
+            if resp.status in (401, 403):
+                raise AuthError(
+                    f"the control plane refused the token (HTTP {resp.status}): give "
+                    "--control-token or set FOGLINE_CONTROL_TOKEN (a viewer token is enough)"
+                )
             if resp.status != 200:
                 raise CloudUnavailableError(f"{url}: HTTP {resp.status}")
             return await resp.json()
+    except ValueError as exc:  # not JSON
+        raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
     except aiohttp.ClientError as exc:
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc

@@ -10,23 +10,31 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud.database import Database
+from cloud.operator_tokens import OperatorTokens
+from cloud.telemetry import telemetry_increments
 from common import chunking
-from common.errors import AlreadyExistsError, ModelNotFoundError
+from common.errors import (
+    AlreadyExistsError,
+    ModelNotFoundError,
+    VerificationError,
+)
 from common.fsutil import atomic_write
 from common.manifest import (
     Manifest,
     SignedManifest,
     artifact_bytes,
     artifact_digest,
-    read_package,
+    sha256_file,
     write_package,
 )
 from common.messages import CHUNK_REJECTED
+from common.names import check_digest, check_name, safe_join
 from common.signing import Signer
 
 SCHEMA = """
@@ -57,13 +65,12 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-# Router counters that the fleet view adds up across telemetry reports.
-TOTALLED = ("requests", "served_local", "served_cloud", "degraded", "cloud_errors")
+DEVICE_STATES = ("online", "offline")
 
 
 def _package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
     """Where the artifact store keeps a signed package (read-only for the fallback)."""
-    return store_dir / "packages" / name / variant / version
+    return safe_join(store_dir / "packages", name, variant, version)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class Registry:
         (store_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self._db = Database(database)
         self._db.schema(SCHEMA)
+        self.operators = OperatorTokens(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -122,8 +130,13 @@ class Registry:
     # -- model versions ------------------------------------------------------------
 
     def publish(self, source_dir: Path, manifest: Manifest, signer: Signer) -> VersionRecord:
-        """Sign a package whose files are in ``source_dir`` and store it."""
+        """Sign a package whose files are in ``source_dir`` and store it.
+
+        The files are checked against the manifest before anything is written to the
+        store, and the package directory appears by one rename, never over another.
+        """
         manifest.validate()
+        _check_files(source_dir, manifest)  # before a byte is read for the chunk list
         m = self.with_chunks(source_dir, manifest)
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
@@ -131,12 +144,8 @@ class Registry:
         ):
             raise AlreadyExistsError(f"{m.name} {m.variant} version {m.version} already exists")
         dest = _package_path(self.store_dir, m.name, m.variant, m.version)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in m.files:
-            shutil.copyfile(source_dir / f.name, dest / f.name)
         signed = SignedManifest.sign(m, signer)
-        write_package(dest, signed)
-        read_package(dest)  # every file matches the manifest, or this raises
+        _place_package(source_dir, dest, signed)
         data = artifact_bytes(dest, m)
         digest = artifact_digest(data)
         atomic_write(self.store_dir / "artifacts" / digest, data)
@@ -184,59 +193,66 @@ class Registry:
         return records
 
     def version(self, name: str, version: str, variant: str = "edge") -> VersionRecord:
+        check_name(name, "model name")
+        check_name(version, "model version")
+        check_name(variant, "variant")
         found = self._records("name=? AND variant=? AND version=?", (name, variant, version))
         if not found:
             raise ModelNotFoundError(name, f"{version} ({variant})")
         return found[0]
 
     def versions(self, name: str | None = None) -> list[VersionRecord]:
+        if name is not None:
+            check_name(name, "model name")
         return self._records("name=?", (name,)) if name else self._records("1=1", ())
 
     def version_by_digest(self, digest: str) -> VersionRecord:
+        check_digest(digest)
         found = self._records("artifact_digest=?", (digest,))
         if not found:
             raise ModelNotFoundError(f"artifact {digest[:16]}")
         return found[0]
 
     def artifact_path(self, digest: str) -> Path:
-        path = self.store_dir / "artifacts" / digest
-        if len(digest) != 64 or not path.is_file():
+        path = self.store_dir / "artifacts" / check_digest(digest)
+        if not path.is_file():
             raise ModelNotFoundError(f"artifact {digest[:16]}")
         return path
 
     # -- devices -------------------------------------------------------------------
 
     def upsert_device(self, device_id: str, status: dict[str, Any]) -> None:
+        """Store a device's status; ``device_id`` is who sent it (its topic), not the payload."""
+        check_name(device_id, "device id")
+        state = status.get("state")
+        status = {**status, "device_id": device_id}
+        status["state"] = state if state in DEVICE_STATES else "unknown"
         self._q(
             "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
             " ON CONFLICT(device_id) DO UPDATE SET state=excluded.state,"
             " status=excluded.status, last_seen=excluded.last_seen",
-            (device_id, str(status.get("state", "unknown")), json.dumps(status), time.time()),
+            (device_id, status["state"], json.dumps(status), time.time()),
         )
 
     def record_telemetry(self, device_id: str, doc: dict[str, Any]) -> None:
         """Keep each device's latest report, plus running totals of its router counters.
 
         Reports count "since the last report"; the totals are what a fleet view
-        shows. (History belongs in a time-series database.)
+        shows. (History belongs in a time-series database.) A report with an
+        implausible figure raises InvalidInputError and changes nothing.
         """
+        check_name(device_id, "device id")
+        increments = telemetry_increments(doc)
         with self._db.transaction() as db:
             rows = db.execute("SELECT telemetry FROM devices WHERE device_id=?", (device_id,))
             previous = json.loads(rows[0][0]) if rows and rows[0][0] else {}
             totals = dict(previous.get("totals") or {})
-            router = doc.get("router") or {}
-            for key in TOTALLED:
-                value = router.get(key)
-                if isinstance(value, int | float):
-                    totals[key] = totals.get(key, 0) + value
-            escalated = router.get("escalated") or {}
-            if isinstance(escalated, dict):
-                totals["escalated"] = totals.get("escalated", 0) + sum(
-                    v for v in escalated.values() if isinstance(v, int | float)
-                )
+            for key, value in increments.items():
+                totals[key] = totals.get(key, 0) + value
+            report = {**doc, "device_id": device_id, "totals": totals}
             db.execute(
                 "UPDATE devices SET telemetry=?, last_seen=? WHERE device_id=?",
-                (json.dumps({**doc, "totals": totals}), time.time(), device_id),
+                (json.dumps(report), time.time(), device_id),
             )
 
     def devices(self) -> list[dict[str, Any]]:
@@ -252,6 +268,7 @@ class Registry:
         One atomic ``UPDATE ... RETURNING``: replicas sharing PostgreSQL never hand
         out the same number twice.
         """
+        check_name(device_id, "device id")
         with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
@@ -268,6 +285,9 @@ class Registry:
     def create_rollout(
         self, rollout_id: str, name: str, version: str, targets: dict[str, str]
     ) -> None:
+        check_name(rollout_id, "rollout id")
+        for device_id in targets:
+            check_name(device_id, "device id")
         now = time.time()
         with self._db.transaction() as db:
             db.execute(
@@ -279,25 +299,34 @@ class Registry:
                 [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
             )
 
-    def record_event(self, doc: dict[str, Any]) -> None:
-        """Store an event and advance the rollout step of its command, if any."""
+    def record_event(self, device_id: str, doc: dict[str, Any]) -> None:
+        """Store an event from ``device_id`` and advance the rollout step of its command.
+
+        NOTE: ``device_id`` is who sent it (the topic it came on). A step advances only
+        when that device was sent that command: an event on another device's topic
+        that quotes a real command id changes nothing.
+        """
+        check_name(device_id, "device id")
+        doc = {**doc, "device_id": device_id}
+        command_id = doc.get("command_id")
+        command_id = command_id if isinstance(command_id, str) else None
         now = time.time()
         with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
-                (
-                    str(doc.get("device_id")),
-                    doc.get("command_id"),
-                    str(doc.get("stage")),
-                    json.dumps(doc),
-                    now,
-                ),
+                (device_id, command_id, str(doc.get("stage")), json.dumps(doc), now),
             )
-            if doc.get("stage") != CHUNK_REJECTED:  # says nothing of the command's progress
+            if command_id is not None and doc.get("stage") != CHUNK_REJECTED:
+                # CHUNK_REJECTED says nothing of the command's progress. REJECTED means
+                # "refused before it started": once the device has made progress on the
+                # command, a REJECTED for it is a replayed copy being refused, not news.
+                stage = str(doc.get("stage"))
                 db.execute(
                     "UPDATE rollout_devices SET stage=?, error=?, updated_at=?"
-                    " WHERE command_id=? AND stage NOT IN ('activated', 'failed', 'rejected')",
-                    (doc.get("stage"), doc.get("error"), now, doc.get("command_id")),
+                    " WHERE device_id=? AND command_id=?"
+                    " AND stage NOT IN ('activated', 'failed', 'rejected')"
+                    " AND (? <> 'rejected' OR stage = 'sent')",
+                    (stage, _text(doc.get("error")), now, device_id, command_id, stage),
                 )
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -319,6 +348,7 @@ class Registry:
         )
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
+        check_name(rollout_id, "rollout id")
         rows = self._q(
             "SELECT name, version, state, created_at, finished_at FROM rollouts WHERE id=?",
             (rollout_id,),
@@ -345,6 +375,8 @@ class Registry:
         }
 
     def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if device_id is not None:
+            check_name(device_id, "device id")
         rows = self._q(
             "SELECT payload FROM events"
             + (" WHERE device_id=?" if device_id else "")
@@ -352,3 +384,32 @@ class Registry:
             (device_id, limit) if device_id else (limit,),
         )
         return [json.loads(r[0]) for r in rows]
+
+
+def _check_files(directory: Path, manifest: Manifest) -> None:
+    """Every file of ``manifest`` is in ``directory`` with its size and SHA-256."""
+    for f in manifest.files:
+        path = directory / f.name
+        if not path.is_file() or path.stat().st_size != f.size or sha256_file(path) != f.sha256:
+            raise VerificationError(f"file {f.name!r} is missing or does not match the manifest")
+
+
+def _place_package(source_dir: Path, dest: Path, signed: SignedManifest) -> None:
+    """Copy the files and the signed manifest into ``dest``, which must not exist yet."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        for f in signed.manifest.files:
+            shutil.copyfile(source_dir / f.name, staging / f.name)
+        write_package(staging, signed)
+        if dest.exists():  # left by an interrupted publish, or a concurrent one
+            raise AlreadyExistsError(f"{dest} exists in the store already")
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)[:1000]

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from common import topics
+from common import chunking, topics
 from common.errors import InvalidInputError
 
 CONTROL_USERNAME = "_fogline-control"
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes; the salt makes each hash unique
 _SALT_BYTES = 12
+# The broker drops a client that sends more: the largest chunk, plus its header and topic.
+MAX_PACKET_SIZE = chunking.MAX_CHUNK_SIZE + 64 * 1024
 
 Access = Literal["read", "write", "readwrite"]
 Action = Literal["subscribe", "receive", "publish"]
@@ -186,7 +188,7 @@ def render_mosquitto_conf(
     persistence_dir: Path,
     host: str | None = None,
     tls: TlsFiles | None = None,
-    max_packet_size: int = 1024 * 1024,
+    max_packet_size: int = MAX_PACKET_SIZE,
     run_as: str | None = None,
 ) -> str:
     """A Mosquitto 2 config: no anonymous clients, per-user ACL, persistent sessions.

@@ -25,6 +25,12 @@ class AuthError(FoglineError, PermissionError):
     http_status = 401
 
 
+class ForbiddenError(FoglineError, PermissionError):
+    """The caller is known, but its role does not allow this."""
+
+    http_status = 403
+
+
 class ModelNotFoundError(FoglineError, LookupError):
     """No model (or version) of that name is known here."""
 

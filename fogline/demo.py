@@ -180,7 +180,14 @@ class Demo:
 
     def _start_control(self, broker_port: int) -> None:
         from cloud.control_cli import ControlClient
+        from cloud.token_cli import create_token
 
+        # Tokens are made on the control plane's host, in its database, before it starts:
+        # admin enrolls the agents, operator publishes and rolls out, viewer feeds the
+        # fallback's package fetch.
+        workdir = self.wd / "control"
+        self.tokens = {r: create_token(workdir, f"demo-{r}", r) for r in ("admin", "operator")}
+        self.fallback_token = create_token(workdir, "demo-fallback", "viewer")
         port = self.control_url.rsplit(":", 1)[1]
         proc = self._start(
             "control",
@@ -198,13 +205,14 @@ class Demo:
         proc.wait_ready(
             f"{self.control_url}/api/health", 60, lambda doc: doc.get("broker_connected") is True
         )
-        self.control = ControlClient(self.control_url)
+        self.control = ControlClient(self.control_url, token=self.tokens["operator"])
+        self.admin = ControlClient(self.control_url, token=self.tokens["admin"])
         self.public_key = self.control.get("/api/keys")["keys"][0]["public_key"]
         logger.info("control plane ready at %s", self.control_url)
 
     def _token_for(self, device_id: str) -> str:
         """Enrollment's token part: each caller of the fallback gets its own, signed."""
-        return str(self.control.post_json(f"/api/devices/{device_id}/token", {})["token"])
+        return str(self.admin.post_json(f"/api/devices/{device_id}/token", {})["token"])
 
     def _start_agents(self, broker_port: int, configs: list[dict[str, Any]]) -> list[Target]:
         from cloud.enrollment import write_agent_config
@@ -240,6 +248,8 @@ class Demo:
                 port,
                 "--control",
                 self.control_url,
+                "--control-token",
+                self.fallback_token,
                 "--model",
                 model_ref,
                 "--cache-dir",
@@ -289,7 +299,8 @@ class Demo:
         x, y = self.split.x_test, self.split.y_test
         if self.opts.samples:
             x, y = x[: self.opts.samples], y[: self.opts.samples]
-        cloud = [Target("cloud", self.fallback_url, token=self._token_for("demo-client"))]
+        self.app_token = self._token_for("demo-client")  # a device token, for an app
+        cloud = [Target("cloud", self.fallback_url, token=self.app_token)]
         return {
             "edge": await run_phase(agents, MODEL, x, y, route="local"),
             "cloud": await run_phase(cloud, MODEL, x, y, route="auto"),
@@ -308,7 +319,7 @@ class Demo:
         from fogline.report import build_report
 
         devices = {d["device_id"]: d for d in self.control.get("/api/devices")["devices"]}
-        return build_report(
+        report = build_report(
             agents=agents,
             devices=devices,
             compression=compression,
@@ -322,6 +333,9 @@ class Demo:
             },
             timings=self.timings,
         )
+        # Printed once, like a notebook's login token: what the operator and an app use.
+        report["tokens"] = {"operator": self.tokens["operator"], "app": self.app_token}
+        return report
 
     def _print(self, report: dict[str, Any]) -> None:
         if self.opts.json:
@@ -331,7 +345,8 @@ class Demo:
 
     def _wait_for_ctrl_c(self) -> None:
         print(
-            f"\nEverything is up. Control plane + dashboard: {self.control_url}/\n"
+            f"\nEverything is up. Control plane + dashboard: "
+            f"{self.control_url}/#token={self.tokens['operator']}\n"
             f"Cloud fallback (V2): {self.fallback_url}/v2\n"
             + "".join(f"Agent {a.name} (V2): {a.url}/v2\n" for a in self.agents)
             + "Press Ctrl-C to stop.",

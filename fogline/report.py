@@ -112,6 +112,7 @@ def render_table(r: dict[str, Any]) -> str:
         *[f"  {a['device_id']:<10} {a['model']} v{a['version']}  {a['url']}" for a in r["agents"]],
         f"control plane     {r['endpoints']['control']}",
         f"cloud fallback    {r['endpoints']['fallback']}",
+        *[f"{k + ' token':<18}{v}" for k, v in (r.get("tokens") or {}).items()],
         f"result            {'OK' if r['ok'] else 'FAILED'}",
     ]
     return "\n".join(lines)

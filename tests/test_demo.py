@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -63,6 +64,8 @@ def test_demo_report(broker: str, tmp_path) -> None:
     assert set(report["endpoints"]) == {"control", "fallback", "broker"}
     assert report["endpoints"]["broker"] == report["broker"]["url"]
     assert report["broker"]["url"].startswith("mqtt://127.0.0.1:")
+    assert set(report["tokens"]) == {"operator", "app"}
+    assert report["tokens"]["operator"].startswith("fgo_")
 
 
 def test_demo_help_explains_itself() -> None:
@@ -121,6 +124,16 @@ def _anonymous_connack(url: str) -> Any:
         client.loop_stop()
 
 
+def _check_tokens(report: dict) -> None:
+    """The printed operator token opens the control plane's API; nothing else does."""
+    url = report["endpoints"]["control"] + "/api/devices"
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(url, timeout=5)
+    auth = {"Authorization": f"Bearer {report['tokens']['operator']}"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=5) as r:
+        assert len(json.loads(r.read())["devices"]) == 3
+
+
 def _wait_all_down(report: dict, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(_endpoints_up(report)):
@@ -152,6 +165,7 @@ def test_keep_running_stays_up_and_takes_everything_down_with_it(tmp_path, sig) 
         time.sleep(1)
         assert proc.poll() is None  # still up after the report
         assert all(_endpoints_up(report))
+        _check_tokens(report)
         if sig == signal.SIGINT:
             assert _anonymous_connack(report["endpoints"]["broker"]).is_failure
         proc.send_signal(sig)  # Ctrl-C, or the demo itself killed outright

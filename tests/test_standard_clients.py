@@ -52,6 +52,7 @@ async def test_tritonclient_against_the_agent_and_the_fallback(mosquitto, tmp_pa
         app = await build_fallback_app(
             FallbackSettings(
                 control_url=cp.url,
+                control_token=cp.tokens["viewer"],
                 models=["toy:1"],
                 cache_dir=tmp_path / "cache",
                 trusted_keys=[cp.signer.public_key_hex],

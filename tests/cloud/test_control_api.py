@@ -23,7 +23,7 @@ def _unsigned_package(tmp_path, version: str = "1"):
 async def test_publish_over_http_signs_and_lists_the_model(mosquitto, tmp_path) -> None:
     pkg = _unsigned_package(tmp_path)
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
-        client = ControlClient(cp.url)
+        client = ControlClient(cp.url, token=cp.tokens["operator"])
         record = await asyncio.to_thread(client.publish, pkg.directory)
         assert (record["name"], record["version"], record["variant"]) == ("toy", "1", "edge")
         listed = (await asyncio.to_thread(client.get, "/api/models"))["models"]
@@ -34,7 +34,7 @@ async def test_publish_over_http_signs_and_lists_the_model(mosquitto, tmp_path) 
             await asyncio.to_thread(client.publish, pkg.directory)
 
         digest = record["artifact"]["digest"]
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=cp.auth("viewer")) as s:
             async with s.get(
                 f"{cp.url}/api/artifacts/{digest}", headers={"Range": "bytes=10-19"}
             ) as resp:
@@ -57,13 +57,14 @@ async def test_publish_over_http_signs_and_lists_the_model(mosquitto, tmp_path) 
         ("POST", "/api/models", b"plain text", 400),
         ("GET", "/api/rollouts/unknown", None, 404),
         ("GET", "/api/artifacts/../../etc/passwd", None, 404),
+        ("GET", "/api/artifacts/..%2F..%2Fetc%2Fpasswd", None, 400),
         ("GET", "/api/models/toy/versions/9", None, 404),
     ],
 )
 async def test_bad_requests_get_a_clear_4xx(mosquitto, tmp_path, method, path, body, status):
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=cp.auth("operator")) as s:
             async with s.request(method, cp.url + path, data=body) as resp:
                 assert resp.status == status
                 if resp.content_type == "application/json":
@@ -82,7 +83,7 @@ async def test_rollout_while_the_broker_is_down_is_a_503_not_a_hang(tmp_path) ->
             cp.publish_toy(tmp_path, "1")
             broker.stop()
             await asyncio.sleep(0.5)
-            async with aiohttp.ClientSession() as s:
+            async with aiohttp.ClientSession(headers=cp.auth("operator")) as s:
                 body = {"model": "toy", "version": "1", "devices": ["somewhere"]}
                 async with s.post(f"{cp.url}/api/rollouts", json=body) as resp:
                     assert resp.status == 503
@@ -98,7 +99,7 @@ async def test_enrollment_issues_each_device_its_own_signed_token(mosquitto, tmp
     from common.signing import TrustStore
 
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=cp.auth("admin")) as s:
             async with s.post(f"{cp.url}/api/devices/cam-7/token") as resp:
                 assert resp.status == 201
                 token = (await resp.json())["token"]

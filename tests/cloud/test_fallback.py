@@ -314,6 +314,7 @@ async def test_fallback_fetches_its_model_from_the_control_plane(mosquitto, tmp_
         cp.registry.publish(pkg.directory, pkg.manifest, cp.signer)
         settings = FallbackSettings(
             control_url=cp.url,
+            control_token=cp.tokens["viewer"],
             models=["toy:1"],
             cache_dir=tmp_path / "cache",
             trusted_keys=[cp.signer.public_key_hex],
@@ -329,7 +330,12 @@ async def test_fallback_fetches_its_model_from_the_control_plane(mosquitto, tmp_
         # Unknown version, or a cache signed by someone else: refused at start.
         with pytest.raises(ModelNotFoundError):
             await build_fallback_app(
-                FallbackSettings(control_url=cp.url, models=["toy:9"], cache_dir=tmp_path / "cache")
+                FallbackSettings(
+                    control_url=cp.url,
+                    control_token=cp.tokens["viewer"],
+                    models=["toy:9"],
+                    cache_dir=tmp_path / "cache",
+                )
             )
         with pytest.raises(VerificationError):
             await build_fallback_app(

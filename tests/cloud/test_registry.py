@@ -43,8 +43,8 @@ def test_versions_devices_rollouts_and_events(database, tmp_path) -> None:
 
     registry.create_rollout("r1", "toy", "1", {"d1": "c1"})
     assert registry.running_rollouts() == [("r1", "toy", "1")]
-    registry.record_event({"device_id": "d1", "command_id": "c1", "stage": "activated"})
-    registry.record_event({"device_id": "d1", "command_id": "c1", "stage": "staged"})  # late
+    registry.record_event("d1", {"command_id": "c1", "stage": "activated"})
+    registry.record_event("d1", {"command_id": "c1", "stage": "staged"})  # late
     assert registry.rollout("r1")["devices"]["d1"]["stage"] == "activated"
     registry.finish_rollout("r1", "succeeded")
     assert registry.running_rollouts() == []
@@ -99,6 +99,75 @@ def test_close_waits_for_queries_in_flight_and_later_ones_fail_cleanly(database,
     assert not errors
     with pytest.raises(StoreError, match="closed"):
         registry.devices()
+
+
+def test_an_event_advances_only_the_command_sent_to_its_device(database, tmp_path) -> None:
+    """record_event matches device id AND command id: a real command id quoted on another
+    device's topic changes nothing (SQLite and PostgreSQL alike)."""
+    registry = Registry(database, tmp_path / "store")
+    registry.create_rollout("r1", "toy", "1", {"d1": "c1", "d2": "c2"})
+    registry.record_event("d2", {"command_id": "c1", "stage": "activated", "device_id": "d1"})
+    registry.record_event("d2", {"command_id": ["c1"], "stage": "failed"})
+    devices = registry.rollout("r1")["devices"]
+    assert (devices["d1"]["stage"], devices["d2"]["stage"]) == ("sent", "sent")
+    assert [e["device_id"] for e in registry.events("d2")] == ["d2", "d2"]
+    assert registry.events("d1") == []
+    registry.record_event("d1", {"command_id": "c1", "stage": "activated"})
+    assert registry.rollout("r1")["devices"]["d1"]["stage"] == "activated"
+    # A replayed copy of c2, refused by d2 after it started on the real one: not a failure.
+    registry.record_event("d2", {"command_id": "c2", "stage": "received"})
+    registry.record_event("d2", {"command_id": "c2", "stage": "rejected", "error": "replayed"})
+    assert registry.rollout("r1")["devices"]["d2"]["stage"] == "received"
+    registry.close()
+
+
+@pytest.mark.parametrize("bad", ["..", "../x", "/abs", "a\x00b", "x" * 65, "tоy", ""])
+def test_names_are_checked_before_the_store_or_the_database(tmp_path, bad) -> None:
+    from common.errors import InvalidInputError
+
+    registry = Registry(tmp_path / "r.sqlite", tmp_path / "store")
+    calls = [
+        lambda: registry.version(bad, "1"),
+        lambda: registry.version("toy", bad),
+        lambda: registry.version("toy", "1", bad),
+        lambda: registry.versions(bad),
+        lambda: registry.artifact_path(bad),
+        lambda: registry.version_by_digest(bad),
+        lambda: registry.upsert_device(bad, {"state": "online"}),
+        lambda: registry.record_telemetry(bad, {}),
+        lambda: registry.record_event(bad, {"stage": "x"}),
+        lambda: registry.next_seq(bad),
+        lambda: registry.create_rollout("r1", "toy", "1", {bad: "c1"}),
+        lambda: registry.rollout(bad),
+        lambda: registry.events(bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidInputError):
+            call()
+    registry.close()
+
+
+def test_publish_never_writes_over_a_package_directory(tmp_path) -> None:
+    """A directory left in the store (an interrupted publish) is refused, not overwritten;
+    files that do not match the manifest are refused before the store is touched."""
+    from common.errors import VerificationError
+
+    registry = Registry(tmp_path / "r.sqlite", tmp_path / "store")
+    pkg = make_package(tmp_path / "pkg")
+    (pkg.directory / "golden.npz").write_bytes(b"not the golden data")
+    with pytest.raises(VerificationError):
+        registry.publish(pkg.directory, pkg.manifest, Signer.generate())
+    assert not (tmp_path / "store" / "packages").exists()
+
+    pkg = make_package(tmp_path / "pkg2")
+    left = tmp_path / "store" / "packages" / "toy" / "edge" / "1"
+    left.mkdir(parents=True)
+    (left / "model.onnx").write_bytes(b"keep me")
+    with pytest.raises(AlreadyExistsError):
+        registry.publish(pkg.directory, pkg.manifest, Signer.generate())
+    assert (left / "model.onnx").read_bytes() == b"keep me"
+    assert [p.name for p in left.parent.iterdir()] == ["1"]  # no staging dir left behind
+    registry.close()
 
 
 def test_publish_signs_the_chunk_list_it_computed_itself(tmp_path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from cloud.control_server import REGISTRY, ROLLOUTS, SIGNER, ControlSettings, build_control_app
+from cloud.operator_tokens import ROLES
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
 from common import topics
@@ -27,7 +28,13 @@ class ControlPlane:
     """``async with ControlPlane(tmp, broker) as cp``: the real app on a free port."""
 
     def __init__(
-        self, workdir: Path, broker: Any, *, chunk_size: int = 1024, database: str | None = None
+        self,
+        workdir: Path,
+        broker: Any,
+        *,
+        chunk_size: int = 1024,
+        database: str | None = None,
+        **settings: Any,
     ) -> None:
         self.settings = ControlSettings(
             workdir=workdir,
@@ -36,9 +43,11 @@ class ControlPlane:
             broker_port=broker.port,
             chunk_size=chunk_size,
             database=database,
+            **settings,
         )
         self.url = f"http://127.0.0.1:{self.settings.port}"
         self._runner: web.AppRunner | None = None
+        self.tokens: dict[str, str] = {}  # role -> an operator token with that role
 
     async def __aenter__(self) -> ControlPlane:
         self.app = build_control_app(self.settings)
@@ -46,7 +55,15 @@ class ControlPlane:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.settings.port).start()
         await self.rollouts.link.wait_connected(10)
+        for role in ROLES:
+            name = f"test-{role}"
+            if not any(t["name"] == name for t in self.registry.operators.list()):
+                self.tokens[role] = self.registry.operators.create(name, role)
         return self
+
+    def auth(self, role: str = "admin") -> dict[str, str]:
+        """The Authorization header of this plane's token for ``role``."""
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None

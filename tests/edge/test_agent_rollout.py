@@ -11,6 +11,7 @@ import time
 import aiohttp
 
 from common import chunking, topics
+from common.device_token import issue_token
 from common.manifest import SignedManifest
 from common.messages import Command, sign_command
 from common.mqtt import MqttLink
@@ -339,7 +340,12 @@ async def test_http_transport_when_configured(mosquitto, tmp_path) -> None:
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
         cfg = agent_config(
-            tmp_path, "dev-http", mosquitto, cp.signer.public_key_hex, artifact_transport="http"
+            tmp_path,
+            "dev-http",
+            mosquitto,
+            cp.signer.public_key_hex,
+            artifact_transport="http",
+            cloud_token=issue_token(cp.signer, "dev-http"),  # opens /api/artifacts too
         )
         async with EdgeAgent(cfg) as agent:
             await cp.wait_online([cfg.device_id])
@@ -354,7 +360,8 @@ async def test_http_transport_when_configured(mosquitto, tmp_path) -> None:
 async def test_rollout_survives_a_control_plane_restart(mosquitto, tmp_path) -> None:
     """Commands out, then the control plane dies before the broadcast: on restart it
     resumes the rollout, and the events and chunk requests the broker kept catch it up."""
-    cp = ControlPlane(tmp_path / "control", mosquitto)
+    # A persistent session needs a configured, stable client id.
+    cp = ControlPlane(tmp_path / "control", mosquitto, mqtt_client_id="fogline-control-test-cr")
     async with cp:
         cp.publish_toy(tmp_path, "1")
         key = cp.signer.public_key_hex
