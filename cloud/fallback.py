@@ -26,6 +26,7 @@ from common.errors import FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
 from common.manifest import read_package
 from common.onnx_runtime import OnnxRuntime
+from common.request_body import DEFAULT_MAX_BODY, RequestLimits
 from common.runtime import ModelInfo, Runtime
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
@@ -46,6 +47,8 @@ class FallbackSettings:
     tokens: set[str] | None = None  # static bearer tokens; None (and no device_tokens): open
     device_tokens: bool = False  # accept device tokens signed by a trusted key
     max_inflight: int = 64
+    max_body_bytes: int = DEFAULT_MAX_BODY  # largest infer body; 413 past it
+    body_timeout_s: float = 30.0  # a body not in within this gets 408 (and never held a slot)
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
     control_url: str | None = None  # fetch ``models`` from this control plane
     control_token: str | None = None  # an operator token (viewer) for that control plane
@@ -136,6 +139,11 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
         auth_tokens=settings.tokens,
         token_verifier=verifier,
         max_inflight=settings.max_inflight,
+        limits=RequestLimits(
+            max_body=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout_s,
+            decode_budget=2 * settings.max_body_bytes,
+        ),
     )
     app[FALLBACK_RUNTIMES] = runtimes
     app.on_cleanup.append(_unload_all)
@@ -286,6 +294,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="concurrent infers before shedding load with 503 (default %(default)s)",
     )
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY,
+        help="largest infer request body; larger ones get 413 (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        dest="body_timeout_s",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive; then 408 (default %(default)s)",
+    )
+    p.add_argument(
         "--threads",
         dest="intra_op_threads",
         type=int,
@@ -301,6 +322,8 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         tokens |= read_tokens(args.tokens_file)
     if args.max_inflight < 1:
         raise InvalidInputError("--max-inflight must be at least 1")
+    if args.max_body_bytes < 1 or args.body_timeout_s <= 0:
+        raise InvalidInputError("--max-body-bytes and --body-timeout must be positive")
     return FallbackSettings(
         host=args.host,
         port=args.port,
@@ -309,6 +332,8 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         tokens=tokens or None,
         device_tokens=args.device_tokens,
         max_inflight=args.max_inflight,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
         intra_op_threads=args.intra_op_threads,
         control_url=args.control_url,
         control_token=args.control_token or os.environ.get("FOGLINE_CONTROL_TOKEN"),

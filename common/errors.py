@@ -19,6 +19,28 @@ class InvalidInputError(FoglineError, ValueError):
     http_status = 400
 
 
+class PayloadTooLargeError(InvalidInputError):
+    """A body, tensor or element count past its configured limit."""
+
+    http_status = 413
+
+
+class RequestTimeoutError(FoglineError, TimeoutError):
+    """The client did not send its whole request within the deadline."""
+
+    http_status = 408
+
+
+class NonFiniteOutputError(FoglineError, ValueError):
+    """An answer holds NaN or infinity, which JSON cannot carry.
+
+    4xx, not 5xx: the server works, and the client can ask for binary outputs
+    (``binary_data_output``), which carry IEEE values as they are.
+    """
+
+    http_status = 422
+
+
 class AuthError(FoglineError, PermissionError):
     """The caller did not present a valid credential."""
 

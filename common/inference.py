@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import InvalidInputError
-from common.json_object import parse_json_object
+from common.errors import InvalidInputError, PayloadTooLargeError
+from common.tensor_json import JsonLimits, NumericText, parse_infer_json
 
 # V2 datatype name <-> numpy dtype.
 V2_TO_NUMPY: dict[str, np.dtype] = {
@@ -37,9 +37,13 @@ NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
 SERVED_BY = "fogline.served_by"  # "edge" | "cloud"
 MODEL_VERSION = "fogline.model_version"
 ESCALATION_REASON = "fogline.escalation_reason"  # uncertain | heavy | busy | no_local_model
-DEGRADED = "fogline.degraded"  # True when the cloud was wanted but unreachable
+DEGRADED = "fogline.degraded"  # True when the cloud was wanted but did not answer
+DEGRADED_REASON = "fogline.degraded_reason"  # why: cloud_unavailable | cloud_too_large | ...
 ROUTE = "fogline.route"  # request hint: "auto" (default) | "local" | "cloud"
 UNCERTAINTY = "fogline.uncertainty"
+
+MAX_DIMS = 32  # dimensions of one tensor
+DEFAULT_LIMITS = JsonLimits()
 
 
 @dataclass
@@ -87,7 +91,22 @@ class InferResponse:
         raise KeyError(name)
 
 
-def _tensor_from_rest(obj: Any, where: str) -> Tensor:
+class ElementBudget:
+    """Counts tensor elements across one request against ``max_elements``."""
+
+    def __init__(self, max_elements: int) -> None:
+        self.left = max_elements
+        self.limit = max_elements
+
+    def take(self, n: int, where: str) -> None:
+        if n > self.left:
+            raise PayloadTooLargeError(
+                f"{where}: request holds more than {self.limit} tensor elements"
+            )
+        self.left -= n
+
+
+def _tensor_from_rest(obj: Any, where: str, budget: ElementBudget) -> Tensor:
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: each tensor must be a JSON object")
     try:
@@ -98,23 +117,17 @@ def _tensor_from_rest(obj: Any, where: str) -> Tensor:
         raise InvalidInputError(f"{where}: tensor name must be a non-empty string")
     if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise InvalidInputError(f"{where}: tensor {name!r} has unsupported datatype {datatype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise InvalidInputError(f"{where}: tensor {name!r} shape must be a list of integers >= 0")
-    # A bare null would become NaN; an ndarray comes from the binary tensor extension.
-    if not isinstance(data, list | np.ndarray):
-        raise InvalidInputError(f"{where}: tensor {name!r} data must be a list")
-    try:
-        with np.errstate(over="raise"):  # 1e300 as FP32 is an error, not a silent inf
-            array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
-    except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
-        raise InvalidInputError(f"{where}: tensor {name!r} data is not {datatype}: {exc}") from None
-    expected = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
-    if array.size != expected:
         raise InvalidInputError(
-            f"{where}: tensor {name!r} has {array.size} elements, shape {shape} needs {expected}"
+            f"{where}: tensor {name!r} shape must be a list of at most {MAX_DIMS} integers >= 0"
         )
+    expected = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
+    budget.take(expected, f"{where}: tensor {name!r} shape {shape}")  # before any array exists
+    array = _array_of(data, V2_TO_NUMPY[datatype], expected, f"{where}: tensor {name!r}")
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInputError(f"{where}: tensor {name!r} parameters must be an object")
@@ -124,12 +137,41 @@ def _tensor_from_rest(obj: Any, where: str) -> Tensor:
         raise InvalidInputError(f"{where}: tensor {name!r} shape {shape}: {exc}") from None
 
 
-def _tensor_to_rest(t: Tensor) -> dict[str, Any]:
+def _array_of(data: Any, dtype: np.dtype, expected: int, where: str) -> np.ndarray:
+    """``data`` as a flat array of ``dtype`` holding ``expected`` elements, or a clear error.
+
+    Counts are compared before conversion where they are known (binary bytes, cut
+    JSON text), so a mismatched body never gets its tensor built.
+    """
+    if isinstance(data, np.ndarray | NumericText):  # binary extension | numeric JSON text
+        count = data.size if isinstance(data, np.ndarray) else data.count
+        if count != expected:
+            raise InvalidInputError(f"{where} has {count} elements, its shape needs {expected}")
+    # A bare null would become NaN.
+    elif not isinstance(data, list):
+        raise InvalidInputError(f"{where} data must be a list")
+    try:
+        if isinstance(data, NumericText):
+            array = data.to_array(dtype)
+        else:
+            with np.errstate(over="raise"):  # 1e300 as FP32 is an error, not a silent inf
+                array = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
+        raise InvalidInputError(f"{where} data is not {NUMPY_TO_V2[dtype]}: {exc}") from None
+    if array.size != expected:
+        raise InvalidInputError(f"{where} has {array.size} elements, its shape needs {expected}")
+    if dtype.kind == "f" and not isinstance(data, np.ndarray) and not np.isfinite(array).all():
+        raise InvalidInputError(f"{where} data holds a number out of range for {dtype}")
+    return array
+
+
+def _tensor_to_rest(t: Tensor, raw: bool = False) -> dict[str, Any]:
+    """The REST form; ``raw`` leaves the data an ndarray, for ``tensor_json.dumps_v2``."""
     out: dict[str, Any] = {
         "name": t.name,
         "datatype": t.datatype,
         "shape": t.shape,
-        "data": t.data.reshape(-1).tolist(),
+        "data": t.data if raw else t.data.reshape(-1).tolist(),
     }
     if t.parameters:
         out["parameters"] = t.parameters
@@ -144,10 +186,14 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def request_from_rest(
-    body: bytes | str | dict[str, Any], model: str, version: str | None = None
+    body: bytes | str | dict[str, Any],
+    model: str,
+    version: str | None = None,
+    limits: JsonLimits = DEFAULT_LIMITS,
 ) -> InferRequest:
     """Parse a V2 REST infer request body; raise InvalidInputError on any defect."""
-    obj = _load_json(body)
+    obj = _load_json(body, limits)
+    budget = ElementBudget(limits.max_elements)
     inputs = obj.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInputError("request: 'inputs' must be a non-empty list")
@@ -164,7 +210,7 @@ def request_from_rest(
         model=model,
         version=version,
         id=str(req_id) if req_id is not None else None,
-        inputs=[_tensor_from_rest(t, f"inputs[{i}]") for i, t in enumerate(inputs)],
+        inputs=[_tensor_from_rest(t, f"inputs[{i}]", budget) for i, t in enumerate(inputs)],
         parameters=_parameters(obj, "request"),
         outputs=names,
     )
@@ -181,10 +227,11 @@ def request_to_rest(req: InferRequest) -> dict[str, Any]:
     return out
 
 
-def response_to_rest(resp: InferResponse) -> dict[str, Any]:
+def response_to_rest(resp: InferResponse, raw: bool = False) -> dict[str, Any]:
+    """The REST document; ``raw`` keeps tensor data as ndarrays (see ``dumps_v2``)."""
     out: dict[str, Any] = {
         "model_name": resp.model,
-        "outputs": [_tensor_to_rest(t) for t in resp.outputs],
+        "outputs": [_tensor_to_rest(t, raw) for t in resp.outputs],
     }
     if resp.version is not None:
         out["model_version"] = resp.version
@@ -195,8 +242,11 @@ def response_to_rest(resp: InferResponse) -> dict[str, Any]:
     return out
 
 
-def response_from_rest(body: bytes | str | dict[str, Any]) -> InferResponse:
-    obj = _load_json(body)
+def response_from_rest(
+    body: bytes | str | dict[str, Any], limits: JsonLimits = DEFAULT_LIMITS
+) -> InferResponse:
+    obj = _load_json(body, limits)
+    budget = ElementBudget(limits.max_elements)
     outputs = obj.get("outputs")
     if not isinstance(obj.get("model_name"), str) or not isinstance(outputs, list):
         raise InvalidInputError("response: needs 'model_name' and a list of 'outputs'")
@@ -204,10 +254,12 @@ def response_from_rest(body: bytes | str | dict[str, Any]) -> InferResponse:
         model=obj["model_name"],
         version=obj.get("model_version"),
         id=obj.get("id"),
-        outputs=[_tensor_from_rest(t, f"outputs[{i}]") for i, t in enumerate(outputs)],
+        outputs=[_tensor_from_rest(t, f"outputs[{i}]", budget) for i, t in enumerate(outputs)],
         parameters=_parameters(obj, "response"),
     )
 
 
-def _load_json(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
-    return body if isinstance(body, dict) else parse_json_object(body, "body")
+def _load_json(body: bytes | str | dict[str, Any], limits: JsonLimits) -> dict[str, Any]:
+    if isinstance(body, dict):
+        return body
+    return parse_infer_json(body.encode() if isinstance(body, str) else body, limits)

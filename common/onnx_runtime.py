@@ -36,13 +36,19 @@ logger = logging.getLogger(__name__)
 # (and every first run, before it is measured) goes to a worker thread.
 INLINE_BELOW_US = 200.0
 
+# ONNX element types (as ONNX Runtime names them) -> V2 datatypes: every type
+# the V2 codec has a NumPy dtype for. Others (string, bfloat16, ...) are refused.
 _ORT_TO_V2 = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
     "tensor(float16)": "FP16",
     "tensor(int64)": "INT64",
     "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
     "tensor(int8)": "INT8",
+    "tensor(uint64)": "UINT64",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint16)": "UINT16",
     "tensor(uint8)": "UINT8",
     "tensor(bool)": "BOOL",
 }
@@ -180,6 +186,9 @@ def open_session(model_path: Path, *, threads: int = 1, providers: list[str] | N
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # NOTE: no CPU arena: it keeps the largest batch's memory forever (and grows with
+    # each new batch size); plain malloc/free gives it back after a large request.
+    opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(
         str(model_path), opts, providers=providers or ["CPUExecutionProvider"]
     )
@@ -191,6 +200,11 @@ def describe_onnx_io(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpe
 
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) else -1 for d in arg.shape]
-        return TensorSpec(arg.name, _ORT_TO_V2[arg.type], shape)
+        datatype = _ORT_TO_V2.get(arg.type)
+        if datatype is None:
+            raise InvalidInputError(
+                f"{model_path.name}: {arg.name!r} has type {arg.type}, which Fogline cannot serve"
+            )
+        return TensorSpec(arg.name, datatype, shape)
 
     return [spec(i) for i in session.get_inputs()], [spec(o) for o in session.get_outputs()]

@@ -8,22 +8,24 @@ work unchanged".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from common.errors import InvalidInputError
+from common.errors import InvalidInputError, NonFiniteOutputError
 from common.inference import (
+    DEFAULT_LIMITS,
     V2_TO_NUMPY,
     InferRequest,
     InferResponse,
     Tensor,
     request_from_rest,
+    request_to_rest,
+    response_from_rest,
     response_to_rest,
 )
-from common.json_object import parse_json_object
+from common.tensor_json import JsonLimits, dumps_v2, parse_infer_json
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -40,24 +42,44 @@ class BinaryOutputs:
 
 
 def decode_infer_request(
-    body: bytes, header_length: int | None, model: str, version: str | None
+    body: bytes,
+    header_length: int | None,
+    model: str,
+    version: str | None,
+    limits: JsonLimits = DEFAULT_LIMITS,
 ) -> tuple[InferRequest, BinaryOutputs]:
     """Parse a V2 infer body: JSON, or a JSON header followed by binary tensor data."""
+    obj = _split(body, header_length, "inputs", limits)
+    binary = _binary_outputs(obj)
+    return request_from_rest(obj, model, version, limits), binary
+
+
+def decode_infer_response(
+    body: bytes, header_length: int | None, limits: JsonLimits = DEFAULT_LIMITS
+) -> InferResponse:
+    """Parse a V2 infer answer, JSON or binary (what the agent gets back from the cloud)."""
+    return response_from_rest(_split(body, header_length, "outputs", limits), limits)
+
+
+def _split(
+    body: bytes, header_length: int | None, field: str, limits: JsonLimits
+) -> dict[str, Any]:
+    """The JSON header as an object, each binary tensor's bytes attached as its data."""
     if header_length is not None and header_length > len(body):
         raise InvalidInputError(f"{BINARY_HEADER} is {header_length}, the body {len(body)} bytes")
     head = body if header_length is None else body[:header_length]
-    obj = parse_json_object(head, "body")
+    obj = parse_infer_json(head, limits)
     if header_length is not None:
-        _attach_binary_inputs(obj, body[header_length:])
-    binary = _binary_outputs(obj)
-    return request_from_rest(obj, model, version), binary
+        # memoryview: the tensors are views of the body, never copies of it.
+        _attach_binary(obj, field, memoryview(body)[header_length:])
+    return obj
 
 
-def _attach_binary_inputs(obj: dict[str, Any], blob: bytes) -> None:
-    """Replace each ``binary_data_size`` input's data with its slice of ``blob``."""
+def _attach_binary(obj: dict[str, Any], field: str, blob: memoryview) -> None:
+    """Replace each ``binary_data_size`` tensor's data with its slice of ``blob``."""
     offset = 0
-    inputs = obj.get("inputs")
-    for i, t in enumerate(inputs if isinstance(inputs, list) else []):
+    tensors = obj.get(field)
+    for i, t in enumerate(tensors if isinstance(tensors, list) else []):
         params = t.get("parameters") if isinstance(t, dict) else None
         if not isinstance(params, dict) or "binary_data_size" not in params:
             continue
@@ -65,10 +87,10 @@ def _attach_binary_inputs(obj: dict[str, Any], blob: bytes) -> None:
         datatype = t.get("datatype")
         dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
         if dtype is None or not isinstance(size, int) or size < 0 or offset + size > len(blob):
-            raise InvalidInputError(f"inputs[{i}]: bad binary_data_size or datatype")
+            raise InvalidInputError(f"{field}[{i}]: bad binary_data_size or datatype")
         if size % dtype.itemsize:
             raise InvalidInputError(
-                f"inputs[{i}]: {size} bytes is not a whole number of {datatype}"
+                f"{field}[{i}]: {size} bytes is not a whole number of {datatype}"
             )
         t["data"] = np.frombuffer(blob, dtype.newbyteorder("<"), size // dtype.itemsize, offset)
         offset += size
@@ -100,26 +122,52 @@ def encode_infer_response(
     """The body, and the JSON header's length when outputs are sent as binary."""
     wanted = [t for t in response.outputs if binary.wants(t.name)]
     if not wanted:
-        return json.dumps(response_to_rest(response)).encode(), None
+        return _dumps(response_to_rest(response, raw=True)), None
     as_json = iter(
         response_to_rest(
-            replace(response, outputs=[t for t in response.outputs if not binary.wants(t.name)])
+            replace(response, outputs=[t for t in response.outputs if not binary.wants(t.name)]),
+            raw=True,
         )["outputs"]
     )
     doc = response_to_rest(replace(response, outputs=[]))
-    blobs = [np.ascontiguousarray(t.data, t.data.dtype.newbyteorder("<")).tobytes() for t in wanted]
+    blobs = [_le_bytes(t.data) for t in wanted]
     sizes = iter(len(b) for b in blobs)
     doc["outputs"] = [
         _binary_entry(t, next(sizes)) if binary.wants(t.name) else next(as_json)
         for t in response.outputs
     ]
-    header = json.dumps(doc).encode()
+    header = _dumps(doc)
     return header + b"".join(blobs), len(header)
+
+
+def encode_infer_request(request: InferRequest) -> tuple[bytes, int]:
+    """The binary form of ``request`` (every input as raw bytes), and its header's length.
+
+    What the agent sends the cloud: about 5x smaller than JSON numbers, and no
+    Python float per element on the way. It asks for binary outputs back.
+    """
+    doc = request_to_rest(replace(request, inputs=[]))
+    blobs = [_le_bytes(t.data) for t in request.inputs]
+    doc["inputs"] = [_binary_entry(t, len(b)) for t, b in zip(request.inputs, blobs, strict=True)]
+    doc["parameters"] = {**doc.get("parameters", {}), "binary_data_output": True}
+    header = _dumps(doc)
+    return header + b"".join(blobs), len(header)
+
+
+def _le_bytes(data: np.ndarray) -> bytes:
+    return np.ascontiguousarray(data, data.dtype.newbyteorder("<")).tobytes()
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    try:
+        return dumps_v2(doc)
+    except ValueError:
+        raise NonFiniteOutputError(
+            "the answer holds NaN or infinity, which JSON cannot carry; "
+            "ask for binary outputs (binary_data_output) to receive them"
+        ) from None
 
 
 def _binary_entry(t: Tensor, size: int) -> dict[str, Any]:
     params = {**t.parameters, "binary_data_size": size}
     return {"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": params}
-
-
-# --- HTTP ------------------------------------------------------------------------------

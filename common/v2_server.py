@@ -19,26 +19,23 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
 
+from common.dataplane import DataPlane
 from common.errors import (
     AuthError,
     FoglineError,
     InvalidInputError,
-    ModelNotFoundError,
     ModelNotReadyError,
     OverloadedError,
+    PayloadTooLargeError,
     http_status_of,
 )
-from common.inference import (
-    InferRequest,
-    InferResponse,
-)
-from common.manifest import TensorSpec
-from common.runtime import Runtime
+from common.memory import TRIM_AFTER_BYTES, release_free_memory
+from common.request_body import ByteBudget, RequestLimits, read_body
 from common.v2_binary import (
     BINARY_HEADER,
     decode_infer_request,
@@ -47,86 +44,9 @@ from common.v2_binary import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY = 64 << 20  # aiohttp's 1 MiB default is too small for batched tensors
 _OFFLOAD_BYTES = 1 << 16  # (de)serialise bodies larger than this off the event loop
 _PUBLIC_ROUTES = frozenset({"v2.health.live", "v2.health.ready", "metrics"})
 _INFER_ROUTES = frozenset({"v2.infer", "v2.version.infer"})
-
-
-class DataPlane:
-    """Transport-neutral V2 service: a registry of runtimes by model name."""
-
-    def __init__(self, server_name: str, server_version: str) -> None:
-        self.server_name = server_name
-        self.server_version = server_version
-        # NOTE: the map is replaced, never mutated, so a request always sees a whole map.
-        self._runtimes: dict[str, Runtime] = {}
-
-    def register(self, runtime: Runtime) -> None:
-        """Serve ``runtime`` under its ``info.name``, replacing any runtime of that name."""
-        info = runtime.info
-        self._runtimes = {**self._runtimes, info.name: runtime}
-        logger.info("serving model %s version %s", info.name, info.version)
-
-    def unregister(self, name: str) -> Runtime | None:
-        runtimes = dict(self._runtimes)
-        removed = runtimes.pop(name, None)
-        self._runtimes = runtimes
-        if removed is not None:
-            logger.info("stopped serving model %s", name)
-        return removed
-
-    def names(self) -> list[str]:
-        return sorted(self._runtimes)
-
-    def has(self, name: str) -> bool:
-        return name in self._runtimes
-
-    def get(self, name: str, version: str | None = None) -> Runtime:
-        runtime = self._runtimes.get(name)
-        if runtime is None or (version is not None and version != runtime.info.version):
-            raise ModelNotFoundError(name, version)
-        return runtime
-
-    def live(self) -> bool:
-        return True
-
-    def ready(self) -> bool:
-        runtimes = list(self._runtimes.values())
-        return bool(runtimes) and all(r.ready for r in runtimes)
-
-    def model_ready(self, name: str, version: str | None = None) -> bool:
-        return self.get(name, version).ready
-
-    def server_metadata(self) -> dict[str, Any]:
-        return {
-            "name": self.server_name,
-            "version": self.server_version,
-            "extensions": ["binary_tensor_data"],
-        }
-
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        info = self.get(name, version).info
-        doc: dict[str, Any] = {
-            "name": info.name,
-            "versions": [info.version],
-            "platform": info.platform,
-            "inputs": [_spec_to_rest(s) for s in info.inputs],
-            "outputs": [_spec_to_rest(s) for s in info.outputs],
-        }
-        if info.parameters:
-            doc["parameters"] = info.parameters
-        return doc
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        runtime = self.get(request.model, request.version)
-        if not runtime.ready:
-            raise ModelNotReadyError(f"model {request.model!r} is not ready")
-        return await runtime.infer(request)
-
-
-def _spec_to_rest(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
 class InflightGate:
@@ -164,7 +84,7 @@ class Metrics:
         self.seconds_sum[model] = self.seconds_sum.get(model, 0.0) + seconds
         self.seconds_count[model] += 1
 
-    def render(self, gate: InflightGate) -> str:
+    def render(self, gate: InflightGate, budget: ByteBudget) -> str:
         lines = [
             "# HELP fogline_v2_requests_total Inference requests by model and HTTP status.",
             "# TYPE fogline_v2_requests_total counter",
@@ -193,6 +113,12 @@ class Metrics:
             "# HELP fogline_v2_shed_total Inference requests refused with 503 (overload).",
             "# TYPE fogline_v2_shed_total counter",
             f"fogline_v2_shed_total {gate.shed}",
+            "# HELP fogline_v2_request_bytes Request body bytes held now (read, decoded, served).",
+            "# TYPE fogline_v2_request_bytes gauge",
+            f"fogline_v2_request_bytes {budget.used}",
+            "# HELP fogline_v2_bytes_shed_total Requests refused with 503 past the byte budget.",
+            "# TYPE fogline_v2_bytes_shed_total counter",
+            f"fogline_v2_bytes_shed_total {budget.shed}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -206,10 +132,15 @@ class V2State:
     dataplane: DataPlane
     gate: InflightGate
     auth_tokens: frozenset[str] | None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    budget: ByteBudget = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
     # Accepts a bearer token that is not one of auth_tokens (a signed device token),
     # or raises AuthError.
     token_verifier: Callable[[str], object] | None = None
+
+    def __post_init__(self) -> None:
+        self.budget = ByteBudget(self.limits.decode_budget)
 
     @property
     def auth_required(self) -> bool:
@@ -225,21 +156,28 @@ def build_v2_app(
     auth_tokens: set[str] | None = None,
     token_verifier: Callable[[str], object] | None = None,
     max_inflight: int | None = None,
-    client_max_size: int = DEFAULT_MAX_BODY,
+    client_max_size: int | None = None,
+    limits: RequestLimits | None = None,
 ) -> web.Application:
     """An aiohttp app serving ``dataplane`` over V2 REST, plus ``GET /metrics``.
 
     To serve more routes beside V2 (an agent's admin API, say), add them to the
     returned app before it starts; the error middleware then covers them too,
-    and auth covers every ``/v2`` path except health.
+    auth covers every ``/v2`` path except health, and their bodies are held to
+    ``limits.max_small_body``. ``client_max_size`` (the largest infer body) is
+    kept for callers that set only that.
     """
+    limits = limits or RequestLimits()
+    if client_max_size is not None:
+        budget = max(limits.decode_budget, client_max_size)
+        limits = replace(limits, max_body=client_max_size, decode_budget=budget)
     app = web.Application(
-        middlewares=[error_middleware, _metrics_middleware, _auth_middleware],
-        client_max_size=client_max_size,
+        middlewares=[error_middleware, _metrics_middleware, _auth_middleware, _small_body],
+        client_max_size=limits.max_small_body,
     )
     tokens = frozenset(auth_tokens) if auth_tokens is not None else None
     app[V2_STATE] = V2State(
-        dataplane, InflightGate(max_inflight), tokens, token_verifier=token_verifier
+        dataplane, InflightGate(max_inflight), tokens, limits, token_verifier=token_verifier
     )
     r = app.router
     r.add_get("/v2/health/live", _live, name="v2.health.live")
@@ -320,6 +258,17 @@ async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return await handler(request)
 
 
+@web.middleware
+async def _small_body(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Routes other than infer take small bodies: refuse a large one before reading it."""
+    limit = request.app[V2_STATE].limits.max_small_body
+    route = request.match_info.route.name
+    size = request.content_length
+    if route not in _INFER_ROUTES and size is not None and size > limit:
+        raise PayloadTooLargeError(f"body of {size} bytes is over this route's limit of {limit}")
+    return await handler(request)
+
+
 def _check_bearer(header: str, state: V2State) -> None:
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -363,21 +312,53 @@ async def _model_ready(request: web.Request) -> web.Response:
     return web.json_response({"name": model, "ready": ready}, status=200 if ready else 503)
 
 
-async def _infer(request: web.Request) -> web.Response:
+async def _infer(request: web.Request) -> web.StreamResponse:
     state = request.app[V2_STATE]
+    limits = state.limits
     model, version = _model_ref(request)
-    with state.gate.admit():
-        body = await request.read()
-        infer_request, binary = await _offload(
-            len(body), decode_infer_request, body, _header_length(request), model, version
+    header = _header_length(request)
+    with state.budget.hold() as hold:
+        # NOTE: the body is read before the gate: a slow body must never hold a slot.
+        body = await read_body(
+            request, limit=limits.max_body, timeout_s=limits.body_timeout_s, hold=hold
         )
-        response = await state.dataplane.infer(infer_request)
-    size = sum(t.data.nbytes for t in response.outputs)
-    payload, header_length = await _offload(size, encode_infer_response, response, binary)
+        with state.gate.admit():
+            infer_request, binary = await _offload(
+                len(body), decode_infer_request, body, header, model, version, limits.json
+            )
+            del body  # binary tensors keep their own view of it; the rest can go
+            response = await state.dataplane.infer(infer_request)
+        del infer_request
+        size = sum(t.data.nbytes for t in response.outputs)
+        large = hold.taken >= TRIM_AFTER_BYTES
+        # NOTE: no local names the payload, so _answer can let go of it once it is sent.
+        answer = _answer(
+            request,
+            *await _offload(size, encode_infer_response, response, binary),
+            give_back=large,
+        )
+        del response
+    return await answer
+
+
+async def _answer(
+    request: web.Request, payload: bytes, header_length: int | None, *, give_back: bool
+) -> web.StreamResponse:
+    """Send the answer; after a large request, give its memory back once it is sent."""
+    response = web.StreamResponse()
     if header_length is None:
-        return web.Response(body=payload, content_type="application/json")
-    headers = {BINARY_HEADER: str(header_length)}
-    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+        response.content_type = "application/json"
+    else:
+        response.content_type = "application/octet-stream"
+        response.headers[BINARY_HEADER] = str(header_length)
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload)
+    del payload
+    await response.write_eof()
+    if give_back:
+        await asyncio.to_thread(release_free_memory)
+    return response
 
 
 async def _offload(size: int, fn: Any, *args: Any) -> Any:
@@ -391,14 +372,15 @@ def _header_length(request: web.Request) -> int | None:
     value = request.headers.get(BINARY_HEADER)
     if value is None:
         return None
-    if not value.isdigit():
+    # isascii: "²".isdigit() is true and int() refuses it; 18 digits: no huge ints to parse.
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
         raise InvalidInputError(f"{BINARY_HEADER} must be a byte count, got {value!r}")
     return int(value)
 
 
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[V2_STATE]
-    text = state.metrics.render(state.gate)
+    text = state.metrics.render(state.gate, state.budget)
     return web.Response(
         body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

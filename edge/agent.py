@@ -23,6 +23,7 @@ from common.errors import FoglineError
 from common.fsutil import atomic_write
 from common.mqtt import MqttLink, TlsConfig, Will
 from common.onnx_runtime import OnnxRuntime
+from common.request_body import RequestLimits
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
 from edge.cloud_client import CloudClient
@@ -39,6 +40,7 @@ AGENT_VERSION = "0.1.0"
 
 class EdgeAgent:
     def __init__(self, config: AgentConfig) -> None:
+        config.check_api_exposure()  # also for configs not built by from_dict: refuse at start
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.trust = TrustStore(config.trusted_keys)
@@ -57,7 +59,12 @@ class EdgeAgent:
             tls=_broker_tls(config),
         )
         remote = None
-        if config.cloud_url:
+        if config.cloud_url and not config.cloud_allowed:
+            logger.warning(
+                "local API is public without api_token: requests are served locally only, "
+                "never escalated with this device's fallback token"
+            )
+        elif config.cloud_url:
             remote = CloudClient(
                 config.cloud_url,
                 config.model,
@@ -139,7 +146,17 @@ class EdgeAgent:
         await self._stack.aclose()
 
     async def _start_api(self) -> None:
-        app = build_v2_app(self.dataplane, max_inflight=self.config.max_inflight)
+        cfg = self.config
+        app = build_v2_app(
+            self.dataplane,
+            auth_tokens={cfg.api_token} if cfg.api_token else None,
+            max_inflight=cfg.max_inflight,
+            limits=RequestLimits(
+                max_body=cfg.max_body_bytes,
+                body_timeout_s=cfg.body_timeout_s,
+                decode_budget=2 * cfg.max_body_bytes,
+            ),
+        )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)

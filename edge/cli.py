@@ -30,6 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--device-id", help="override device_id from the config")
     run.add_argument("--api-port", type=int, help="override api_port from the config")
+    run.add_argument(
+        "--insecure-public",
+        action="store_const",
+        const=True,
+        help="allow a non-loopback API without api_token; anonymous callers get the local "
+        "model only, never the cloud (the device's fallback token is never theirs to use)",
+    )
     run.set_defaults(func=_run)
 
 
@@ -40,7 +47,11 @@ def _run(args: argparse.Namespace) -> int:
         overrides.update(
             {
                 k: v
-                for k, v in (("device_id", args.device_id), ("api_port", args.api_port))
+                for k, v in (
+                    ("device_id", args.device_id),
+                    ("api_port", args.api_port),
+                    ("insecure_public", args.insecure_public),
+                )
                 if v is not None
             }
         )

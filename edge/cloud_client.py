@@ -5,23 +5,33 @@ Error mapping, so the router can decide without knowing HTTP:
 - timeout, 5xx, a malformed answer, or a 4xx that says the *link* is wrong
   (401/403 credentials, 404 model not served there, 408, 429)
   → ``CloudUnavailableError``
+- 413 → ``CloudTooLargeError``: the request is fine but bigger than the cloud
+  takes, so the router answers locally (marked degraded) instead of failing it
 - any other 4xx → ``InvalidInputError`` with the server's error text: the
   request itself is bad, and asking again elsewhere will not help.
+
+Requests go out in the V2 binary tensor extension (raw tensor bytes after a
+JSON header; about 5x smaller than JSON numbers) and answers come back the
+same way; large ones are encoded and decoded in a worker thread, never on the
+event loop (a 12 MiB request once stalled it for 4.3 s as JSON).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
-from common.errors import CloudUnavailableError, InvalidInputError
-from common.inference import InferRequest, InferResponse, request_to_rest, response_from_rest
+from common.errors import CloudUnavailableError, InvalidInputError, PayloadTooLargeError
+from common.inference import InferRequest, InferResponse
 from common.manifest import TensorSpec
 from common.runtime import ModelInfo
+from common.v2_binary import BINARY_HEADER, decode_infer_response, encode_infer_request
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +39,16 @@ logger = logging.getLogger(__name__)
 _LINK_STATUSES = frozenset({401, 403, 404, 408, 429})
 
 
+_OFFLOAD_BYTES = 1 << 16  # encode/decode bodies larger than this in a worker thread
+_T = TypeVar("_T")
+
+
 class CloudConnectError(CloudUnavailableError):
     """The cloud could not be reached at all (refused, reset): a retry may succeed."""
+
+
+class CloudTooLargeError(PayloadTooLargeError):
+    """The cloud refused the request for its size (413); the request itself is valid."""
 
 
 class CloudClient:
@@ -80,12 +98,17 @@ class CloudClient:
         self._session = None
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        body = json.dumps(request_to_rest(request)).encode()
-        status, payload = await self._request("POST", self.infer_url, body)
+        size = sum(t.data.nbytes for t in request.inputs)
+        body, header_length = await _offload(size, encode_infer_request, request)
+        headers = {BINARY_HEADER: str(header_length), "Content-Type": "application/octet-stream"}
+        status, payload, answer_headers = await self._request("POST", self.infer_url, body, headers)
+        del body
         if status >= 400:
             raise _status_error(status, payload, self.infer_url)
         try:
-            response = response_from_rest(payload)
+            response = await _offload(
+                len(payload), decode_infer_response, payload, _header_length(answer_headers)
+            )
         except InvalidInputError as exc:
             raise CloudUnavailableError(f"cloud sent a malformed answer: {exc}") from exc
         if response.version and response.version != self._info.version:
@@ -95,7 +118,7 @@ class CloudClient:
     async def metadata(self) -> ModelInfo:
         """Ask the cloud for the model's V2 metadata and remember it as ``info``."""
         url = f"{self.base_url}/v2/models/{quote(self.model, safe='')}"
-        status, payload = await self._request("GET", url, None)
+        status, payload, _ = await self._request("GET", url, None)
         if status >= 400:
             raise _status_error(status, payload, url)
         try:
@@ -111,18 +134,18 @@ class CloudClient:
             raise CloudUnavailableError(f"cloud sent malformed metadata: {exc!r}") from exc
         return self._info
 
-    async def _request(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+    async def _request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         if self._session is None:
             raise CloudUnavailableError("cloud client is not loaded")
-        headers = dict(self._headers)
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        headers = {**self._headers, **(headers or {})}
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
             async with self._session.request(
                 method, url, data=body, headers=headers, timeout=timeout
             ) as resp:
-                return resp.status, await resp.read()
+                return resp.status, await resp.read(), resp.headers.copy()
         except TimeoutError as exc:  # before ClientConnectionError: some timeouts are both
             raise CloudUnavailableError(f"cloud {url} timed out after {self.timeout_s}s") from exc
         except aiohttp.ClientConnectionError as exc:
@@ -131,8 +154,26 @@ class CloudClient:
             raise CloudUnavailableError(f"cloud {url} failed: {exc!r}") from exc
 
 
+async def _offload(size: int, fn: Callable[..., _T], *args: Any) -> _T:
+    """Run a codec function inline when small, in a worker thread when large."""
+    if size > _OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _header_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get(BINARY_HEADER)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise InvalidInputError(f"{BINARY_HEADER} is not a byte count: {value!r}")
+    return int(value)
+
+
 def _status_error(status: int, payload: bytes, url: str) -> Exception:
     message = _error_text(payload)
+    if status == 413:
+        return CloudTooLargeError(f"cloud refused the request for its size: {message}")
     if status >= 500 or status in _LINK_STATUSES:
         logger.debug("cloud %s answered %d: %s", url, status, message)
         return CloudUnavailableError(f"cloud answered {status}: {message}")

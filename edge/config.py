@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import socket
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ class AgentConfig:
     cloud_token: str | None = None
     cloud_timeout_s: float = 2.0
     max_inflight: int = 64  # concurrent local API requests before 503 + Retry-After
+    api_token: str | None = None  # bearer token the local API requires (none: no auth)
+    insecure_public: bool = False  # allow a non-loopback API without api_token (local only)
+    max_body_bytes: int = 64 << 20  # largest local infer body; 413 past it
+    body_timeout_s: float = 30.0  # a body not in within this gets 408
     local_budget_ms: float = 50.0  # local queue wait above this sends requests to the cloud
     telemetry_interval_s: float = 10.0
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
@@ -66,7 +71,8 @@ class AgentConfig:
         Values are parsed as JSON when they parse (numbers, lists, booleans), else
         taken as strings, so ``FOGLINE_AGENT_API_PORT=8081`` is an int.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        known = set(types)
         out: dict[str, Any] = {}
         for name, raw in environ.items():
             if not name.startswith(ENV_PREFIX):
@@ -74,6 +80,9 @@ class AgentConfig:
             key = name[len(ENV_PREFIX) :].lower()
             if key not in known:
                 raise InvalidInputError(f"{name}: no agent config key {key!r}")
+            if types[key] in ("str", "str | None"):
+                out[key] = raw  # a token of digits stays a string
+                continue
             try:
                 out[key] = json.loads(raw)
             except ValueError:
@@ -95,7 +104,39 @@ class AgentConfig:
         _check_tls_files(cfg)
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
+        cfg.check_api_exposure()
         return cfg
+
+    @property
+    def api_is_loopback(self) -> bool:
+        if self.api_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.api_host).is_loopback
+        except ValueError:
+            return False  # a host name may resolve anywhere: treat it as public
+
+    @property
+    def cloud_allowed(self) -> bool:
+        """Whether local API callers may cause escalations (spending the device's token).
+
+        NOTE: never for anonymous callers from the network: a public API without
+        ``api_token`` (only possible with ``insecure_public``) serves locally only.
+        """
+        return bool(self.api_token) or self.api_is_loopback
+
+    def check_api_exposure(self) -> None:
+        """Refuse a non-loopback API with no token, unless ``insecure_public`` says so."""
+        if self.api_token is not None and not self.api_token.strip():
+            raise InvalidInputError("agent config: api_token must not be empty")
+        if self.api_is_loopback or self.api_token or self.insecure_public:
+            return
+        raise InvalidInputError(
+            f"agent config: api_host {self.api_host!r} is not loopback and no api_token is "
+            "set: anyone on the network could use this device. Set api_token "
+            "(or FOGLINE_AGENT_API_TOKEN), bind to 127.0.0.1, or pass --insecure-public "
+            "(insecure_public: true) to serve the local model to anyone, never the cloud"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)

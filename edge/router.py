@@ -23,6 +23,7 @@ import numpy as np
 from common.errors import CloudUnavailableError, InvalidInputError, ModelNotReadyError
 from common.inference import (
     DEGRADED,
+    DEGRADED_REASON,
     ESCALATION_REASON,
     MODEL_VERSION,
     ROUTE,
@@ -34,7 +35,7 @@ from common.inference import (
 from common.manifest import RoutingHints
 from common.runtime import ModelInfo, Runtime
 from edge.circuit_breaker import CircuitBreaker
-from edge.cloud_client import CloudConnectError
+from edge.cloud_client import CloudConnectError, CloudTooLargeError
 from kernels import uncertainty
 
 logger = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ class Router:
         self._stats.escalated[reason] += 1
         try:
             response = await self._call_cloud(request)
-        except CloudUnavailableError as exc:
+        except (CloudUnavailableError, CloudTooLargeError) as exc:
+            # Too large for the cloud is no fault of the request: the local answer stands.
             return await self._degrade(request, local, reason, local_response, score, exc)
         except InvalidInputError as exc:
             if local_response is None:
@@ -273,6 +275,8 @@ class Router:
     ) -> InferResponse:
         if local_response is None:
             if local is None or not local.runtime.ready:
+                if isinstance(cause, CloudTooLargeError):
+                    raise cause  # 413 to the caller: nothing here can serve it either
                 raise CloudUnavailableError(
                     f"model {self.name!r}: no local model, and the cloud failed: {cause}"
                 ) from cause
@@ -281,7 +285,10 @@ class Router:
         self._stats.degraded += 1
         logger.debug("router %s: %s, served locally (degraded): %s", self.name, reason, cause)
         version = local.runtime.info.version
-        return self._tag(local_response, "edge", version, reason=reason, score=score, degraded=True)
+        response = self._tag(local_response, "edge", version, reason=reason, score=score)
+        response.parameters[DEGRADED] = True
+        response.parameters[DEGRADED_REASON] = _degraded_reason(cause)
+        return response
 
     def _served_local(
         self, response: InferResponse, local: _Local, score: float | None
@@ -297,15 +304,12 @@ class Router:
         *,
         reason: str | None = None,
         score: float | None = None,
-        degraded: bool = False,
     ) -> InferResponse:
         params = response.parameters
         params[SERVED_BY] = served_by
         params[MODEL_VERSION] = version
         if reason is not None:
             params[ESCALATION_REASON] = reason
-        if degraded:
-            params[DEGRADED] = True
         if score is not None:
             params[UNCERTAINTY] = score
         return replace(response, model=self.name, version=version, parameters=params)
@@ -359,6 +363,15 @@ class Router:
             logger.debug("cloud unreachable (%s); retrying in %.0f ms", exc, delay * 1000)
             await asyncio.sleep(delay)
             return await remote.infer(request)
+
+
+def _degraded_reason(cause: Exception) -> str:
+    """``fogline.degraded_reason``: why the cloud's answer is not the one given."""
+    if isinstance(cause, CloudTooLargeError):
+        return "cloud_too_large"  # the fallback's body limit is below this request
+    if isinstance(cause, CloudUnavailableError):
+        return "cloud_unavailable"  # unreachable, 5xx, timeout, open circuit, no endpoint
+    return "cloud_refused"  # a 4xx for a request the local model could serve
 
 
 def _route_of(request: InferRequest) -> str:

@@ -3,33 +3,45 @@
 NOTE: importing this module must stay cheap and torch-free (the ``fogline``
 entry point imports it on edge devices too); handlers import the pipeline.
 
-Every command uses the same fixed data split (``DATA_SEED``), so the
-test rows that ``compress`` and ``package`` report on were never trained on;
-``--seed`` only changes the weight initialisation and batch order.
+Any ONNX model goes through ``compress`` and ``package`` with ``--data D.npz``
+(one array per input name, plus ``labels`` or ``reference``: see
+``cloud.pipeline.model_data``). Without ``--data`` they use the built-in
+digits split (``DATA_SEED``), so the test rows they report on were never
+trained on. Bad input (a model that does not load, data that does not fit it)
+is one ``error:`` line and exit 1, with nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from common.errors import FoglineError
+from cloud.pipeline.train_cli import add_train
+from common.errors import FoglineError, InvalidInputError
 from common.manifest import UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
     from cloud.pipeline.compress import CompressionReport
     from cloud.pipeline.data import Split
+    from cloud.pipeline.model_data import ModelData
+    from common.manifest import RoutingHints
 
 logger = logging.getLogger(__name__)
 
 DATA_SEED = 0
 GOLDEN_ROWS = 8
+DIGITS_MAX_LOCAL_BATCH = 8
 
 Handler = Callable[[argparse.Namespace], int]
+
+_DATA_HELP = "rows for any model: one array per input name, plus optional 'labels' or 'reference'"
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -59,43 +71,60 @@ def _split() -> Split:
     return load_digits_split(DATA_SEED)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train, export to ONNX, report test accuracy of the exported file."""
-    from cloud.pipeline.compress import evaluate
-    from cloud.pipeline.export import export_onnx
-    from cloud.pipeline.train import default_progress, train_model
-
-    split = _split()
-    print(f"training {args.kind} model (seed {args.seed})", file=sys.stderr)
-    model = train_model(
-        args.kind, split, epochs=args.epochs, seed=args.seed, progress=default_progress()
-    )
-    path = export_onnx(model, args.out)
-    acc = evaluate(path, split.x_test, split.y_test)
-    print(f"wrote {path} ({path.stat().st_size} bytes), test accuracy {acc:.2%}")
-    return 0
-
-
 def format_report(report: CompressionReport) -> str:
     """A small fp32-vs-int8 table for humans."""
+    label = "test accuracy" if report.metric == "accuracy" else report.metric.replace("_", " ")
     rows = [
         ("", "fp32", "int8"),
-        ("test accuracy", f"{report.fp32_accuracy:.2%}", f"{report.int8_accuracy:.2%}"),
+        (label, f"{report.fp32_accuracy:.2%}", f"{report.int8_accuracy:.2%}"),
         ("bytes", str(report.fp32_bytes), str(report.int8_bytes)),
     ]
     lines = [f"{a:<14} {b:>10} {c:>10}" for a, b, c in rows]
     lines.append(
-        f"accuracy drop {report.drop_points:+.2f} points, size ratio {report.size_ratio:.2f}x"
+        f"{report.metric.replace('_', ' ')} drop {report.drop_points:+.2f} points, "
+        f"size ratio {report.size_ratio:.2f}x"
     )
     return "\n".join(lines)
 
 
+def _load_data(model: Path, data: Path) -> ModelData:
+    """Check that the model loads and ``data`` fits its inputs, before anything is written."""
+    from cloud.pipeline.model_data import load_model_data
+    from cloud.pipeline.onnx_model import check_loads
+    from common.onnx_runtime import describe_onnx_io
+
+    check_loads(model)
+    inputs, _ = describe_onnx_io(model)
+    return load_model_data(data, inputs)
+
+
+def _check_digits_model(model: Path) -> None:
+    """Without --data the digits rows are used: refuse a model they cannot feed."""
+    from cloud.pipeline.onnx_model import check_loads
+    from common.onnx_runtime import describe_onnx_io
+
+    check_loads(model)
+    inputs, _ = describe_onnx_io(model)
+    if len(inputs) != 1 or inputs[0].datatype != "FP32" or inputs[0].shape[1:] != [64]:
+        raise InvalidInputError(
+            f"{model} takes {[(i.name, i.datatype, i.shape) for i in inputs]}, not digits "
+            "(one FP32 [N, 64] input): give its rows with --data D.npz"
+        )
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
-    """Quantize to int8; exit 1 if accuracy drops more than --max-drop points."""
+    """Quantize to int8; exit 1 if quality drops more than --max-drop points."""
     from cloud.pipeline.compress import AccuracyDropError, compress
 
     try:
-        report = compress(args.fp32, args.out, _split(), max_drop_points=args.max_drop)
+        if args.data is not None:
+            from cloud.pipeline.quality import compress_with_data
+
+            data = _load_data(args.fp32, args.data)
+            report = compress_with_data(args.fp32, args.out, data, max_drop_points=args.max_drop)
+        else:
+            _check_digits_model(args.fp32)
+            report = compress(args.fp32, args.out, _split(), max_drop_points=args.max_drop)
     except AccuracyDropError as exc:
         print(format_report(exc.report))
         print(f"error: int8 model rejected: {exc}", file=sys.stderr)
@@ -105,10 +134,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_package(args: argparse.Namespace) -> int:
-    """Build the package dir and write its unsigned manifest beside the files."""
+PackageInputs = tuple[Any, dict[str, float], "RoutingHints", str]
+
+
+def _digits_package_inputs(args: argparse.Namespace) -> PackageInputs:
+    """Golden rows, evaluation, routing and task for a digits model (no --data)."""
     from cloud.pipeline.compress import evaluate
-    from cloud.pipeline.package import build_package, calibrate_routing
+    from cloud.pipeline.package import TASK, calibrate_routing
 
     split = _split()
     routing = calibrate_routing(
@@ -116,59 +148,107 @@ def cmd_package(args: argparse.Namespace) -> int:
         split.x_val,
         metric=args.metric,
         escalate_fraction=args.escalate_fraction,
-        max_local_batch=args.max_local_batch,
+        max_local_batch=args.max_local_batch or DIGITS_MAX_LOCAL_BATCH,
     )
     evaluation = {
         "test_accuracy": evaluate(args.model, split.x_test, split.y_test),
         "val_accuracy": evaluate(args.model, split.x_val, split.y_val),
     }
-    manifest = build_package(
+    return split.x_test[:GOLDEN_ROWS], evaluation, routing, TASK
+
+
+def _data_package_inputs(args: argparse.Namespace) -> PackageInputs:
+    """The same from the operator's D.npz, for any model."""
+    from cloud.pipeline.model_data import fixed_batch
+    from cloud.pipeline.quality import first_output, score_outputs
+    from cloud.pipeline.routing import calibrate_for_data, looks_like_probabilities
+    from common.onnx_runtime import describe_onnx_io
+
+    data = _load_data(args.model, args.data)
+    specs, _ = describe_onnx_io(args.model)
+    out = first_output(args.model, data)
+    routing = calibrate_for_data(
         args.model,
-        args.out,
-        name=args.name,
-        version=args.version,
-        release=args.release,
-        variant=args.variant,
-        precision=args.precision,
-        golden_rows=split.x_test[:GOLDEN_ROWS],
-        evaluation=evaluation,
-        routing=routing,
-        parent=args.parent,
+        specs,
+        data,
+        out,
+        metric=args.metric,
+        escalate_fraction=args.escalate_fraction,
+        max_local_batch=args.max_local_batch,
+        latency_budget_ms=args.latency_budget_ms,
     )
-    path = write_unsigned(Path(args.out), manifest)
+    metric, quality = score_outputs(out, data)
+    evaluation = {} if data.labels is None and data.reference is None else {metric: quality}
+    classifier = data.labels is not None or looks_like_probabilities(out)
+    golden = data.head(fixed_batch(specs) or GOLDEN_ROWS)
+    return golden, evaluation, routing, "classification" if classifier else "inference"
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A scratch dir beside ``out``; its files land in ``out`` only if the block succeeds."""
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        out.mkdir(parents=True, exist_ok=True)
+        for f in stage.iterdir():
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    """Build the package dir and write its unsigned manifest beside the files."""
+    from cloud.pipeline.package import build_package
+
+    if args.data is not None:
+        golden, evaluation, routing, task = _data_package_inputs(args)
+    else:
+        _check_digits_model(args.model)
+        golden, evaluation, routing, task = _digits_package_inputs(args)
+    out = Path(args.out)
+    with _staged(out) as stage:
+        manifest = build_package(
+            args.model,
+            stage,
+            name=args.name,
+            version=args.version,
+            release=args.release,
+            variant=args.variant,
+            precision=args.precision,
+            golden_rows=golden,
+            evaluation=evaluation,
+            routing=routing,
+            parent=args.parent,
+            task=task,
+        )
+        write_unsigned(stage, manifest)
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()) or "no labels"
     print(
-        f"wrote package {args.out}: {manifest.name} {manifest.version} "
-        f"({manifest.variant}, {manifest.precision}), test accuracy "
-        f"{evaluation['test_accuracy']:.2%}, {routing.uncertainty_metric} threshold "
-        f"{routing.uncertainty_threshold:.4g}; unsigned manifest in {path}"
+        f"wrote package {out}: {manifest.name} {manifest.version} "
+        f"({manifest.variant}, {manifest.precision}, {task}), {figures}, "
+        f"{routing.uncertainty_metric} threshold {routing.uncertainty_threshold:.4g}, "
+        f"max local batch {routing.max_local_batch}; unsigned manifest in "
+        f"{out / UNSIGNED_MANIFEST_FILE}"
     )
     return 0
-
-
-def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train a digits classifier and export it to ONNX",
-        description="Train the edge (small MLP) or cloud (CNN) digits model on the fixed "
-        "train split and export it as one ONNX file: input 'input' FP32 [-1, 64] raw "
-        "pixels 0..16, output 'probabilities' FP32 [-1, 10].",
-    )
-    p.add_argument("--kind", choices=["edge", "cloud"], required=True, help="which model")
-    p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 60 edge, 30 cloud)")
-    p.add_argument("--seed", type=int, default=0, help="weight init / shuffle seed (default 0)")
-    p.set_defaults(func=_guarded(cmd_train))
 
 
 def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compress",
         help="quantize an fp32 ONNX model to int8 and compare them",
-        description="Static int8 quantization (QDQ, per-channel weights) calibrated on the "
-        "train split; prints fp32 vs int8 test accuracy and file size. Exits 1 if int8 "
-        "loses more than --max-drop percentage points.",
+        description="Static int8 quantization (QDQ, per-channel weights). With --data D.npz "
+        "(one array per model input, keyed by input name, plus optional 'labels' or "
+        "'reference') it is calibrated and judged on those rows: accuracy with labels, mean "
+        "cosine to the reference, else mean cosine of int8 to fp32 outputs. Without --data: "
+        "the digits train split calibrates and its test split judges. Prints fp32 vs int8 "
+        "quality and file size; exits 1 if int8 loses more than --max-drop points.",
     )
     p.add_argument("--fp32", type=_existing_file, required=True, help="fp32 ONNX model")
+    p.add_argument("--data", type=_existing_file, default=None, metavar="D.npz", help=_DATA_HELP)
     p.add_argument("--out", type=Path, required=True, help="int8 ONNX file to write")
     p.add_argument(
         "--max-drop",
@@ -184,10 +264,14 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
         "package",
         help="build a model package dir with an unsigned manifest",
         description="Copy the model into DIR as model.onnx, record golden outputs, calibrate "
-        f"routing hints on the val split and write {UNSIGNED_MANIFEST_FILE}. The control plane "
-        "signs it on upload.",
+        f"routing hints and write {UNSIGNED_MANIFEST_FILE}; the V2 signature comes from the "
+        "model's own inputs and outputs. With --data D.npz the golden rows, evaluation and "
+        "hints come from those rows (uncertainty threshold if the first output is class "
+        "probabilities; largest local batch from latency measured here); without it, from "
+        "the digits split. The control plane signs the package on upload.",
     )
     p.add_argument("--model", type=_existing_file, required=True, help="ONNX model to package")
+    p.add_argument("--data", type=_existing_file, default=None, metavar="D.npz", help=_DATA_HELP)
     p.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="package directory to write"
     )
@@ -216,14 +300,21 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-local-batch",
         type=int,
-        default=8,
-        help="requests with more rows go to the cloud (default 8)",
+        default=None,
+        help="requests with more rows go to the cloud (default: measured with --data, else 8)",
+    )
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=10.0,
+        help="with --data: the largest local batch is the largest whose median run on one "
+        "thread stays within this (default 10)",
     )
     p.set_defaults(func=_guarded(cmd_package))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``compress`` and ``package`` to the ``fogline model`` group."""
-    _add_train(subparsers)
+    add_train(subparsers, _guarded)
     _add_compress(subparsers)
     _add_package(subparsers)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cloud.pipeline.data import Split
 from cloud.pipeline.onnx_model import input_name, predict
-from common.errors import FoglineError
+from common.errors import FoglineError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +30,27 @@ _CALIBRATION_BATCH = 64
 
 @dataclass(frozen=True)
 class CompressionReport:
-    """FP32 vs INT8 on the test split: accuracy in [0, 1], sizes in bytes."""
+    """FP32 vs INT8 on held-out rows: quality in [0, 1], sizes in bytes.
+
+    Quality is top-1 accuracy unless ``metric`` says otherwise (``mean_cosine``
+    to reference outputs, or to the fp32 model's own outputs when the data has
+    neither labels nor a reference); the field names stay for old callers.
+    """
 
     fp32_accuracy: float
     int8_accuracy: float
     fp32_bytes: int
     int8_bytes: int
-    drop_points: float  # (fp32 - int8) accuracy in percentage points; negative = gain
+    drop_points: float  # (fp32 - int8) quality in percentage points; negative = gain
+    metric: str = "accuracy"
 
     @property
     def size_ratio(self) -> float:
         return self.fp32_bytes / self.int8_bytes if self.int8_bytes else float("inf")
 
     def to_dict(self) -> dict[str, float]:
-        return {**asdict(self), "size_ratio": self.size_ratio}
+        figures = {k: v for k, v in asdict(self).items() if k != "metric"}
+        return {**figures, "size_ratio": self.size_ratio}
 
 
 class AccuracyDropError(FoglineError, ValueError):
@@ -53,7 +60,7 @@ class AccuracyDropError(FoglineError, ValueError):
         self.report = report
         self.max_drop_points = max_drop_points
         super().__init__(
-            f"int8 accuracy {report.int8_accuracy:.2%} vs fp32 {report.fp32_accuracy:.2%} "
+            f"int8 {report.metric} {report.int8_accuracy:.2%} vs fp32 {report.fp32_accuracy:.2%} "
             f"is a drop of {report.drop_points:.2f} points; at most {max_drop_points:g} allowed"
         )
 
@@ -65,33 +72,45 @@ def evaluate(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict(model_path, x).argmax(axis=-1) == y).mean())
 
 
-def _calibration_reader(name: str, calibration: np.ndarray) -> Any:
+def _calibration_reader(feeds: dict[str, np.ndarray], batch: int) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
-    rows = np.ascontiguousarray(calibration, dtype=np.float32)
+    rows = len(next(iter(feeds.values())))
 
     class RowsReader(CalibrationDataReader):
-        """Feeds the calibration rows in batches, once."""
+        """Feeds the calibration rows (every input) in batches, once."""
 
         def __init__(self) -> None:
-            self._batches = iter(range(0, len(rows), _CALIBRATION_BATCH))
+            self._batches = iter(range(0, rows, batch))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             start = next(self._batches, None)
             if start is None:
                 return None
-            return {name: rows[start : start + _CALIBRATION_BATCH]}
+            return {k: v[start : start + batch] for k, v in feeds.items()}
 
     return RowsReader()
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> Path:
-    """Static INT8 quantization (QDQ, per-channel int8 weights) calibrated on ``calibration``."""
+def quantize_int8(
+    fp32_path: Path,
+    int8_path: Path,
+    calibration: np.ndarray | dict[str, np.ndarray],
+    *,
+    batch: int = _CALIBRATION_BATCH,
+) -> Path:
+    """Static INT8 quantization (QDQ, per-channel int8 weights) calibrated on ``calibration``.
+
+    ``calibration`` is rows for a single-input model, or one array per input name.
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if len(calibration) == 0:
-        raise ValueError("quantization needs at least one calibration row")
+    if isinstance(calibration, np.ndarray):
+        name = input_name(Path(fp32_path))
+        calibration = {name: np.ascontiguousarray(calibration, dtype=np.float32)}
+    if not calibration or len(next(iter(calibration.values()))) == 0:
+        raise InvalidInputError("quantization needs at least one calibration row")
     int8_path = Path(int8_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fogline-quant-") as tmp:
@@ -100,7 +119,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
         quantize_static(
             str(prepared),
             str(int8_path),
-            _calibration_reader(input_name(prepared), calibration),
+            _calibration_reader(calibration, batch),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,

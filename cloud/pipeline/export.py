@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -29,22 +30,29 @@ class ExportError(FoglineError, RuntimeError):
     """The model could not be exported to a valid, self-contained ONNX file."""
 
 
-def _torch_export(model: nn.Module, path: Path) -> None:
-    example = torch.zeros(1, N_FEATURES, dtype=torch.float32)
+def _torch_export(
+    model: nn.Module,
+    path: Path,
+    examples: dict[str, torch.Tensor],
+    output_names: Sequence[str],
+    extra_axes: dict[str, dict[int, str]],
+) -> None:
+    axes = {name: {0: "batch", **extra_axes.get(name, {})} for name in [*examples, *output_names]}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, but it is
-        # fast, dependency-free and exact for these small graphs.
+        # fast, dependency-free and exact for these small graphs (and writes
+        # the opset it is asked for).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         torch.onnx.export(
             model,
-            (example,),
+            tuple(examples.values()),
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=list(examples),
+            output_names=list(output_names),
+            dynamic_axes=axes,
         )
 
 
@@ -55,21 +63,36 @@ def _check(path: Path) -> None:
         raise ExportError("exported ONNX model refers to external data")
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"exported ONNX model is invalid: {exc}") from exc
 
 
-def export_onnx(model: nn.Module, path: Path) -> Path:
-    """Write ``model`` as ONNX (opset 17, dynamic batch) to ``path`` and check it.
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    *,
+    examples: dict[str, torch.Tensor] | None = None,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> Path:
+    """Write ``model`` as ONNX (opset 17, dynamic batch on every input and output) and check it.
 
+    ``examples`` maps each input name, in ``forward``'s argument order, to an
+    example tensor [1, ...]; the default is the digits model's single input.
+    ``dynamic_axes`` adds axes beyond the batch axis (e.g. a sequence axis).
     The file appears at ``path`` only once it has passed the checks.
     """
-    model.eval()
+    if examples is None:
+        examples = {INPUT_NAME: torch.zeros(1, N_FEATURES, dtype=torch.float32)}
+    model = model.to("cpu").eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        _torch_export(model, tmp)
+        try:
+            _torch_export(model, tmp, examples, output_names, dynamic_axes or {})
+        except Exception as exc:  # the exporter raises many types for a user's model
+            raise ExportError(f"cannot export to ONNX: {type(exc).__name__}: {exc}") from exc
         _check(tmp)
         tmp.replace(path)
     finally:

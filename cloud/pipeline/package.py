@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from cloud.pipeline.onnx_model import has_external_data, predict
+from cloud.pipeline.onnx_model import has_external_data, predict, run_outputs
 from common.errors import InvalidInputError
 from common.golden import GOLDEN_FILE, save_golden
 from common.manifest import Manifest, RoutingHints, Target, file_entry
@@ -40,16 +40,20 @@ def _copy_model(model_path: Path, dest: Path) -> None:
     tmp.replace(dest)
 
 
-def _write_golden(model_path: Path, dest: Path, rows: np.ndarray) -> None:
-    """Run the packaged model on ``rows`` and store inputs and outputs together."""
-    inputs, outputs = describe_onnx_io(model_path)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise InvalidInputError("golden data supports single-input, single-output models only")
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.ndim != 2 or len(rows) == 0:
-        raise InvalidInputError(f"golden rows must be a non-empty [N, F] array, got {rows.shape}")
-    probs = predict(model_path, rows)
-    save_golden(dest, {inputs[0].name: rows}, {outputs[0].name: probs})
+def _write_golden(model_path: Path, dest: Path, rows: np.ndarray | dict[str, np.ndarray]) -> None:
+    """Run the packaged model on ``rows`` and store inputs and every output together.
+
+    ``rows`` is one array per input name, or bare rows for a single-input model.
+    """
+    inputs, _ = describe_onnx_io(model_path)
+    if isinstance(rows, np.ndarray):
+        if len(inputs) != 1:
+            raise InvalidInputError("golden rows without input names need a single-input model")
+        rows = {inputs[0].name: np.ascontiguousarray(rows, dtype=np.float32)}
+    first = next(iter(rows.values()), np.empty(0))
+    if first.ndim == 0 or len(first) == 0:
+        raise InvalidInputError("golden rows must be a non-empty batch")
+    save_golden(dest, rows, run_outputs(model_path, rows))
 
 
 def build_package(
@@ -61,10 +65,11 @@ def build_package(
     release: int,
     variant: str,
     precision: str,
-    golden_rows: np.ndarray,
+    golden_rows: np.ndarray | dict[str, np.ndarray],
     evaluation: dict[str, float],
     routing: RoutingHints,
     parent: str | None = None,
+    task: str = TASK,
 ) -> Manifest:
     """Write ``model.onnx`` and ``golden.npz`` into ``out_dir``; return the unsigned manifest."""
     out_dir = Path(out_dir)
@@ -79,7 +84,7 @@ def build_package(
         version=version,
         release=release,
         variant=variant,
-        task=TASK,
+        task=task,
         format="onnx",
         precision=precision,
         files=[file_entry(model_dest, "model"), file_entry(golden_dest, "golden")],

@@ -21,7 +21,7 @@ from cloud.pipeline.data import Split, load_digits_split
 from cloud.pipeline.export import export_onnx
 from cloud.pipeline.onnx_model import has_external_data, predict
 from cloud.pipeline.package import build_package, calibrate_routing
-from cloud.pipeline.train import default_progress, train_model
+from cloud.pipeline.train import train_model
 from common.errors import InvalidInputError
 from common.golden import compare, load_golden
 from common.manifest import (
@@ -67,15 +67,38 @@ def test_split_is_stratified_and_deterministic() -> None:
     assert not np.array_equal(load_digits_split(seed=1).y_test, a.y_test)
 
 
+class _Recorder:
+    """A Progress that remembers what the loop told it."""
+
+    def __init__(self) -> None:
+        self.started: tuple[int, int, int] | None = None
+        self.steps = 0
+        self.epochs: list[tuple[int, int, float, str]] = []
+        self.closed = False
+
+    def start(self, total_steps: int, epochs: int, done_steps: int = 0) -> None:
+        self.started = (total_steps, epochs, done_steps)
+
+    def step(self, steps: int, samples: int, loss: float) -> None:
+        self.steps += steps
+
+    def epoch_end(self, epoch: int, epochs: int, loss: float, val: str) -> None:
+        self.epochs.append((epoch, epochs, loss, val))
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def test_training_is_deterministic_and_reports_progress() -> None:
     split = load_digits_split()
-    seen: list[tuple[int, int, float, float]] = []
-    first = train_model("edge", split, epochs=2, seed=3, progress=lambda *a: seen.append(a))
+    seen = _Recorder()
+    first = train_model("edge", split, epochs=2, seed=3, progress=seen)
     second = train_model("edge", split, epochs=2, seed=3)
     for p, q in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(p, q)
-    assert [s[:2] for s in seen] == [(1, 2), (2, 2)]
-    assert all(loss > 0 and 0.0 <= acc <= 1.0 for _, _, loss, acc in seen)
+    assert seen.started == (34, 2, 0) and seen.steps == 34 and seen.closed  # 1078 rows / 64
+    assert [e[:2] for e in seen.epochs] == [(1, 2), (2, 2)]
+    assert all(loss > 0 and val.startswith("val acc ") for _, _, loss, val in seen.epochs)
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -84,27 +107,6 @@ def test_bad_arguments_are_refused() -> None:
         train_model("tiny", split)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError):
         train_model("edge", split, epochs=0)
-
-
-def test_default_progress_draws_one_line_on_a_terminal(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
-    show = default_progress(width=10)
-    show(1, 2, 0.5, 0.9)
-    show(2, 2, 0.25, 0.95)
-    err = capsys.readouterr().err
-    assert err.startswith("\r[#####.....] epoch 1/2") and err.endswith("\n")
-    assert err.count("\r") == 2 and "val 95.0%" in err
-
-
-def test_default_progress_writes_plain_lines_to_a_log(capsys: pytest.CaptureFixture[str]) -> None:
-    show = default_progress(width=10)  # captured stderr is not a terminal
-    for epoch in range(1, 21):
-        show(epoch, 20, 0.1, 0.9)
-    err = capsys.readouterr().err
-    assert "\r" not in err
-    assert err.count("\n") == 10  # every tenth of the run
 
 
 def test_exported_model_signature_and_outputs(trained: Trained) -> None:
@@ -212,7 +214,8 @@ def _run(argv: list[str]) -> int:
 def test_cli_train_compress_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fp32, int8, pkg = tmp_path / "m.onnx", tmp_path / "m.int8.onnx", tmp_path / "pkg"
     assert _run(["train", "--kind", "edge", "--out", str(fp32), "--epochs", "15"]) == 0
-    assert "epoch 15/15" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "training digits-edge" in err and "epoch 15/15" in err
     assert _run(["compress", "--fp32", str(fp32), "--out", str(int8)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "bytes" in out and "size ratio" in out

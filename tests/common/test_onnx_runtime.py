@@ -21,7 +21,9 @@ def request(rows: int) -> InferRequest:
 
 
 async def test_answers_match_the_raw_session_and_placement_follows_run_time(package) -> None:
-    fast = OnnxRuntime(package.model_path, package.manifest)
+    # NOTE: thresholds at the extremes, so placement is decided by the measurement
+    # logic alone, not by how busy the machine is.
+    fast = OnnxRuntime(package.model_path, package.manifest, inline_below_us=1e9)
     never = OnnxRuntime(package.model_path, package.manifest, inline_below_us=0.0)
     for runtime in (fast, never):
         await runtime.load()
@@ -31,7 +33,7 @@ async def test_answers_match_the_raw_session_and_placement_follows_run_time(pack
             np.testing.assert_allclose(
                 out, reference_output(package.model_path, toy_input(5)), rtol=1e-6
             )
-    assert fast.runs_inline  # a toy MLP runs in microseconds
+    assert fast.runs_inline  # measured, and under its threshold: inline
     assert not never.runs_inline
 
 

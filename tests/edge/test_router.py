@@ -22,9 +22,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloud.fallback import FallbackSettings, build_fallback_app
-from common.errors import CloudUnavailableError, InvalidInputError, ModelNotReadyError
+from common.errors import (
+    CloudUnavailableError,
+    InvalidInputError,
+    ModelNotReadyError,
+    http_status_of,
+)
 from common.inference import (
     DEGRADED,
+    DEGRADED_REASON,
     ESCALATION_REASON,
     MODEL_VERSION,
     ROUTE,
@@ -37,6 +43,7 @@ from common.inference import (
 )
 from common.manifest import RoutingHints
 from common.onnx_runtime import OnnxRuntime
+from common.v2_binary import decode_infer_request
 from common.v2_server import BINARY_HEADER, DataPlane, build_v2_app
 from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudClient, CloudConnectError
@@ -309,6 +316,7 @@ class FlakyCloud:
     mode: str = "503"  # "503" | "ok" | "drop_once" | "slow"
     hits: int = 0
     seen: list[InferRequest] = field(default_factory=list)
+    bodies: list[tuple[int, str | None]] = field(default_factory=list)  # size, binary header
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -323,7 +331,12 @@ class FlakyCloud:
             return web.Response()
         if self.mode == "slow":
             await asyncio.sleep(5)
-        rows = (await request.json())["inputs"][0]["shape"][0]
+        header = request.headers.get(BINARY_HEADER)
+        body = await request.read()
+        self.bodies.append((len(body), header))
+        sent, _ = decode_infer_request(body, int(header) if header else None, "toy", None)
+        self.seen.append(sent)
+        rows = sent.inputs[0].shape[0]
         probs = np.full((rows, 10), 0.1, np.float32)
         answer = InferResponse(
             "toy",
@@ -484,7 +497,7 @@ async def test_local_api_wiring(cloud: TestServer, local: OnnxRuntime, routers: 
 
 
 async def _binary_request_through_edge_to_cloud(client: TestClient) -> None:
-    """tritonclient's binary defaults at the edge; the hop to the cloud stays JSON."""
+    """tritonclient's binary defaults at the edge (the hop to the cloud is binary too)."""
     x = toy_input(2)
     header = json.dumps(
         {
@@ -508,6 +521,78 @@ async def _binary_request_through_edge_to_cloud(client: TestClient) -> None:
     doc = json.loads(raw[:n])
     assert doc["parameters"][SERVED_BY] == "cloud"
     assert np.frombuffer(raw[n:], "<f4").shape == (20,)
+
+
+# --- large requests ---------------------------------------------------------------------
+
+
+async def test_request_too_large_for_the_cloud_is_answered_locally(
+    cloud_pkg: Package, local: OnnxRuntime, edge_pkg: Package, routers: Any
+) -> None:
+    """Issue 5: a heavy request over the fallback's body limit got 400 ("cloud refused (413)")."""
+    settings = FallbackSettings(
+        packages=[cloud_pkg.directory],
+        trusted_keys=[cloud_pkg.signer.public_key_hex],
+        tokens={TOKEN},
+        max_body_bytes=4096,
+    )
+    server = await start_server(await build_fallback_app(settings))
+    try:
+        router = await routers(url_of(server), local, RoutingHints(max_local_batch=2))
+        resp = await router.infer(request(20))  # 20 rows x 256 bytes: over 4096
+        p = resp.parameters
+        assert p[SERVED_BY] == "edge" and p[DEGRADED] is True
+        assert p[DEGRADED_REASON] == "cloud_too_large" and p[ESCALATION_REASON] == "heavy"
+        want = reference_output(edge_pkg.model_path, toy_input(20))
+        np.testing.assert_allclose(resp.output("probabilities").data, want, atol=1e-6)
+        assert (await router.infer(request(4))).parameters[SERVED_BY] == "cloud"  # fits
+        assert router.breaker.state == "closed"  # a size refusal is not a cloud failure
+        router.set_local(None)  # nothing local either: the caller hears 413
+        with pytest.raises(InvalidInputError, match="size") as err:
+            await router.infer(request(20))
+        assert http_status_of(err.value) == 413
+    finally:
+        await server.close()
+
+
+async def test_requests_reach_the_cloud_as_binary(
+    flaky: tuple[FlakyCloud, str], local: OnnxRuntime, routers: Any
+) -> None:
+    """Raw tensor bytes after a JSON header: not ~5x larger JSON numbers."""
+    cloud, url = flaky
+    cloud.mode = "ok"
+    router = await routers(url, local, UNSURE)
+    x = toy_input(50)
+    resp = await router.infer(InferRequest("toy", [Tensor("input", x)]))
+    assert resp.parameters[SERVED_BY] == "cloud"
+    [(size, header)] = cloud.bodies
+    assert header is not None and size == int(header) + x.nbytes
+    np.testing.assert_array_equal(cloud.seen[0].inputs[0].data, x)
+
+
+async def test_large_request_to_the_cloud_does_not_stall_the_event_loop(
+    cloud: TestServer, local: OnnxRuntime, routers: Any
+) -> None:
+    """Issue 5: a 12 MiB request re-encoded as JSON stalled the agent's loop for 4.3 s."""
+    router = await routers(url_of(cloud), local, RoutingHints(max_local_batch=1), timeout_s=60)
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        x = np.random.default_rng(0).standard_normal((12 * 4096, 64)).astype(np.float32)
+        resp = await router.infer(InferRequest("toy", [Tensor("input", x)]))  # 12 MiB
+    finally:
+        beat.cancel()
+    assert resp.parameters[SERVED_BY] == "cloud" and resp.outputs[0].data.shape == (49152, 10)
+    assert max(gaps) < 1.0, max(gaps)  # generous: encoding 12 MiB as JSON took seconds
 
 
 # --- the cloud client on its own -------------------------------------------------------
