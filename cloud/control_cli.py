@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common.errors import FoglineError
+from common.errors import FoglineError, InvalidInputError
 from common.manifest import MANIFEST_FILE, UNSIGNED_MANIFEST_FILE, read_package, read_unsigned
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,12 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--broker-host", default="127.0.0.1")
     serve.add_argument("--broker-port", type=int, default=1883)
     serve.add_argument(
+        "--broker-username",
+        help="broker login (default: WORKDIR/broker-control.json, made by `fogline broker config`)",
+    )
+    serve.add_argument("--broker-password-file", type=Path, help="file holding the password")
+    serve.add_argument("--broker-tls-ca", help="CA file: connect to the broker with TLS")
+    serve.add_argument(
         "--mqtt-client-id",
         metavar="NAME",
         help="stable MQTT client id: a persistent session that survives restarts; keep it "
@@ -140,7 +146,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cloud.control_server import ControlSettings, build_control_app
 
+    try:
+        username, password = _broker_login(args)
+    except FoglineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     settings = ControlSettings(
+        broker_username=username,
+        broker_password=password,
+        broker_tls_ca=args.broker_tls_ca,
         workdir=args.workdir,
         host=args.host,
         port=args.port,
@@ -162,6 +176,31 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"fogline control serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _broker_login(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """Flags first, else the login ``fogline broker config`` left in the workdir, else none.
+
+    Also checks the TLS CA file, so that a typo is one line at start, not a failing
+    reconnect loop.
+    """
+    from cloud.enrollment import CONTROL_CREDENTIALS_FILE, read_control_credentials
+
+    if args.broker_tls_ca and not Path(args.broker_tls_ca).is_file():
+        raise InvalidInputError(f"--broker-tls-ca {args.broker_tls_ca} is not a file")
+    if args.broker_username or args.broker_password_file:
+        if not (args.broker_username and args.broker_password_file):
+            raise InvalidInputError("--broker-username and --broker-password-file go together")
+        try:
+            password = args.broker_password_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {args.broker_password_file}: {exc}") from exc
+        return args.broker_username, password
+    path = args.workdir / CONTROL_CREDENTIALS_FILE
+    if not path.exists():
+        return None, None
+    creds = read_control_credentials(path)
+    return creds.username, creds.password
 
 
 # -- HTTP client helpers (stdlib only: operators need nothing else installed) -----------

@@ -38,7 +38,7 @@ from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.manifest import SignedManifest
-from common.mqtt import MqttLink
+from common.mqtt import MqttLink, TlsConfig
 from common.names import check_name
 from common.v2_server import error_middleware
 
@@ -67,6 +67,9 @@ class ControlSettings:
     max_upload_bytes: int = 2 * 1024**3  # a published package, all files together
     max_body_bytes: int = 1024**2  # every other request body
     telemetry_interval_s: float = 1.0  # at most one report per device per interval
+    broker_username: str | None = None  # default: WORKDIR/broker-control.json if present
+    broker_password: str | None = None
+    broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
 
     @property
@@ -158,6 +161,9 @@ def _mqtt_link(settings: ControlSettings) -> MqttLink:
         host=settings.broker_host,
         port=settings.broker_port,
         persistent_session=settings.mqtt_client_id is not None,
+        username=settings.broker_username,
+        password=settings.broker_password,
+        tls=TlsConfig(settings.broker_tls_ca) if settings.broker_tls_ca else None,
     )
 
 

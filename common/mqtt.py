@@ -35,6 +35,15 @@ class MqttError(FoglineError, ConnectionError):
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS to the broker: the CA that signed its certificate, and an optional client cert."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Will:
     topic: str
     payload: bytes
@@ -62,6 +71,7 @@ class MqttLink:
         keepalive: int = 10,
         ack_timeout_s: float = 10.0,
         persistent_session: bool = False,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.client_id = client_id
         self._host, self._port, self._keepalive = host, port, keepalive
@@ -76,6 +86,10 @@ class MqttLink:
         )
         if username:
             self._client.username_pw_set(username, password)
+        if tls is not None:
+            # Certificate and host name are checked (paho's defaults); a plain-TCP broker
+            # or a certificate from another CA fails the connect.
+            self._client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
         if will:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)

@@ -21,7 +21,7 @@ from aiohttp import web
 from common import keyring, messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
-from common.mqtt import MqttLink, Will
+from common.mqtt import MqttLink, TlsConfig, Will
 from common.onnx_runtime import OnnxRuntime
 from common.request_body import RequestLimits
 from common.signing import TrustStore
@@ -58,6 +58,7 @@ class EdgeAgent:
             password=config.broker_password,
             will=Will(self._topic("status"), messages.status(config.device_id, online=False)),
             persistent_session=True,  # commands sent while the device is offline wait for it
+            tls=_broker_tls(config),
         )
         remote = None
         if config.cloud_url and not config.cloud_allowed:
@@ -312,6 +313,12 @@ class EdgeAgent:
             await asyncio.sleep(self.config.telemetry_interval_s)
             doc = {"device_id": self.config.device_id, "router": self.router.stats(reset=True)}
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
+
+
+def _broker_tls(config: AgentConfig) -> TlsConfig | None:
+    if not config.broker_tls_ca:
+        return None
+    return TlsConfig(config.broker_tls_ca, config.broker_tls_cert, config.broker_tls_key)
 
 
 def _command_type(payload: bytes) -> str | None:

@@ -27,6 +27,9 @@ class AgentConfig:
     broker_port: int = 1883
     broker_username: str | None = None
     broker_password: str | None = None
+    broker_tls_ca: str | None = None  # CA file: connect with TLS, checking the broker's cert
+    broker_tls_cert: str | None = None  # optional client certificate (with broker_tls_key)
+    broker_tls_key: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     cloud_url: str | None = None  # base URL of the fallback's V2 API
@@ -103,6 +106,7 @@ class AgentConfig:
             raise InvalidInputError(f"agent config: {exc}") from exc
         if cfg.artifact_transport not in ("mqtt", "http"):
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
+        _check_tls_files(cfg)
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
         cfg.check_api_exposure()
@@ -155,3 +159,15 @@ class AgentConfig:
         doc = dataclasses.asdict(self)
         doc["state_dir"] = str(self.state_dir)
         return doc
+
+
+def _check_tls_files(cfg: AgentConfig) -> None:
+    """Missing TLS files are a config error at start, not a failure deep in the MQTT thread."""
+    if (cfg.broker_tls_cert or cfg.broker_tls_key) and not cfg.broker_tls_ca:
+        raise InvalidInputError("agent config: broker_tls_cert/key need broker_tls_ca")
+    if bool(cfg.broker_tls_cert) != bool(cfg.broker_tls_key):
+        raise InvalidInputError("agent config: broker_tls_cert and broker_tls_key go together")
+    for key in ("broker_tls_ca", "broker_tls_cert", "broker_tls_key"):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_file():
+            raise InvalidInputError(f"agent config: {key} {value!r} is not a file")

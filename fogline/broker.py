@@ -5,6 +5,11 @@ Python broker (amqtt) as a child process and returns once the broker answers
 an MQTT CONNECT. Both speak MQTT 3.1.1 with QoS 1, retained messages and last
 wills, which is all Fogline needs from a broker.
 
+With ``security`` (the password and ACL files of ``fogline broker config``)
+either broker refuses anonymous clients and applies the per-device ACL, and
+optionally listens with TLS; Mosquitto gets the same ``mosquitto.conf`` that
+command writes (``common.broker_auth.render_mosquitto_conf``).
+
 Run ``python -m fogline.broker [--kind auto|mosquitto|amqtt] [--port N]`` for
 a standalone broker that prints its URL and runs until Ctrl-C. The same
 module, run with ``--embedded``, is the amqtt child process itself.
@@ -23,11 +28,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, cast
@@ -35,6 +42,7 @@ from typing import IO, Any, Literal, cast
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from common.broker_auth import TlsFiles, render_mosquitto_conf
 from common.errors import FoglineError
 from fogline.processes import die_with_parent
 
@@ -44,6 +52,15 @@ BrokerKind = Literal["auto", "mosquitto", "amqtt"]
 
 _START_ATTEMPTS = 3  # only when we picked the port ourselves and lost a bind race
 _TAIL_BYTES = 4000
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """Logins, ACL and optional TLS for a started broker (files from ``fogline broker config``)."""
+
+    password_file: Path
+    acl_file: Path
+    tls: TlsFiles | None = None
 
 
 class BrokerStartError(FoglineError, RuntimeError):
@@ -69,10 +86,12 @@ class BrokerProcess:
         proc: subprocess.Popen[bytes],
         log_path: Path,
         log_file: IO[bytes],
+        security: BrokerSecurity | None = None,
     ) -> None:
         self.kind = kind
         self.host = host
         self.port = port
+        self.security = security
         self._proc = proc
         self._log_path = log_path
         self._log_file = log_file
@@ -80,7 +99,8 @@ class BrokerProcess:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
+        tls = self.security is not None and self.security.tls is not None
+        return f"{'mqtts' if tls else 'mqtt'}://{host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -155,17 +175,19 @@ def start_broker(
     port: int = 0,
     workdir: Path,
     timeout: float = 20.0,
+    security: BrokerSecurity | None = None,
 ) -> BrokerProcess:
     """Start a broker on ``host:port`` (``port=0``: pick a free one) and wait until it serves MQTT.
 
-    Config and log files go in ``workdir``. Raises BrokerStartError with the
-    broker's output when it exits or does not accept a CONNECT within ``timeout``.
+    Config and log files go in ``workdir``; ``security`` adds logins, the ACL and TLS.
+    Raises BrokerStartError with the broker's output when it exits or does not accept
+    a CONNECT within ``timeout``.
     """
     chosen_kind = resolve_kind(kind)
     workdir.mkdir(parents=True, exist_ok=True)
     attempts = _START_ATTEMPTS if port == 0 else 1
     for attempt in range(1, attempts + 1):
-        broker = _spawn(chosen_kind, host, port or free_port(host), workdir)
+        broker = _spawn(chosen_kind, host, port or free_port(host), workdir, security)
         try:
             _wait_ready(broker, timeout)
         except BrokerStartError:
@@ -182,15 +204,20 @@ def start_broker(
 
 
 def _spawn(
-    kind: Literal["mosquitto", "amqtt"], host: str, port: int, workdir: Path
+    kind: Literal["mosquitto", "amqtt"],
+    host: str,
+    port: int,
+    workdir: Path,
+    security: BrokerSecurity | None,
 ) -> BrokerProcess:
     log_path = workdir / f"{kind}-{port}.log"
     if kind == "mosquitto":
         conf = workdir / f"mosquitto-{port}.conf"
-        conf.write_text(_mosquitto_config(host, port))
+        conf.write_text(_mosquitto_config(host, port, security, workdir / f"data-{port}"))
         argv = ["mosquitto", "-c", str(conf)]
     else:
         argv = [sys.executable, "-m", "fogline.amqtt_broker", "--host", host, "--port", str(port)]
+        argv += _amqtt_security_args(security)
     log_file = log_path.open("wb")
     try:
         # NOTE: a new session keeps Ctrl-C away from the broker, so whoever started it can
@@ -209,11 +236,39 @@ def _spawn(
         log_file.close()
         raise BrokerStartError(f"could not run {argv[0]}: {exc}", kind=kind, port=port) from exc
     return BrokerProcess(
-        kind=kind, host=host, port=port, proc=proc, log_path=log_path, log_file=log_file
+        kind=kind,
+        host=host,
+        port=port,
+        proc=proc,
+        log_path=log_path,
+        log_file=log_file,
+        security=security,
     )
 
 
-def _mosquitto_config(host: str, port: int) -> str:
+def _amqtt_security_args(security: BrokerSecurity | None) -> list[str]:
+    if security is None:
+        return []
+    args = ["--password-file", str(security.password_file), "--acl-file", str(security.acl_file)]
+    if security.tls is not None:
+        args += ["--tls-cert", str(security.tls.cert), "--tls-key", str(security.tls.key)]
+        args += ["--ca", str(security.tls.ca)] if security.tls.ca else []
+    return args
+
+
+def _mosquitto_config(host: str, port: int, security: BrokerSecurity | None, data_dir: Path) -> str:
+    if security is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # Run as whoever started it (see below); otherwise the file fogline broker config writes.
+        return render_mosquitto_conf(
+            port=port,
+            host=host,
+            password_file=security.password_file,
+            acl_file=security.acl_file,
+            persistence_dir=data_dir,
+            tls=security.tls,
+            run_as=getpass.getuser(),
+        )
     return "\n".join(
         [
             f"listener {port} {host}",
@@ -276,13 +331,17 @@ def _mqtt_connects(broker: BrokerProcess, *, wait: float) -> bool:
         protocol=paho.MQTTv311,
     )
     client.connect_timeout = max(wait, 0.1)
+    if broker.security is not None and broker.security.tls is not None:
+        # A liveness probe of our own child: any certificate will do here; clients verify.
+        client.tls_set(cert_reqs=ssl.CERT_NONE)
+        client.tls_insecure_set(True)
     answers: list[Any] = []
     client.on_connect = lambda _c, _u, _f, reason_code, _p: answers.append(reason_code)
     try:
         client.connect(broker.host, broker.port, keepalive=10)
         while not answers and time.monotonic() < deadline:
             if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS:
-                return False
+                break  # a refusing broker closes the socket right after its CONNACK
         if answers and not answers[0].is_failure:
             client.disconnect()
             client.loop(timeout=0.1)
@@ -292,7 +351,9 @@ def _mqtt_connects(broker: BrokerProcess, *, wait: float) -> bool:
         sock = client.socket()
         if sock is not None:
             sock.close()
-    if answers and answers[0].is_failure:
+    # With logins, refusing the probe's anonymous CONNECT is the right answer, and proof
+    # that the broker speaks MQTT.
+    if answers and answers[0].is_failure and broker.security is None:
         raise BrokerStartError(
             f"refused an anonymous CONNECT: {answers[0]}",
             kind=broker.kind,

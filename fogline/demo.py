@@ -119,15 +119,16 @@ class Demo:
         self.timings: dict[str, float] = {}
 
     def run(self) -> dict[str, Any]:
-        from fogline.broker import free_port, start_broker
+        from fogline.broker import free_port
 
         with ExitStack() as stack:
-            broker = stack.enter_context(start_broker(self.opts.broker, workdir=self.wd / "broker"))
-            stack.callback(self._stop_all)
             self.control_url = f"http://127.0.0.1:{free_port()}"
             self.fallback_url = f"http://127.0.0.1:{free_port()}"
+            agent_configs = self._enroll_agents()
+            broker = stack.enter_context(self._start_broker())
+            stack.callback(self._stop_all)
             self._start_control(broker.port)
-            agents = self.agents = self._start_agents(broker.port)
+            agents = self.agents = self._start_agents(broker.port, agent_configs)
             compression = self._build_models()
             self._start_fallback(f"{MODEL}:{VERSION}")
             rollout = self._roll_out(len(agents))
@@ -149,6 +150,34 @@ class Demo:
         for proc in reversed(self.procs):
             proc.stop()
 
+    @property
+    def control_workdir(self) -> Path:
+        return self.wd / "control"
+
+    def _enroll_agents(self) -> list[dict[str, Any]]:
+        """Enrollment, as an operator would do it offline: broker login, keys, fallback token."""
+        from cloud.enrollment import AgentSettings, enroll_device
+
+        configs = []
+        for i in range(1, self.opts.agents + 1):
+            device_id = f"device-{i}"
+            settings = AgentSettings(
+                model=MODEL,
+                state_dir=str(self.wd / "agents" / device_id),
+                fallback_url=self.fallback_url,
+            )
+            configs.append(enroll_device(self.control_workdir, device_id, settings))
+        return configs
+
+    def _start_broker(self) -> Any:
+        """The broker with the generated logins and ACL (``fogline broker config``'s files)."""
+        from cloud.enrollment import write_broker_config
+        from fogline.broker import BrokerSecurity, start_broker
+
+        files = write_broker_config(self.control_workdir, self.wd / "broker-config")
+        security = BrokerSecurity(files.password_file, files.acl_file)
+        return start_broker(self.opts.broker, workdir=self.wd / "broker", security=security)
+
     def _start_control(self, broker_port: int) -> None:
         from cloud.control_cli import ControlClient
         from cloud.token_cli import create_token
@@ -165,8 +194,8 @@ class Demo:
             [
                 "control",
                 "serve",
-                "--workdir",
-                str(self.wd / "control"),
+                "--workdir",  # its broker login: control/broker-control.json
+                str(self.control_workdir),
                 "--port",
                 port,
                 "--broker-port",
@@ -185,28 +214,22 @@ class Demo:
         """Enrollment's token part: each caller of the fallback gets its own, signed."""
         return str(self.admin.post_json(f"/api/devices/{device_id}/token", {})["token"])
 
-    def _start_agents(self, broker_port: int) -> list[Target]:
+    def _start_agents(self, broker_port: int, configs: list[dict[str, Any]]) -> list[Target]:
+        from cloud.enrollment import write_agent_config
         from fogline.broker import free_port
 
         agents = []
-        for i in range(1, self.opts.agents + 1):
-            device_id = f"device-{i}"
-            port = free_port()
+        for enrolled in configs:
+            device_id, port = enrolled["device_id"], free_port()
             config = {
-                "device_id": device_id,
-                "state_dir": str(self.wd / "agents" / device_id),
-                "trusted_keys": [self.public_key],
-                "model": MODEL,
+                **enrolled,
                 "broker_port": broker_port,
                 "api_port": port,
-                "cloud_url": self.fallback_url,
-                "cloud_token": self._token_for(device_id),
                 "telemetry_interval_s": 5.0,
                 "chunk_timeout_s": 2.0,
             }
             path = self.wd / "agents" / f"{device_id}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(config, indent=2))
+            write_agent_config(path, config)
             self._start(device_id, ["edge", "run", "--config", str(path)])
             agents.append(Target(device_id, f"http://127.0.0.1:{port}"))
         for agent, proc in zip(agents, self.procs[-len(agents) :], strict=True):
@@ -303,7 +326,11 @@ class Demo:
             rollout=rollout,
             results=results,
             broker=broker,
-            endpoints={"control": self.control_url, "fallback": self.fallback_url},
+            endpoints={
+                "control": self.control_url,
+                "fallback": self.fallback_url,
+                "broker": broker.url,
+            },
             timings=self.timings,
         )
         # Printed once, like a notebook's login token: what the operator and an app use.

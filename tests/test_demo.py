@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import signal
 import socket
@@ -11,8 +12,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
@@ -57,7 +61,9 @@ def test_demo_report(broker: str, tmp_path) -> None:
     for key in ("local_p50", "local_p99", "escalated_p50", "escalated_p99"):
         assert report["latency_ms"][key] > 0
     assert report["rollout_seconds"] > 0
-    assert set(report["endpoints"]) == {"control", "fallback"}
+    assert set(report["endpoints"]) == {"control", "fallback", "broker"}
+    assert report["endpoints"]["broker"] == report["broker"]["url"]
+    assert report["broker"]["url"].startswith("mqtt://127.0.0.1:")
     assert set(report["tokens"]) == {"operator", "app"}
     assert report["tokens"]["operator"].startswith("fgo_")
 
@@ -104,6 +110,20 @@ def _endpoints_up(report: dict) -> list[bool]:
     return up
 
 
+def _anonymous_connack(url: str) -> Any:
+    """The demo's broker answers an anonymous CONNECT with a refusal (it has logins and an ACL)."""
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    answers: queue.Queue[Any] = queue.Queue()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="anon", protocol=paho.MQTTv311)
+    client.on_connect = lambda _c, _u, _f, rc, _p: answers.put(rc)
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        return answers.get(timeout=10)
+    finally:
+        client.loop_stop()
+
+
 def _check_tokens(report: dict) -> None:
     """The printed operator token opens the control plane's API; nothing else does."""
     url = report["endpoints"]["control"] + "/api/devices"
@@ -146,6 +166,8 @@ def test_keep_running_stays_up_and_takes_everything_down_with_it(tmp_path, sig) 
         assert proc.poll() is None  # still up after the report
         assert all(_endpoints_up(report))
         _check_tokens(report)
+        if sig == signal.SIGINT:
+            assert _anonymous_connack(report["endpoints"]["broker"]).is_failure
         proc.send_signal(sig)  # Ctrl-C, or the demo itself killed outright
         code = proc.wait(60)
         assert code == (0 if sig == signal.SIGINT else -signal.SIGKILL)

@@ -68,3 +68,17 @@ def test_kept_keyrings_are_checked_again_from_the_anchors(tmp_path, caplog) -> N
     assert agent.trust.version == 0 and "keyring.json" in caplog.text
     (state / "keyring.json").write_text("{")
     assert EdgeAgent(cfg).trust.version == 0
+
+
+def test_fogline_device_enroll_writes_the_fleets_keyring(tmp_path) -> None:
+    from fogline.cli import main
+
+    store = rotated_workdir(tmp_path)
+    out = tmp_path / "dev-9.json"
+    argv = ["device", "enroll", "dev-9", "--workdir", str(store.dir.parent), "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["trusted_keys"] == [store.signer().public_key_hex]
+    doc["state_dir"] = str(tmp_path / "dev-9")
+    agent = EdgeAgent(AgentConfig.from_dict(doc))
+    assert agent.trust.version == 3  # not 0: an older keyring is refused from the start
