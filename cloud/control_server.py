@@ -61,8 +61,9 @@ class ControlSettings:
     database: str | None = None  # a postgresql:// URL; default: control.sqlite in workdir
     repair: RepairPolicy = field(default_factory=RepairPolicy)  # limits on repair requests
     # A stable MQTT client id makes a persistent session (the broker keeps events and
-    # chunk requests across a restart). Unset: a per-process random id and a clean
-    # session, so a device cannot guess the id and take the control plane's place.
+    # chunk requests across a restart). Unset: the broker login if there is one (the
+    # generated broker config binds ids to logins), else a per-process random id and
+    # a clean session, so a device cannot guess the id and take the control plane's place.
     mqtt_client_id: str | None = None
     max_upload_bytes: int = 2 * 1024**3  # a published package, all files together
     max_body_bytes: int = 1024**2  # every other request body
@@ -155,12 +156,15 @@ def _mqtt_link(settings: ControlSettings) -> MqttLink:
 
     NOTE: only a configured (secret, ACL-protected) name gets a persistent session;
     a guessable stable id would let any client take the session and its messages.
+    With a broker login, the id is the login: a broker from `fogline broker config`
+    forces client id = username, so only the holder of the password can take it.
     """
+    stable = settings.mqtt_client_id or settings.broker_username
     return MqttLink(
-        client_id=settings.mqtt_client_id or f"fogline-control-{secrets.token_hex(8)}",
+        client_id=stable or f"fogline-control-{secrets.token_hex(8)}",
         host=settings.broker_host,
         port=settings.broker_port,
-        persistent_session=settings.mqtt_client_id is not None,
+        persistent_session=stable is not None,
         username=settings.broker_username,
         password=settings.broker_password,
         tls=TlsConfig(settings.broker_tls_ca) if settings.broker_tls_ca else None,
