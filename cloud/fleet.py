@@ -20,6 +20,9 @@ from common.mqtt import MqttLink
 
 logger = logging.getLogger(__name__)
 
+# A real status or event is a few KiB; the broker takes 4 MiB packets.
+MAX_DEVICE_MESSAGE_BYTES = 64 * 1024
+
 
 class FleetMonitor:
     def __init__(
@@ -48,6 +51,9 @@ class FleetMonitor:
 
     @staticmethod
     def _parse(topic: str, payload: bytes, what: str) -> tuple[str, dict] | None:
+        if len(payload) > MAX_DEVICE_MESSAGE_BYTES:  # before parsing: stored and served whole
+            logger.warning("ignored %s on %s: %d bytes", what, topic, len(payload))
+            return None
         try:
             # topics.parse checks the device id (common.names) on the way.
             return topics.parse(topic).ident, parse_json_object(payload, what)
@@ -68,7 +74,8 @@ class FleetMonitor:
         device_id, doc = parsed  # the topic, not the payload, says who sent it
         await asyncio.to_thread(self.registry.record_event, device_id, doc)
         if doc.get("stage") in (messages.FAILED, messages.REJECTED, messages.CHUNK_REJECTED):
-            logger.warning("device %s: %s %s", device_id, doc.get("stage"), doc.get("error"))
+            error = str(doc.get("error"))[:200]  # the device wrote it: keep the log readable
+            logger.warning("device %s: %s %r", device_id, str(doc.get("stage"))[:40], error)
         await self._notify()
 
     async def _on_telemetry(self, topic: str, payload: bytes) -> None:

@@ -62,10 +62,12 @@ CREATE TABLE IF NOT EXISTS events (
     id {autoid}, device_id TEXT NOT NULL, command_id TEXT,
     stage TEXT NOT NULL, payload TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_by_device ON events (device_id, id);
 """
 
 
 DEVICE_STATES = ("online", "offline")
+MAX_EVENTS_PER_DEVICE = 500  # the newest are kept; a device cannot fill the disk
 
 
 def _package_path(store_dir: Path, name: str, variant: str, version: str) -> Path:
@@ -344,6 +346,12 @@ class Registry:
             db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
                 (device_id, command_id, str(doc.get("stage")), json.dumps(doc), now),
+            )
+            # Bounded: a device (or a stolen login) publishing in a loop keeps only its newest.
+            db.execute(
+                "DELETE FROM events WHERE device_id=? AND id <= (SELECT id FROM events"
+                " WHERE device_id=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (device_id, device_id, MAX_EVENTS_PER_DEVICE),
             )
             if command_id is not None and doc.get("stage") != CHUNK_REJECTED:
                 # CHUNK_REJECTED says nothing of the command's progress. REJECTED means
