@@ -25,11 +25,14 @@ from common.errors import (
     VerificationError,
 )
 from common.fsutil import write_durable
+from common.json_object import load_json
 from common.manifest import MANIFEST_FILE, SignedManifest, split_artifact, write_package
 from common.names import check_digest, check_name, safe_join
 from common.signing import TrustStore
 
 logger = logging.getLogger(__name__)
+
+MAX_ANSWER_BYTES = 32 * 1024**2
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
@@ -135,11 +138,26 @@ async def _get_json(
                 )
             if resp.status != 200:
                 raise CloudUnavailableError(f"{url}: HTTP {resp.status}")
-            return await resp.json()
-    except ValueError as exc:  # not JSON
-        raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
+            body = await _read_bounded(resp, url)
     except aiohttp.ClientError as exc:
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc
+    try:  # bounded depth, finite numbers: a RecursionError would kill the key refresher
+        return load_json(body, f"answer of {url}")
+    except InvalidInputError as exc:
+        raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:
+    """The answer's body, refused past MAX_ANSWER_BYTES (declared or as it arrives)."""
+    too_big = f"{url}: answer over {MAX_ANSWER_BYTES} bytes"
+    if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+        raise CloudUnavailableError(too_big)
+    body = bytearray()
+    async for block in resp.content.iter_chunked(1 << 16):
+        body += block
+        if len(body) > MAX_ANSWER_BYTES:
+            raise CloudUnavailableError(too_big)
+    return bytes(body)
 
 
 async def fetch_keyrings(control_url: str, token: str | None = None) -> list[Any]:
