@@ -159,23 +159,29 @@ class Registry:
             raise AlreadyExistsError(f"{m.name} {m.variant} version {m.version} already exists")
         dest = _package_path(self.store_dir, m.name, m.variant, m.version)
         _place_package(source_dir, dest, signed)
-        data = artifact_bytes(dest, m)
-        digest = artifact_digest(data)
-        atomic_write(self.store_dir / "artifacts" / digest, data)
-        self._q(
-            "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
-            (
-                m.name,
-                m.variant,
-                m.version,
-                m.release,
-                json.dumps(signed.to_dict()),
-                digest,
-                len(data),
-                m.parent,
-                time.time(),
-            ),
-        )
+        try:
+            data = artifact_bytes(dest, m)
+            digest = artifact_digest(data)
+            atomic_write(self.store_dir / "artifacts" / digest, data)
+            self._q(
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    m.name,
+                    m.variant,
+                    m.version,
+                    m.release,
+                    json.dumps(signed.to_dict()),
+                    digest,
+                    len(data),
+                    m.parent,
+                    time.time(),
+                ),
+            )
+        except BaseException:
+            # NOTE: no row, no directory: a package left without a row would block its
+            # version for good ("exists in the store already").
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         return VersionRecord(signed, digest, len(data), dest)
 
     def with_chunks(self, source_dir: Path, manifest: Manifest) -> Manifest:
@@ -441,7 +447,8 @@ def _place_package(source_dir: Path, dest: Path, signed: SignedManifest) -> None
             shutil.copyfile(source_dir / f.name, staging / f.name)
         write_package(staging, signed)
         if dest.exists():  # left by an interrupted publish, or a concurrent one
-            raise AlreadyExistsError(f"{dest} exists in the store already")
+            what = "/".join(dest.parts[-3:])  # name/variant/version: no server paths in errors
+            raise AlreadyExistsError(f"{what} exists in the store already")
         staging.rename(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

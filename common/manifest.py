@@ -28,6 +28,7 @@ from common.signing import Purpose, Signer, TrustStore
 MANIFEST_FILE = "manifest.json"
 UNSIGNED_MANIFEST_FILE = "manifest.unsigned.json"  # what operators upload; the control plane signs
 SCHEMA = "fogline.manifest/v1"
+MAX_RELEASE = 2**31 - 1  # a 32-bit column in PostgreSQL; a counter never gets near it
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,15 @@ class Manifest:
         check_name(self.name, "model name")
         check_name(self.version, "model version")
         check_name(self.variant, "variant")
-        if not isinstance(self.release, int) or isinstance(self.release, bool) or self.release < 0:
-            raise InvalidInputError(f"release must be a non-negative integer, got {self.release!r}")
+        release = self.release
+        if (
+            not isinstance(release, int)
+            or isinstance(release, bool)
+            or not 0 <= release <= MAX_RELEASE
+        ):
+            raise InvalidInputError(
+                f"release must be an integer in 0..{MAX_RELEASE}, got {release!r}"
+            )
         if self.parent is not None:
             check_name(self.parent, "parent version")
         names = [f.name for f in self.files]
