@@ -22,6 +22,7 @@ from typing import Any
 
 from common import chunking
 from common.errors import InvalidInputError, VerificationError
+from common.inference import MAX_DIMS, V2_TO_NUMPY
 from common.names import check_digest, check_name
 from common.signing import Purpose, Signer, TrustStore
 
@@ -148,8 +149,36 @@ class Manifest:
             check_digest(f.sha256, f"sha256 of {f.name!r}")
         if sum(1 for f in self.files if f.role == "model") != 1:
             raise InvalidInputError("manifest must name exactly one model file")
+        self._validate_types()
         if self.chunks is not None:
             self._validate_chunks(self.chunks)
+
+    def _validate_types(self) -> None:
+        """Fields that devices read (routing, tensor specs, target): the types they expect.
+
+        NOTE: a manifest is signed and then trusted by every agent that installs it; a
+        threshold of "x" would fail every request there, so it is refused here.
+        """
+        for key in ("task", "format", "precision", "created_at"):
+            _check_text(getattr(self, key), key)
+        for key, value in asdict(self.target).items():
+            if value is not None:
+                _check_text(value, f"target.{key}")
+        if not self.inputs or not self.outputs:
+            raise InvalidInputError("manifest must list the model's inputs and outputs")
+        for spec in (*self.inputs, *self.outputs):
+            _check_tensor_spec(spec)
+        hints = self.routing
+        _check_text(hints.uncertainty_metric, "routing.uncertainty_metric")
+        if not _is_number(hints.uncertainty_threshold):
+            raise InvalidInputError("routing.uncertainty_threshold must be a number")
+        batch = hints.max_local_batch
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch <= MAX_RELEASE:
+            raise InvalidInputError(f"routing.max_local_batch must be a count, got {batch!r}")
+        if not isinstance(self.evaluation, dict) or not all(
+            isinstance(k, str) and _is_number(v) for k, v in self.evaluation.items()
+        ):
+            raise InvalidInputError("evaluation must map names to numbers")
 
     def _validate_chunks(self, chunks: ChunkList) -> None:
         count = chunking.chunk_count(self.artifact_size, _check_chunk_size(chunks.size))
@@ -191,6 +220,28 @@ class Manifest:
     @property
     def artifact_size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e300
+
+
+def _check_text(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) > 256:
+        raise InvalidInputError(f"manifest {what} must be a string (at most 256 characters)")
+    return value
+
+
+def _check_tensor_spec(spec: TensorSpec) -> None:
+    _check_text(spec.name, "tensor name")
+    if not isinstance(spec.datatype, str) or spec.datatype not in V2_TO_NUMPY:
+        raise InvalidInputError(f"tensor {spec.name!r}: unknown V2 datatype {spec.datatype!r}")
+    shape = spec.shape
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise InvalidInputError(f"tensor {spec.name!r}: shape must be a list of dimensions")
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or not -1 <= dim <= MAX_RELEASE:
+            raise InvalidInputError(f"tensor {spec.name!r}: bad dimension {dim!r} (-1: dynamic)")
 
 
 def _check_chunk_size(size: object) -> int:
