@@ -75,6 +75,18 @@ class Keyring:
         return ring
 
     def validate(self) -> None:
+        # NOTE: the same bounds as from_dict: a keyring written past them could not be read
+        # back by any receiver, nor by the control plane itself.
+        for what, items in (
+            ("keys", self.keys),
+            ("retired", self.retired),
+            ("revoked", self.revoked),
+        ):
+            if len(items) > MAX_KEYS:
+                raise InvalidInputError(
+                    f"keyring {what!r} would hold {len(items)} keys; at most {MAX_KEYS}: "
+                    "revoke keys nothing installed still needs before changing more"
+                )
         ids = [k.key_id for k in (*self.keys, *self.retired)]
         if len(set(ids)) != len(ids):
             raise InvalidInputError("keyring lists a key twice")
