@@ -141,8 +141,10 @@ class Demo:
 
     # -- processes ---------------------------------------------------------------------
 
-    def _start(self, name: str, args: list[str]) -> ManagedProcess:
-        proc = ManagedProcess(name, args, self.wd / "logs" / f"{name}.log")
+    def _start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        proc = ManagedProcess(name, args, self.wd / "logs" / f"{name}.log", env)
         self.procs.append(proc)
         return proc
 
@@ -248,8 +250,6 @@ class Demo:
                 port,
                 "--control",
                 self.control_url,
-                "--control-token",
-                self.fallback_token,
                 "--model",
                 model_ref,
                 "--cache-dir",
@@ -258,6 +258,7 @@ class Demo:
                 self.public_key,
                 "--device-tokens",
             ],
+            env={"FOGLINE_CONTROL_TOKEN": self.fallback_token},  # not argv: ps shows argv
         )
         proc.wait_ready(f"{self.fallback_url}/v2/health/ready", 60)
         logger.info("cloud fallback ready at %s", self.fallback_url)

@@ -37,12 +37,16 @@ class ProcessError(FoglineError, RuntimeError):
 class ManagedProcess:
     """``fogline <args>`` in a child process; output goes to ``log_path``."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: extra variables; NOTE: secrets go here, never in ``args`` (``ps`` shows
+        every user a command line, while /proc/PID/environ is readable by the owner only)."""
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fogline", *args],
             stdout=self._log,

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -174,3 +175,62 @@ def test_keep_running_stays_up_and_takes_everything_down_with_it(tmp_path, sig) 
         _wait_all_down(report, 15)
     finally:
         proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: Linux only)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                text = status.read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{parent}\n" in text:
+                child = int(status.parent.name)
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_no_secret_in_a_command_line_or_a_world_readable_file(tmp_path) -> None:
+    """Red team: the demo started the fallback with ``--control-token fgo_...``: any local
+    user saw the control plane's token in ``ps``. Secrets go in files (0600) or the
+    environment, never in argv, and never in a file other users may read."""
+    workdir = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "fogline", "demo", "--json", "--keep-running"]
+    proc = subprocess.Popen(
+        [*cmd, "--agents", "1", "--samples", "20", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        report = json.loads(proc.stdout.readline())
+        agents = [json.loads(p.read_text()) for p in (workdir / "agents").glob("*.json")]
+        secrets = {
+            "fgo_",  # every operator token
+            report["tokens"]["app"],
+            *(a["broker_password"] for a in agents),
+            *(a["cloud_token"] for a in agents),
+        }
+        for pid in _children(proc.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            leaked = [s[:12] for s in secrets if s in argv]
+            assert not leaked, (argv.replace("\0", " "), leaked)
+        for path in workdir.rglob("*"):
+            if path.is_file() and path.stat().st_mode & 0o004:
+                data = path.read_bytes()
+                assert b"PRIVATE KEY" not in data, path
+                assert not [s for s in secrets if s.encode() in data], path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        finally:
+            proc.kill()
