@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from common.errors import AuthError, VerificationError
+from common.json_object import load_json
 from common.signing import Signer, TrustStore, canonical_json
 
 DEFAULT_LIFETIME_S = 30 * 24 * 3600.0
@@ -47,7 +47,8 @@ def verify_token(trust: TrustStore, token: str, *, now: float | None = None) -> 
     """The claims of a valid, unexpired token; AuthError for anything else."""
     try:
         payload, _, signature = token.partition(".")
-        claims: Any = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        # load_json: bounded depth (a bare RecursionError would be a 500), no NaN.
+        claims: Any = load_json(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         trust.verify(claims, signature, str(claims["key_id"]), purpose="token")
         device_id, expires_at = str(claims["device_id"]), float(claims["expires_at"])
     except (ValueError, KeyError, TypeError, binascii.Error, VerificationError) as exc:
