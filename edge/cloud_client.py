@@ -19,7 +19,6 @@ event loop (a 12 MiB request once stalled it for 4.3 s as JSON).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -29,6 +28,7 @@ import aiohttp
 
 from common.errors import CloudUnavailableError, InvalidInputError, PayloadTooLargeError
 from common.inference import InferRequest, InferResponse
+from common.json_object import load_json
 from common.manifest import TensorSpec
 from common.runtime import ModelInfo
 from common.v2_binary import BINARY_HEADER, decode_infer_response, encode_infer_request
@@ -122,7 +122,7 @@ class CloudClient:
         if status >= 400:
             raise _status_error(status, payload, url)
         try:
-            doc = json.loads(payload)
+            doc = load_json(payload, "cloud metadata")
             self._info = ModelInfo(
                 name=self.model,
                 version=str(doc["versions"][-1]),
@@ -182,8 +182,8 @@ def _status_error(status: int, payload: bytes, url: str) -> Exception:
 
 def _error_text(payload: bytes) -> str:
     try:
-        doc: Any = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        doc: Any = load_json(payload, "cloud error")  # bounded depth: the cloud is not trusted
+    except InvalidInputError:
         return payload[:200].decode(errors="replace")
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
         return doc["error"]

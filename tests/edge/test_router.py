@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cloud.fallback import FallbackSettings, build_fallback_app
 from common.errors import (
     CloudUnavailableError,
+    FoglineError,
     InvalidInputError,
     ModelNotReadyError,
     http_status_of,
@@ -645,3 +646,30 @@ def test_edge_modules_do_not_import_torch_or_cloud(tmp_path: Path) -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+@pytest.mark.parametrize("status", [200, 400, 413, 503])
+async def test_a_deeply_nested_cloud_answer_degrades_not_500(
+    status: int, local: OnnxRuntime, routers: Any
+) -> None:
+    """Red team: the agent parsed a cloud's error body (and metadata) with bare
+    ``json.loads``; a hostile or intercepted fallback answering 100,000 nested ``[``
+    raised RecursionError out of the router: a 500 to the device's own caller."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=deep, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v2/models/{model}/infer", answer)
+    app.router.add_get("/v2/models/{model}", answer)
+    server = await start_server(app)
+    try:
+        router = await routers(url_of(server), local, UNSURE)
+        try:
+            resp = await router.infer(request(1))
+        except FoglineError:  # a refusal passed on is fine; a RecursionError is not
+            return
+        assert resp.parameters[DEGRADED] is True and resp.parameters[SERVED_BY] == "edge"
+    finally:
+        await server.close()
