@@ -245,7 +245,8 @@ async def artifact(request: web.Request) -> web.FileResponse:
 async def start_rollout(request: web.Request) -> web.Response:
     doc = parse_json_object(await request.read(), "rollout request")
     try:
-        name, version = str(doc["model"]), str(doc["version"])
+        name = check_name(doc["model"], "model name")
+        version = check_name(doc["version"], "model version")
     except KeyError as exc:
         raise InvalidInputError(f"rollout needs {exc.args[0]!r}") from None
     targets = doc.get("devices")
@@ -253,8 +254,11 @@ async def start_rollout(request: web.Request) -> web.Response:
         raise InvalidInputError("'devices' must be a list of device ids")
     for device_id in targets or []:
         check_name(device_id, "device id")  # before it becomes a topic
+    downgrade = doc.get("allow_downgrade", False)
+    if not isinstance(downgrade, bool):  # NOTE: bool("false") is True: never coerce this one
+        raise InvalidInputError(f"'allow_downgrade' must be true or false, got {downgrade!r}")
     rollout_id = await request.app[ROLLOUTS].start(
-        name, version, targets, allow_downgrade=bool(doc.get("allow_downgrade"))
+        name, version, targets, allow_downgrade=downgrade
     )
     return web.json_response({"id": rollout_id}, status=202)
 
