@@ -67,11 +67,15 @@ def guarded(handler: Handler, role: str | None) -> Handler:
     return checked
 
 
-async def receive_package(request: web.Request, dest: Path) -> Manifest | SignedManifest:
+async def receive_package(
+    request: web.Request, dest: Path, check: Callable[[SignedManifest | None], None]
+) -> Manifest | SignedManifest:
     """Read a publish upload into ``dest``: the manifest part first, then its files.
 
     The manifest part is ``manifest`` (unsigned: the control plane signs it) or
     ``signed_manifest`` (signed offline by a release key; returned as it came).
+    ``check`` judges it (the signed manifest, or None) before a file byte is read,
+    so an upload that will be refused costs no disk.
 
     Each file part must be named in the manifest, once, and is cut off at the size
     the manifest gives it; all of them together at the route's upload limit (413).
@@ -83,7 +87,7 @@ async def receive_package(request: web.Request, dest: Path) -> Manifest | Signed
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     try:
-        return await _receive_parts(await request.multipart(), dest, limit)
+        return await _receive_parts(await request.multipart(), dest, limit, check)
     except FoglineError:
         raise
     except (HttpProcessingError, ValueError) as exc:  # aiohttp's multipart parser refused it
@@ -91,7 +95,10 @@ async def receive_package(request: web.Request, dest: Path) -> Manifest | Signed
 
 
 async def _receive_parts(
-    reader: MultipartReader, dest: Path, limit: int
+    reader: MultipartReader,
+    dest: Path,
+    limit: int,
+    check: Callable[[SignedManifest | None], None],
 ) -> Manifest | SignedManifest:
     manifest: Manifest | None = None
     signed: SignedManifest | None = None
@@ -107,6 +114,7 @@ async def _receive_parts(
                 manifest = signed.manifest
             else:
                 manifest = Manifest.from_dict(doc)
+            check(signed)
             continue
         if manifest is None:
             raise InvalidInputError("publish: the 'manifest' part must come first")

@@ -221,12 +221,11 @@ async def publish(request: web.Request) -> web.Response:
     """
     keys, registry = request.app[KEYS], request.app[REGISTRY]
     with tempfile.TemporaryDirectory(dir=registry.store_dir) as tmp:
-        received = await receive_package(request, Path(tmp))
+        # keys.check_upload runs on the manifest part, before any file is read.
+        received = await receive_package(request, Path(tmp), keys.check_upload)
         if isinstance(received, SignedManifest):
-            keys.check_upload(received)
             record = await asyncio.to_thread(registry.publish_signed, Path(tmp), received)
         else:
-            keys.check_upload(None)
             record = await asyncio.to_thread(registry.publish, Path(tmp), received, keys.signer)
     m = record.manifest
     logger.info("published %s %s (%s, key %s)", m.name, m.version, m.variant, record.signed.key_id)
