@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from cloud.registry import Registry
+from cloud.registry import MAX_EVENTS_PER_DEVICE, Registry
 from common import chunking
 from common.errors import AlreadyExistsError, ModelNotFoundError, StoreError
 from common.manifest import ChunkList, artifact_bytes
@@ -189,4 +189,17 @@ def test_publish_signs_the_chunk_list_it_computed_itself(tmp_path) -> None:
     assert record.manifest.chunks == ChunkList(512, chunking.chunk_hashes(data, 512))
     # What was stored reads back the same, list and all.
     assert registry.version("toy", "2").signed == record.signed
+    registry.close()
+
+
+def test_events_are_capped_per_device(database, tmp_path) -> None:
+    """Red team: a device's events were kept forever (see tests/cloud/test_fleet_bounds.py)."""
+    registry = Registry(database, tmp_path / "store")
+    for i in range(MAX_EVENTS_PER_DEVICE + 20):
+        registry.record_event("dev-a", {"command_id": None, "stage": f"s{i}"})
+    registry.record_event("dev-b", {"command_id": None, "stage": "only"})
+    kept = registry.events("dev-a", limit=10 * MAX_EVENTS_PER_DEVICE)
+    assert len(kept) == MAX_EVENTS_PER_DEVICE
+    assert kept[0]["stage"] == f"s{MAX_EVENTS_PER_DEVICE + 19}" and kept[-1]["stage"] == "s20"
+    assert [e["stage"] for e in registry.events("dev-b")] == ["only"]  # others untouched
     registry.close()
