@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.broker_auth import TlsFiles
+from common.broker_auth import MAX_PACKET_SIZE, TlsFiles
 
 if TYPE_CHECKING:
     from fogline.amqtt_auth import Identities
@@ -215,9 +215,35 @@ def _reload_identities(broker: Any, auth: AuthFiles) -> None:
     logger.info("loaded %d logins and their ACL", len(identities.hashes))
 
 
+class PacketTooLargeError(Exception):
+    """A packet over MAX_PACKET_SIZE: the connection ends (Mosquitto's ``max_packet_size``).
+
+    NOTE: not an amqtt MQTTError, which amqtt's reader loop swallows and reads on."""
+
+
+def _limit_packet_size(max_bytes: int = MAX_PACKET_SIZE) -> None:
+    """Refuse any packet whose fixed header announces more than ``max_bytes``, before its
+    body is read: amqtt 0.12.1 has no limit and reads a packet whole into memory."""
+    from amqtt.mqtt.packet import MQTTFixedHeader
+
+    original = MQTTFixedHeader.from_stream.__func__  # type: ignore[attr-defined]
+    if getattr(original, "fogline_limited", False):
+        return
+
+    async def from_stream(cls: type, reader: Any) -> Any:
+        header = await original(cls, reader)
+        if header is not None and header.remaining_length > max_bytes:
+            raise PacketTooLargeError(f"packet of {header.remaining_length} bytes")
+        return header
+
+    from_stream.fogline_limited = True  # type: ignore[attr-defined]
+    MQTTFixedHeader.from_stream = classmethod(from_stream)  # type: ignore[method-assign,assignment]
+
+
 async def _serve_embedded(
     host: str, port: int, auth: AuthFiles | None = None, tls: TlsFiles | None = None
 ) -> None:
+    _limit_packet_size()
     broker = _patched_broker_class()(amqtt_config(host, port, auth, tls))
     if auth is not None:
         _reload_identities(broker, auth)

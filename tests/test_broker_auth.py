@@ -33,7 +33,7 @@ from cloud.enrollment import (
     write_broker_config,
 )
 from common import topics
-from common.broker_auth import TlsFiles
+from common.broker_auth import MAX_PACKET_SIZE, TlsFiles
 from fogline.broker import BrokerProcess, BrokerSecurity, start_broker
 from fogline.cli import main
 from tests.conftest import free_port, wait_port
@@ -356,3 +356,20 @@ def test_reconnecting_with_the_same_login_takes_the_session_over(secured, opened
     control.publish(topics.device_topic("device-2", "commands"), b"after the takeover")
     assert second.receive().payload == b"after the takeover"
     assert control.drain() == []  # no "offline" will for a device that is online
+
+
+def test_a_packet_over_the_size_limit_is_refused_on_both_brokers(secured, opened) -> None:
+    """Red team: Mosquitto runs with ``max_packet_size`` (4 MiB + change); the embedded
+    amqtt broker had no limit, so one device's login could push a 64 MiB message through
+    it to the control plane (and any size into the broker's memory)."""
+    broker, logins = secured
+    control = _client(opened, broker, "control", logins.control).connected()
+    assert control.subscribe(topics.all_devices_filter("events"))
+    big = _client(opened, broker, "big", logins.devices["device-1"]).connected()
+    big.paho.publish(topics.device_topic("device-1", "events"), b"x" * (64 * 1024**2), qos=1)
+    time.sleep(2.0)
+    marker = _client(opened, broker, "marker", logins.devices["device-2"]).connected()
+    marker.publish(topics.device_topic("device-2", "events"), b"after")
+    first = control.receive()
+    sizes = [len(first.payload), *(len(payload) for _topic, payload in control.drain())]
+    assert max(sizes) <= MAX_PACKET_SIZE, sizes
