@@ -10,12 +10,11 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from cloud import enrollment
 from common.broker_auth import TlsFiles
-from common.errors import FoglineError
+from common.cli_errors import one_line_errors
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +42,16 @@ def register_device(subparsers: argparse._SubParsersAction) -> None:
     enroll.add_argument(
         "--token-days", type=float, default=30.0, help="fallback token lifetime (days)"
     )
-    enroll.set_defaults(func=_guarded(_enroll))
+    enroll.set_defaults(func=one_line_errors(_enroll))
     listing = subparsers.add_parser("list", help="list enrolled devices")
     listing.add_argument("--workdir", type=Path, required=True, help=_WORKDIR_HELP)
-    listing.set_defaults(func=_guarded(_list))
+    listing.set_defaults(func=one_line_errors(_list))
     revoke = subparsers.add_parser(
         "revoke", help="forget a device (regenerate the broker config afterwards)"
     )
     revoke.add_argument("device_id", metavar="DEVICE_ID")
     revoke.add_argument("--workdir", type=Path, required=True, help=_WORKDIR_HELP)
-    revoke.set_defaults(func=_guarded(_revoke))
+    revoke.set_defaults(func=one_line_errors(_revoke))
 
 
 def register_broker(subparsers: argparse._SubParsersAction) -> None:
@@ -72,20 +71,7 @@ def register_broker(subparsers: argparse._SubParsersAction) -> None:
     config.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     config.add_argument("--ca", type=Path, help="CA certificate (PEM) for client certificates")
     config.add_argument("--run-as", help="user mosquitto drops to when started as root")
-    config.set_defaults(func=_guarded(_broker_config))
-
-
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad input or state: one line on stderr, exit 1, no traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (FoglineError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-
-    return run
+    config.set_defaults(func=one_line_errors(_broker_config))
 
 
 def _enroll(args: argparse.Namespace) -> int:

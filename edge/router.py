@@ -137,7 +137,8 @@ class Router:
     def set_local(self, runtime: Runtime | None, hints: RoutingHints | None = None) -> None:
         """Swap the local model (already loaded and self-tested); None removes it."""
         hints = hints or RoutingHints()
-        if hints.uncertainty_metric not in uncertainty.METRICS:
+        known = (*uncertainty.METRICS, uncertainty.NO_METRIC)
+        if hints.uncertainty_metric not in known:
             raise InvalidInputError(f"unknown uncertainty metric {hints.uncertainty_metric!r}")
         self._local = _Local(runtime, hints) if runtime is not None else None
         self._ewma_ms = None  # a new model has its own speed
@@ -390,6 +391,8 @@ def _rows(request: InferRequest) -> int:
 
 def _uncertainty(response: InferResponse, metric: str) -> float | None:
     """The highest per-row score of the probabilities output, if there is one."""
+    if metric == uncertainty.NO_METRIC:
+        return None
     outputs = {t.name: t for t in response.outputs}
     probs = outputs.get("probabilities")
     if probs is None and len(response.outputs) == 1:

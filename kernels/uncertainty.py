@@ -36,6 +36,10 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=-1) / np.log(c) if c > 1 else np.zeros(p.shape[:-1])
 
 
+# Routing hint for a model whose outputs are not class probabilities (a regressor, an
+# embedding): nothing to score, so never escalate on uncertainty.
+NO_METRIC = "none"
+
 METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "max_prob": max_prob,
     "margin": margin,

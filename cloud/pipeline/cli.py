@@ -18,13 +18,14 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud.pipeline.train_cli import add_train
-from common.errors import FoglineError, InvalidInputError
+from common.cli_errors import one_line_errors
+from common.errors import InvalidInputError
 from common.manifest import UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
@@ -39,23 +40,8 @@ DATA_SEED = 0
 GOLDEN_ROWS = 8
 DIGITS_MAX_LOCAL_BATCH = 8
 
-Handler = Callable[[argparse.Namespace], int]
 
 _DATA_HELP = "rows for any model: one array per input name, plus optional 'labels' or 'reference'"
-
-
-def _guarded(handler: Handler) -> Handler:
-    """Turn Fogline and file errors into a one-line message and exit code 1."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (FoglineError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-
-    run.__doc__ = handler.__doc__
-    return run
 
 
 def _existing_file(text: str) -> Path:
@@ -256,7 +242,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="largest accepted accuracy drop in percentage points (default 1.0)",
     )
-    p.set_defaults(func=_guarded(cmd_compress))
+    p.set_defaults(func=one_line_errors(cmd_compress))
 
 
 def _add_package(subparsers: argparse._SubParsersAction) -> None:
@@ -310,11 +296,11 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
         help="with --data: the largest local batch is the largest whose median run on one "
         "thread stays within this (default 10)",
     )
-    p.set_defaults(func=_guarded(cmd_package))
+    p.set_defaults(func=one_line_errors(cmd_package))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``compress`` and ``package`` to the ``fogline model`` group."""
-    add_train(subparsers, _guarded)
+    add_train(subparsers)
     _add_compress(subparsers)
     _add_package(subparsers)

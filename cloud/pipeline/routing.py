@@ -19,7 +19,7 @@ from cloud.pipeline.model_data import ModelData, fixed_batch
 from common.errors import InvalidInputError
 from common.manifest import RoutingHints, TensorSpec
 from common.onnx_runtime import open_session
-from kernels.uncertainty import score, threshold_for_fraction
+from kernels.uncertainty import NO_METRIC, score, threshold_for_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def calibrate_for_data(
             raise InvalidInputError(str(exc)) from exc
     else:
         logger.warning("first output is not class probabilities: no uncertainty escalation")
+        metric = NO_METRIC
     if max_local_batch is None:
         max_local_batch = fixed_batch(specs)
     if max_local_batch is None:

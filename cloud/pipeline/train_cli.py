@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud.pipeline.recipe import Recipe
 from cloud.pipeline.zoo import KIND_ALIASES, ZOO, entry
+from common.cli_errors import one_line_errors
 from common.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def _write_outputs(
         print(f"wrote {args.data_out} ({len(targets)} val rows)")
 
 
-def add_train(subparsers: argparse._SubParsersAction, guarded: Any) -> None:
+def add_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a zoo model or your own PyTorch model and export it to ONNX",
@@ -187,4 +188,4 @@ def add_train(subparsers: argparse._SubParsersAction, guarded: Any) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    p.set_defaults(func=guarded(cmd_train))
+    p.set_defaults(func=one_line_errors(cmd_train))

@@ -333,3 +333,11 @@ def test_regression_with_a_sequence_axis_exports_dynamic_and_chains(
     assert main([*argv, "--out", str(tmp_path / "seq8.onnx")]) == 0
     out = capsys.readouterr().out
     assert "\nr2 " in out  # one number per row: judged by R², not by a cosine of signs
+    # Not class probabilities: the package tells the router there is nothing to score.
+    argv = ["model", "package", "--model", str(fp32), "--data", str(data), "--name", "seq"]
+    argv += ["--version", "1", "--release", "1", "--variant", "edge", "--precision", "fp32"]
+    assert main([*argv, "--max-local-batch", "4", "--out", str(tmp_path / "pkg")]) == 0
+    manifest = Manifest.from_dict(
+        json.loads((tmp_path / "pkg" / UNSIGNED_MANIFEST_FILE).read_text())
+    )
+    assert manifest.routing.uncertainty_metric == "none"

@@ -188,6 +188,17 @@ async def test_entropy_metric(cloud: TestServer, local: OnnxRuntime, routers: An
     assert resp.parameters[UNCERTAINTY] == pytest.approx(uncertainty.entropy(probs).max())
 
 
+async def test_no_metric_never_escalates_on_uncertainty(
+    cloud: TestServer, local: OnnxRuntime, routers: Any
+) -> None:
+    """A regressor's package says "none": its outputs are not scored as probabilities."""
+    hints = RoutingHints(uncertainty_metric=uncertainty.NO_METRIC, uncertainty_threshold=0.0)
+    router = await routers(url_of(cloud), local, hints)
+    resp = await router.infer(request(2))
+    assert resp.parameters[SERVED_BY] == "edge"
+    assert UNCERTAINTY not in resp.parameters
+
+
 async def test_heavy_request_goes_to_cloud(
     cloud: TestServer, local: OnnxRuntime, routers: Any
 ) -> None:
