@@ -134,7 +134,11 @@ def register_operator(subparsers: argparse._SubParsersAction) -> None:
     roll.add_argument("--model", required=True)
     roll.add_argument("--version", required=True)
     roll.add_argument("--device", action="append", help="target device (default: all online)")
-    roll.add_argument("--allow-downgrade", action="store_true")
+    roll.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="roll out a lower release than devices run (needs an admin token)",
+    )
     _client_args(roll)
     roll.add_argument("--wait", action="store_true", help="wait and print progress")
     roll.add_argument("--timeout", type=float, default=300.0)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from cloud import keys_api
 from cloud.control_auth import (
+    CALLER,
     DEVICE_OR_VIEWER,
     OPERATORS,
     TRUST,
@@ -30,7 +31,7 @@ from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
-from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER
+from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER, Operator
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
@@ -256,6 +257,12 @@ async def start_rollout(request: web.Request) -> web.Response:
     downgrade = doc.get("allow_downgrade", False)
     if not isinstance(downgrade, bool):  # NOTE: bool("false") is True: never coerce this one
         raise InvalidInputError(f"'allow_downgrade' must be true or false, got {downgrade!r}")
+    if downgrade:
+        # A downgrade re-opens old, possibly vulnerable versions: more than an operator may do,
+        # so a stolen operator token cannot roll the fleet back.
+        caller = request[CALLER]
+        assert isinstance(caller, Operator)  # the route takes operator tokens only
+        caller.require(ADMIN)
     rollout_id = await request.app[ROLLOUTS].start(
         name, version, targets, allow_downgrade=downgrade
     )

@@ -22,6 +22,7 @@ from common import chunking
 from common.errors import (
     AlreadyExistsError,
     ModelNotFoundError,
+    NotFoundError,
     VerificationError,
 )
 from common.fsutil import atomic_write
@@ -247,13 +248,13 @@ class Registry:
         check_digest(digest)
         found = self._records("artifact_digest=?", (digest,))
         if not found:
-            raise ModelNotFoundError(f"artifact {digest[:16]}")
+            raise NotFoundError(f"unknown artifact {digest[:16]}")
         return found[0]
 
     def artifact_path(self, digest: str) -> Path:
         path = self.store_dir / "artifacts" / check_digest(digest)
         if not path.is_file():
-            raise ModelNotFoundError(f"artifact {digest[:16]}")
+            raise NotFoundError(f"unknown artifact {digest[:16]}")
         return path
 
     # -- devices -------------------------------------------------------------------
@@ -397,7 +398,7 @@ class Registry:
             (rollout_id,),
         )
         if not rows:
-            raise ModelNotFoundError(f"rollout {rollout_id}")
+            raise NotFoundError(f"unknown rollout {rollout_id!r}")
         name, version, state, created, finished = rows[0]
         devices = {
             d: {"stage": s, "error": e, "command_id": c}

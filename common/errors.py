@@ -54,10 +54,14 @@ class ForbiddenError(FoglineError, PermissionError):
     http_status = 403
 
 
-class ModelNotFoundError(FoglineError, LookupError):
-    """No model (or version) of that name is known here."""
+class NotFoundError(FoglineError, LookupError):
+    """Nothing of that name is known here (a rollout, an artifact, a key)."""
 
     http_status = 404
+
+
+class ModelNotFoundError(NotFoundError):
+    """No model (or version) of that name is known here."""
 
     def __init__(self, model: str, version: str | None = None) -> None:
         self.model = model

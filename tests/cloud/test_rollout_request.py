@@ -33,3 +33,22 @@ async def test_wrong_types_in_a_rollout_request_are_400(mosquitto, tmp_path) -> 
                 f"{cp.url}/api/rollouts", json={**good, "allow_downgrade": False}
             ) as r:
                 assert r.status == 202
+
+
+async def test_a_downgrade_needs_an_admin(mosquitto, tmp_path) -> None:
+    """A stolen operator token cannot roll the fleet back to an old signed version."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        doc = {"model": "toy", "version": "1", "devices": ["dev-1"], "allow_downgrade": True}
+        url = f"{cp.url}/api/rollouts"
+        async with (
+            aiohttp.ClientSession(headers=cp.auth("operator")) as s,
+            s.post(url, json=doc) as resp,
+        ):
+            assert resp.status == 403 and "admin" in (await resp.json())["error"]
+        assert cp.registry.rollouts() == []
+        async with (
+            aiohttp.ClientSession(headers=cp.auth("admin")) as s,
+            s.post(url, json=doc) as resp,
+        ):
+            assert resp.status == 202
