@@ -116,12 +116,7 @@ class ModelStore:
 
     def stage(self, signed: SignedManifest, files: dict[str, bytes]) -> SlotModel:
         """Write a verified package into the inactive slot and return it (not active yet)."""
-        pointer = self._read_json(self._pointer)
-        active = pointer.get("slot")
-        target = "b" if active == "a" else "a"
-        if pointer.get("previous") == target:
-            # The slot we are about to overwrite stops being a rollback target first.
-            atomic_write(self._pointer, json.dumps({"slot": active, "previous": None}).encode())
+        target = self._staging_target()
         tmp = self.slots_dir / f".staging-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
@@ -141,6 +136,23 @@ class ModelStore:
         if staged is None:
             raise StoreError(f"staged slot {target} failed verification")
         return staged
+
+    def _staging_target(self) -> str:
+        """The slot to overwrite: never the one being served, whatever the pointer says.
+
+        After a fall-back (active slot damaged) the served slot is the pointer's
+        ``previous``; staging "into the inactive slot" by the pointer alone would
+        overwrite the only good model. So the pointer is first made to name the
+        served slot with no rollback target, then the other slot is the target.
+        """
+        pointer = self._read_json(self._pointer)
+        served = self.load_active()
+        active = served.slot if served is not None else pointer.get("slot")
+        target = "b" if active == "a" else "a"
+        if pointer.get("slot") != active or pointer.get("previous") == target:
+            # The slot we are about to overwrite stops being named first (NOTE: crash safety).
+            atomic_write(self._pointer, json.dumps({"slot": active, "previous": None}).encode())
+        return target
 
     def activate(self, staged: SlotModel) -> None:
         """Switch the pointer to ``staged``; the old active slot becomes ``previous``."""

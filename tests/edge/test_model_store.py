@@ -116,3 +116,30 @@ def test_disk_full_while_staging_keeps_the_active_model(tmp_path, signer, monkey
         store.stage(v2.signed, _files(v2))
     assert not list(store.slots_dir.glob(".staging-*"))  # nothing half-written left behind
     assert store.load_active().signed.manifest.version == "1"
+
+
+def test_deploy_after_fall_back_keeps_the_served_model_when_it_fails(tmp_path, signer) -> None:
+    """Issue 8: fall back to the previous slot, deploy, fail the self-test, restart.
+
+    The deploy used to stage into the slot being served (the pointer still named
+    the damaged slot as active) and clear it as the rollback target, so the
+    restart served nothing. Now it stages into the damaged slot and the served
+    model survives.
+    """
+    store = _store(tmp_path, signer)
+    for v in ("1", "2"):
+        pkg = make_package(tmp_path / v, version=v, release=int(v), signer=signer)
+        store.activate(store.stage(pkg.signed, _files(pkg)))
+    store.load_active().model_file.write_bytes(b"half-written")  # v2's slot is damaged
+    served = store.load_active()
+    assert served.signed.manifest.version == "1"  # fell back
+    v3 = make_package(tmp_path / "3", version="3", release=3, seed=2, signer=signer)
+    staged = store.stage(v3.signed, _files(v3))
+    assert staged.slot != served.slot  # never the slot being served
+    # The self-test fails: activate is never called. A restart must still serve v1.
+    restarted = _store(tmp_path, signer)
+    assert restarted.load_active().signed.manifest.version == "1"
+    # And a deploy that passes makes v1 the rollback target.
+    restarted.activate(staged)
+    assert restarted.load_active().signed.manifest.version == "3"
+    assert restarted.previous().signed.manifest.version == "1"
