@@ -257,8 +257,8 @@ def _amqtt_security_args(security: BrokerSecurity | None) -> list[str]:
 
 
 def _mosquitto_config(host: str, port: int, security: BrokerSecurity | None, data_dir: Path) -> str:
+    data_dir.mkdir(parents=True, exist_ok=True)
     if security is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
         # Run as whoever started it (see below); otherwise the file fogline broker config writes.
         return render_mosquitto_conf(
             port=port,
@@ -273,7 +273,10 @@ def _mosquitto_config(host: str, port: int, security: BrokerSecurity | None, dat
         [
             f"listener {port} {host}",
             "allow_anonymous true",
-            "persistence false",
+            # Agents keep persistent sessions: a command queued for an offline device must
+            # survive a broker restart (README, "Trust and failure behaviour").
+            "persistence true",
+            f"persistence_location {data_dir.resolve()}/",
             "log_dest stderr",
             # Run as whoever started it: dropping root to the mosquitto user would clear
             # the parent-death signal (and it is our own short-lived broker anyway).

@@ -208,3 +208,33 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(BrokerStartError, match="amqtt broker on port") as err:
             start_broker("amqtt", port=port, workdir=tmp_path, timeout=10)
     assert err.value.stderr_tail  # the broker's own words about the failure
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="no mosquitto binary")
+def test_command_queued_for_an_offline_device_survives_a_broker_restart(tmp_path: Path) -> None:
+    """Issue 8: the plain Mosquitto config said ``persistence false``.
+
+    A QoS 1 command queued at the broker for an offline agent (persistent session)
+    was lost when the broker restarted; README promises it waits for the device.
+    """
+    workdir = tmp_path / "broker"
+    with start_broker("mosquitto", workdir=workdir) as first:
+        port = first.port
+        agent = Client(first, "cam-queued", clean_session=False)
+        agent.subscribe("fogline-test/devices/cam-queued/commands")
+        agent.close()
+        time.sleep(0.3)  # the broker sees the DISCONNECT before the publish
+        control = Client(first, "control-queued")
+        control.publish("fogline-test/devices/cam-queued/commands", b"deploy v2")
+        control.close()
+    # The same port and data dir, a new broker process.
+    with start_broker("mosquitto", port=port, workdir=workdir) as second:
+        agent = Client(second, "cam-queued", clean_session=False)
+        try:
+            msg = agent.receive()
+            assert (msg.topic, msg.payload) == (
+                "fogline-test/devices/cam-queued/commands",
+                b"deploy v2",
+            )
+        finally:
+            agent.close()
