@@ -27,6 +27,7 @@ from cloud.control_auth import (
     guarded,
     receive_package,
 )
+from cloud.enrollment import load_enrollments
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
@@ -109,6 +110,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("POST", "/api/rollouts", start_rollout, OPERATOR),
         ("GET", "/api/rollouts", rollouts, VIEWER),
         ("GET", "/api/rollouts/{id}", rollout, VIEWER),
+        ("POST", "/api/rollouts/{id}/abort", abort_rollout, OPERATOR),
         ("GET", "/api/events", events, VIEWER),
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
@@ -137,6 +139,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             chunk_size=settings.chunk_size,
             artifact_base_url=settings.artifact_base_url,
             repair=settings.repair,
+            enrolled=lambda: load_enrollments(settings.workdir).keys(),
         )
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
@@ -276,6 +279,12 @@ async def rollouts(request: web.Request) -> web.Response:
 
 async def rollout(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].rollout(request.match_info["id"]))
+
+
+async def abort_rollout(request: web.Request) -> web.Response:
+    rollout_id = check_name(request.match_info["id"], "rollout id")
+    await request.app[ROLLOUTS].abort(rollout_id)
+    return web.json_response({"id": rollout_id, "state": "aborted"})
 
 
 async def events(request: web.Request) -> web.Response:

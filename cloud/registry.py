@@ -300,6 +300,16 @@ class Registry:
             for s, seen, t in rows
         ]
 
+    def seen_devices(self, device_ids: list[str]) -> set[str]:
+        """Which of ``device_ids`` have reported a status of their own (online or offline).
+
+        A row that ``next_seq`` made for a command (state ``unknown``) does not count:
+        a rollout to a typo must not make the typo look like a device.
+        """
+        rows = self._q("SELECT device_id FROM devices WHERE state IN ('online', 'offline')")
+        seen = {r[0] for r in rows}
+        return {d for d in device_ids if d in seen}
+
     def next_seq(self, device_id: str) -> int:
         """The next command sequence number for a device (persisted before use).
 
@@ -385,11 +395,14 @@ class Registry:
             for r in self._q("SELECT id, name, version FROM rollouts WHERE state='running'")
         ]
 
-    def finish_rollout(self, rollout_id: str, state: str) -> None:
-        self._q(
-            "UPDATE rollouts SET state=?, finished_at=? WHERE id=?",
+    def finish_rollout(self, rollout_id: str, state: str) -> bool:
+        """End a running rollout; False if it had ended already (NOTE: an abort wins)."""
+        rows = self._q(
+            "UPDATE rollouts SET state=?, finished_at=? WHERE id=? AND state='running'"
+            " RETURNING id",
             (state, time.time(), rollout_id),
         )
+        return bool(rows)
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         check_name(rollout_id, "rollout id")

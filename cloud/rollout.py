@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any
 
@@ -25,7 +26,7 @@ from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
 from cloud.repair import RepairLimiter, RepairPolicy, parse_request
 from common import chunking, topics
-from common.errors import InvalidInputError
+from common.errors import ConflictError, InvalidInputError
 from common.messages import FAILED, REJECTED, STAGES, Command, sign_command
 from common.mqtt import MqttError, MqttLink
 from common.signing import Signer
@@ -51,8 +52,13 @@ class RolloutController:
         rollout_timeout_s: float = 300.0,
         artifact_base_url: str | None = None,
         repair: RepairPolicy | None = None,
+        enrolled: Callable[[], Iterable[str]] | None = None,
     ) -> None:
-        """``chunk_size`` serves only packages signed before manifests listed their chunks."""
+        """``chunk_size`` serves only packages signed before manifests listed their chunks.
+
+        ``enrolled`` lists enrolled device ids: they may be targeted before they are seen.
+        """
+        self.enrolled = enrolled
         self.registry = registry
         self.fleet = fleet
         self.signer = signer
@@ -110,6 +116,7 @@ class RolloutController:
         targets = devices if devices else self.online_devices()
         if not targets:
             raise InvalidInputError("no target devices: none given and none online")
+        await self._check_known(targets)
         rollout_id = uuid.uuid4().hex[:12]
         commands = {d: self._deploy_command(d, record, allow_downgrade) for d in targets}
         await asyncio.to_thread(
@@ -131,6 +138,29 @@ class RolloutController:
         logger.info("rollout %s: %s %s to %d devices", rollout_id, name, version, len(targets))
         self._spawn_drive(rollout_id, record)
         return rollout_id
+
+    async def _check_known(self, targets: list[str]) -> None:
+        """Refuse ids never seen and not enrolled, before any row or command exists.
+
+        A typo used to get a signed command, a phantom device row and a rollout
+        that sat "running" until its timeout.
+        """
+        known = await asyncio.to_thread(self.registry.seen_devices, targets)
+        if self.enrolled is not None:
+            known |= set(await asyncio.to_thread(self.enrolled)) & set(targets)
+        unknown = sorted(set(targets) - known)
+        if unknown:
+            raise InvalidInputError(f"unknown device ids (never seen, not enrolled): {unknown}")
+
+    async def abort(self, rollout_id: str) -> None:
+        """Mark a running rollout ``aborted`` and stop driving it (commands out stay out)."""
+        await asyncio.to_thread(self.registry.rollout, rollout_id)  # NotFoundError if none
+        if not await asyncio.to_thread(self.registry.finish_rollout, rollout_id, "aborted"):
+            raise ConflictError(f"rollout {rollout_id} is not running")
+        for task in list(self._tasks):
+            if task.get_name() == f"rollout-{rollout_id}":
+                task.cancel()
+        logger.info("rollout %s aborted", rollout_id)
 
     def _spawn_drive(self, rollout_id: str, record: VersionRecord) -> None:
         self._spawn(self._drive(rollout_id, record), f"rollout-{rollout_id}")
@@ -195,8 +225,8 @@ class RolloutController:
         state = "succeeded" if ok == len(devices) else ("failed" if ok == 0 else "partial")
         if not all(d["stage"] in TERMINAL for d in devices):
             state = "timed_out"
-        await asyncio.to_thread(self.registry.finish_rollout, rollout_id, state)
-        logger.info("rollout %s %s (%d/%d activated)", rollout_id, state, ok, len(devices))
+        if await asyncio.to_thread(self.registry.finish_rollout, rollout_id, state):
+            logger.info("rollout %s %s (%d/%d activated)", rollout_id, state, ok, len(devices))
 
     async def broadcast(self, record: VersionRecord, only: list[int] | None = None) -> None:
         """Publish every chunk of the artifact, or just the indices in ``only``."""

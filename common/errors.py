@@ -76,6 +76,12 @@ class AlreadyExistsError(FoglineError, FileExistsError):
     http_status = 409
 
 
+class ConflictError(FoglineError, RuntimeError):
+    """The request does not fit the thing's state (aborting a rollout that has finished)."""
+
+    http_status = 409
+
+
 class ModelNotReadyError(FoglineError, RuntimeError):
     """The model is known but cannot serve right now."""
 

@@ -81,6 +81,7 @@ async def test_rollout_while_the_broker_is_down_is_a_503_not_a_hang(tmp_path) ->
     try:
         async with ControlPlane(tmp_path / "control", broker) as cp:
             cp.publish_toy(tmp_path, "1")
+            cp.registry.upsert_device("somewhere", {"state": "offline"})
             broker.stop()
             await asyncio.sleep(0.5)
             async with aiohttp.ClientSession(headers=cp.auth("operator")) as s:

@@ -33,6 +33,7 @@ NEEDS = {
     ("POST", "/api/rollouts"): "operator",
     ("GET", "/api/rollouts"): "viewer",
     ("GET", "/api/rollouts/{id}"): "viewer",
+    ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
 }
 

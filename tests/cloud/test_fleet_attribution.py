@@ -38,7 +38,8 @@ async def _until(predicate, timeout: float = 10.0) -> None:
 async def test_a_fake_activated_on_another_topic_does_not_advance_a_rollout(mosquitto, tmp_path):
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
-        rollout_id = await cp.rollouts.start("toy", "1", ["ghost"])  # no such device
+        cp.registry.upsert_device("ghost", {"state": "offline"})  # seen once, silent since
+        rollout_id = await cp.rollouts.start("toy", "1", ["ghost"])
         command_id = cp.registry.rollout(rollout_id)["devices"]["ghost"]["command_id"]
         async with _client(mosquitto) as evil:
             await evil.wait_connected(10)

@@ -15,6 +15,7 @@ from tests.edge.agent_harness import ControlPlane
 async def test_wrong_types_in_a_rollout_request_are_400(mosquitto, tmp_path) -> None:
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
+        cp.registry.upsert_device("dev-1", {"state": "offline"})  # seen once: a known device
         good = {"model": "toy", "version": "1", "devices": ["dev-1"]}
         async with aiohttp.ClientSession(headers=cp.auth("operator")) as s:
             for bad in (
@@ -39,6 +40,7 @@ async def test_a_downgrade_needs_an_admin(mosquitto, tmp_path) -> None:
     """A stolen operator token cannot roll the fleet back to an old signed version."""
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
+        cp.registry.upsert_device("dev-1", {"state": "offline"})
         doc = {"model": "toy", "version": "1", "devices": ["dev-1"], "allow_downgrade": True}
         url = f"{cp.url}/api/rollouts"
         async with (
