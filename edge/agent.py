@@ -14,6 +14,7 @@ import logging
 import platform
 from collections import deque
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from aiohttp import web
 from common import keyring, messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
+from common.messages import Command
 from common.mqtt import MqttLink, TlsConfig, Will
 from common.onnx_runtime import OnnxRuntime
 from common.request_body import RequestLimits
@@ -48,6 +50,7 @@ class EdgeAgent:
         self.trust = self._restore_trust()
         self.store = ModelStore(config.state_dir, self.trust)
         self._seq_file = config.state_dir / "seq.json"
+        self._pending_dir = config.state_dir / "pending"  # accepted, unfinished commands
         self.guard = messages.CommandGuard(self._read_seq())
         self._accepted: deque[str] = deque(maxlen=256)  # ids of recently accepted commands
         self.link = MqttLink(
@@ -146,6 +149,7 @@ class EdgeAgent:
             token=self.config.cloud_token,
         )
         self.link.on_connected(self.publish_status)
+        await self._resume_pending()  # before new commands: they queue behind these
         self.link.subscribe(self._topic("commands"), self._on_command)
         self._spawn(self._telemetry_loop(), "telemetry")
         self._stack.push_async_callback(self._cancel_tasks)
@@ -230,6 +234,9 @@ class EdgeAgent:
             return
         try:
             self.guard.accept(cmd)
+            # NOTE: pending before seq: a crash between the two resumes the command (and a
+            # redelivery runs it once more, harmlessly); the other order could lose it.
+            await asyncio.to_thread(atomic_write, self._pending_path(cmd.seq), payload)
             await asyncio.to_thread(
                 atomic_write, self._seq_file, json.dumps({"last_seq": cmd.seq}).encode()
             )
@@ -240,8 +247,39 @@ class EdgeAgent:
             await self._reject(None if cmd.id in self._accepted else cmd.id, str(exc))
             return
         self._accepted.append(cmd.id)
+        self._spawn(self._run(cmd), f"command-{cmd.id}")
+
+    def _pending_path(self, seq: int) -> Path:
+        """``pending/{seq}.json``: named by the signed integer seq, never by a string."""
+        return self._pending_dir / f"{int(seq):020d}.json"
+
+    async def _run(self, cmd: Command) -> None:
+        """Run a command; forget it once it ended (a cancellation or a crash keeps it)."""
         assert self.deployer is not None
-        self._spawn(self.deployer.run(cmd), f"command-{cmd.id}")
+        await self.deployer.run(cmd)  # reports failures itself; raises only when cancelled
+        await asyncio.to_thread(self._pending_path(cmd.seq).unlink, missing_ok=True)
+
+    async def _resume_pending(self) -> None:
+        """Run again the commands accepted before a crash or stop that had not ended.
+
+        The control plane sent each once and the agent acknowledged it at the broker,
+        so nobody else will: a SIGKILL mid-download used to leave the rollout waiting
+        for its timeout. Each is verified again (the state dir is not a signature);
+        seq is not checked again: it was accepted, and persisted, when it came.
+        """
+        self._pending_dir.mkdir(exist_ok=True)
+        for path in sorted(self._pending_dir.glob("*.json")):
+            try:
+                payload = await asyncio.to_thread(path.read_bytes)
+                cmd = messages.parse_command(payload, self.trust, self.config.device_id)
+                self.guard.check_fresh(cmd)
+            except (OSError, FoglineError) as exc:
+                logger.warning("dropped pending command %s: %s", path.name, exc)
+                path.unlink(missing_ok=True)
+                continue
+            logger.info("resuming command %s (%s) after a restart", cmd.id, cmd.type)
+            self._accepted.append(cmd.id)  # a redelivery is a replay, not a rejection
+            self._spawn(self._run(cmd), f"command-{cmd.id}")
 
     async def _reject(self, command_id: str | None, error: str) -> None:
         await self._emit_event(

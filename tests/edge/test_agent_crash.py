@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 
+from edge.agent import EdgeAgent
 from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.model_fixtures import v2_infer_body
 
@@ -104,3 +105,44 @@ async def wait_stage(cp: ControlPlane, device_id: str, stage: str, since_version
                 ):
                     return
             await asyncio.sleep(0.01)
+
+
+async def test_sigkill_mid_download_then_restart_resumes_the_deploy(mosquitto, tmp_path) -> None:
+    """Issue 8: the agent acknowledged the command at the broker, died mid-download and,
+    restarted, never ran it again; the rollout sat until its 300 s timeout.
+
+    A second target (an in-process agent, offline when the rollout starts) holds the
+    broadcast back, so the SIGKILL lands before a single chunk has come in.
+    """
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        key = cp.signer.public_key_hex
+        cp.publish_toy(tmp_path, "1")
+        late = agent_config(tmp_path, "dev-late", mosquitto, key)
+        async with EdgeAgent(late):  # a persistent session at the broker, then offline
+            await cp.wait_online([late.device_id])
+        cfg = agent_config(tmp_path, "dev-r", mosquitto, key)
+        config_path = tmp_path / "agent.json"
+        config_path.write_text(json.dumps(cfg.to_dict()))
+        log = (tmp_path / "agent.log").open("ab")
+        proc = start_agent(config_path, log)
+        try:
+            await cp.wait_online([cfg.device_id], timeout=30)
+            rollout_id = await cp.rollouts.start("toy", "1", [cfg.device_id, late.device_id])
+            await wait_stage(cp, cfg.device_id, "downloading", since_version="1")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            stage = cp.registry.rollout(rollout_id)["devices"][cfg.device_id]["stage"]
+            assert stage == "downloading", stage  # killed mid-download, nothing downloaded
+            proc = start_agent(config_path, log)
+            async with EdgeAgent(late):
+                deadline = time.monotonic() + 60  # the rollout's own timeout is 300 s
+                while cp.registry.rollout(rollout_id)["state"] == "running":
+                    assert time.monotonic() < deadline, cp.registry.rollout(rollout_id)
+                    await asyncio.sleep(0.1)
+            assert cp.registry.rollout(rollout_id)["state"] == "succeeded"
+            assert await served_version(cfg.api_url) == "1"
+            assert not list((cfg.state_dir / "pending").glob("*.json"))  # done: forgotten
+        finally:
+            proc.kill()
+            proc.wait()
+            log.close()
