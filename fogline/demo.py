@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FoglineError
-from fogline.processes import ManagedProcess
+from fogline.processes import ManagedProcess, ProcessError
 from fogline.report import render_table
 from fogline.traffic import Target, run_phase
 
 logger = logging.getLogger(__name__)
 
+# With --keep-running the demo lives as long as these do; any other child (an agent,
+# the fallback) that dies is reported and started again, at most MAX_RESTARTS times.
+CORE_PROCESSES = ("control",)  # and the broker, which is not a ManagedProcess
+MAX_RESTARTS = 3
 MODEL = "digits"
 VERSION = "1"  # the demo publishes one version of each variant
 
@@ -136,7 +140,7 @@ class Demo:
             report = self._report(broker, agents, compression, rollout, results)
             self._print(report)
             if self.opts.keep_running:
-                self._wait_for_ctrl_c()
+                self._wait_for_ctrl_c(broker)
         return report
 
     # -- processes ---------------------------------------------------------------------
@@ -344,7 +348,12 @@ class Demo:
         else:
             print(render_table(report), flush=True)
 
-    def _wait_for_ctrl_c(self) -> None:
+    def _wait_for_ctrl_c(self, broker: Any) -> None:
+        """Serve until Ctrl-C; ProcessError if the broker or the control plane dies.
+
+        One agent dying used to end the whole demo: now it is said on stderr and
+        the agent started again, while the others keep serving.
+        """
         print(
             f"\nEverything is up. Control plane + dashboard: "
             f"{self.control_url}/#token={self.tokens['operator']}\n"
@@ -355,7 +364,31 @@ class Demo:
             flush=True,
         )
         try:
-            while all(p.proc.poll() is None for p in self.procs):
+            while True:
                 time.sleep(0.5)
+                self._watch(broker)
         finally:
             print("\nshutting down...", file=sys.stderr)
+
+    def _watch(self, broker: Any) -> None:
+        """One look at every child: a dead core service ends the demo, others restart."""
+        if not broker.running():
+            raise ProcessError(f"the broker exited with {broker.wait()}; stopping")
+        for proc in self.procs:
+            code = proc.proc.poll()
+            if code is None:
+                continue
+            if proc.name in CORE_PROCESSES:
+                raise ProcessError(f"{proc.name} exited with {code}; stopping:\n{proc.log_tail()}")
+            if proc.restarts < MAX_RESTARTS:
+                print(
+                    f"{proc.name} exited with {code}; starting it again "
+                    f"({proc.restarts + 1}/{MAX_RESTARTS}), the others keep serving "
+                    f"(log: {proc.log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                proc.restart()
+            elif proc.restarts == MAX_RESTARTS:
+                print(f"{proc.name} exited with {code} again; left down", file=sys.stderr)
+                proc.restarts += 1  # said once

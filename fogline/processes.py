@@ -44,17 +44,29 @@ class ManagedProcess:
         every user a command line, while /proc/PID/environ is readable by the owner only)."""
         self.name = name
         self.log_path = log_path
+        self.restarts = 0
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
-        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fogline", *args],
+        self._args = args
+        self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fogline", *self._args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=self._env,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
+
+    def restart(self) -> None:
+        """Start the same command again after it exited (its log goes on in the same file)."""
+        if self.proc.poll() is None:
+            raise ProcessError(f"{self.name} is still running")
+        self.restarts += 1
+        self.proc = self._spawn()
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import signal
@@ -234,3 +235,57 @@ def test_no_secret_in_a_command_line_or_a_world_readable_file(tmp_path) -> None:
             proc.wait(60)
         finally:
             proc.kill()
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_keep_running_outlives_an_agent_that_dies(tmp_path) -> None:
+    """Issue 8: SIGKILL one agent of a --keep-running demo; the demo used to stop.
+
+    Now the others keep serving, the demo says so on stderr and starts the agent
+    again; Ctrl-C still ends it all with 0.
+    """
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "fogline", "demo", "--json", "--keep-running"),
+                *("--samples", "20", "--workdir", str(tmp_path / "demo")),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        report = json.loads(proc.stdout.readline())
+        victim = report["agents"][0]["device_id"]
+        (pid,) = [
+            p
+            for p in _children(proc.pid)
+            if f"{victim}.json".encode() in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        time.sleep(1)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        others = [a["url"] for a in report["agents"][1:]]
+        while not (f"{victim} exited" in stderr.read_text() and all(_endpoints_up(report))):
+            assert proc.poll() is None, stderr.read_text()[-2000:]  # the demo kept running
+            for url in others:  # and the other agents kept serving all along
+                with urllib.request.urlopen(url + "/v2/health/live", timeout=2) as r:
+                    assert r.status == 200
+            assert time.monotonic() < deadline, _endpoints_up(report)
+            time.sleep(0.5)
+        assert not _pid_running(pid)  # it came back as a new process
+        _check_tokens(report)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        _wait_all_down(report, 15)
+    finally:
+        proc.kill()
