@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 
+from common.device_token import issue_token
 from edge.agent import EdgeAgent
 from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.model_fixtures import v2_infer_body
@@ -120,7 +121,10 @@ async def test_sigkill_mid_download_then_restart_resumes_the_deploy(mosquitto, t
         late = agent_config(tmp_path, "dev-late", mosquitto, key)
         async with EdgeAgent(late):  # a persistent session at the broker, then offline
             await cp.wait_online([late.device_id])
-        cfg = agent_config(tmp_path, "dev-r", mosquitto, key)
+        # As enrolled: a device token for the HTTP fallback, a chunk timeout that outlasts
+        # the control plane's repair limit (one artifact per 10 s) over its 10 rounds.
+        token = issue_token(cp.signer, "dev-r")
+        cfg = agent_config(tmp_path, "dev-r", mosquitto, key, cloud_token=token, chunk_timeout_s=2)
         config_path = tmp_path / "agent.json"
         config_path.write_text(json.dumps(cfg.to_dict()))
         log = (tmp_path / "agent.log").open("ab")
