@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud.control_cli import DEFAULT_CONTROL, TOKEN_ENV, _table, client_from_args
+from cloud.cli_output import table as _table
+from cloud.control_cli import DEFAULT_CONTROL, TOKEN_ENV, client_from_args
+from cloud.control_client import ControlError
 from cloud.keys import KeyStore
 from common.errors import AlreadyExistsError, FoglineError, InvalidInputError, VerificationError
 from common.fsutil import write_private
@@ -102,6 +104,9 @@ def _run(body: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -
     """Errors of the operator's input exit 2, of the connection 1; never a traceback."""
     try:
         result = body()
+    except ControlError as exc:  # the call failed, not the operator's input
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except FoglineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
