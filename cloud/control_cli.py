@@ -98,6 +98,8 @@ def api_command(handler: ApiHandler) -> Callable[[argparse.Namespace], int]:
 
         try:
             return asyncio.run(main())
+        except BrokenPipeError:
+            raise  # stdout closed (`| head`): fogline.cli.main ends quietly
         except (FoglineError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exit_code(exc)

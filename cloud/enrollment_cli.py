@@ -35,8 +35,8 @@ def register_device(subparsers: argparse._SubParsersAction) -> None:
     enroll.add_argument("--label", action="append", metavar="KEY=VALUE", help="repeatable")
     enroll.add_argument("--model", default="digits", help="model this device serves")
     enroll.add_argument("--state-dir", help="agent state dir (default: /var/lib/fogline/ID)")
-    enroll.add_argument("--broker-host", default="127.0.0.1")
-    enroll.add_argument("--broker-port", type=int, default=1883)
+    enroll.add_argument("--broker-host", default="127.0.0.1", help="broker host the agent uses")
+    enroll.add_argument("--broker-port", type=int, default=1883, help="broker port the agent uses")
     enroll.add_argument("--broker-tls-ca", help="CA file the agent trusts for the broker's TLS")
     enroll.add_argument("--fallback-url", help="base URL of the cloud fallback's V2 API")
     enroll.add_argument(
@@ -64,8 +64,10 @@ def register_broker(subparsers: argparse._SubParsersAction) -> None:
         "plane's broker login (WORKDIR/broker-control.json) if there is none.",
     )
     config.add_argument("--workdir", type=Path, required=True, help=_WORKDIR_HELP)
-    config.add_argument("--out", type=Path, required=True, metavar="DIR")
-    config.add_argument("--port", type=int, default=1883)
+    config.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory for the three files"
+    )
+    config.add_argument("--port", type=int, default=1883, help="port the broker listens on")
     config.add_argument("--host", help="listen address (default: all)")
     config.add_argument("--tls-cert", type=Path, help="server certificate (PEM): TLS listener")
     config.add_argument("--tls-key", type=Path, help="server private key (PEM)")

@@ -20,6 +20,13 @@ from fogline import __version__
 # Libraries that only the cloud extra installs (``pip install 'fogline[cloud]'``).
 CLOUD_ONLY = ("torch", "onnx", "sklearn", "amqtt", "rich", "psycopg")
 CLOUD_GROUPS = ("demo", "model")  # need CLOUD_ONLY for their main work (train, compress, ...)
+# Commands checked before they start anything (the demo would start a broker first).
+NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
+    ("demo", None): ("torch", "onnx", "sklearn"),
+    ("model", "train"): ("torch", "onnx"),
+    ("model", "compress"): ("onnx",),
+    ("model", "package"): ("onnx",),
+}
 INSTALL_CLOUD = "pip install 'fogline[cloud]' (from a checkout: pip install '.[cloud]')"
 
 # group -> (help, [(module, function registering its subcommands)])
@@ -74,10 +81,10 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def missing_cloud_libraries() -> list[str]:
-    """The cloud extra's libraries this Python cannot import (found without importing)."""
+def missing_cloud_libraries(names: Sequence[str] = CLOUD_ONLY) -> list[str]:
+    """Those of ``names`` this Python cannot import (looked up without importing them)."""
     missing = []
-    for name in CLOUD_ONLY:
+    for name in names:
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):
@@ -136,6 +143,10 @@ def _needs_cloud(exc: ModuleNotFoundError) -> bool:
     return (exc.name or "").partition(".")[0] in CLOUD_ONLY
 
 
+def _needs_cloud_message(command: str, library: str) -> str:
+    return f"error: {command} needs {library!r}, from the cloud extra: {INSTALL_CLOUD}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -143,6 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    sub = getattr(args, "command", None)
+    command = " ".join(filter(None, ("fogline", args.group, sub)))
+    missing = missing_cloud_libraries(NEEDS.get((args.group, sub), ()))
+    if missing:
+        print(_needs_cloud_message(command, missing[0]), file=sys.stderr)
+        return 1
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -152,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if not _needs_cloud(exc):
             raise
-        command = " ".join(filter(None, ("fogline", args.group, getattr(args, "command", None))))
-        print(f"error: {command} needs {exc.name!r}, from the cloud extra: {INSTALL_CLOUD}",
-              file=sys.stderr)  # fmt: skip
+        print(_needs_cloud_message(command, str(exc.name)), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
