@@ -154,7 +154,7 @@ def test_build_package_matches_disk_and_golden_reproduces(trained: Trained, tmp_
         variant="edge",
         precision="int8",
         golden_rows=rows,
-        evaluation={"test_accuracy": trained.report.int8_accuracy},
+        evaluation={"accuracy": trained.report.int8_accuracy},
         routing=RoutingHints(uncertainty_threshold=0.2, max_local_batch=8),
         parent="0",
     )
