@@ -7,12 +7,14 @@ Bad input is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from cloud import enrollment
+from cloud.cli_output import add_output_args, render, table
 from common.broker_auth import TlsFiles
 from common.cli_errors import one_line_errors
 
@@ -45,6 +47,7 @@ def register_device(subparsers: argparse._SubParsersAction) -> None:
     enroll.set_defaults(func=one_line_errors(_enroll))
     listing = subparsers.add_parser("list", help="list enrolled devices")
     listing.add_argument("--workdir", type=Path, required=True, help=_WORKDIR_HELP)
+    add_output_args(listing)
     listing.set_defaults(func=one_line_errors(_list))
     revoke = subparsers.add_parser(
         "revoke", help="forget a device (regenerate the broker config afterwards)"
@@ -98,8 +101,20 @@ def _list(args: argparse.Namespace) -> int:
         {"device_id": e.device_id, "created_at": e.created_at, "labels": e.labels}
         for e in enrolled.values()
     ]
-    print(json.dumps({"devices": rows}, indent=2))
+    print(render({"devices": rows}, args.output, _device_table))
     return 0
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
+
+
+def _device_table(doc: dict[str, Any]) -> str:
+    rows = []
+    for d in doc["devices"]:
+        labels = ",".join(f"{k}={v}" for k, v in d["labels"].items())
+        rows.append([d["device_id"], _utc(d["created_at"]), labels])
+    return table(rows, ["DEVICE", "ENROLLED", "LABELS"])
 
 
 def _revoke(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cloud.control_client import ControlApi, ControlClient, ControlUnreachableError
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import onnx_model_bytes
@@ -205,3 +206,48 @@ def test_an_edge_only_install_names_the_cloud_extra(tmp_path) -> None:
     agent = edge_only("edge", "run", "--config", str(empty))
     assert agent.returncode == 2
     assert "missing required keys: device_id, state_dir, trusted_keys, model" in agent.stderr
+
+
+async def test_a_silent_server_times_out_with_the_url() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # takes the request, never answers
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, ControlApi(url, timeout=0.3) as api:
+        with pytest.raises(ControlUnreachableError, match=rf"GET {url}/api/devices: no answer"):
+            await api.get("/api/devices")
+
+
+async def test_the_sync_client_works_from_inside_a_running_loop(mosquitto, tmp_path) -> None:
+    """The demo calls ``ControlClient`` from async code; it must not need a loop of its own."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        client = ControlClient(cp.url, token=cp.tokens["viewer"])
+
+        async def caller() -> list[str]:  # another thread's running loop, like the demo's
+            return [m["version"] for m in client.get("/api/models")["models"]]
+
+        assert await asyncio.to_thread(asyncio.run, caller()) == ["1"]
+
+
+def test_offline_lists_take_the_same_formats(tmp_path) -> None:
+    work = str(tmp_path / "control")
+    assert fogline("keys", "create", "--workdir", work).returncode == 0
+    out = str(tmp_path / "d1.json")
+    enrolled = fogline("device", "enroll", "d1", "--workdir", work, "--out", out, "--label", "a=b")
+    assert enrolled.returncode == 0, enrolled.stderr
+    devices = json.loads(fogline("device", "list", "--workdir", work, "-o", "json").stdout)
+    assert [(d["device_id"], d["labels"]) for d in devices["devices"]] == [("d1", {"a": "b"})]
+    assert fogline("device", "list", "--workdir", work).stdout.split()[:3] == [
+        "DEVICE", "ENROLLED", "LABELS",
+    ]  # fmt: skip
+    assert fogline("control", "token", "create", "ops", "--role", "viewer", "--workdir", work)
+    tokens = yaml.safe_load(
+        fogline("control", "token", "list", "--workdir", work, "-o", "yaml").stdout
+    )
+    assert [(t["name"], t["role"]) for t in tokens] == [("ops", "viewer")]
+    keys = json.loads(fogline("keys", "list", "--workdir", work, "--json").stdout)
+    assert [k["state"] for k in keys] == ["active"]
