@@ -30,6 +30,7 @@ from cloud.control_client import (
 )
 from common.errors import FoglineError, InvalidInputError
 from common.manifest import ACCURACY, MANIFEST_FILE, UNSIGNED_MANIFEST_FILE
+from common.names import check_name
 
 __all__ = ["DEFAULT_CONTROL", "TOKEN_ENV", "ControlClient", "ControlError", "client_from_args"]
 
@@ -49,15 +50,31 @@ def register_control(subparsers: argparse._SubParsersAction) -> None:
         client_args(p)
         add_output_args(p)
         p.set_defaults(func=_list_devices if name == "devices" else _list_models)
+    _register_rollout_views(subparsers)
 
 
-def client_args(p: argparse.ArgumentParser, *, control_default: bool = True) -> None:
+def _register_rollout_views(subparsers: argparse._SubParsersAction) -> None:
+    listing = subparsers.add_parser(
+        "rollouts", help="list recent rollouts", description="The most recent rollouts."
+    )
+    client_args(listing)
+    add_output_args(listing)
+    listing.set_defaults(func=_list_rollouts)
+    show = subparsers.add_parser(
+        "rollout", help="show one rollout", description="One rollout and each device's stage."
+    )
+    show.add_argument("rollout_id", metavar="ID", help="rollout id (from `rollouts`)")
+    client_args(show)
+    add_output_args(show)
+    show.set_defaults(func=_show_rollout)
+
+
+def client_args(p: argparse.ArgumentParser) -> None:
     """``--control`` and ``--token``; both fall back to the environment."""
-    fallback = f", else {DEFAULT_CONTROL}" if control_default else ""
     p.add_argument(
         "--control",
         metavar="URL",
-        help=f"control plane base URL (default: ${CONTROL_ENV}{fallback})",
+        help=f"control plane base URL (default: ${CONTROL_ENV}, else {DEFAULT_CONTROL})",
     )
     p.add_argument(
         "--token", help=f"operator token (default: ${TOKEN_ENV}); see `fogline control token`"
@@ -335,3 +352,41 @@ async def _rollout(args: argparse.Namespace, api: ControlApi) -> int:
         progress.done()
     print(json.dumps(state, indent=2))
     return 0 if state["state"] == "succeeded" else 1
+
+
+def _stage_counts(devices: dict[str, dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for d in devices.values():
+        counts[d["stage"]] = counts.get(d["stage"], 0) + 1
+    return ", ".join(f"{stage} {n}" for stage, n in sorted(counts.items()))
+
+
+def _rollout_row(r: dict[str, Any]) -> list[Any]:
+    devices = r.get("devices") or {}
+    return [r["id"], r["model"], r["version"], r["state"], r.get("seconds"), _stage_counts(devices)]
+
+
+ROLLOUT_HEADER = ["ID", "MODEL", "VERSION", "STATE", "SECONDS", "DEVICES"]
+
+
+@api_command
+async def _list_rollouts(args: argparse.Namespace, api: ControlApi) -> int:
+    return await _list(args, api, "/api/rollouts", "rollouts", ROLLOUT_HEADER, _rollout_row)
+
+
+def _rollout_table(r: dict[str, Any]) -> str:
+    devices = sorted((r.get("devices") or {}).items())
+    rows = [[d, s["stage"], s.get("error")] for d, s in devices]
+    return (
+        table([_rollout_row(r)], ROLLOUT_HEADER)
+        + "\n\n"
+        + table(rows, ["DEVICE", "STAGE", "ERROR"])
+    )
+
+
+@api_command
+async def _show_rollout(args: argparse.Namespace, api: ControlApi) -> int:
+    rollout_id = check_name(args.rollout_id, "rollout id")  # a path segment: checked first
+    doc = await api.get(f"/api/rollouts/{rollout_id}")
+    print(render(doc, args.output, _rollout_table))
+    return 0

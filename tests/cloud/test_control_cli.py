@@ -114,6 +114,21 @@ async def test_errors_formats_and_environment_against_a_real_control_plane(
         assert unknown.returncode == 1
         one_line(unknown, f"{cp.url}/api/rollouts", "HTTP 404")
 
+        started = await run(*rollout, "--device", "ghost", env=operator)  # never answers
+        assert started.returncode == 0, started.stderr
+        rollout_id = started.stdout.strip()
+        listed = await run("control", "rollouts", "-o", "json", env=viewer)
+        assert [r["id"] for r in json.loads(listed.stdout)["rollouts"]] == [rollout_id]
+        shown = await run("control", "rollout", rollout_id, env=viewer)
+        assert shown.returncode == 0 and shown.stdout.startswith("ID")
+        assert rollout_id in shown.stdout
+        missing = await run("control", "rollout", "r-nope", env=viewer)
+        assert missing.returncode == 1
+        one_line(missing, f"{cp.url}/api/rollouts/r-nope", "HTTP 404")
+        bad = await run("control", "rollout", "../keys", env=viewer)
+        assert bad.returncode == 2
+        one_line(bad, "rollout id")
+
 
 async def test_a_closed_pipe_is_quiet(mosquitto, tmp_path) -> None:
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
