@@ -1,30 +1,40 @@
 """``fogline control serve`` and the operator commands that talk to it
 (``fogline model publish``, ``fogline model rollout``, ``fogline control devices|models``).
 
-Every client command sends an operator token: ``--token`` or ``FOGLINE_TOKEN``.
+Every client command talks through ``cloud.control_client.ControlApi`` to ``--control``
+or ``$FOGLINE_CONTROL`` with an operator token (``--token`` or ``$FOGLINE_TOKEN``).
+Exit codes: 0 done, 1 the call failed, 2 the operator's input is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import json
 import logging
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cloud.cli_output import RolloutProgress, add_output_args, render, table
+from cloud.control_client import (
+    CONTROL_ENV,
+    DEFAULT_CONTROL,
+    TOKEN_ENV,
+    ControlApi,
+    ControlClient,
+    ControlError,
+)
 from common.errors import FoglineError, InvalidInputError
-from common.manifest import MANIFEST_FILE, UNSIGNED_MANIFEST_FILE, read_package, read_unsigned
+from common.manifest import ACCURACY, MANIFEST_FILE, UNSIGNED_MANIFEST_FILE
+from common.names import check_name
+
+__all__ = ["DEFAULT_CONTROL", "TOKEN_ENV", "ControlClient", "ControlError", "client_from_args"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CONTROL = "http://127.0.0.1:8000"
-TOKEN_ENV = "FOGLINE_TOKEN"
 
 
 def register_control(subparsers: argparse._SubParsersAction) -> None:
@@ -37,21 +47,81 @@ def register_control(subparsers: argparse._SubParsersAction) -> None:
         ("models", "list published model versions"),
     ):
         p = subparsers.add_parser(name, help=help_text, description=help_text + ".")
-        _client_args(p)
-        p.add_argument("--json", action="store_true", help="print the API's JSON instead")
+        client_args(p)
+        add_output_args(p)
         p.set_defaults(func=_list_devices if name == "devices" else _list_models)
+    _register_rollout_views(subparsers)
 
 
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", default=DEFAULT_CONTROL, help="control plane base URL")
+def _register_rollout_views(subparsers: argparse._SubParsersAction) -> None:
+    listing = subparsers.add_parser(
+        "rollouts", help="list recent rollouts", description="The most recent rollouts."
+    )
+    client_args(listing)
+    add_output_args(listing)
+    listing.set_defaults(func=_list_rollouts)
+    show = subparsers.add_parser(
+        "rollout", help="show one rollout", description="One rollout and each device's stage."
+    )
+    show.add_argument("rollout_id", metavar="ID", help="rollout id (from `rollouts`)")
+    client_args(show)
+    add_output_args(show)
+    show.set_defaults(func=_show_rollout)
+
+
+def client_args(p: argparse.ArgumentParser) -> None:
+    """``--control`` and ``--token``; both fall back to the environment."""
+    p.add_argument(
+        "--control",
+        metavar="URL",
+        help=f"control plane base URL (default: ${CONTROL_ENV}, else {DEFAULT_CONTROL})",
+    )
     p.add_argument(
         "--token", help=f"operator token (default: ${TOKEN_ENV}); see `fogline control token`"
     )
 
 
+def control_url(args: argparse.Namespace) -> str:
+    """``--control``, else ``$FOGLINE_CONTROL``, else the default."""
+    return str(args.control or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get(TOKEN_ENV)
+
+
 def client_from_args(args: argparse.Namespace) -> ControlClient:
-    """The client a command uses: ``--control`` and ``--token`` or ``$FOGLINE_TOKEN``."""
-    return ControlClient(args.control, token=args.token or os.environ.get(TOKEN_ENV))
+    """The synchronous client a command uses (``--control``/``--token`` or the environment)."""
+    return ControlClient(control_url(args), token=_token(args))
+
+
+ApiHandler = Callable[[argparse.Namespace, ControlApi], Awaitable[int]]
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for the operator's input (a bad URL, package or flag), 1 for a failed call."""
+    return 2 if isinstance(exc, InvalidInputError) else 1
+
+
+def api_command(handler: ApiHandler) -> Callable[[argparse.Namespace], int]:
+    """Run an async handler with a ``ControlApi`` on one event loop; any error is one
+    ``error:`` line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        async def main() -> int:
+            async with ControlApi(control_url(args), token=_token(args)) as api:
+                return await handler(args, api)
+
+        try:
+            return asyncio.run(main())
+        except BrokenPipeError:
+            raise  # stdout closed (`| head`): fogline.cli.main ends quietly
+        except (FoglineError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exit_code(exc)
+
+    return run
 
 
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -67,8 +137,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         default=Path("fogline-control"),
         help="state: control.sqlite, store/, keys/ (default: %(default)s)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument(
         "--public-url",
         help="base URL agents use for HTTP artifact downloads (default: http://HOST:PORT)",
@@ -84,8 +154,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         help="accept only packages signed offline by a release key (fogline model sign), "
         "so that a stolen operator token alone cannot ship a model",
     )
-    serve.add_argument("--broker-host", default="127.0.0.1")
-    serve.add_argument("--broker-port", type=int, default=1883)
+    serve.add_argument("--broker-host", default="127.0.0.1", help="MQTT broker host")
+    serve.add_argument("--broker-port", type=int, default=1883, help="MQTT broker port")
     serve.add_argument(
         "--broker-username",
         help="broker login (default: WORKDIR/broker-control.json, made by `fogline broker config`)",
@@ -124,25 +194,32 @@ def register_operator(subparsers: argparse._SubParsersAction) -> None:
         "then sent as it is.",
     )
     pub.add_argument("--package", type=Path, required=True, help="package directory")
-    _client_args(pub)
-    pub.set_defaults(func=_publish)
+    client_args(pub)
+    pub.set_defaults(func=api_command(_publish))
     roll = subparsers.add_parser(
         "rollout",
         help="roll a published edge model out to devices over MQTT",
         description="Start a rollout and, with --wait, show its progress until it ends.",
     )
-    roll.add_argument("--model", required=True)
-    roll.add_argument("--version", required=True)
+    roll.add_argument("--model", required=True, help="model name, e.g. digits")
+    roll.add_argument("--version", required=True, help="published version to roll out")
     roll.add_argument("--device", action="append", help="target device (default: all online)")
     roll.add_argument(
         "--allow-downgrade",
         action="store_true",
         help="roll out a lower release than devices run (needs an admin token)",
     )
-    _client_args(roll)
-    roll.add_argument("--wait", action="store_true", help="wait and print progress")
-    roll.add_argument("--timeout", type=float, default=300.0)
-    roll.set_defaults(func=_rollout)
+    client_args(roll)
+    roll.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until it ends, with progress on stderr (a live line on a terminal), "
+        "then print the final state as JSON on stdout",
+    )
+    roll.add_argument(
+        "--timeout", type=float, default=300.0, help="with --wait: seconds to wait at most"
+    )
+    roll.set_defaults(func=api_command(_rollout))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -207,202 +284,109 @@ def _broker_login(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return creds.username, creds.password
 
 
-# -- HTTP client helpers (stdlib only: operators need nothing else installed) -----------
+# -- operator commands: data to stdout, progress and errors to stderr ---------------------
 
 
-class ControlError(RuntimeError):
-    """The control plane answered with an HTTP error; the message is one line."""
-
-    def __init__(self, method: str, path: str, status: int, detail: str) -> None:
-        self.status = status
-        hint = ""
-        if status == 401:
-            hint = f" (give --token or set {TOKEN_ENV}; tokens: `fogline control token create`)"
-        elif status == 403:
-            hint = " (this token's role does not allow it)"
-        super().__init__(f"{method} {path}: HTTP {status}: {detail}{hint}")
-
-
-class ControlClient:
-    """A small synchronous client of the control plane's REST API."""
-
-    def __init__(self, base_url: str, timeout: float = 30.0, *, token: str | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        headers = {**self._auth, **(headers or {})}
-        url = self.base_url + path
-        req = urllib.request.Request(url, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise ControlError(method, path, exc.code, _error_text(exc.read())) from None
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def post_json(self, path: str, doc: dict[str, Any]) -> Any:
-        return self.request(
-            "POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"}
-        )
-
-    def publish(self, package_dir: Path) -> dict[str, Any]:
-        """Upload; a package signed offline (``manifest.json``) goes as ``signed_manifest``."""
-        boundary = uuid.uuid4().hex
-        if (package_dir / MANIFEST_FILE).is_file():
-            signed = read_package(package_dir).to_dict()  # its files match it, or this raises
-            manifest = signed["manifest"]
-            parts = [_part(boundary, "signed_manifest", None, json.dumps(signed).encode())]
-        else:
-            manifest = read_unsigned(package_dir).to_dict()
-            parts = [_part(boundary, "manifest", None, json.dumps(manifest).encode())]
-        for f in manifest["files"]:
-            parts.append(
-                _part(boundary, f["name"], f["name"], (package_dir / f["name"]).read_bytes())
-            )
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.request(
-            "POST",
-            "/api/models",
-            body,
-            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
-
-    def rollout(
-        self,
-        model: str,
-        version: str,
-        devices: list[str] | None = None,
-        allow_downgrade: bool = False,
-    ) -> str:
-        doc: dict[str, Any] = {
-            "model": model,
-            "version": version,
-            "allow_downgrade": allow_downgrade,
-        }
-        if devices:
-            doc["devices"] = devices
-        return self.post_json("/api/rollouts", doc)["id"]
-
-    def wait_rollout(self, rollout_id: str, timeout: float, progress: Any = None) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.get(f"/api/rollouts/{rollout_id}")
-            if progress is not None:
-                progress(state)
-            if state["state"] != "running" or time.monotonic() > deadline:
-                return state
-            time.sleep(0.2)
-
-
-def _error_text(body: bytes) -> str:
-    """The ``error`` of a JSON error body, else the body itself, on one line."""
-    try:
-        doc = json.loads(body)
-        text = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else body.decode()
-    except (ValueError, UnicodeDecodeError):
-        text = body.decode(errors="replace")
-    return " ".join(text.split())[:500]
-
-
-def _part(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
-    disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-    head = f"--{boundary}\r\nContent-Disposition: {disp}\r\n"
-    head += "Content-Type: application/octet-stream\r\n\r\n"
-    return head.encode() + data + b"\r\n"
-
-
-def _publish(args: argparse.Namespace) -> int:
-    try:
-        record = client_from_args(args).publish(args.package)
-    except FoglineError as exc:  # no or bad unsigned manifest: the operator's input
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+async def _publish(args: argparse.Namespace, api: ControlApi) -> int:
+    record = await api.publish(args.package)
     print(json.dumps(record, indent=2))
     return 0
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [header, *[["" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
-    )
-
-
-def _list(args: argparse.Namespace, path: str, key: str, header: list[str], row: Any) -> int:
-    try:
-        doc = client_from_args(args).get(path)
-    except (RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(doc, indent=2) if args.json else _table([row(x) for x in doc[key]], header))
+async def _list(
+    args: argparse.Namespace, api: ControlApi, path: str, key: str, header: list[str], row: Any
+) -> int:
+    doc = await api.get(path)
+    print(render(doc, args.output, lambda d: table([row(x) for x in d[key]], header)))
     return 0
 
 
-def _list_devices(args: argparse.Namespace) -> int:
-    def row(d: dict[str, Any]) -> list[Any]:
-        model = (d.get("models") or [{}])[0]
-        totals = (d.get("telemetry") or {}).get("totals") or {}
-        return [
-            d["device_id"],
-            d.get("state"),
-            model.get("name"),
-            model.get("version"),
-            totals.get("requests"),
-            totals.get("escalated"),
-            d.get("api_url"),
-        ]
+def _device_row(d: dict[str, Any]) -> list[Any]:
+    model = (d.get("models") or [{}])[0]
+    totals = (d.get("telemetry") or {}).get("totals") or {}
+    return [
+        d["device_id"],
+        d.get("state"),
+        model.get("name"),
+        model.get("version"),
+        totals.get("requests"),
+        totals.get("escalated"),
+        d.get("api_url"),
+    ]
 
+
+@api_command
+async def _list_devices(args: argparse.Namespace, api: ControlApi) -> int:
     header = ["DEVICE", "STATE", "MODEL", "VERSION", "REQUESTS", "ESCALATED", "API"]
-    return _list(args, "/api/devices", "devices", header, row)
+    return await _list(args, api, "/api/devices", "devices", header, _device_row)
 
 
-def _list_models(args: argparse.Namespace) -> int:
-    def row(m: dict[str, Any]) -> list[Any]:
-        acc = (m.get("evaluation") or {}).get("accuracy")
-        return [
-            m["name"],
-            m["variant"],
-            m["version"],
-            m["release"],
-            m["precision"],
-            m["artifact"]["size"],
-            f"{acc:.2%}" if acc is not None else None,
-        ]
+def _model_row(m: dict[str, Any]) -> list[Any]:
+    acc = (m.get("evaluation") or {}).get(ACCURACY)
+    return [
+        m["name"],
+        m["variant"],
+        m["version"],
+        m["release"],
+        m["precision"],
+        m["artifact"]["size"],
+        f"{acc:.2%}" if acc is not None else None,
+    ]
 
+
+@api_command
+async def _list_models(args: argparse.Namespace, api: ControlApi) -> int:
     header = ["NAME", "VARIANT", "VERSION", "RELEASE", "PRECISION", "BYTES", "ACCURACY"]
-    return _list(args, "/api/models", "models", header, row)
+    return await _list(args, api, "/api/models", "models", header, _model_row)
 
 
-def _print_progress(state: dict[str, Any]) -> None:
-    stages = ", ".join(f"{d}: {s['stage']}" for d, s in sorted(state["devices"].items()))
-    print(f"\r[{state['seconds']:6.1f}s] {state['state']}: {stages}", end="", file=sys.stderr)
-
-
-def _rollout(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
+async def _rollout(args: argparse.Namespace, api: ControlApi) -> int:
+    rollout_id = await api.rollout(args.model, args.version, args.device, args.allow_downgrade)
+    if not args.wait:
+        print(rollout_id)
+        return 0
+    progress = RolloutProgress(sys.stderr)
     try:
-        rollout_id = client.rollout(args.model, args.version, args.device, args.allow_downgrade)
-        if not args.wait:
-            print(rollout_id)
-            return 0
-        state = client.wait_rollout(rollout_id, args.timeout, _print_progress)
-    except (RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(file=sys.stderr)
+        state = await api.wait_rollout(rollout_id, args.timeout, progress)
+    finally:
+        progress.done()
     print(json.dumps(state, indent=2))
     return 0 if state["state"] == "succeeded" else 1
+
+
+def _stage_counts(devices: dict[str, dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for d in devices.values():
+        counts[d["stage"]] = counts.get(d["stage"], 0) + 1
+    return ", ".join(f"{stage} {n}" for stage, n in sorted(counts.items()))
+
+
+def _rollout_row(r: dict[str, Any]) -> list[Any]:
+    devices = r.get("devices") or {}
+    return [r["id"], r["model"], r["version"], r["state"], r.get("seconds"), _stage_counts(devices)]
+
+
+ROLLOUT_HEADER = ["ID", "MODEL", "VERSION", "STATE", "SECONDS", "DEVICES"]
+
+
+@api_command
+async def _list_rollouts(args: argparse.Namespace, api: ControlApi) -> int:
+    return await _list(args, api, "/api/rollouts", "rollouts", ROLLOUT_HEADER, _rollout_row)
+
+
+def _rollout_table(r: dict[str, Any]) -> str:
+    devices = sorted((r.get("devices") or {}).items())
+    rows = [[d, s["stage"], s.get("error")] for d, s in devices]
+    return (
+        table([_rollout_row(r)], ROLLOUT_HEADER)
+        + "\n\n"
+        + table(rows, ["DEVICE", "STAGE", "ERROR"])
+    )
+
+
+@api_command
+async def _show_rollout(args: argparse.Namespace, api: ControlApi) -> int:
+    rollout_id = check_name(args.rollout_id, "rollout id")  # a path segment: checked first
+    doc = await api.get(f"/api/rollouts/{rollout_id}")
+    print(render(doc, args.output, _rollout_table))
+    return 0

@@ -7,12 +7,14 @@ Bad input is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from cloud import enrollment
+from cloud.cli_output import add_output_args, render, table
 from common.broker_auth import TlsFiles
 from common.cli_errors import one_line_errors
 
@@ -35,8 +37,8 @@ def register_device(subparsers: argparse._SubParsersAction) -> None:
     enroll.add_argument("--label", action="append", metavar="KEY=VALUE", help="repeatable")
     enroll.add_argument("--model", default="digits", help="model this device serves")
     enroll.add_argument("--state-dir", help="agent state dir (default: /var/lib/fogline/ID)")
-    enroll.add_argument("--broker-host", default="127.0.0.1")
-    enroll.add_argument("--broker-port", type=int, default=1883)
+    enroll.add_argument("--broker-host", default="127.0.0.1", help="broker host the agent uses")
+    enroll.add_argument("--broker-port", type=int, default=1883, help="broker port the agent uses")
     enroll.add_argument("--broker-tls-ca", help="CA file the agent trusts for the broker's TLS")
     enroll.add_argument("--fallback-url", help="base URL of the cloud fallback's V2 API")
     enroll.add_argument(
@@ -45,6 +47,7 @@ def register_device(subparsers: argparse._SubParsersAction) -> None:
     enroll.set_defaults(func=one_line_errors(_enroll))
     listing = subparsers.add_parser("list", help="list enrolled devices")
     listing.add_argument("--workdir", type=Path, required=True, help=_WORKDIR_HELP)
+    add_output_args(listing)
     listing.set_defaults(func=one_line_errors(_list))
     revoke = subparsers.add_parser(
         "revoke", help="forget a device (regenerate the broker config afterwards)"
@@ -64,8 +67,10 @@ def register_broker(subparsers: argparse._SubParsersAction) -> None:
         "plane's broker login (WORKDIR/broker-control.json) if there is none.",
     )
     config.add_argument("--workdir", type=Path, required=True, help=_WORKDIR_HELP)
-    config.add_argument("--out", type=Path, required=True, metavar="DIR")
-    config.add_argument("--port", type=int, default=1883)
+    config.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory for the three files"
+    )
+    config.add_argument("--port", type=int, default=1883, help="port the broker listens on")
     config.add_argument("--host", help="listen address (default: all)")
     config.add_argument("--tls-cert", type=Path, help="server certificate (PEM): TLS listener")
     config.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -96,8 +101,20 @@ def _list(args: argparse.Namespace) -> int:
         {"device_id": e.device_id, "created_at": e.created_at, "labels": e.labels}
         for e in enrolled.values()
     ]
-    print(json.dumps({"devices": rows}, indent=2))
+    print(render({"devices": rows}, args.output, _device_table))
     return 0
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
+
+
+def _device_table(doc: dict[str, Any]) -> str:
+    rows = []
+    for d in doc["devices"]:
+        labels = ",".join(f"{k}={v}" for k, v in d["labels"].items())
+        rows.append([d["device_id"], _utc(d["created_at"]), labels])
+    return table(rows, ["DEVICE", "ENROLLED", "LABELS"])
 
 
 def _revoke(args: argparse.Namespace) -> int:

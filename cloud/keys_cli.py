@@ -12,13 +12,16 @@ only their public half is added to the keyring (``add``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud.control_cli import DEFAULT_CONTROL, TOKEN_ENV, _table, client_from_args
+from cloud.cli_output import add_output_args
+from cloud.cli_output import render as render_as
+from cloud.cli_output import table as _table
+from cloud.control_cli import DEFAULT_CONTROL, TOKEN_ENV, client_from_args
+from cloud.control_client import ControlError
 from cloud.keys import KeyStore
 from common.errors import AlreadyExistsError, FoglineError, InvalidInputError, VerificationError
 from common.fsutil import write_private
@@ -69,7 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         _change,
     )
     p.add_argument("public_key", metavar="PUBLIC_KEY", help="64 hex digits")
-    p.add_argument("--role", default="release", choices=["release", "control"])
+    p.add_argument(
+        "--role",
+        default="release",
+        choices=["release", "control"],
+        help="release: signs packages offline; control: a control plane's signing key",
+    )
     p.set_defaults(action="add")
 
 
@@ -80,7 +88,7 @@ def _where(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]
     p.add_argument(
         "--token", help=f"with --control: an admin token (viewer to list; default: ${TOKEN_ENV})"
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_output_args(p)
     p.set_defaults(func=func)
     return p
 
@@ -98,17 +106,20 @@ def register_model_sign(subparsers: argparse._SubParsersAction) -> None:  # type
     p.set_defaults(func=_sign)
 
 
-def _run(body: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -> int:
+def _run(body: Callable[[], Any], fmt: str, render: Callable[[Any], str]) -> int:
     """Errors of the operator's input exit 2, of the connection 1; never a traceback."""
     try:
         result = body()
+    except ControlError as exc:  # the call failed, not the operator's input
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except FoglineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2) if as_json else render(result))
+    print(render_as(result, fmt, render))
     return 0
 
 
@@ -136,7 +147,7 @@ def _create(args: argparse.Namespace) -> int:
         hint = f"\ntrust it with: fogline keys add {r['public_key']}" if release else ""
         return f"{r['role']} key {r['key_id']}\npublic key {r['public_key']}{hint}"
 
-    return _run(body, False, render)
+    return _run(body, "table", render)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -145,7 +156,7 @@ def _list(args: argparse.Namespace) -> int:
             return client_from_args(args).get("/api/keys")["keys"]
         return KeyStore(_workdir(args)).listing()
 
-    return _run(body, args.json, _render_keys)
+    return _run(body, args.output, _render_keys)
 
 
 def _render_keys(rows: list[dict[str, str]]) -> str:
@@ -173,7 +184,7 @@ def _rotate(args: argparse.Namespace) -> int:
             f"`fogline keys retire {r['previous']}`); keyring sent to {r['sent']} devices"
         )
 
-    return _run(body, args.json, render)
+    return _run(body, args.output, render)
 
 
 def _change(args: argparse.Namespace) -> int:
@@ -195,7 +206,7 @@ def _change(args: argparse.Namespace) -> int:
     def render(r: dict[str, Any]) -> str:
         return f"{args.action}: keyring version {r['version']}, sent to {r['sent']} devices"
 
-    return _run(body, args.json, render)
+    return _run(body, args.output, render)
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -220,4 +231,4 @@ def _sign(args: argparse.Namespace) -> int:
     def render(r: dict[str, str]) -> str:
         return f"signed {r['name']} {r['version']} with key {r['key_id']}"
 
-    return _run(body, False, render)
+    return _run(body, "table", render)

@@ -8,10 +8,11 @@ somewhere, and whoever can read the workdir owns the control plane anyway.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from cloud.cli_output import add_output_args, render, table
 from cloud.operator_tokens import ROLES
 from cloud.registry import Registry
 from common.errors import FoglineError
@@ -27,10 +28,12 @@ def register_token(subparsers: argparse._SubParsersAction) -> None:
     sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     create = sub.add_parser("create", help="create a token and print it (once)")
     create.add_argument("name", help="who holds it (A-Z a-z 0-9 . _ -)")
-    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument(
+        "--role", choices=ROLES, required=True, help="what the token may do (viewer reads)"
+    )
     create.set_defaults(func=_create)
     listing = sub.add_parser("list", help="list tokens (names and roles, never the tokens)")
-    listing.add_argument("--json", action="store_true")
+    add_output_args(listing)
     listing.set_defaults(func=_list)
     revoke = sub.add_parser("revoke", help="revoke a token: it stops working at once")
     revoke.add_argument("name")
@@ -75,18 +78,19 @@ def _run(args: argparse.Namespace, action: str) -> int:
         elif action == "revoke":
             registry.operators.revoke(args.name)
             print(f"revoked {args.name}", file=sys.stderr)
-        elif args.json:
-            print(json.dumps(registry.operators.list(), indent=2))
         else:
-            for t in registry.operators.list():
-                state = "revoked" if t["revoked"] else "active"
-                print(f"{t['name']:<24} {t['role']:<9} {state}")
+            print(render(registry.operators.list(), args.output, _token_table))
     except FoglineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         registry.close()
     return 0
+
+
+def _token_table(tokens: list[dict[str, Any]]) -> str:
+    rows = [[t["name"], t["role"], "revoked" if t["revoked"] else "active"] for t in tokens]
+    return table(rows, ["NAME", "ROLE", "STATE"])
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ def one_line_errors(handler: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
+        except BrokenPipeError:
+            raise  # stdout closed (`| head`): fogline.cli.main ends quietly
         except (FoglineError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -29,6 +29,9 @@ from common.signing import Purpose, Signer, TrustStore
 MANIFEST_FILE = "manifest.json"
 UNSIGNED_MANIFEST_FILE = "manifest.unsigned.json"  # what operators upload; the control plane signs
 SCHEMA = "fogline.manifest/v1"
+# NOTE: the one name of a classifier's held-out top-1 accuracy in ``evaluation``, as
+# `fogline model package`, the demo, `fogline control models` and the dashboard use it.
+ACCURACY = "accuracy"
 MAX_RELEASE = 2**31 - 1  # a 32-bit column in PostgreSQL; a counter never gets near it
 
 

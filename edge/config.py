@@ -95,11 +95,24 @@ class AgentConfig:
         return out
 
     @classmethod
+    def required_keys(cls) -> list[str]:
+        """The keys without a default, in declaration order."""
+        no_default = dataclasses.MISSING
+        return [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is no_default and f.default_factory is no_default
+        ]
+
+    @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> AgentConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(doc) - known
         if unknown:
             raise InvalidInputError(f"unknown agent config keys: {sorted(unknown)}")
+        missing = [name for name in cls.required_keys() if name not in doc]
+        if missing:
+            raise InvalidInputError(f"agent config: missing required keys: {', '.join(missing)}")
         try:
             cfg = cls(**{**doc, "state_dir": Path(doc["state_dir"])})
         except (KeyError, TypeError) as exc:

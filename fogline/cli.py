@@ -1,13 +1,33 @@
 """The ``fogline`` command. Each group's modules are imported only when present,
-so an edge device without torch still gets ``fogline edge run``."""
+so an edge device without torch still gets ``fogline edge run``; a command that needs
+the cloud extra says so in ``--help`` and, when run, in one line.
+
+Exit codes: 0 done, 1 an error, 2 a usage error; a closed stdout (``| head``) is quiet.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from fogline import __version__
+
+# Libraries that only the cloud extra installs (``pip install 'fogline[cloud]'``).
+CLOUD_ONLY = ("torch", "onnx", "sklearn", "amqtt", "rich", "psycopg")
+CLOUD_GROUPS = ("demo", "model")  # need CLOUD_ONLY for their main work (train, compress, ...)
+# Commands checked before they start anything (the demo would start a broker first).
+NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
+    ("demo", None): ("torch", "onnx", "sklearn"),
+    ("model", "train"): ("torch", "onnx"),
+    ("model", "compress"): ("onnx",),
+    ("model", "package"): ("onnx",),
+}
+INSTALL_CLOUD = "pip install 'fogline[cloud]' (from a checkout: pip install '.[cloud]')"
 
 # group -> (help, [(module, function registering its subcommands)])
 GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -42,16 +62,57 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless the help already names it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        flag = action.nargs == 0  # store_true / store_const: its "default" is no news
+        if flag or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every (sub)parser of ``fogline`` shows defaults in ``--help``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def missing_cloud_libraries(names: Sequence[str] = CLOUD_ONLY) -> list[str]:
+    """Those of ``names`` this Python cannot import (looked up without importing them)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fogline",
         description="Fogline: an edge-and-cloud hybrid inference runtime.",
+        epilog="Client commands read FOGLINE_CONTROL (control plane URL) and FOGLINE_TOKEN "
+        "(operator token) from the environment.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the messages on stderr",
     )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    no_cloud = bool(missing_cloud_libraries())
     for name, (help_text, registrars) in GROUPS.items():
+        if no_cloud and name in CLOUD_GROUPS:
+            help_text += " [needs the cloud extra]"
         group = groups.add_parser(name, help=help_text, description=help_text)
         if name == "demo":
             from fogline.demo import register
@@ -70,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_closed_stdout() -> int:
+    """``fogline ... | head``: the reader left. As the Python docs advise (signal module,
+    "Note on SIGPIPE"), point stdout at devnull so the exit flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
+def _needs_cloud(exc: ModuleNotFoundError) -> bool:
+    return (exc.name or "").partition(".")[0] in CLOUD_ONLY
+
+
+def _needs_cloud_message(command: str, library: str) -> str:
+    return f"error: {command} needs {library!r}, from the cloud extra: {INSTALL_CLOUD}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -77,4 +154,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    sub = getattr(args, "command", None)
+    command = " ".join(filter(None, ("fogline", args.group, sub)))
+    missing = missing_cloud_libraries(NEEDS.get((args.group, sub), ()))
+    if missing:
+        print(_needs_cloud_message(command, missing[0]), file=sys.stderr)
+        return 1
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _quiet_closed_stdout()
+    except ModuleNotFoundError as exc:
+        if not _needs_cloud(exc):
+            raise
+        print(_needs_cloud_message(command, str(exc.name)), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

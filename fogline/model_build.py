@@ -20,7 +20,7 @@ def build_and_publish(
     from cloud.pipeline.export import export_onnx
     from cloud.pipeline.package import build_package, calibrate_routing
     from cloud.pipeline.train import default_progress, train_model
-    from common.manifest import RoutingHints, write_unsigned
+    from common.manifest import ACCURACY, RoutingHints, write_unsigned
 
     workdir.mkdir(parents=True, exist_ok=True)
     split = load_digits_split(seed)
@@ -45,7 +45,7 @@ def build_and_publish(
         variant="edge",
         precision="int8",
         golden_rows=golden,
-        evaluation={"accuracy": report.int8_accuracy},
+        evaluation={ACCURACY: report.int8_accuracy},
         routing=calibrate_routing(int8, split.x_val, escalate_fraction=0.15, max_local_batch=8),
     )
     cloud_acc = evaluate(cloud, split.x_test, split.y_test)
@@ -58,7 +58,7 @@ def build_and_publish(
         variant="cloud",
         precision="fp32",
         golden_rows=golden,
-        evaluation={"accuracy": cloud_acc},
+        evaluation={ACCURACY: cloud_acc},
         routing=RoutingHints(uncertainty_threshold=1.0, max_local_batch=1 << 20),
     )
     for manifest, directory in ((edge_manifest, "pkg-edge"), (cloud_manifest, "pkg-cloud")):

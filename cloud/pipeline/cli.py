@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cloud.pipeline.train_cli import add_train
 from common.cli_errors import one_line_errors
 from common.errors import InvalidInputError
-from common.manifest import UNSIGNED_MANIFEST_FILE, write_unsigned
+from common.manifest import ACCURACY, UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
     from cloud.pipeline.compress import CompressionReport
@@ -137,7 +137,7 @@ def _digits_package_inputs(args: argparse.Namespace) -> PackageInputs:
         max_local_batch=args.max_local_batch or DIGITS_MAX_LOCAL_BATCH,
     )
     evaluation = {
-        "test_accuracy": evaluate(args.model, split.x_test, split.y_test),
+        ACCURACY: evaluate(args.model, split.x_test, split.y_test),  # the test split
         "val_accuracy": evaluate(args.model, split.x_val, split.y_val),
     }
     return split.x_test[:GOLDEN_ROWS], evaluation, routing, TASK

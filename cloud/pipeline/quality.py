@@ -22,6 +22,7 @@ from cloud.pipeline.compress import AccuracyDropError, CompressionReport, quanti
 from cloud.pipeline.model_data import ModelData, fixed_batch
 from cloud.pipeline.onnx_model import run_outputs
 from common.errors import InvalidInputError
+from common.manifest import ACCURACY
 from common.onnx_runtime import describe_onnx_io
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def score_outputs(
                 "labels need a classifier output [N, classes]; "
                 f"the first output is {list(out.shape)}"
             )
-        return "accuracy", float((out.argmax(axis=-1) == data.labels).mean())
+        return ACCURACY, float((out.argmax(axis=-1) == data.labels).mean())
     if data.reference is not None:
         return _closeness(out, data.reference)
     if baseline is None:

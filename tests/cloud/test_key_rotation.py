@@ -107,7 +107,10 @@ async def test_rotate_then_retire_moves_the_fleet_to_the_new_key(
                 )
                 await spy.wait_connected(5)
                 status, doc = await api(cp, "POST", "/api/keys/rotate")
-                assert status == 200 and doc["previous"] == old.key_id and doc["sent"] == 1
+                assert status == 200 and doc["previous"] == old.key_id
+                # NOTE: every device the plane knows, and the session's broker may have shown it
+                # other tests' retained status: the count is the registry's, not "1".
+                assert doc["sent"] == len(cp.registry.devices())
                 new = cp.signer
                 assert new.key_id == doc["key_id"] != old.key_id and doc["resigned"] == 2
                 await wait_keyring(cp, cfg.device_id, 2)

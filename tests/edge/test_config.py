@@ -34,7 +34,8 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path) -> None:
     ("doc", "match"),
     [
         ({**BASE, "colour": "blue"}, "unknown agent config keys"),
-        ({k: v for k, v in BASE.items() if k != "model"}, "model"),
+        ({k: v for k, v in BASE.items() if k != "model"}, "missing required keys: model$"),
+        ({}, "missing required keys: device_id, state_dir, trusted_keys, model$"),
         ({**BASE, "trusted_keys": []}, "trusted_keys"),
     ],
 )
