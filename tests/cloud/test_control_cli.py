@@ -114,6 +114,8 @@ async def test_errors_formats_and_environment_against_a_real_control_plane(
         assert unknown.returncode == 1
         one_line(unknown, f"{cp.url}/api/rollouts", "HTTP 404")
 
+        # Seen once (a rollout target must be a seen or enrolled device), silent since.
+        cp.registry.upsert_device("ghost", {"state": "offline"})
         started = await run(*rollout, "--device", "ghost", env=operator)  # never answers
         assert started.returncode == 0, started.stderr
         rollout_id = started.stdout.strip()
