@@ -25,6 +25,7 @@ import argparse
 import getpass
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -161,11 +162,39 @@ def resolve_kind(kind: BrokerKind) -> Literal["mosquitto", "amqtt"]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the caller may still lose a race for it)."""
+    """A port that was free a moment ago (the caller may still lose a race for it).
+
+    NOTE: picked below the kernel's ephemeral range: a port from ``bind(0)`` comes
+    from that range, which every outgoing connection also draws from, so in the
+    seconds before a child binds it some client's connect() could take it (seen in
+    CI). Only explicit binders use the ports below the range.
+    """
+    low, _high = _ephemeral_range()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
+    for port in random.sample(range(_LOWEST_PORT, low), k=min(64, low - _LOWEST_PORT)):
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as s:  # all taken: the kernel's pick, race and all
         s.bind((host, 0))
         return cast(int, s.getsockname()[1])
+
+
+_LOWEST_PORT = 20000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path(_PORT_RANGE_FILE).read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; other systems: still above 20000
+    return max(low, _LOWEST_PORT + 1), high
+
+
+_PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def start_broker(

@@ -13,9 +13,10 @@ import pytest
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The demo's pick: below the ephemeral range, so no client connect() takes it first."""
+    from fogline.broker import free_port as pick
+
+    return pick()
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:

@@ -238,3 +238,17 @@ def test_command_queued_for_an_offline_device_survives_a_broker_restart(tmp_path
             )
         finally:
             agent.close()
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
+    """A picked port cannot be taken by some client's connect() before the child binds it."""
+    import socket
+
+    from fogline.broker import _ephemeral_range, free_port
+
+    low, _ = _ephemeral_range()
+    for _ in range(20):
+        port = free_port()
+        assert 20000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

@@ -56,11 +56,9 @@ TOKEN = "edge-device-token"
 
 
 def free_port() -> int:
-    import socket
+    from fogline.broker import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return pick()
 
 
 class FakeClock:
