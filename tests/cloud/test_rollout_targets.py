@@ -37,7 +37,10 @@ async def test_malformed_and_unknown_targets_are_400_and_leave_nothing(mosquitto
                 assert status == 400, (targets, status, body)
                 assert "'nope'" in body["error"] and "'cam-1'" not in body["error"]
         assert cp.registry.rollouts() == []
-        assert [d["device_id"] for d in cp.registry.devices()] == ["cam-1"]  # no phantom row
+        # No phantom row. NOTE: only these ids: the session's broker also replays other
+        # tests' retained status, which the plane records as it should.
+        known = {d["device_id"] for d in cp.registry.devices()}
+        assert "cam-1" in known and not known & {"nope", "never-seen", "a", "x"}
 
 
 async def test_an_enrolled_device_may_be_targeted_before_it_is_seen(mosquitto, tmp_path):
