@@ -20,23 +20,10 @@ from common.request_body import RequestLimits
 from common.tensor_json import JsonLimits
 from common.v2_server import BINARY_HEADER, V2_STATE, DataPlane, build_v2_app
 from tests.common.test_v2_server import GatedRuntime, assert_error
-from tests.model_fixtures import Package, make_package, toy_input, v2_infer_body
+from tests.model_fixtures import toy_input, v2_infer_body
 
 GOOD = v2_infer_body(2)
 INFER = "/v2/models/toy/infer"
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
-    return make_package(tmp_path_factory.mktemp("pkg"))
-
-
-@pytest.fixture
-async def runtime(package: Package) -> AsyncIterator[OnnxRuntime]:
-    rt = OnnxRuntime(package.model_path, package.manifest)
-    await rt.load()
-    yield rt
-    await rt.unload()
 
 
 async def serve(runtime: Any, **kw: Any) -> TestClient:

@@ -19,22 +19,9 @@ from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
 from common.onnx_runtime import OnnxRuntime
 from common.runtime import ModelInfo
 from common.v2_server import BINARY_HEADER, V2_STATE, DataPlane, build_v2_app
-from tests.model_fixtures import Package, make_package, reference_output, toy_input, v2_infer_body
+from tests.model_fixtures import Package, reference_output, toy_input, v2_infer_body
 
 GOOD_BODY = v2_infer_body(2)
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
-    return make_package(tmp_path_factory.mktemp("pkg"))
-
-
-@pytest.fixture
-async def runtime(package: Package) -> AsyncIterator[OnnxRuntime]:
-    rt = OnnxRuntime(package.model_path, package.manifest)
-    await rt.load()
-    yield rt
-    await rt.unload()
 
 
 @pytest.fixture
