@@ -100,7 +100,7 @@ async def test_tampered_chunk_is_rejected_and_repaired(mosquitto, tmp_path) -> N
             assert "SHA-256" in rejected["error"]
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
             # The agent asks for what it still lacks; the control plane resends just that.
-            done = await _final_event(cp, cfg.device_id, cid)
+            done = await cp.final_event(cfg.device_id, cid)
             assert done["stage"] == "activated", done
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "2"
 
@@ -118,19 +118,6 @@ async def _send_command(cp: ControlPlane, device_id: str, body: dict) -> str:
     return cmd.id
 
 
-async def _final_event(cp: ControlPlane, device_id: str, command_id: str) -> dict:
-    async with asyncio.timeout(20):
-        while True:
-            for ev in cp.registry.events(device_id, limit=500):
-                if ev.get("command_id") == command_id and ev["stage"] in (
-                    "failed",
-                    "rejected",
-                    "activated",
-                ):
-                    return ev
-            await asyncio.sleep(0.05)
-
-
 async def test_bad_signature_and_truncated_artifact_keep_the_old_model(mosquitto, tmp_path):
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
@@ -145,7 +132,7 @@ async def test_bad_signature_and_truncated_artifact_keep_the_old_model(mosquitto
             )
             body = {**_deploy_body(v2), "package": forged.to_dict()}
             cid = await _send_command(cp, cfg.device_id, body)
-            ev = await _final_event(cp, cfg.device_id, cid)
+            ev = await cp.final_event(cfg.device_id, cid)
             assert "signature" in ev["error"]
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
 
@@ -182,7 +169,7 @@ async def _deploy_raw(cp: ControlPlane, device_id: str, record, data: bytes) -> 
     await cp.wait_event(device_id, "downloading", command_id=cid)
     for chunk in chunking.split(data, 1024):
         await cp.rollouts.link.publish(topics.artifact_topic(digest, "chunks"), chunk.encode())
-    return await _final_event(cp, device_id, cid)
+    return await cp.final_event(device_id, cid)
 
 
 async def test_replayed_command_is_refused(mosquitto, tmp_path) -> None:
@@ -259,7 +246,7 @@ async def test_signed_rollback_returns_to_the_previous_version(mosquitto, tmp_pa
             await cp.rollouts.link.publish(
                 topics.device_topic(cfg.device_id, "commands"), sign_command(cmd, cp.signer)
             )
-            done = await _final_event(cp, cfg.device_id, cmd.id)
+            done = await cp.final_event(cfg.device_id, cmd.id)
             assert (done["stage"], done["version"]) == ("activated", "1")
             assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
         # and it stays rolled back across a restart
@@ -398,7 +385,7 @@ async def test_deployment_rides_out_a_broker_restart(tmp_path) -> None:
                 broker.stop()  # before a single chunk was sent
                 await asyncio.sleep(2.0)
                 broker.start()
-                done = await _final_event(cp, cfg.device_id, cid)
+                done = await cp.final_event(cfg.device_id, cid)
                 assert done["stage"] == "activated", done
                 assert (await infer(agent))["parameters"]["fogline.model_version"] == "1"
     finally:
