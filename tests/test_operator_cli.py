@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from common.manifest import MANIFEST_FILE, write_unsigned
 from fogline.processes import ManagedProcess
 from tests.conftest import free_port
+from tests.fogline_cli import fogline
 from tests.model_fixtures import make_package
-
-
-def fogline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fogline", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def make_token(workdir: Path, name: str, role: str) -> str:

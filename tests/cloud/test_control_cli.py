@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,22 +18,8 @@ import yaml
 from cloud.control_client import ControlApi, ControlClient, ControlUnreachableError
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
+from tests.fogline_cli import CLEAN_ENV, ROOT, fogline
 from tests.model_fixtures import onnx_model_bytes
-
-ROOT = Path(__file__).resolve().parents[2]
-# Neither variable may leak in from the shell that runs the tests.
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("FOGLINE_CONTROL", "FOGLINE_TOKEN")}
-
-
-def fogline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fogline", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**CLEAN_ENV, **(env or {})},
-    )
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
