@@ -106,6 +106,8 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/models", models, VIEWER),
         ("POST", "/api/models", publish, OPERATOR),
         ("GET", "/api/models/{name}/versions/{version}", model_version, VIEWER),
+        ("GET", "/api/models/{name}", model_detail, VIEWER),
+        ("GET", "/api/models/{name}/lineage", model_lineage, VIEWER),
         ("GET", "/api/artifacts/{digest}", artifact, DEVICE_OR_VIEWER),
         ("POST", "/api/rollouts", start_rollout, OPERATOR),
         ("GET", "/api/rollouts", rollouts, VIEWER),
@@ -215,6 +217,20 @@ async def model_version(request: web.Request) -> web.Response:
         request.match_info["name"], request.match_info["version"], variant
     )
     return web.json_response({**record.summary(), "signed_manifest": record.signed.to_dict()})
+
+
+async def model_detail(request: web.Request) -> web.Response:
+    """Every variant of every version of one model (``?version=V``: of that version)."""
+    name, version = request.match_info["name"], request.query.get("version")
+    records = await asyncio.to_thread(request.app[REGISTRY].model_versions, name, version)
+    return web.json_response({"name": name, "versions": [r.summary() for r in records]})
+
+
+async def model_lineage(request: web.Request) -> web.Response:
+    """The ancestry tree around a model's versions (``?version=V``: around that one)."""
+    name, version = request.match_info["name"], request.query.get("version")
+    doc = await asyncio.to_thread(request.app[REGISTRY].lineage, name, version)
+    return web.json_response(doc)
 
 
 async def publish(request: web.Request) -> web.Response:

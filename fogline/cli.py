@@ -44,6 +44,7 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [
             ("cloud.pipeline.cli", "register"),
             ("cloud.control_cli", "register_operator"),
+            ("cloud.registry_cli", "register"),
             ("cloud.keys_cli", "register_model_sign"),
         ],
     ),

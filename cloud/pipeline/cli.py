@@ -187,13 +187,17 @@ def _staged(out: Path) -> Iterator[Path]:
 
 def cmd_package(args: argparse.Namespace) -> int:
     """Build the package dir and write its unsigned manifest beside the files."""
-    from cloud.pipeline.package import build_package
+    from cloud.pipeline.package import build_package, package_lineage, version_figures
+    from cloud.pipeline.sidecar import read_sidecar
 
+    sidecar = read_sidecar(args.model)
+    lineage = package_lineage(args.parent, args.method, sidecar)  # checked before any work
     if args.data is not None:
         golden, evaluation, routing, task = _data_package_inputs(args)
     else:
         _check_digits_model(args.model)
         golden, evaluation, routing, task = _digits_package_inputs(args)
+    evaluation = {**evaluation, **version_figures(args.model, golden, sidecar)}
     out = Path(args.out)
     with _staged(out) as stage:
         manifest = build_package(
@@ -207,7 +211,7 @@ def cmd_package(args: argparse.Namespace) -> int:
             golden_rows=golden,
             evaluation=evaluation,
             routing=routing,
-            parent=args.parent,
+            lineage=lineage,
             task=task,
         )
         write_unsigned(stage, manifest)
@@ -270,7 +274,20 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision", choices=["int8", "fp32", "fp16"], required=True, help="weight precision"
     )
-    p.add_argument("--parent", default=None, help="version this one derives from")
+    p.add_argument(
+        "--parent",
+        default=None,
+        metavar="NAME:VERSION",
+        help="the published version this one was made from (it must be in the registry "
+        "at publish); default: none, a model trained from scratch",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help="how it was made from the parent, e.g. train, int8-static-qdq, "
+        "prune-structured-30%%, distill (default: from MODEL.compression.json beside the "
+        "model if present, else train)",
+    )
     p.add_argument(
         "--metric",
         choices=["max_prob", "margin", "entropy"],

@@ -29,6 +29,8 @@ NEEDS = {
     ("GET", "/api/models"): "viewer",
     ("POST", "/api/models"): "operator",
     ("GET", "/api/models/{name}/versions/{version}"): "viewer",
+    ("GET", "/api/models/{name}"): "viewer",
+    ("GET", "/api/models/{name}/lineage"): "viewer",
     ("GET", "/api/artifacts/{digest}"): "viewer",
     ("POST", "/api/rollouts"): "operator",
     ("GET", "/api/rollouts"): "viewer",
