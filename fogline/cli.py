@@ -26,6 +26,8 @@ NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("model", "train"): ("torch", "onnx"),
     ("model", "compress"): ("onnx",),
     ("model", "package"): ("onnx",),
+    ("model", "prune"): ("torch", "onnx"),
+    ("model", "distill"): ("torch", "onnx"),
 }
 INSTALL_CLOUD = "pip install 'fogline[cloud]' (from a checkout: pip install '.[cloud]')"
 
@@ -45,6 +47,7 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ("cloud.pipeline.cli", "register"),
             ("cloud.control_cli", "register_operator"),
             ("cloud.registry_cli", "register"),
+            ("cloud.pipeline.derive_cli", "register"),
             ("cloud.keys_cli", "register_model_sign"),
         ],
     ),
