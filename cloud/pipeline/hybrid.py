@@ -77,14 +77,16 @@ def fraction_for_accuracy(
     cut are escalated together, as an agent would.
     """
     sorted_scores, _, accuracy = escalation_curve(student_probs, teacher_probs, labels, metric)
-    best = hybrid_at(student_probs, teacher_probs, labels, _cut(sorted_scores, 0), metric)
-    for k in range(len(sorted_scores) + 1):
-        if accuracy[k] < target - 1e-12 and k < len(sorted_scores):
-            continue
+    reached = np.flatnonzero(accuracy >= target - 1e-12)
+    candidates = [int(k) for k in reached] if len(reached) else [int(np.argmax(accuracy))]
+    best: Operating | None = None
+    for k in candidates:
         op = hybrid_at(student_probs, teacher_probs, labels, _cut(sorted_scores, k), metric)
         if op.hybrid_accuracy >= target - 1e-12:
             return op
-        best = op if op.hybrid_accuracy > best.hybrid_accuracy else best
+        if best is None or op.hybrid_accuracy > best.hybrid_accuracy:
+            best = op
+    assert best is not None
     return best
 
 

@@ -4,6 +4,7 @@ it is; a model that misses the gate leaves nothing behind."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -75,18 +76,21 @@ def test_structured_pruning_keeps_exactly_the_surviving_units(factory) -> None:
     torch.manual_seed(0)
     model = factory().eval()
     x = torch.rand(5, 64) * 16
-    body = sequential_of(model)
+
     masked = factory().eval()
     masked.load_state_dict(model.state_dict())
     masked_body = sequential_of(masked)
-    hidden = [i for i, m in enumerate(body) if hasattr(m, "weight")][:-1]
-    for i in hidden:  # zero the units pruning will drop
-        keep = _keep(body[i], 0.5)
-        dropped = torch.ones(body[i].weight.shape[0], dtype=torch.bool)
-        dropped[keep] = False
+    weighted = [i for i, m in enumerate(masked_body) if hasattr(m, "weight")]
+    for i, nxt in itertools.pairwise(weighted):  # zero what pruning drops
+        layer, after = masked_body[i], masked_body[nxt]
+        dropped = torch.ones(layer.weight.shape[0], dtype=torch.bool)
+        dropped[_keep(layer, 0.5)] = False
+        per_unit = after.weight.shape[1] // layer.weight.shape[0]  # >1: conv -> flatten
         with torch.no_grad():
-            masked_body[i].weight[dropped] = 0
-            masked_body[i].bias[dropped] = 0
+            layer.weight[dropped] = 0
+            layer.bias[dropped] = 0
+            # the inputs they fed carry zeros now; zeroed, the next layer ranks as pruned
+            after.weight[:, dropped.repeat_interleave(per_unit)] = 0
     prune_structured(model, 0.5)
     with torch.no_grad():
         assert torch.allclose(model(x), masked(x), atol=1e-6)
