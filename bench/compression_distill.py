@@ -40,7 +40,10 @@ from cloud.pipeline.zoo import entry
 
 TARGET_GAP_PT = 0.0  # target hybrid accuracy: the teacher's (cloud-only quality) less this
 SEEDS = {True: (0,), False: (0, 1, 2)}
-EPOCHS = {True: {"cloud": 8, "edge": 20}, False: {"cloud": None, "edge": None}}
+EPOCHS: dict[bool, dict[str, int | None]] = {
+    True: {"cloud": 8, "edge": 20},
+    False: {"cloud": None, "edge": None},
+}
 
 
 def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -26,8 +26,9 @@ def _spec(args: argparse.Namespace) -> Spec:
         if not (args.factory and args.dataset) or args.arch:
             raise InvalidInputError("give --arch, or --factory with --dataset")
         return Spec(args.factory, args.dataset, Recipe(), args.factory)
-    e = entry(args.arch or "digits-edge")
-    return Spec(e.model, e.dataset, e.recipe, KIND_ALIASES.get(args.arch, args.arch))
+    name = args.arch or "digits-edge"
+    e = entry(name)
+    return Spec(e.model, e.dataset, e.recipe, KIND_ALIASES.get(name, name))
 
 
 def _rows(args: argparse.Namespace, model: Path) -> EvalRows:
@@ -160,7 +161,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "deflated size shrinks (reported). Writes OUT and OUT's .compression.json sidecar.",
     )
     prune.add_argument("--model", type=Path, required=True, help="the parent ONNX model")
-    prune.add_argument("--kind", choices=["structured", "unstructured"], default="structured")
+    prune.add_argument(
+        "--kind",
+        choices=["structured", "unstructured"],
+        default="structured",
+        help="structured: remove neurons/channels; unstructured: zero the smallest weights",
+    )
     prune.add_argument("--amount", type=float, default=0.3, help="share to prune (default 0.3)")
     prune.add_argument(
         "--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)"

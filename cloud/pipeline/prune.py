@@ -85,7 +85,7 @@ def load_onnx_weights(model: nn.Module, onnx_path: Path) -> nn.Module:
     return model.eval()
 
 
-def _resized(module: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+def _resized(module: nn.Module, shape: tuple[int, ...]) -> Weighted:
     if isinstance(module, nn.Linear):
         return nn.Linear(shape[1], shape[0], bias=module.bias is not None)
     assert isinstance(module, nn.Conv2d)
@@ -118,7 +118,10 @@ def _pairs(body: nn.Sequential) -> list[tuple[int, int]]:
     return list(itertools.pairwise(weighted))
 
 
-def _keep(layer: nn.Module, amount: float) -> torch.Tensor:
+Weighted = nn.Linear | nn.Conv2d
+
+
+def _keep(layer: Weighted, amount: float) -> torch.Tensor:
     """Indices of the output units to keep: the largest L1 norms, in their order."""
     w = layer.weight.detach()
     norms = w.abs().reshape(w.shape[0], -1).sum(dim=1)
@@ -136,6 +139,7 @@ def prune_structured(model: nn.Module, amount: float) -> nn.Module:
         raise InvalidInputError("the model has no hidden Linear/Conv2d layer to prune")
     for cur, nxt in pairs:
         layer, after = body[cur], body[nxt]
+        assert isinstance(layer, _WEIGHTED) and isinstance(after, _WEIGHTED)  # by _pairs
         keep = _keep(layer, amount)
         body[cur] = _slice(layer, keep, dim=0)
         if isinstance(layer, nn.Conv2d) and isinstance(after, nn.Linear):
@@ -147,14 +151,14 @@ def prune_structured(model: nn.Module, amount: float) -> nn.Module:
     return model
 
 
-def _slice(layer: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
+def _slice(layer: Weighted, index: torch.Tensor, dim: int) -> Weighted:
     """A new layer with the weights of ``layer`` at ``index`` along ``dim`` (0 out, 1 in)."""
     weight = layer.weight.detach().index_select(dim, index).clone()
     shape = tuple(weight.shape)
     new = _resized(layer, shape)
     with torch.no_grad():
         new.weight.copy_(weight)
-        if layer.bias is not None:
+        if layer.bias is not None and new.bias is not None:
             bias = layer.bias.detach()
             new.bias.copy_(bias.index_select(0, index) if dim == 0 else bias)
     return new
@@ -168,7 +172,9 @@ def prune_unstructured(model: nn.Module, amount: float) -> list[tuple[nn.Module,
     """
     if not 0.0 < amount < 1.0:
         raise InvalidInputError(f"amount must be between 0 and 1, got {amount}")
-    params = [(m, "weight") for m in model.modules() if isinstance(m, _WEIGHTED)]
+    params: list[tuple[nn.Module, str]] = [
+        (m, "weight") for m in model.modules() if isinstance(m, _WEIGHTED)
+    ]
     if not params:
         raise InvalidInputError("the model has no Linear/Conv2d weights to prune")
     torch_prune.global_unstructured(
