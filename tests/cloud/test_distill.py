@@ -3,6 +3,7 @@ training through the one loop, and the benchmark's measurement mechanics (not wh
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -103,3 +104,25 @@ def test_the_benchmark_measures_both_students_at_the_same_hybrid_accuracy() -> N
         if plain == 0
         else ratio == pytest.approx(r["distilled_escalated_fraction"] / plain)
     )
+
+
+def test_fogline_model_distill_writes_the_student_and_its_sidecar(tmp_path) -> None:
+    from cloud.pipeline.sidecar import read_sidecar
+    from common.manifest import sha256_file
+    from tests.fogline_cli import fogline
+
+    teacher = tmp_path / "teacher.onnx"
+    teacher.write_bytes(onnx_model_bytes(0))
+    out = tmp_path / "student.onnx"
+    result = fogline(
+        "model", "distill", "--teacher", str(teacher), "--epochs", "1", "--out", str(out),
+        "--max-drop", "100", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["method"] == "distill" and report["params"]["temperature"] == 4.0
+    sidecar = read_sidecar(out)
+    assert sidecar is not None and sidecar.parent_sha256 == sha256_file(teacher)
+    assert sidecar.metrics["quality"] == report["accuracy"]
+    bad = fogline("model", "distill", "--teacher", str(teacher), "--alpha", "2", "--out", "x.onnx")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "alpha" in bad.stderr
