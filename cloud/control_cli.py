@@ -181,6 +181,13 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         help="smallest artifact chunk size in bytes; big artifacts get bigger chunks "
         "(at most 1024 per artifact) (default: %(default)s)",
     )
+    serve.add_argument(
+        "--fallback-metrics",
+        action="append",
+        metavar="URL",
+        help="a cloud fallback's base URL whose /metrics the dashboard's serving view shows "
+        "(queue vs compute time, batch sizes); repeat for several (default: none)",
+    )
     serve.set_defaults(func=_serve)
 
 
@@ -247,6 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
         mqtt_client_id=args.mqtt_client_id,
         max_upload_bytes=args.max_upload_bytes,
         require_offline_signature=args.require_offline_signature,
+        fallback_metrics_urls=tuple(args.fallback_metrics or ()),
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
     try:
