@@ -74,7 +74,7 @@ def desired_versions(rollouts: list[dict[str, Any]]) -> dict[str, dict[str, str]
 def fleet_view(
     devices: list[dict[str, Any]],
     rollouts: list[dict[str, Any]],
-    reasons_by_device: dict[str, Counter[str]],
+    history: ServingHistory,
     *,
     now: float,
     stale_after_s: float,
@@ -91,7 +91,6 @@ def fleet_view(
         totals = telemetry.get("totals") or {}
         requests = _number(totals.get("requests")) or 0.0
         escalated = _number(totals.get("escalated")) or 0.0
-        local = ((router.get("latency_ms") or {}).get("local")) or {}
         failed = [
             r["id"]
             for r in rollouts
@@ -110,10 +109,10 @@ def fleet_view(
                     if isinstance(m, dict)
                 ],
                 "desired": desired.get(device_id, {}),
-                "p95_ms": _number(local.get("p95_ms")),
+                "p95_ms": history.local_p95_by_device.get(device_id),
                 "requests": requests,
                 "escalation_rate": escalated / requests if requests else None,
-                "escalation_reasons": dict(reasons_by_device.get(device_id) or {}),
+                "escalation_reasons": dict(history.reasons_by_device.get(device_id) or {}),
                 "circuit": router.get("circuit"),
                 "degraded": _number(totals.get("degraded")) or 0.0,
                 "failed_rollouts": failed,
@@ -161,7 +160,7 @@ async def fleet(request: web.Request) -> web.Response:
     view = fleet_view(
         devices,
         rollouts,
-        sources.history.reasons_by_device,
+        sources.history,
         now=time.time(),
         stale_after_s=sources.stale_after_s,
     )

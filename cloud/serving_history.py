@@ -72,6 +72,8 @@ class ServingHistory:
         # (where, "model:version") -> histogram counts since start; where is edge|cloud
         self._latency: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self.reasons_by_device: dict[str, Counter[str]] = {}
+        # device -> its latest local p95 (ms): a quiet period's report has none
+        self.local_p95_by_device: dict[str, float] = {}
 
     def _bucket(self, now: float) -> Bucket:
         start = now - now % self.bucket_s
@@ -96,6 +98,10 @@ class ServingHistory:
                 if reason in device_reasons or len(device_reasons) < MAX_REASONS:
                     device_reasons[reason] += _count(n)
         latency = router.get("latency_ms")
+        local = latency.get("local") if isinstance(latency, dict) else None
+        p95 = local.get("p95_ms") if isinstance(local, dict) else None
+        if _count(p95) > 0:
+            self.local_p95_by_device[device_id] = _count(p95)
         if model and isinstance(latency, dict):
             for where, key in (("edge", "local"), ("cloud", "cloud")):
                 counts = _histogram(latency.get(key))

@@ -197,6 +197,7 @@ async function refreshServing() {
   const rows = [], history = [], batches = [];
   for (const f of s.fallbacks) {
     if (!f.ok) rows.push([f.url, el("span", `unreachable: ${f.error ?? "not scraped yet"}`, "failed"), "", "", "", "", ""]);
+    else if (!Object.keys(f.models).length) rows.push([f.url, el("span", "no nv_inference_* metrics", "muted"), "", "", "", "", ""]);
     for (const [model, m] of Object.entries(f.models)) {
       rows.push([f.url, model, m.success ?? "", m.failure ?? "", m.mean_batch == null ? "" : m.mean_batch.toFixed(2),
         m.queue_us_per_request == null ? "" : m.queue_us_per_request.toFixed(0),
