@@ -26,6 +26,9 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloud.package_cache import read_bounded
+from common.errors import CloudUnavailableError
+
 logger = logging.getLogger(__name__)
 
 MAX_BYTES = 1024**2
@@ -146,14 +149,12 @@ class FallbackScraper:
     @staticmethod
     async def scrape(session: aiohttp.ClientSession, target: FallbackScrape) -> None:
         try:
-            async with session.get(f"{target.url}/metrics") as resp:
+            async with session.get(url := f"{target.url}/metrics") as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                body = await resp.content.read(MAX_BYTES + 1)
-            if len(body) > MAX_BYTES:
-                raise ValueError(f"more than {MAX_BYTES} bytes")
+                body = await read_bounded(resp, url, MAX_BYTES)
             models = await asyncio.to_thread(parse_metrics, body.decode("utf-8", "replace"))
-        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, CloudUnavailableError) as exc:
             target.ok, target.error = False, f"{type(exc).__name__}: {exc}"[:200]
             logger.debug("scrape of %s failed: %s", target.url, target.error)
             return
