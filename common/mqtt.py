@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import random
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -92,7 +93,13 @@ class MqttLink:
             self._client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
         if will:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        # Jittered per client: after a broker restart a whole fleet reconnects spread over
+        # seconds (then doubling, capped) instead of all at once in lockstep.
+        # NOTE: paho annotates int but only does float arithmetic and sleeps with them.
+        self._client.reconnect_delay_set(
+            min_delay=random.uniform(0.5, 2.0),  # type: ignore[arg-type]
+            max_delay=random.uniform(6.0, 10.0),  # type: ignore[arg-type]
+        )
         self._client.max_queued_messages_set(1000)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
