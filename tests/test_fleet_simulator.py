@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bench.sim_agent import SimAgent
 from common import topics
 from common.messages import Command, sign_command
@@ -62,3 +64,19 @@ def test_rollout_benchmark_reports_its_headline_keys(tmp_path) -> None:
     assert 1.0 <= result["bytes_sent_over_artifact_100"] < 1.5
     row = result["by_agents"]["3"]
     assert row["rollout_state"] == "succeeded" and row["fleet"]["activated"] == 3
+
+
+@pytest.mark.slow
+def test_fleet_scale_benchmark_survives_a_reconnect_storm() -> None:
+    cmd = [sys.executable, "-m", "bench.fleet_scale", "--json", "--agents", "40"]
+    out = subprocess.run(
+        [*cmd, "--window", "5", "--ramp-s", "2", "--processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["lost"] == 0 and result["storm_converged_s"] > 0
+    assert 0 < result["control_cpu_pct_of_one_core"] < 100
+    assert result["api_p99_ms"] > 0
