@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import sys
 import tempfile
@@ -33,6 +34,10 @@ from bench.sim_agent import SimAgent
 from common.signing import TrustStore
 
 logger = logging.getLogger(__name__)
+# NOTE: paho's network loop uses select(), which cannot watch a descriptor above 1023,
+# and each simulated device holds about six (socket, paho's wake-up pair, the outbox's
+# SQLite file, WAL and index): past ~170 per process, new connections fail silently.
+MAX_DEVICES_PER_PROCESS = 150
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Fleet:
     def __init__(self, spec: FleetSpec, n: int, processes: int = 2) -> None:
         self.spec, self.n = spec, n
         self.ids = [f"{spec.prefix}-{i:04d}" for i in range(n)]
-        self.processes = max(1, min(processes, n))
+        self.processes = max(1, min(n, max(processes, math.ceil(n / MAX_DEVICES_PER_PROCESS))))
         ctx = mp.get_context("spawn")  # NOTE: paho's threads and fork do not mix
         self._ready, self._results, self._stop = ctx.Queue(), ctx.Queue(), ctx.Event()
         self._procs = [

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import dashboard, keys_api
+from cloud import dashboard, hard_examples, keys_api
 from cloud.control_auth import (
     CALLER,
+    DEVICE,
     DEVICE_OR_VIEWER,
     OPERATORS,
     TRUST,
@@ -118,6 +119,9 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/events", events, VIEWER),
         ("GET", "/api/dashboard/fleet", dashboard.fleet, VIEWER),
         ("GET", "/api/dashboard/serving", dashboard.serving, VIEWER),
+        ("GET", "/api/hard-examples", hard_examples.listing, VIEWER),
+        ("POST", "/api/hard-examples/{name}", hard_examples.upload, DEVICE),
+        ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -156,6 +160,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         async with link, fleet, rollouts, keys, scraper.running():
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[hard_examples.HARD_EXAMPLES] = hard_examples.HardExampleStore(
+                settings.workdir / "hard-examples", registry
+            )
             app[dashboard.SOURCES] = dashboard.Sources(
                 registry, history, scraper, settings.stale_after_s
             )
