@@ -121,7 +121,7 @@ class HardExampleStore:
         directory.mkdir(parents=True, exist_ok=True)
         # "~" is in no checked name: the device id is read back from the file name
         name = f"{time.time_ns():020d}~{check_name(device_id, 'device id')}~{secrets.token_hex(4)}"
-        path = safe_join(directory, f"{name}.npz")
+        path = directory / f"{name}.npz"  # each part checked above: digits, a name, hex
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
