@@ -50,9 +50,9 @@ async def authenticate(request: web.Request, role: str) -> Operator | str:
     token = bearer_token(request)
     if role in (DEVICE, DEVICE_OR_VIEWER) and not token.startswith(TOKEN_PREFIX):
         return verify_token(request.app[TRUST], token).device_id
-    if role == DEVICE:
-        raise ForbiddenError("this route takes a device's own token, not an operator's")
     operator = await asyncio.to_thread(request.app[OPERATORS].verify, token)
+    if role == DEVICE:  # a valid operator token, but what a device reports must be its own
+        raise ForbiddenError("this route takes a device's own token, not an operator's")
     operator.require(VIEWER if role == DEVICE_OR_VIEWER else role)
     return operator
 
