@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 
 import aiohttp
 import numpy as np
@@ -12,6 +14,7 @@ from cloud.hard_examples import HARD_EXAMPLES, MAX_UPLOAD_EXAMPLES
 from cloud.pipeline.model_data import load_model_data
 from common.device_token import issue_token
 from common.signing import Signer
+from fogline.cli import main
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import CLASSES, IN_FEATURES, toy_input
 
@@ -120,3 +123,46 @@ async def test_the_store_keeps_the_newest_rows_within_its_bound(mosquitto, tmp_p
             with np.load(io.BytesIO(await r.read())) as npz:
                 kept = npz["input"][:, 0]
         assert sorted(set(kept.tolist())) == [2.0, 3.0]  # the two newest uploads, 8 rows
+
+
+def _train_steps(tmp_path, *extra: str) -> int:  # type: ignore[no-untyped-def]
+    """``fogline model train`` for one epoch; the number of optimizer steps it took."""
+    metrics = tmp_path / f"metrics-{len(extra)}.json"
+    argv = ["model", "train", "--model", "digits-edge", "--epochs", "1"]
+    argv += ["--out", str(tmp_path / "m.onnx"), "--metrics-out", str(metrics)]
+    for source in extra:
+        argv += ["--extra-data", source]
+    assert main(argv) == 0
+    return json.loads(metrics.read_text())["steps"]
+
+
+async def test_training_takes_the_fleets_hard_examples(mosquitto, tmp_path, monkeypatch) -> None:
+    """The toy model's input is 64 floats, like digits: the fleet's rows join its training."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        token = issue_token(cp.signer, "dev-a")
+        examples = [_example(16, x=toy_input(16, seed=i)) for i in range(32)]  # 512 rows
+        assert (await _post(s, cp, {"examples": examples}, token))[0] == 201
+        monkeypatch.setenv("FOGLINE_CONTROL", cp.url)
+        monkeypatch.setenv("FOGLINE_TOKEN", cp.tokens["viewer"])
+        plain = await asyncio.to_thread(_train_steps, tmp_path)
+        more = await asyncio.to_thread(_train_steps, tmp_path, "hard-examples:toy")
+        assert more > plain  # 512 more rows, more steps in the same one epoch
+
+
+@pytest.mark.parametrize(
+    ("arrays", "says"),
+    [
+        ({"input": np.zeros((4, 3), np.float32), "labels": np.zeros(4, np.int64)}, "rows are [3]"),
+        ({"input": np.zeros((4, 64), np.float32)}, "needs arrays"),
+        ({"input": np.zeros((4, 64), np.float32), "labels": np.zeros(2, np.int64)}, "row counts"),
+    ],
+)
+def test_bad_extra_data_is_one_error_line(tmp_path, capsys, arrays, says) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    argv = ["model", "train", "--model", "digits-edge", "--epochs", "1"]
+    argv += ["--out", str(tmp_path / "m.onnx"), "--extra-data", str(bad)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not (tmp_path / "m.onnx").exists()
