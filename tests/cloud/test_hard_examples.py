@@ -13,8 +13,11 @@ import pytest
 from cloud.hard_examples import HARD_EXAMPLES, MAX_UPLOAD_EXAMPLES
 from cloud.pipeline.model_data import load_model_data
 from common.device_token import issue_token
+from common.inference import InferRequest, InferResponse, Tensor
 from common.signing import Signer
+from edge.hard_examples import HardExampleStore as DeviceStore
 from fogline.cli import main
+from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import CLASSES, IN_FEATURES, toy_input
 
@@ -166,3 +169,38 @@ def test_bad_extra_data_is_one_error_line(tmp_path, capsys, arrays, says) -> Non
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and not (tmp_path / "m.onnx").exists()
+
+
+def _escalation(rows: int, seed: int = 0) -> tuple[InferRequest, InferResponse]:
+    probs = np.eye(CLASSES, dtype=np.float32)[np.arange(rows) % CLASSES]
+    request = InferRequest("toy", [Tensor("input", toy_input(rows, seed=seed))])
+    return request, InferResponse("toy", [Tensor("probabilities", probs)])
+
+
+async def test_the_device_store_samples_keeps_and_uploads(mosquitto, tmp_path) -> None:
+    """edge/hard_examples.py against a real control plane: what was kept arrives once."""
+    store = DeviceStore(tmp_path / "hard.sqlite", sample_rate=1.0, max_rows=5)
+    for seed in range(7):
+        assert store.offer("1", *_escalation(2, seed), "uncertain")
+    assert not store.offer("1", *_escalation(1), "heavy")  # a heavy batch teaches nothing
+    nan = _escalation(1)
+    nan[1].outputs[0].data[0, 0] = np.nan
+    assert not store.offer("1", *nan, "uncertain")  # not JSON: not kept, no exception
+    assert store.pending() == 5  # bounded: the oldest two went
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientError):
+            await store.upload_once(s, unreachable, "x")
+        assert store.pending() == 5  # kept for later
+        async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+            cp.publish_toy(tmp_path, "1")
+            forged = issue_token(Signer.generate(), "dev-a")
+            assert await store.upload_once(s, cp.url, forged) == 0
+            assert store.pending() == 5  # 401: a token problem, kept until it is fixed
+            assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 5
+            assert store.pending() == 0
+            assert cp.app[HARD_EXAMPLES].summary()[0]["rows"] == 10
+            store.offer("0", *_escalation(2), "uncertain")  # a version never published
+            assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 0
+            assert store.stats()["dropped"] == 1 and store.pending() == 0  # 404: dropped
+    store.close()
