@@ -35,6 +35,7 @@ NEEDS = {
     ("GET", "/api/rollouts/{id}"): "viewer",
     ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
+    ("GET", "/metrics"): "metrics",  # a scrape-only token: aggregates, no device ids
 }
 
 
