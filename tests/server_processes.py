@@ -40,6 +40,7 @@ class ServerProcess:
 
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
+        self.config_path: Path | None = None  # an agent's config file
 
     def status_kb(self, field: str) -> int:
         """``VmRSS`` (now) or ``VmHWM`` (peak) of the process, in kB."""
@@ -70,8 +71,10 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def _spawn(argv: list[str], log: Path, url: str) -> ServerProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def _spawn(
+    argv: list[str], log: Path, url: str, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, url, log)
@@ -87,8 +90,12 @@ def start_fallback(package: Package, tmp: Path, *flags: str) -> ServerProcess:
     return _spawn([*argv, *flags], tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}")
 
 
-def start_agent(package: Package, tmp: Path, broker: Any, **config: Any) -> ServerProcess:
-    """``fogline edge run`` with ``package`` already active in its store (no rollout needed)."""
+def start_agent(
+    package: Package, tmp: Path, broker: Any, *, env: dict[str, str] | None = None, **config: Any
+) -> ServerProcess:
+    """``fogline edge run`` with ``package`` already active in its store (no rollout needed).
+
+    ``env``: more environment for the process (``NOTIFY_SOCKET``, say)."""
     from tests.edge.agent_harness import agent_config
 
     device = f"dev-{free_port()}"
@@ -99,4 +106,6 @@ def start_agent(package: Package, tmp: Path, broker: Any, **config: Any) -> Serv
     config_path = tmp / f"{device}.json"
     config_path.write_text(json.dumps(cfg.to_dict()))
     argv = [sys.executable, "-m", "fogline", "edge", "run", "--config", str(config_path)]
-    return _spawn(argv, tmp / f"{device}.log", f"http://127.0.0.1:{cfg.api_port}")
+    server = _spawn(argv, tmp / f"{device}.log", f"http://127.0.0.1:{cfg.api_port}", env)
+    server.config_path = config_path
+    return server
