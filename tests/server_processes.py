@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.signing import TrustStore
+from edge.config import AgentConfig
 from edge.model_store import ModelStore
 from tests.conftest import free_port
 from tests.model_fixtures import Package
@@ -90,6 +91,13 @@ def start_fallback(package: Package, tmp: Path, *flags: str) -> ServerProcess:
     return _spawn([*argv, *flags], tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}")
 
 
+def install_active(config: AgentConfig, package: Package) -> None:
+    """Put ``package`` in the agent's active slot, as a finished rollout would."""
+    store = ModelStore(config.state_dir, TrustStore(config.trusted_keys))
+    files = {f.name: (package.directory / f.name).read_bytes() for f in package.manifest.files}
+    store.activate(store.stage(package.signed, files))
+
+
 def start_agent(
     package: Package, tmp: Path, broker: Any, *, env: dict[str, str] | None = None, **config: Any
 ) -> ServerProcess:
@@ -100,9 +108,7 @@ def start_agent(
 
     device = f"dev-{free_port()}"
     cfg = agent_config(tmp, device, broker, package.signer.public_key_hex, **config)
-    store = ModelStore(cfg.state_dir, TrustStore(cfg.trusted_keys))
-    files = {f.name: (package.directory / f.name).read_bytes() for f in package.manifest.files}
-    store.activate(store.stage(package.signed, files))
+    install_active(cfg, package)
     config_path = tmp / f"{device}.json"
     config_path.write_text(json.dumps(cfg.to_dict()))
     argv = [sys.executable, "-m", "fogline", "edge", "run", "--config", str(config_path)]

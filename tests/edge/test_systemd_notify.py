@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge.sd_notify import READY, STOPPING, WATCHDOG, Notifier
-from tests.fogline_cli import fogline
+from tests.fogline_cli import CLOUD_LIBRARIES, fogline, fogline_without
 from tests.model_fixtures import make_package
 from tests.server_processes import start_agent
 
@@ -112,7 +112,9 @@ def test_notify_socket_forms_and_watchdog_meant_for_another_process(tmp_path) ->
 def test_edge_health_with_a_bad_config_says_what_is_wrong(tmp_path: Path, doc, message) -> None:
     config = tmp_path / "agent.json"
     config.write_text(doc)
-    result = fogline("edge", "health", "--config", str(config))
+    # As in the slim edge image: no cloud extra, no otel extra.
+    missing = (*CLOUD_LIBRARIES, "opentelemetry")
+    result = fogline_without(missing, "edge", "health", "--config", str(config))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
