@@ -92,7 +92,10 @@ async def test_one_trace_spans_the_app_agent_escalation_and_fallback(
             escalated = exporter.get_finished_spans()
             exporter.clear()
 
-            async with s.post(f"{url}/v2/models/toy/infer", json=v2_infer_body(1)) as r:
+            # A caller's malformed trace headers are ignored: a trace of its own, still served.
+            bad = {"traceparent": f"00-{'0' * 32}-{APP_SPAN}-01", "tracestate": "x" * 8000}
+            infer_url = f"{url}/v2/models/toy/infer"
+            async with s.post(infer_url, json=v2_infer_body(1), headers=bad) as r:
                 assert r.status == 200
             local = exporter.get_finished_spans()
     finally:
@@ -122,7 +125,8 @@ async def test_one_trace_spans_the_app_agent_escalation_and_fallback(
     assert cloud_infer.attributes[MODEL_VERSION] == "c1"
     assert ESCALATION_REASON not in cloud_infer.attributes
 
-    # Served at the edge: no escalation span, a trace of its own (no traceparent sent).
+    # Served at the edge: no escalation span, a trace of its own (an all-zero trace id is
+    # invalid in W3C trace context).
     server, infer = _chain(local)
     assert server.parent is None and infer.attributes[SERVED_BY] == "edge"
     assert infer.attributes[MODEL_VERSION] == "1" and ESCALATION_REASON not in infer.attributes

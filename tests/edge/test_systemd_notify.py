@@ -12,8 +12,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
-
 from edge.sd_notify import READY, STOPPING, WATCHDOG, Notifier
 from tests.fogline_cli import CLOUD_LIBRARIES, fogline, fogline_without
 from tests.model_fixtures import make_package
@@ -101,20 +99,12 @@ def test_notify_socket_forms_and_watchdog_meant_for_another_process(tmp_path) ->
         assert Notifier({"WATCHDOG_USEC": bad}).watchdog_s is None
 
 
-@pytest.mark.parametrize(
-    ("doc", "message"),
-    [
-        ("{}", "missing required keys: device_id, state_dir, trusted_keys, model"),
-        ("[1]", "must be a JSON object"),
-        ("{nope", "cannot read agent config"),
-    ],
-)
-def test_edge_health_with_a_bad_config_says_what_is_wrong(tmp_path: Path, doc, message) -> None:
+def test_edge_health_with_an_empty_config_names_the_missing_keys(tmp_path: Path) -> None:
     config = tmp_path / "agent.json"
-    config.write_text(doc)
+    config.write_text("{}")
     # As in the slim edge image: no cloud extra, no otel extra.
     missing = (*CLOUD_LIBRARIES, "opentelemetry")
     result = fogline_without(missing, "edge", "health", "--config", str(config))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert message in result.stderr
+    assert "missing required keys: device_id, state_dir, trusted_keys, model" in result.stderr
