@@ -146,7 +146,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--database",
         metavar="URL",
-        help="postgresql://… for state shared by replicas (default: WORKDIR/control.sqlite)",
+        help="postgresql://… for state shared by replicas (default: $FOGLINE_DATABASE_URL, "
+        "which keeps the password off the command line, else WORKDIR/control.sqlite)",
     )
     serve.add_argument(
         "--require-offline-signature",
@@ -250,7 +251,7 @@ def _serve(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         chunk_size=args.chunk_size,
         public_url=args.public_url,
-        database=args.database,
+        database=args.database or os.environ.get("FOGLINE_DATABASE_URL") or None,
         mqtt_client_id=args.mqtt_client_id,
         max_upload_bytes=args.max_upload_bytes,
         require_offline_signature=args.require_offline_signature,

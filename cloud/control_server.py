@@ -2,7 +2,9 @@
 
 Handlers parse HTTP and map errors; decisions live in Registry and
 RolloutController. Every route but health (and the dashboard's static page)
-needs a bearer token; the route table below says which role each one needs.
+needs a bearer token; the route table below says which role each one needs
+(``/metrics`` too: it counts devices and rollouts; Prometheus sends a ``metrics``-role
+token, which can read nothing else).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from cloud.control_auth import (
     guarded,
     receive_package,
 )
+from cloud.control_metrics import CONTROL_METRICS, ControlMetrics, latency_middleware, metrics
 from cloud.enrollment import load_enrollments
 from cloud.fallback_metrics import FallbackScraper
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
-from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER, Operator
+from cloud.operator_tokens import ADMIN, METRICS_READER, OPERATOR, VIEWER, Operator
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
@@ -97,7 +100,11 @@ class ControlSettings:
 
 
 def build_control_app(settings: ControlSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[latency_middleware, error_middleware],  # times the answer as sent
+        client_max_size=settings.max_body_bytes,
+    )
+    app[CONTROL_METRICS] = ControlMetrics()
     app[UPLOAD_LIMIT] = settings.max_upload_bytes
     app.cleanup_ctx.append(_resources(settings))
     # (method, path, handler, who may call it: None is public)
@@ -122,6 +129,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/hard-examples", hard_examples.listing, VIEWER),
         ("POST", "/api/hard-examples/{name}", hard_examples.upload, DEVICE),
         ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
+        ("GET", "/metrics", metrics, METRICS_READER),  # a scrape-only token will do
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -140,6 +148,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         await _warn_without_tokens(registry, settings.workdir)
         link = _mqtt_link(settings)
+        app[CONTROL_METRICS].watch(registry, link)
         history = ServingHistory()
         fleet = FleetMonitor(
             registry, link, telemetry_interval_s=settings.telemetry_interval_s, history=history

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import random
 import logging
+import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -119,6 +119,9 @@ class MqttLink:
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Called with ("in" | "out", topic) for each message received or published
+        # (the control plane's /metrics counts them); on the event loop, so keep it cheap.
+        self.observers: list[Callable[[str, str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -190,6 +193,8 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        for observe in self.observers:
+            observe("out", topic)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._ack_lock:
             if info.mid in self._early_acks:  # acknowledged before we got here
@@ -254,6 +259,8 @@ class MqttLink:
     async def _dispatch(self) -> None:
         while True:
             msg = await self._inbox.get()
+            for observe in self.observers:
+                observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
                 if not paho.topic_matches_sub(topic_filter, msg.topic):
                     continue

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from common import tracing
 from common.errors import CloudUnavailableError, InvalidInputError, ModelNotReadyError
 from common.inference import (
     DEGRADED,
@@ -261,7 +262,9 @@ class Router:
     ) -> InferResponse:
         self._stats.escalated[reason] += 1
         try:
-            response = await self._call_cloud(request)
+            attributes = {"fogline.model": self.name, ESCALATION_REASON: reason}
+            with tracing.span("escalate", attributes=attributes):
+                response = await self._call_cloud(request)
         except (CloudUnavailableError, CloudTooLargeError) as exc:
             # Too large for the cloud is no fault of the request: the local answer stands.
             return await self._degrade(request, local, reason, local_response, score, exc)

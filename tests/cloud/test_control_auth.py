@@ -42,6 +42,7 @@ NEEDS = {
     ("GET", "/api/hard-examples"): "viewer",
     ("POST", "/api/hard-examples/{name}"): "device",  # a device's own token, no operator's
     ("GET", "/api/hard-examples/{name}"): "viewer",
+    ("GET", "/metrics"): "metrics",  # a scrape-only token: aggregates, no device ids
 }
 
 
