@@ -12,8 +12,9 @@ verification against the signed chunk list, real outboxes; no bytes kept, so
 no whole-artifact digest: 300 copies of 25 MB would not fit in memory),
 timed from the rollout's start until the last device reported ``activated``.
 A and B alternate (raw, fogline, raw) and the ratio uses the mean of the two
-raw runs around each Fogline run, because this machine's speed drifts. Also reported: the bytes the control plane sent per
-artifact byte, and devices lost (never activated).
+raw runs around each Fogline run, because this machine's speed drifts. Also
+reported: the bytes the control plane sent per artifact byte, and devices lost
+(never activated).
 
 Headline keys: ``ratio_to_raw`` (by fleet size), ``bytes_sent_over_artifact_100``
 (or the largest size run), ``lost``.
