@@ -70,8 +70,10 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def _spawn(argv: list[str], log: Path, url: str) -> ServerProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def _spawn(
+    argv: list[str], log: Path, url: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, url, log)
@@ -81,10 +83,23 @@ def _spawn(argv: list[str], log: Path, url: str) -> ServerProcess:
 
 def start_fallback(package: Package, tmp: Path, *flags: str) -> ServerProcess:
     """``fogline fallback serve`` on a free port, open (no tokens), serving ``package``."""
-    port = free_port()
-    argv = [sys.executable, "-c", FALLBACK_SCRIPT, "serve", "--port", str(port)]
-    argv += ["--package", str(package.directory), "--trust-key", package.signer.public_key_hex]
-    return _spawn([*argv, *flags], tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}")
+    flags = (
+        "--package",
+        str(package.directory),
+        "--trust-key",
+        package.signer.public_key_hex,
+        *flags,
+    )
+    return start_fallback_with(tmp, *flags)
+
+
+def start_fallback_with(
+    tmp: Path, *flags: str, port: int | None = None, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """``fogline fallback serve`` with these flags (and environment) on ``port`` (or a free one)."""
+    port = port or free_port()
+    argv = [sys.executable, "-c", FALLBACK_SCRIPT, "serve", "--port", str(port), *flags]
+    return _spawn(argv, tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}", env)
 
 
 def start_agent(package: Package, tmp: Path, broker: Any, **config: Any) -> ServerProcess:
