@@ -35,6 +35,7 @@ from common.v2_server import V2_STATE, build_v2_app
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "fogline-fallback"
+SHUTDOWN_TIMEOUT_S = 2.0
 FALLBACK_REPOSITORY = web.AppKey("fogline.fallback.repository", ModelRepository)
 
 
@@ -122,7 +123,9 @@ async def serve(settings: FallbackSettings) -> None:
         logger.warning("no tokens: the fallback API accepts any caller")
     # Per-request access lines only at DEBUG (STYLE: state changes at INFO, requests at DEBUG).
     access_log = logging.getLogger("aiohttp.access") if logger.isEnabledFor(logging.DEBUG) else None
-    runner = web.AppRunner(app, access_log=access_log)
+    # NOTE: infers are drained before cleanup (``drain``); what aiohttp then waits for
+    # is connections that never sent a request, which need not hold up the exit.
+    runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
