@@ -252,3 +252,18 @@ async def test_index_and_versions_without_auth_configured(plane: ControlPlane, t
         assert resp.status == 403
         resp = await client.get("/v2/repository/index")
         assert [e["state"] for e in await resp.json()] == ["READY"]
+
+
+async def test_model_list_polls_cost_a_304_until_something_is_published(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    from cloud.package_cache import list_models
+
+    cp = plane
+    await publish(cp, tmp_path, "1")
+    models, etag = await list_models(cp.url, cp.tokens["viewer"])
+    assert [m["version"] for m in models or []] == ["1"] and etag
+    assert await list_models(cp.url, cp.tokens["viewer"], etag) == (None, etag)
+    await publish(cp, tmp_path, "2")
+    models, new_etag = await list_models(cp.url, cp.tokens["viewer"], etag)
+    assert [m["version"] for m in models or []] == ["1", "2"] and new_etag != etag
