@@ -53,6 +53,8 @@ class Follower:
                     raise
                 logger.warning("model source not read: %s", exc)
                 return [exc]
+            offered = set(self.offered)  # bounded: forget failures no longer offered
+            self.failed = {c: why for c, why in self.failed.items() if c in offered}
             todo = plan_loads(
                 self.offered,
                 self.repository.loaded(),

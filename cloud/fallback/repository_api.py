@@ -28,7 +28,6 @@ from common.json_object import parse_json_object
 from common.names import check_name
 
 FOLLOWER = web.AppKey("fogline.fallback.follower", Follower)
-OPERATOR_CHECK = web.AppKey("fogline.fallback.operators", object)
 NEGATIVE_TTL_S = 5.0
 MAX_CACHED = 1024
 
@@ -83,6 +82,9 @@ class OperatorCheck:
             raise ForbiddenError(f"this needs role {role!r}; the token is {have!r}")
 
 
+OPERATOR_CHECK = web.AppKey("fogline.fallback.operators", OperatorCheck)
+
+
 def add_repository_routes(app: web.Application, follower: Follower, check: OperatorCheck) -> None:
     app[FOLLOWER] = follower
     app[OPERATOR_CHECK] = check
@@ -91,12 +93,6 @@ def add_repository_routes(app: web.Application, follower: Follower, check: Opera
     r.add_post("/v2/repository/index", _index, name="v2.repository.index.post")
     r.add_post("/v2/repository/models/{model}/load", _load, name="v2.repository.load")
     r.add_post("/v2/repository/models/{model}/unload", _unload, name="v2.repository.unload")
-
-
-def _check(request: web.Request) -> OperatorCheck:
-    check = request.app[OPERATOR_CHECK]
-    assert isinstance(check, OperatorCheck)
-    return check
 
 
 async def _index(request: web.Request) -> web.Response:
@@ -112,14 +108,14 @@ async def _index(request: web.Request) -> web.Response:
 
 
 async def _load(request: web.Request) -> web.Response:
-    await _check(request).require(request)
+    await request.app[OPERATOR_CHECK].require(request)
     name = check_name(request.match_info["model"], "model name")
     served = await request.app[FOLLOWER].load_model(name)
     return web.json_response({"name": name, "version": served.info.version, "state": "READY"})
 
 
 async def _unload(request: web.Request) -> web.Response:
-    await _check(request).require(request)
+    await request.app[OPERATOR_CHECK].require(request)
     name = check_name(request.match_info["model"], "model name")
     request.app[FOLLOWER].unload_model(name)
     return web.json_response({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 
 from aiohttp import web
@@ -91,7 +92,9 @@ def _static_tokens(settings: FallbackSettings) -> set[str] | None:
     return (settings.tokens or set()) | settings.admin_tokens
 
 
-def _token_verifier(settings: FallbackSettings, trust: TrustStore | None, operators: OperatorCheck):  # type: ignore[no-untyped-def]
+def _token_verifier(
+    settings: FallbackSettings, trust: TrustStore | None, operators: OperatorCheck
+) -> Callable[[str], Awaitable[None]] | None:
     """Tokens past the static ones: device tokens (offline) and operator tokens (the
     control plane, cached)."""
     if _static_tokens(settings) is None:
