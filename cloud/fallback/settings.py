@@ -20,6 +20,7 @@ from common.request_body import DEFAULT_MAX_BODY
 
 ENV_PREFIX = "FOGLINE_FALLBACK_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+SECRETS = {"control_token", "tokens", "admin_tokens"}  # --help never shows their values
 
 
 @dataclass
@@ -232,6 +233,8 @@ def _env_defaults(p: argparse.ArgumentParser, environ: Mapping[str, str]) -> Non
             continue
         name = env_name(action)
         action.help = f"{action.help or ''} [env {name}]"
+        if action.dest in SECRETS:  # "%(default).0s": the formatter adds no default
+            action.help += " (default: none; a value set is not shown)%(default).0s"
         if name not in environ:
             continue
         value = environ[name]

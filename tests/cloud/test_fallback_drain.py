@@ -164,6 +164,13 @@ def test_every_flag_has_an_environment_variable() -> None:
     for action in flags:
         assert env_name(action) in text, action.option_strings
     assert "default: 2" in text or "(default: 2)" in text
+    # A secret from the environment never shows up in --help.
+    parser = argparse.ArgumentParser(prog="fogline fallback")
+    sub = parser.add_subparsers()
+    register_cli(
+        sub, {"FOGLINE_FALLBACK_CONTROL_TOKEN": "fgo_hush", "FOGLINE_FALLBACK_TOKEN": "t-hush"}
+    )
+    assert "hush" not in sub.choices["serve"].format_help()
 
 
 @pytest.mark.parametrize(
