@@ -130,7 +130,10 @@ class Follower:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:  # a disk error, say: logged, and the next poll tries again
+                logger.exception("model sync failed")
 
     def context(self) -> Callable[[web.Application], AsyncIterator[None]]:
         """An aiohttp cleanup context that polls while the app runs."""
