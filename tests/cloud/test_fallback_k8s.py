@@ -9,7 +9,7 @@ import kubernetes_validate
 import yaml
 
 from cloud.fallback import register_cli, settings_from_args
-from cloud.fallback.settings import ENV_PREFIX
+from cloud.fallback.settings import ENV_PREFIX, env_name
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "fallback.yaml"
 
@@ -37,11 +37,7 @@ def test_every_variable_is_a_flag_and_the_probes_are_the_v2_health_routes() -> N
     sub = parser.add_subparsers()
     register_cli(sub, environ)
     serve = sub.choices["serve"]
-    known = {
-        a.help.rsplit("[env ", 1)[1].rstrip("]")
-        for a in serve._actions
-        if a.option_strings and a.help and "[env " in a.help
-    }
+    known = {env_name(a) for a in serve._actions if a.option_strings and a.dest != "help"}
     assert set(environ) <= known, set(environ) - known
     s = settings_from_args(parser.parse_args(["serve"]))
     assert s.following and s.device_tokens and s.host == "0.0.0.0" and s.keep_versions == 2
