@@ -150,9 +150,13 @@ def make_package(directory: Path, size: int) -> tuple[Path, Manifest]:
 class ControlPlane:
     """The real control-plane app on a free port, in this process's event loop."""
 
-    def __init__(self, workdir: Path, broker_port: int) -> None:
+    def __init__(self, workdir: Path, broker_port: int, chunk_size: int) -> None:
         self.settings = ControlSettings(
-            workdir=workdir, port=free_port(), broker_port=broker_port, telemetry_interval_s=0
+            workdir=workdir,
+            port=free_port(),
+            broker_port=broker_port,
+            telemetry_interval_s=0,
+            chunk_size=chunk_size,
         )
 
     async def __aenter__(self) -> ControlPlane:
@@ -198,7 +202,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         broker = start_broker("mosquitto", workdir=tmp / "broker")
         try:
-            async with ControlPlane(tmp / "control", broker.port) as cp:
+            async with ControlPlane(tmp / "control", broker.port, args.chunk_kib * 1024) as cp:
                 directory, manifest = make_package(tmp / "pkg", size)
                 signer = cp.app[KEYS].signer
                 record = await asyncio.to_thread(
@@ -282,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=25.0, help="package size")
     parser.add_argument("--agents", default="1,10,50,100,300", help="fleet sizes, comma-separated")
     parser.add_argument("--processes", type=int, default=4, help="processes for the devices")
+    parser.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=128,
+        help="the control plane's chunk size (128 KiB stays under AWS IoT Core's payload "
+        "limit; the raw ceiling uses the same chunks)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
