@@ -2,12 +2,16 @@
 
 Handlers parse HTTP and map errors; decisions live in Registry and
 RolloutController. Every route but health (and the dashboard's static page)
-needs a bearer token; the route table below says which role each one needs.
+needs a bearer token; the route table below says which role each one needs
+(``/metrics`` too: it counts devices and rollouts; Prometheus sends a ``metrics``-role
+token, which can read nothing else).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import secrets
 import tempfile
@@ -17,9 +21,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import keys_api
+from cloud import dashboard, hard_examples, keys_api
 from cloud.control_auth import (
     CALLER,
+    DEVICE,
     DEVICE_OR_VIEWER,
     OPERATORS,
     TRUST,
@@ -27,15 +32,18 @@ from cloud.control_auth import (
     guarded,
     receive_package,
 )
+from cloud.control_metrics import CONTROL_METRICS, ControlMetrics, latency_middleware, metrics
 from cloud.enrollment import load_enrollments
+from cloud.fallback_metrics import FallbackScraper
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
-from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER, Operator
+from cloud.operator_tokens import ADMIN, METRICS_READER, OPERATOR, VIEWER, Operator
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
+from cloud.serving_history import ServingHistory
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
@@ -48,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 REGISTRY = web.AppKey("registry", Registry)
 ROLLOUTS = web.AppKey("rollouts", RolloutController)
-DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class ControlSettings:
     broker_password: str | None = None
     broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
+    fallback_metrics_urls: tuple[str, ...] = ()  # fallbacks whose /metrics the dashboard shows
+    stale_after_s: float = 10.0  # an online device silent this long is flagged stale
 
     @property
     def artifact_base_url(self) -> str:
@@ -93,14 +102,20 @@ class ControlSettings:
 
 
 def build_control_app(settings: ControlSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[latency_middleware, error_middleware],  # times the answer as sent
+        client_max_size=settings.max_body_bytes,
+    )
+    app[CONTROL_METRICS] = ControlMetrics()
     app[UPLOAD_LIMIT] = settings.max_upload_bytes
     app.cleanup_ctx.append(_resources(settings))
     # (method, path, handler, who may call it: None is public)
     table = [
-        ("GET", "/", dashboard, None),  # static HTML; its data calls carry a token
+        ("GET", "/", dashboard.page, None),  # static HTML; its data calls carry a token
+        ("GET", "/static/{file}", dashboard.static_file, None),  # vendored, from a fixed table
         ("GET", "/api/health", health, None),
         *keys_api.ROUTES,
+        ("GET", "/api/whoami", whoami, VIEWER),
         ("GET", "/api/devices", devices, VIEWER),
         ("POST", "/api/devices/{device_id}/token", device_token, ADMIN),
         ("GET", "/api/models", models, VIEWER),
@@ -114,6 +129,12 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/rollouts/{id}", rollout, VIEWER),
         ("POST", "/api/rollouts/{id}/abort", abort_rollout, OPERATOR),
         ("GET", "/api/events", events, VIEWER),
+        ("GET", "/api/dashboard/fleet", dashboard.fleet, VIEWER),
+        ("GET", "/api/dashboard/serving", dashboard.serving, VIEWER),
+        ("GET", "/api/hard-examples", hard_examples.listing, VIEWER),
+        ("POST", "/api/hard-examples/{name}", hard_examples.upload, DEVICE),
+        ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
+        ("GET", "/metrics", metrics, METRICS_READER),  # a scrape-only token will do
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -132,7 +153,12 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         await _warn_without_tokens(registry, settings.workdir)
         link = _mqtt_link(settings)
-        fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
+        app[CONTROL_METRICS].watch(registry, link)
+        history = ServingHistory()
+        fleet = FleetMonitor(
+            registry, link, telemetry_interval_s=settings.telemetry_interval_s, history=history
+        )
+        scraper = FallbackScraper(list(settings.fallback_metrics_urls))
         rollouts = RolloutController(
             registry,
             fleet,
@@ -146,8 +172,14 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
         )
-        async with link, fleet, rollouts, keys:
+        async with link, fleet, rollouts, keys, scraper.running():
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[hard_examples.HARD_EXAMPLES] = hard_examples.HardExampleStore(
+                settings.workdir / "hard-examples", registry
+            )
+            app[dashboard.SOURCES] = dashboard.Sources(
+                registry, history, scraper, settings.stale_after_s
+            )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
             yield
@@ -186,13 +218,16 @@ async def _warn_without_tokens(registry: Registry, workdir: Path) -> None:
         )
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(DASHBOARD)
-
-
 async def health(request: web.Request) -> web.Response:
     connected = request.app[ROLLOUTS].link.connected.is_set()
     return web.json_response({"status": "ok", "broker_connected": connected})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's token name and role: how a fallback checks an operator token it got."""
+    caller = request[CALLER]
+    assert isinstance(caller, Operator)  # the route takes operator tokens only
+    return web.json_response({"name": caller.name, "role": caller.role})
 
 
 async def devices(request: web.Request) -> web.Response:
@@ -207,8 +242,14 @@ async def device_token(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
+    """Every published version. With an ETag, so pollers (fallback replicas) that send
+    ``If-None-Match`` get a bodiless 304 while nothing was published."""
     records = await asyncio.to_thread(request.app[REGISTRY].versions)
-    return web.json_response({"models": [r.summary() for r in records]})
+    body = json.dumps({"models": [r.summary() for r in records]}).encode()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
 
 async def model_version(request: web.Request) -> web.Response:
