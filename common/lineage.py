@@ -26,7 +26,7 @@ from common.names import check_digest, check_name
 LATENCY_P50_MS_B1 = "latency_p50_ms_b1"
 THROUGHPUT_B32 = "throughput_b32"
 SIZE_BYTES = "size_bytes"
-QUALITY_METRICS = ("accuracy", "mean_cosine")
+QUALITY_METRICS = ("accuracy", "mean_cosine", "r2")  # as cloud.pipeline.quality names them
 
 MAX_PARAMS = 32
 MAX_PARAMS_BYTES = 4096  # serialized: a record, not a payload

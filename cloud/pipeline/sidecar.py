@@ -3,8 +3,9 @@
 ``fogline model compress``, ``prune`` and ``distill`` write it beside their
 output; ``fogline model package`` reads it to fill in the manifest's
 ``lineage`` (method, params, the parent's model-file SHA-256) and the figures
-that the step measured. Its contents are checked as strictly as a manifest's:
-a sidecar is a file anyone could have edited.
+that the step measured. The fields it uses are checked as strictly as a
+manifest's (other keys are ignored, never copied): a sidecar is a file anyone
+could have edited.
 
 Shape: ``{"method", "params", "parent_sha256", "metrics": {"quality_metric",
 "quality", "parent_quality", "size_bytes", "latency_p50_ms_b1",
@@ -76,14 +77,12 @@ def _candidates(model: Path) -> list[Path]:
 
 
 def parse_sidecar(doc: object, where: str = "sidecar") -> Sidecar:
-    if not isinstance(doc, dict) or set(doc) - _KEYS or "method" not in doc:
+    """The known fields, checked; other keys (a tool's own notes) are ignored, never copied."""
+    if not isinstance(doc, dict) or "method" not in doc:
         raise InvalidInputError(f"{where}: expected an object with 'method' and {sorted(_KEYS)}")
     metrics = doc.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise InvalidInputError(f"{where}: 'metrics' must be an object")
-    unknown = set(metrics) - {*_NUMBERS, "quality_metric"}
-    if unknown:
-        raise InvalidInputError(f"{where}: unknown metrics {sorted(unknown)}")
     figures: dict[str, float] = {}
     for key in _NUMBERS:
         value = metrics.get(key)
