@@ -132,6 +132,7 @@ def test_a_parent_of_another_architecture_is_one_clear_error(tmp_path) -> None:
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow
 def test_the_report_is_json_from_the_cli(parent, tmp_path) -> None:
     path, _ = parent
     out = tmp_path / "p.onnx"
