@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import keys_api
+from cloud import keys_api, staged_api
 from cloud.control_auth import (
     CALLER,
     DEVICE_OR_VIEWER,
@@ -36,6 +36,9 @@ from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER, Operator
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
+from cloud.staged_api import STAGED
+from cloud.staged_rollout import StagedRollouts
+from cloud.staged_store import check_reason
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
@@ -74,6 +77,11 @@ class ControlSettings:
     broker_password: str | None = None
     broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
+    # Replicas on one PostgreSQL name one group: the broker hands each device event to
+    # one of them ($share/GROUP/...); None: this process alone subscribes to everything.
+    share_group: str | None = None
+    lease_s: float = 15.0  # a staged rollout's driver lease; a crashed replica's expires
+    resend_after_s: float = 5.0  # first resend of a command no device answered
 
     @property
     def artifact_base_url(self) -> str:
@@ -112,6 +120,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/rollouts/{id}", rollout, VIEWER),
         ("POST", "/api/rollouts/{id}/abort", abort_rollout, OPERATOR),
         ("GET", "/api/events", events, VIEWER),
+        *staged_api.ROUTES,
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -130,7 +139,12 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         await _warn_without_tokens(registry, settings.workdir)
         link = _mqtt_link(settings)
-        fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
+        fleet = FleetMonitor(
+            registry,
+            link,
+            telemetry_interval_s=settings.telemetry_interval_s,
+            share_group=settings.share_group,
+        )
         rollouts = RolloutController(
             registry,
             fleet,
@@ -140,12 +154,20 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             artifact_base_url=settings.artifact_base_url,
             repair=settings.repair,
             enrolled=lambda: load_enrollments(settings.workdir).keys(),
+            resend_after_s=settings.resend_after_s,
+        )
+        staged = StagedRollouts(
+            registry,
+            rollouts,
+            labels=lambda: {d: e.labels for d, e in load_enrollments(settings.workdir).items()},
+            lease_s=settings.lease_s,
         )
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
         )
-        async with link, fleet, rollouts, keys:
+        async with link, fleet, rollouts, keys, staged:
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[STAGED] = staged
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
             yield
@@ -266,10 +288,26 @@ async def start_rollout(request: web.Request) -> web.Response:
         caller = request[CALLER]
         assert isinstance(caller, Operator)  # the route takes operator tokens only
         caller.require(ADMIN)
+    reason = check_reason(doc.get("reason"))
     rollout_id = await request.app[ROLLOUTS].start(
         name, version, targets, allow_downgrade=downgrade
     )
+    detail = {"model": name, "version": version, "devices": targets, "downgrade": downgrade}
+    await asyncio.to_thread(
+        request.app[REGISTRY].staged.record_audit,
+        _operator(request),
+        "create",
+        rollout_id,
+        reason,
+        detail,
+    )
     return web.json_response({"id": rollout_id}, status=202)
+
+
+def _operator(request: web.Request) -> str:
+    caller = request[CALLER]
+    assert isinstance(caller, Operator)  # operator routes take operator tokens only
+    return caller.name
 
 
 async def rollouts(request: web.Request) -> web.Response:
@@ -283,7 +321,12 @@ async def rollout(request: web.Request) -> web.Response:
 
 async def abort_rollout(request: web.Request) -> web.Response:
     rollout_id = check_name(request.match_info["id"], "rollout id")
+    raw = await request.read()
+    reason = check_reason(parse_json_object(raw, "abort request").get("reason") if raw else None)
     await request.app[ROLLOUTS].abort(rollout_id)
+    await asyncio.to_thread(
+        request.app[REGISTRY].staged.record_audit, _operator(request), "abort", rollout_id, reason
+    )
     return web.json_response({"id": rollout_id, "state": "aborted"})
 
 

@@ -35,6 +35,14 @@ NEEDS = {
     ("GET", "/api/rollouts/{id}"): "viewer",
     ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
+    ("POST", "/api/staged-rollouts"): "operator",
+    ("GET", "/api/staged-rollouts"): "viewer",
+    ("GET", "/api/staged-rollouts/{id}"): "viewer",
+    ("POST", "/api/staged-rollouts/{id}/pause"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/resume"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/abort"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/rollback"): "operator",
+    ("GET", "/api/audit"): "operator",
 }
 
 
