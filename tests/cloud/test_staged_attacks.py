@@ -216,3 +216,16 @@ def test_shared_subscriptions_read_only_what_the_filter_reads() -> None:
     device = device_grants("dev-a")
     assert not allowed(device, "$share/g/fogline/v1/devices/+/events", "subscribe")
     assert not allowed(device, "$share/g/fogline/v1/devices/dev-b/commands", "subscribe")
+
+
+def test_enrollment_labels_reach_the_agent_config_and_bad_ones_are_refused(tmp_path) -> None:
+    from cloud.enrollment import AgentSettings, enroll_device
+    from edge.config import AgentConfig
+
+    settings = AgentSettings(state_dir=str(tmp_path / "state"))
+    config = enroll_device(tmp_path / "control", "dev-l", settings, {"site": "berlin"})
+    assert config["labels"] == {"site": "berlin"}
+    assert AgentConfig.from_dict(config).labels == {"site": "berlin"}
+    for bad in ({"../x": "y"}, {"site": "#"}, {"site": 3}, ["site=berlin"]):
+        with pytest.raises(InvalidInputError):
+            AgentConfig.from_dict({**config, "labels": bad})
