@@ -208,6 +208,11 @@ class StagedRollouts:
         out = []
         for d in devices:
             state, why = device_state(d)
+            if state == "downloading" and d["command_id"]:
+                percent = await asyncio.to_thread(
+                    self.store.download_progress, d["device_id"], d["command_id"]
+                )
+                state = f"downloading {percent}%" if percent is not None else state
             out.append(
                 {
                     "device_id": d["device_id"],

@@ -142,7 +142,7 @@ class StagedStore:
     def devices(self, rollout_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT s.device_id, s.stage, s.previous_version, s.child_id, s.rollback_id,"
-            " s.rolled_back, r.stage, r.error, b.stage, b.error"
+            " s.rolled_back, r.stage, r.error, b.stage, b.error, r.command_id"
             " FROM staged_devices s"
             " LEFT JOIN rollout_devices r ON r.rollout_id = s.child_id"
             " AND r.device_id = s.device_id"
@@ -162,8 +162,21 @@ class StagedStore:
             "error",
             "rollback_step",
             "rollback_error",
+            "command_id",
         )
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def download_progress(self, device_id: str, command_id: str) -> int | None:
+        """The percent of the artifact the device last said it had (None: not said)."""
+        rows = self._db.execute(
+            "SELECT payload FROM events WHERE device_id=? AND command_id=?"
+            " AND stage='downloading' ORDER BY id DESC LIMIT 1",
+            (device_id, command_id),
+        )
+        value = json.loads(rows[0][0]).get("progress") if rows else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100:
+            return value
+        return None  # a device's word: only a plain percentage is shown
 
     def unfinished(self) -> list[str]:
         rows = self._db.execute("SELECT id FROM staged_rollouts WHERE phase <> ?", (DONE,))

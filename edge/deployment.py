@@ -40,6 +40,8 @@ Activate = Callable[[SlotModel, OnnxRuntime], Awaitable[None]]
 MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
 MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
 MAX_REJECTION_EVENTS = 3  # per download: a flood of forged chunks must not flood the outbox
+# A "downloading" event with ``progress`` (percent) each time this much more has come.
+PROGRESS_STEP_PCT = 25
 
 
 class Deployer:
@@ -172,12 +174,17 @@ class Deployer:
         progress = asyncio.Event()
         topic = topics.artifact_topic(target.digest, "chunks")
         rejected = 0
+        reported = 0  # the share of chunks last reported, in percent
 
         async def on_chunk(_topic: str, payload: bytes) -> None:
-            nonlocal rejected
+            nonlocal rejected, reported
             try:
                 if asm.add(chunking.decode(payload)):
                     progress.set()
+                    percent = 100 * asm.received // asm.count
+                    if reported + PROGRESS_STEP_PCT <= percent < 100:
+                        reported = percent - percent % PROGRESS_STEP_PCT
+                        await self._emit(cmd, "downloading", progress=reported)
             except VerificationError as exc:
                 rejected += 1
                 if rejected <= MAX_REJECTION_EVENTS:

@@ -248,6 +248,9 @@ async def test_a_restart_mid_soak_resumes_the_stage(mosquitto, tmp_path) -> None
             done = await wait_finished(cp, created["id"])
             assert done["state"] == "succeeded", done
             assert [d["state"] for d in done["devices"]] == ["active", "active"]
+            # Agents report download progress; the view shows it while it lasts.
+            said = [e.get("progress") for e in cp.registry.events("dev-1") if e.get("progress")]
+            assert said and set(said) <= {25, 50, 75}, said
         for agent in agents:
             assert await served_version(agent) == "2"
 
