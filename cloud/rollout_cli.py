@@ -215,7 +215,9 @@ def _row(r: dict[str, Any]) -> list[Any]:
 def _rollout_table(r: dict[str, Any]) -> str:
     parts = [table([_row(r)], HEADER)]
     halt = r.get("halt_reason")
-    if halt:
+    if halt and "error" in halt:
+        parts.append(f"halted at stage {halt['stage'] + 1}: {halt['metric']}: {halt['error']}")
+    elif halt:
         parts.append(
             f"halted at stage {halt['stage'] + 1}: {halt['metric']} {_num(halt['value'])}"
             f" (previous version {_num(halt['baseline'])}, threshold {halt['threshold']:g})"

@@ -265,7 +265,13 @@ class StagedRollouts:
             if not mine:  # a stage that adds no device (a small fleet) just soaks again
                 await self._soak(r)
                 return
-            child = await self.rollouts.start(r["model"], r["version"], mine)
+            try:
+                child = await self.rollouts.start(r["model"], r["version"], mine)
+            except (InvalidInputError, NotFoundError) as exc:
+                # A target revoked meanwhile, the version deleted: no retry can help.
+                breach = {"stage": stage, "metric": "deploy_refused", "error": str(exc)}
+                await self._halt(r, {"stage": stage, "error": str(exc)}, breach)
+                return
             await asyncio.to_thread(self.store.set_devices, r["id"], mine, child_id=child)
             await asyncio.to_thread(
                 self.store.update, r["id"], {"phase": DEPLOYING}, child_id=child
@@ -416,10 +422,13 @@ class StagedRollouts:
         return False
 
     async def _finish(self, r: dict[str, Any], state: str) -> None:
-        await asyncio.to_thread(
-            self.store.update, r["id"], {}, state=state, phase=DONE, finished_at=time.time()
+        # Compare-and-set: an operator's rollback or abort since ``r`` was read wins.
+        expect = {"state": r["state"], "phase": r["phase"]}
+        finished = await asyncio.to_thread(
+            self.store.update, r["id"], expect, state=state, phase=DONE, finished_at=time.time()
         )
-        logger.info("staged rollout %s: %s", r["id"], state)
+        if finished:
+            logger.info("staged rollout %s: %s", r["id"], state)
 
 
 def _status_labels(status: dict[str, Any] | None) -> dict[str, str]:
