@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cloud import keys_api, staged_api
+from cloud.audit_log import check_reason
 from cloud.control_auth import (
     CALLER,
     DEVICE_OR_VIEWER,
@@ -38,7 +39,6 @@ from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
 from cloud.staged_api import STAGED
 from cloud.staged_rollout import StagedRollouts
-from cloud.staged_store import check_reason
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
@@ -294,7 +294,7 @@ async def start_rollout(request: web.Request) -> web.Response:
     )
     detail = {"model": name, "version": version, "devices": targets, "downgrade": downgrade}
     await asyncio.to_thread(
-        request.app[REGISTRY].staged.record_audit,
+        request.app[REGISTRY].audit.append,
         _operator(request),
         "create",
         rollout_id,
@@ -325,7 +325,7 @@ async def abort_rollout(request: web.Request) -> web.Response:
     reason = check_reason(parse_json_object(raw, "abort request").get("reason") if raw else None)
     await request.app[ROLLOUTS].abort(rollout_id)
     await asyncio.to_thread(
-        request.app[REGISTRY].staged.record_audit, _operator(request), "abort", rollout_id, reason
+        request.app[REGISTRY].audit.append, _operator(request), "abort", rollout_id, reason
     )
     return web.json_response({"id": rollout_id, "state": "aborted"})
 

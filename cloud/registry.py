@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloud.audit_log import AuditLog
 from cloud.database import Database
 from cloud.operator_tokens import OperatorTokens
 from cloud.staged_store import StagedStore
@@ -124,6 +125,7 @@ class Registry:
         self._db = Database(database)
         self._db.schema(SCHEMA)
         self.operators = OperatorTokens(self._db)
+        self.audit = AuditLog(self._db)  # append-only: who did what to which rollout, why
         self.staged = StagedStore(self._db)  # staged rollouts, resends, audit: own schema
 
     def close(self) -> None:

@@ -260,8 +260,13 @@ class RolloutController:
         resends: ``claim_resend`` is a compare-and-set on the row.
         """
         store = self.registry.staged
+        pruned_at = 0.0
         while True:
             await asyncio.sleep(min(1.0, self.resend_after_s))
+            if time.monotonic() - pruned_at > 3600:  # event ids older than a week
+                pruned_at = time.monotonic()
+                with suppress(FoglineError):
+                    await asyncio.to_thread(store.forget_handled_events)
             if not self.link.connected.is_set():
                 continue
             try:

@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from cloud.audit_log import check_reason
 from cloud.control_auth import CALLER
 from cloud.operator_tokens import OPERATOR, VIEWER, Operator
 from cloud.rollout_plan import DEFAULT_STAGES, Gates, Targets, parse_duration, parse_stages
 from cloud.staged_rollout import StagedRollouts
-from cloud.staged_store import check_reason
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.names import check_name
@@ -97,7 +97,7 @@ async def audit(request: web.Request) -> web.Response:
         raise InvalidInputError("'limit' must be an integer") from None
     if not 1 <= limit <= MAX_AUDIT:
         raise InvalidInputError(f"'limit' must be in [1, {MAX_AUDIT}]")
-    entries = await asyncio.to_thread(request.app[STAGED].store.audit, limit)
+    entries = await asyncio.to_thread(request.app[STAGED].registry.audit.entries, limit)
     return web.json_response({"entries": entries})
 
 

@@ -38,32 +38,12 @@ from cloud.staged_store import (
     SUCCEEDED,
     StagedStore,
 )
+from cloud.staged_view import rollout_view
 from common.errors import FoglineError, InvalidInputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
-VERIFYING = ("downloaded", "verified", "staged", "loaded", "self_tested")
 Labels = Callable[[], dict[str, dict[str, str]]]
-
-
-def device_state(d: dict[str, Any]) -> tuple[str, str | None]:
-    """What an operator sees for one device: (state, reason)."""
-    if d["rolled_back"] == "yes":
-        return "rolled back", None
-    if d["rolled_back"]:
-        return "rollback failed", d["rolled_back"]
-    if d["rollback_id"]:
-        return "rolling back", d["rollback_error"]
-    step = d["step"]
-    if step in (None, "sent"):
-        return "pending", None
-    if step in ("received", "downloading"):
-        return "downloading", None
-    if step in VERIFYING:
-        return "verifying", None
-    if step == "activated":
-        return "active", None
-    return "failed", d["error"]
 
 
 class StagedRollouts:
@@ -203,29 +183,7 @@ class StagedRollouts:
     # -- views -------------------------------------------------------------------------
 
     async def view(self, rollout_id: str) -> dict[str, Any]:
-        r = await asyncio.to_thread(self.store.get, rollout_id)
-        devices = await asyncio.to_thread(self.store.devices, rollout_id)
-        out = []
-        for d in devices:
-            state, why = device_state(d)
-            if state == "downloading" and d["command_id"]:
-                percent = await asyncio.to_thread(
-                    self.store.download_progress, d["device_id"], d["command_id"]
-                )
-                state = f"downloading {percent}%" if percent is not None else state
-            out.append(
-                {
-                    "device_id": d["device_id"],
-                    "stage": d["stage"],
-                    "state": state,
-                    "reason": why,
-                    "previous_version": d["previous_version"],
-                }
-            )
-        counts: dict[str, int] = {}
-        for d in out:
-            counts[d["state"]] = counts.get(d["state"], 0) + 1
-        return {**r, "finished": r["phase"] == DONE, "devices": out, "counts": counts}
+        return await rollout_view(self.store, rollout_id)
 
     # -- the driver ----------------------------------------------------------------------
 

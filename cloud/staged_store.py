@@ -1,4 +1,4 @@
-"""Registry tables of staged rollouts, per-version telemetry, resends and the audit log.
+"""Registry tables of staged rollouts, per-version telemetry, resends and handled events.
 
 Kept apart from ``cloud.registry`` (one schema block, its own module): everything a
 control plane needs to resume a staged rollout after a restart, and to share the work
@@ -12,8 +12,9 @@ import math
 import time
 from typing import Any
 
+from cloud import audit_log
 from cloud.database import Database
-from common.errors import ConflictError, InvalidInputError, NotFoundError
+from common.errors import ConflictError, NotFoundError
 from common.names import check_name
 
 SCHEMA = """
@@ -44,28 +45,13 @@ CREATE TABLE IF NOT EXISTS pending_commands (
     command_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, rollout_id TEXT NOT NULL,
     payload TEXT NOT NULL, attempts INTEGER NOT NULL, next_at DOUBLE PRECISION NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit_log (
-    id {autoid}, ts DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
-    target TEXT NOT NULL, reason TEXT, detail TEXT
-);
 """
 
 # Live states; the rest are final once the phase is "done".
 RUNNING, PAUSED = "running", "paused"
 SUCCEEDED, HALTED, ABORTED, ROLLED_BACK = "succeeded", "halted", "aborted", "rolled_back"
 DEPLOYING, SOAKING, ROLLING_BACK, DONE = "deploying", "soaking", "rolling_back", "done"
-AUDIT_ACTIONS = ("create", "pause", "resume", "abort", "rollback")
-MAX_REASON = 500
 HANDLED_EVENTS_KEEP_S = 7 * 86400.0  # redeliveries come within minutes; a week is ample
-
-
-def check_reason(reason: object) -> str | None:
-    """An operator's free-text reason: optional, printable, bounded."""
-    if reason is None:
-        return None
-    if not isinstance(reason, str) or len(reason) > MAX_REASON or not reason.isprintable():
-        raise InvalidInputError(f"'reason' must be printable text of at most {MAX_REASON} chars")
-    return reason
 
 
 class StagedStore:
@@ -109,7 +95,7 @@ class StagedStore:
                 " VALUES (?,?,?,?)",
                 [(rollout_id, d, s, p) for d, s, p in devices],
             )
-            self._audit(
+            audit_log.append(
                 db,
                 actor,
                 "create",
@@ -256,7 +242,7 @@ class StagedStore:
             )
             if not rows:
                 raise ConflictError(f"rollout {rollout_id} changed meanwhile; try again")
-            self._audit(db, actor, action, rollout_id, reason, None)
+            audit_log.append(db, actor, action, rollout_id, reason, None)
         return current
 
     # -- per-version telemetry ---------------------------------------------------------
@@ -354,36 +340,6 @@ class StagedStore:
         self._db.execute(
             "DELETE FROM handled_events WHERE handled_at < ?", (time.time() - older_than_s,)
         )
-
-    # -- audit --------------------------------------------------------------------
-
-    def record_audit(
-        self, actor: str, action: str, target: str, reason: str | None, detail: Any = None
-    ) -> None:
-        self._audit(self._db, actor, action, target, reason, detail)
-
-    def _audit(
-        self, db: Database, actor: str, action: str, target: str, reason: str | None, detail: Any
-    ) -> None:
-        assert action in AUDIT_ACTIONS
-        db.execute(
-            "INSERT INTO audit_log (ts, actor, action, target, reason, detail)"
-            " VALUES (?,?,?,?,?,?)",
-            (time.time(), actor, action, target, reason, json.dumps(detail) if detail else None),
-        )
-
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first. The table is only ever inserted into: no route updates or deletes."""
-        rows = self._db.execute(
-            "SELECT id, ts, actor, action, target, reason, detail FROM audit_log"
-            " ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        keys = ("id", "ts", "actor", "action", "target", "reason", "detail")
-        return [
-            {**dict(zip(keys, r, strict=True)), "detail": json.loads(r[6]) if r[6] else None}
-            for r in rows
-        ]
 
 
 _COLUMNS = (

@@ -70,7 +70,7 @@ async def test_bad_create_requests_are_refused(mosquitto, tmp_path) -> None:
             assert got == status, (field, value, doc)
             assert set(doc) == {"error"}, doc
         assert cp.registry.staged.recent() == []
-        assert cp.registry.staged.audit() == []
+        assert cp.registry.audit.entries() == []
         status, doc = await api(cp, "POST", "/api/staged-rollouts", GOOD, role="viewer")
         assert status == 403, doc
 
