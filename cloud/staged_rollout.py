@@ -40,6 +40,7 @@ from cloud.staged_store import (
 )
 from cloud.staged_view import rollout_view
 from common.errors import FoglineError, InvalidInputError, NotFoundError
+from common.names import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +123,13 @@ class StagedRollouts:
             candidates = sorted(
                 d
                 for d in pool
-                if targets.matches(d, enrolled.get(d) or _status_labels(statuses.get(d)))
+                if targets.matches(d, enrolled[d] if d in enrolled else _labels(statuses.get(d)))
             )
         previous: dict[str, str] = {}
         for device in candidates:
             for m in (statuses.get(device) or {}).get("models") or []:
-                if isinstance(m, dict) and m.get("name") == model and m.get("version"):
-                    previous[device] = str(m["version"])
+                if isinstance(m, dict) and m.get("name") == model and _is_name(m.get("version")):
+                    previous[device] = str(m["version"])  # the device's word: a name, or none
         chosen = [d for d in candidates if previous.get(d) != version]
         if not chosen:
             what = "already run this version" if candidates else "match the targets"
@@ -350,12 +351,12 @@ class StagedRollouts:
             pending = True
             try:
                 child = await self.rollouts.start(r["model"], version, ids, allow_downgrade=True)
-            except NotFoundError:
+            except (NotFoundError, InvalidInputError) as exc:
                 await asyncio.to_thread(
                     self.store.set_devices,
                     r["id"],
                     ids,
-                    rolled_back=f"version {version} not in the registry",
+                    rolled_back=f"cannot deploy version {version}: {exc}"[:300],
                 )
                 continue
             await asyncio.to_thread(self.store.set_devices, r["id"], ids, rollback_id=child)
@@ -389,8 +390,16 @@ class StagedRollouts:
             logger.info("staged rollout %s: %s", r["id"], state)
 
 
-def _status_labels(status: dict[str, Any] | None) -> dict[str, str]:
+def _labels(status: dict[str, Any] | None) -> dict[str, str]:
     labels = (status or {}).get("labels")
     if not isinstance(labels, dict):
         return {}
     return {str(k): str(v) for k, v in labels.items()}
+
+
+def _is_name(value: object) -> bool:
+    try:
+        check_name(value, "version")
+    except InvalidInputError:
+        return False
+    return True

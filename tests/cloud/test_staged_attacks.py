@@ -91,9 +91,12 @@ async def test_actions_on_a_finished_rollout_and_by_a_viewer_are_refused(
 ) -> None:
     async with ControlPlane(tmp_path / "control", mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
-        cp.registry.upsert_device("dev-a", {"state": "online"})
+        # What a device says it runs is its word: a forged version is never rolled back to.
+        forged = {"state": "online", "models": [{"name": "toy", "version": "../x"}]}
+        cp.registry.upsert_device("dev-a", forged)
         status, created = await api(cp, "POST", "/api/staged-rollouts", GOOD)
         assert status == 201, created
+        assert [d["previous_version"] for d in created["devices"]] == [None]
         path = f"/api/staged-rollouts/{created['id']}"
         status, doc = await api(cp, "POST", f"{path}/pause", {}, role="viewer")
         assert status == 403, doc
