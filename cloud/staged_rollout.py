@@ -44,6 +44,9 @@ from common.names import check_name
 
 logger = logging.getLogger(__name__)
 
+# After its soak, a stage whose devices served the old version but have not reported on
+# the new one yet waits up to max(2 soaks, this) for a report before it is judged.
+MIN_TRAFFIC_WAIT_S = 30.0
 Labels = Callable[[], dict[str, dict[str, str]]]
 
 
@@ -274,6 +277,9 @@ class StagedRollouts:
             )
         )
         old = await asyncio.to_thread(self._baseline, r["model"], updated)
+        patience = max(2 * float(r["spec"]["soak_s"]), MIN_TRAFFIC_WAIT_S)
+        if not new.requests and old.requests and time.time() < r["soak_until"] + patience:
+            return  # traffic before, no report on the new version yet: no verdict on no evidence
         report, breach = judge(
             r["stage"], (failed, len(current)), new, old, Gates.parse(r["spec"]["gates"])
         )
