@@ -2,7 +2,9 @@
 
 Handlers parse HTTP and map errors; decisions live in Registry and
 RolloutController. Every route but health (and the dashboard's static page)
-needs a bearer token; the route table below says which role each one needs.
+needs a bearer token; the route table below says which role each one needs
+(``/metrics`` too: it counts devices and rollouts; Prometheus sends a ``metrics``-role
+token, which can read nothing else).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import keys_api, staged_api
+from cloud import dashboard, hard_examples, keys_api, staged_api
 from cloud.audit_log import check_reason
 from cloud.control_auth import (
     CALLER,
+    DEVICE,
     DEVICE_OR_VIEWER,
     OPERATORS,
     TRUST,
@@ -28,15 +31,18 @@ from cloud.control_auth import (
     guarded,
     receive_package,
 )
+from cloud.control_metrics import CONTROL_METRICS, ControlMetrics, latency_middleware, metrics
 from cloud.enrollment import load_enrollments
+from cloud.fallback_metrics import FallbackScraper
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
-from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER, Operator
+from cloud.operator_tokens import ADMIN, METRICS_READER, OPERATOR, VIEWER, Operator
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
+from cloud.serving_history import ServingHistory
 from cloud.staged_api import STAGED
 from cloud.staged_rollout import StagedRollouts
 from common.device_token import issue_token
@@ -51,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 REGISTRY = web.AppKey("registry", Registry)
 ROLLOUTS = web.AppKey("rollouts", RolloutController)
-DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ class ControlSettings:
     share_group: str | None = None
     lease_s: float = 15.0  # a staged rollout's driver lease; a crashed replica's expires
     resend_after_s: float = 5.0  # first resend of a command no device answered
+    fallback_metrics_urls: tuple[str, ...] = ()  # fallbacks whose /metrics the dashboard shows
+    stale_after_s: float = 10.0  # an online device silent this long is flagged stale
 
     @property
     def artifact_base_url(self) -> str:
@@ -101,12 +108,17 @@ class ControlSettings:
 
 
 def build_control_app(settings: ControlSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[latency_middleware, error_middleware],  # times the answer as sent
+        client_max_size=settings.max_body_bytes,
+    )
+    app[CONTROL_METRICS] = ControlMetrics()
     app[UPLOAD_LIMIT] = settings.max_upload_bytes
     app.cleanup_ctx.append(_resources(settings))
     # (method, path, handler, who may call it: None is public)
     table = [
-        ("GET", "/", dashboard, None),  # static HTML; its data calls carry a token
+        ("GET", "/", dashboard.page, None),  # static HTML; its data calls carry a token
+        ("GET", "/static/{file}", dashboard.static_file, None),  # vendored, from a fixed table
         ("GET", "/api/health", health, None),
         *keys_api.ROUTES,
         ("GET", "/api/devices", devices, VIEWER),
@@ -120,6 +132,12 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/rollouts/{id}", rollout, VIEWER),
         ("POST", "/api/rollouts/{id}/abort", abort_rollout, OPERATOR),
         ("GET", "/api/events", events, VIEWER),
+        ("GET", "/api/dashboard/fleet", dashboard.fleet, VIEWER),
+        ("GET", "/api/dashboard/serving", dashboard.serving, VIEWER),
+        ("GET", "/api/hard-examples", hard_examples.listing, VIEWER),
+        ("POST", "/api/hard-examples/{name}", hard_examples.upload, DEVICE),
+        ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
+        ("GET", "/metrics", metrics, METRICS_READER),  # a scrape-only token will do
         *staged_api.ROUTES,
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
@@ -139,12 +157,16 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         await _warn_without_tokens(registry, settings.workdir)
         link = _mqtt_link(settings)
+        app[CONTROL_METRICS].watch(registry, link)
+        history = ServingHistory()
         fleet = FleetMonitor(
             registry,
             link,
             telemetry_interval_s=settings.telemetry_interval_s,
+            history=history,
             share_group=settings.share_group,
         )
+        scraper = FallbackScraper(list(settings.fallback_metrics_urls))
         rollouts = RolloutController(
             registry,
             fleet,
@@ -165,9 +187,15 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
         )
-        async with link, fleet, rollouts, keys, staged:
+        async with link, fleet, rollouts, keys, staged, scraper.running():
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
             app[STAGED] = staged
+            app[hard_examples.HARD_EXAMPLES] = hard_examples.HardExampleStore(
+                settings.workdir / "hard-examples", registry
+            )
+            app[dashboard.SOURCES] = dashboard.Sources(
+                registry, history, scraper, settings.stale_after_s
+            )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
             yield
@@ -204,10 +232,6 @@ async def _warn_without_tokens(registry: Registry, workdir: Path) -> None:
             "with `fogline control token create NAME --role admin --workdir %s`",
             workdir,
         )
-
-
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(DASHBOARD)
 
 
 async def health(request: web.Request) -> web.Response:

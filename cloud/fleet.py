@@ -14,6 +14,7 @@ import hashlib
 import logging
 
 from cloud.registry import Registry
+from cloud.serving_history import ServingHistory
 from cloud.telemetry import TelemetryLimiter, version_reports
 from common import messages, topics
 from common.errors import InvalidInputError
@@ -34,6 +35,7 @@ class FleetMonitor:
         link: MqttLink,
         *,
         telemetry_interval_s: float = 1.0,
+        history: ServingHistory | None = None,
         share_group: str | None = None,
         poll_s: float = 1.0,
     ) -> None:
@@ -43,6 +45,7 @@ class FleetMonitor:
         ``poll_s``: ``changed`` also wakes this often, for what a replica wrote.
         """
         self.registry = registry
+        self.history = history
         self.link = link
         self.changed = asyncio.Condition()
         self.telemetry_limiter = TelemetryLimiter(telemetry_interval_s)
@@ -130,6 +133,9 @@ class FleetMonitor:
             await asyncio.to_thread(self._record_telemetry, device_id, doc)
         except InvalidInputError as exc:
             logger.warning("dropped telemetry from %s: %s", device_id, exc)
+            return
+        if self.history is not None:
+            self.history.add(device_id, doc, _model_version(doc))
 
     def _record_telemetry(self, device_id: str, doc: dict) -> None:
         """The fleet totals, and the per-version figures that the rollout gates judge."""
@@ -148,3 +154,14 @@ def event_key(doc: dict, payload: bytes) -> str:
     if isinstance(event_id, str) and 8 <= len(event_id) <= 64 and event_id.isalnum():
         return event_id
     return hashlib.sha256(payload).hexdigest()
+
+
+def _model_version(doc: dict) -> str | None:
+    """``name:version`` of the model a telemetry report is about, if it says so validly."""
+    router = doc.get("router") if isinstance(doc.get("router"), dict) else {}
+    try:
+        name = check_name(doc.get("model"), "model name")
+        version = check_name(str(router.get("local_version")), "model version")
+    except InvalidInputError:
+        return None
+    return f"{name}:{version}"

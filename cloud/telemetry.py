@@ -95,6 +95,7 @@ def version_reports(
     else:
         router = doc.get("router")
         name = router.get("model") if isinstance(router, dict) else None
+        name = name if name is not None else doc.get("model")
         if name is None and len(models) == 1:
             name = models[0].get("name")
         items = [(name, router)]
