@@ -47,6 +47,12 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) and value >= 0 else 0.0
 
 
+def _ratio(total: float, count: float) -> float | None:
+    """``total / count``, or None: a hostile 1e300 / 1e-300 is Infinity, which no JSON holds."""
+    value = total / count if count else math.inf
+    return value if math.isfinite(value) else None
+
+
 def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
     """Per ``model:version``: the totals above, plus ``batch_size`` histogram buckets.
 
@@ -67,7 +73,7 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
                 if sample.name.endswith(("_bucket", "_count", "_created")):
                     continue
                 entry = out.setdefault(key, {})
-                entry[field_name] = entry.get(field_name, 0.0) + _finite(sample.value)
+                entry[field_name] = _finite(entry.get(field_name, 0.0) + _finite(sample.value))
             elif "batch_size" in name and sample.name.endswith("_bucket"):
                 entry = out.setdefault(key, {})
                 hist = entry.setdefault("batch_size", {})
@@ -75,10 +81,10 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
     for entry in out.values():
         executions = entry.get("executions") or 0
         requests = entry.get("success") or entry.get("inferences") or 0
-        entry["mean_batch"] = entry.get("inferences", 0) / executions if executions else None
+        entry["mean_batch"] = _ratio(entry.get("inferences", 0), executions)
         for what in ("queue_us", "compute_us"):
             total = entry.get(what)
-            entry[f"{what}_per_request"] = total / requests if total and requests else None
+            entry[f"{what}_per_request"] = _ratio(total, requests) if total else None
     return out
 
 
@@ -100,7 +106,7 @@ class FallbackScrape:
             before = self.models.get(key, {})
             served = (entry.get("success") or 0) - (before.get("success") or 0)
             per = [
-                ((entry.get(w) or 0) - (before.get(w) or 0)) / served if served > 0 else None
+                _ratio((entry.get(w) or 0) - (before.get(w) or 0), served) if served > 0 else None
                 for w in ("queue_us", "compute_us")
             ]
             self.history.append((now, key, per[0], per[1]))

@@ -4,6 +4,7 @@ the serving history (fed hostile reports), and the fallback scrape parser."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import aiohttp
@@ -190,3 +191,52 @@ async def test_a_broken_or_hostile_fallback_is_reported_not_raised() -> None:
         assert "500" in errors["a"] and "bytes" in errors["c"]
     finally:
         await runner.cleanup()
+
+
+# -- red team: what a device or a fallback writes must not break a view for everyone --
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        [{"version": "1"}, {"name": "m", "version": "1"}],  # no name: None sorts with no str
+        [{"name": ["m"], "version": "1"}],  # unhashable name
+        [{"name": {"a": 1}, "version": {"b": 2}}],
+        7,  # not a list at all
+    ],
+)
+def test_a_device_status_with_hostile_models_does_not_break_the_fleet_view(models) -> None:
+    devices = [_device("evil", models=models), _device("ok", models=[{"name": "m", "version": 1}])]
+    view = fleet_view(devices, [], ServingHistory(), now=100.0, stale_after_s=10)
+    rows = {r["device_id"]: r for r in view["devices"]}
+    assert rows["ok"]["models"] == [{"name": "m", "version": "1"}]
+    assert all(isinstance(m["name"], str) for m in rows["evil"]["models"])
+    table = {(v["label"], v["model"]): v["running"] for v in view["versions_by_label"]}
+    assert table[("all", "m")]["1"] >= 1
+
+
+def test_a_denormal_request_count_makes_no_infinite_escalation_rate() -> None:
+    telemetry = {"totals": {"requests": 5e-324, "escalated": 1e6}}
+    view = fleet_view(
+        [_device("evil", telemetry=telemetry)], [], ServingHistory(), now=100.0, stale_after_s=10
+    )
+    json.dumps(view, allow_nan=False)  # the page's JSON.parse reads no Infinity
+    assert view["devices"][0]["escalation_rate"] == 1.0
+
+
+def test_a_hostile_fallback_makes_no_infinite_figures() -> None:
+    text = "\n".join(
+        [
+            'nv_inference_request_success{model="m",version="1"} 1e-320',
+            'nv_inference_queue_duration_us{model="m",version="1"} 1e300',
+            'nv_inference_compute_infer_duration_us{model="m",version="1",gpu="0"} 1.7e308',
+            'nv_inference_compute_infer_duration_us{model="m",version="1",gpu="1"} 1.7e308',
+            'nv_inference_exec_count{model="m",version="1"} 1e-320',
+            'nv_inference_count_total{model="m",version="1"} 1e300',
+            "",
+        ]
+    )
+    scrape = FallbackScrape("http://x")
+    scrape.update({"m:1": {"success": 0.0}}, 1.0)
+    scrape.update(parse_metrics(text), 2.0)
+    json.dumps(scrape.to_dict(), allow_nan=False)  # ValueError on inf: the serving view's JSON
