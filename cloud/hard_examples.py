@@ -22,6 +22,7 @@ import io
 import os
 import secrets
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,8 @@ def parse_upload(body: bytes, manifest: Manifest) -> tuple[dict[str, np.ndarray]
         targets.append(output)
     arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
     rows = len(next(iter(arrays.values())))
+    if rows == 0:  # nothing to learn from, and argmax of no rows is a ValueError (a 500)
+        raise InvalidInputError("hard examples: the examples hold no rows")
     if rows > MAX_UPLOAD_ROWS:
         raise PayloadTooLargeError(f"hard examples: more than {MAX_UPLOAD_ROWS} rows per upload")
     target = np.concatenate(targets)
@@ -112,6 +115,7 @@ class HardExampleStore:
         self.root = root
         self.registry = registry  # the signed manifests uploads are checked against
         self.max_rows = max_rows
+        self._row_counts: dict[Path, int] = {}  # uploads never change once written
 
     def _dir(self, model: str) -> Path:
         return safe_join(self.root, check_name(model, "model name"))
@@ -133,23 +137,32 @@ class HardExampleStore:
         return sorted(directory.glob("*.npz")) if directory.is_dir() else []
 
     def _trim(self, directory: Path) -> None:
-        files = self._files(directory)
-        rows = [self._rows(f) for f in files]
-        while files and sum(rows) > self.max_rows:
-            files.pop(0).unlink(missing_ok=True)
-            rows.pop(0)
+        """Past the bound, the oldest upload of the device holding the most rows goes:
+        one device's flood pushes out its own examples, never the rest of the fleet's."""
+        rows = {f: self._rows(f) for f in self._files(directory)}  # oldest first
+        while rows and sum(rows.values()) > self.max_rows:
+            by_device: Counter[str] = Counter()
+            for f, n in rows.items():
+                by_device[_device_of(f)] += n
+            heaviest = by_device.most_common(1)[0][0]
+            oldest = next(f for f in rows if _device_of(f) == heaviest)
+            oldest.unlink(missing_ok=True)
+            del rows[oldest]
+            self._row_counts.pop(oldest, None)
 
-    @staticmethod
-    def _rows(path: Path) -> int:
-        with np.load(path, allow_pickle=False) as npz:
-            return len(npz[npz.files[0]])
+    def _rows(self, path: Path) -> int:
+        """Rows in one upload, read once: every upload would otherwise open every file."""
+        if path not in self._row_counts:
+            with np.load(path, allow_pickle=False) as npz:
+                self._row_counts[path] = len(npz[npz.files[0]])
+        return self._row_counts[path]
 
     def summary(self) -> list[dict[str, Any]]:
         out = []
         for directory in sorted(p for p in self.root.glob("*") if p.is_dir()):
             files = self._files(directory)
             rows = sum(self._rows(f) for f in files)
-            devices = len({f.stem.split("~")[1] for f in files})
+            devices = len({_device_of(f) for f in files})
             model = directory.name
             out.append({"model": model, "rows": rows, "uploads": len(files), "devices": devices})
         return out
@@ -168,6 +181,10 @@ class HardExampleStore:
         if not parts:
             raise NotFoundError(f"no hard examples for model {model!r} yet")
         keys = sorted(set.intersection(*(set(p) for p in parts)))
+        # A dynamic dimension (a sequence length) or an older version may differ: what
+        # does not stack with the newest upload is left out, not a 500 for every reader.
+        newest = parts[-1]
+        parts = [p for p in parts if all(p[k].shape[1:] == newest[k].shape[1:] for k in keys)]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in keys}
         buf = io.BytesIO()
         np.savez(buf, **merged)  # type: ignore[arg-type]
@@ -176,6 +193,10 @@ class HardExampleStore:
     def manifest(self, model: str, version: str | None) -> Manifest:
         """The edge manifest of ``version``, or of the newest release when None."""
         return _manifest(self.registry, model, version)
+
+
+def _device_of(path: Path) -> str:
+    return path.stem.split("~")[1]
 
 
 HARD_EXAMPLES = web.AppKey("hard_examples", HardExampleStore)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 
@@ -10,16 +11,22 @@ import aiohttp
 import numpy as np
 import pytest
 
-from cloud.hard_examples import HARD_EXAMPLES, MAX_UPLOAD_EXAMPLES
+from cloud.hard_examples import (
+    HARD_EXAMPLES,
+    MAX_UPLOAD_EXAMPLES,
+    HardExampleStore,
+    parse_upload,
+)
 from cloud.pipeline.model_data import load_model_data
 from common.device_token import issue_token
 from common.inference import InferRequest, InferResponse, Tensor
+from common.manifest import TensorSpec
 from common.signing import Signer
 from edge.hard_examples import HardExampleStore as DeviceStore
 from fogline.cli import main
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
-from tests.model_fixtures import CLASSES, IN_FEATURES, toy_input
+from tests.model_fixtures import CLASSES, IN_FEATURES, make_package, toy_input
 
 
 def _tensor(name: str, x: np.ndarray) -> dict:
@@ -77,6 +84,7 @@ def _bad_bodies() -> dict[str, tuple[dict | bytes, int]]:
         "wrong dtype": ({"examples": [_example(x=toy_input(2).astype(np.float64))]}, 400),
         "wrong width": ({"examples": [_example(x=np.zeros((2, 3), np.float32))]}, 400),
         "NaN input": ({"examples": [_example(1, x=nan)]}, 400),
+        "no rows": ({"examples": [_example(0)]}, 400),  # was a 500: argmax of no rows
         "rows disagree": ({"examples": [_example(2, probs=np.eye(CLASSES, dtype="f4"))]}, 400),
         "too many": ({"examples": [_example(1)] * (MAX_UPLOAD_EXAMPLES + 1)}, 413),
         "2 MiB": ({"examples": [_example(1)], "pad": "x" * (2 << 20)}, 413),
@@ -126,6 +134,39 @@ async def test_the_store_keeps_the_newest_rows_within_its_bound(mosquitto, tmp_p
             with np.load(io.BytesIO(await r.read())) as npz:
                 kept = npz["input"][:, 0]
         assert sorted(set(kept.tolist())) == [2.0, 3.0]  # the two newest uploads, 8 rows
+
+
+async def test_one_device_flooding_the_store_pushes_out_only_its_own_examples(
+    mosquitto, tmp_path
+) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        store = cp.app[HARD_EXAMPLES]
+        store.max_rows = 12
+        honest = np.full((4, IN_FEATURES), 7.0, np.float32)
+        body = {"examples": [_example(4, x=honest)]}
+        assert (await _post(s, cp, body, issue_token(cp.signer, "honest")))[0] == 201
+        flood = issue_token(cp.signer, "evil")
+        for _ in range(6):
+            assert (await _post(s, cp, {"examples": [_example(4)]}, flood))[0] == 201
+        assert store.summary() == [{"model": "toy", "rows": 12, "uploads": 3, "devices": 2}]
+        async with s.get(f"{cp.url}/api/hard-examples/toy", headers=cp.auth("viewer")) as r:
+            with np.load(io.BytesIO(await r.read())) as npz:
+                assert (npz["input"][:, 0] == 7.0).sum() == 4  # the honest device's rows
+
+
+def test_uploads_that_do_not_stack_leave_the_data_set_readable(tmp_path) -> None:
+    """A dynamic dimension (a text model's sequence length) differs between uploads:
+    the download was a 500 (np.concatenate) for every reader; the odd ones are left out."""
+    manifest = make_package(tmp_path / "pkg").manifest
+    manifest = dataclasses.replace(manifest, inputs=[TensorSpec("input", "FP32", [-1, -1])])
+    store = HardExampleStore(tmp_path / "store", registry=None)  # type: ignore[arg-type]
+    for width in (IN_FEATURES, 3, IN_FEATURES):
+        x = np.ones((2, width), np.float32)
+        body = json.dumps({"examples": [_example(2, x=x)]}).encode()
+        store.add("toy", "dev-a", parse_upload(body, manifest)[0])
+    with np.load(io.BytesIO(store.dataset("toy", manifest))) as npz:
+        assert npz["input"].shape == (4, IN_FEATURES) and len(npz["labels"]) == 4
 
 
 def _train_steps(tmp_path, *extra: str) -> int:  # type: ignore[no-untyped-def]
