@@ -41,6 +41,8 @@ from common.tensor_json import JsonLimits, parse_infer_json
 MAX_UPLOAD_EXAMPLES = 256  # examples (each a batch of rows) in one upload
 MAX_UPLOAD_ROWS = 1024
 MAX_ROWS_PER_MODEL = 50_000  # the oldest uploads are dropped past this
+# ... or past this on disk: a row of a dynamic (sequence) dimension may be ~4 MB as int64
+MAX_BYTES_PER_MODEL = 256 * 1024**2
 LIMITS = JsonLimits(max_elements=4 << 20)
 
 
@@ -111,11 +113,18 @@ def parse_upload(body: bytes, manifest: Manifest) -> tuple[dict[str, np.ndarray]
 class HardExampleStore:
     """``WORKDIR/hard-examples/{model}/{time}~{device}~{nonce}.npz``, one file per upload."""
 
-    def __init__(self, root: Path, registry: Registry, max_rows: int = MAX_ROWS_PER_MODEL) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: Registry,
+        max_rows: int = MAX_ROWS_PER_MODEL,
+        max_bytes: int = MAX_BYTES_PER_MODEL,
+    ) -> None:
         self.root = root
         self.registry = registry  # the signed manifests uploads are checked against
         self.max_rows = max_rows
-        self._row_counts: dict[Path, int] = {}  # uploads never change once written
+        self.max_bytes = max_bytes
+        self._sizes: dict[Path, tuple[int, int]] = {}  # rows, bytes: an upload never changes
 
     def _dir(self, model: str) -> Path:
         return safe_join(self.root, check_name(model, "model name"))
@@ -139,29 +148,32 @@ class HardExampleStore:
     def _trim(self, directory: Path) -> None:
         """Past the bound, the oldest upload of the device holding the most rows goes:
         one device's flood pushes out its own examples, never the rest of the fleet's."""
-        rows = {f: self._rows(f) for f in self._files(directory)}  # oldest first
-        while rows and sum(rows.values()) > self.max_rows:
-            by_device: Counter[str] = Counter()
-            for f, n in rows.items():
-                by_device[_device_of(f)] += n
-            heaviest = by_device.most_common(1)[0][0]
-            oldest = next(f for f in rows if _device_of(f) == heaviest)
+        sizes = {f: self._size(f) for f in self._files(directory)}  # oldest first
+        while sizes and (
+            sum(r for r, _ in sizes.values()) > self.max_rows
+            or sum(b for _, b in sizes.values()) > self.max_bytes
+        ):
+            share: Counter[str] = Counter()  # of the bound, in rows or bytes, whichever is more
+            for f, (r, b) in sizes.items():
+                share[_device_of(f)] += max(r / self.max_rows, b / self.max_bytes)
+            heaviest = share.most_common(1)[0][0]
+            oldest = next(f for f in sizes if _device_of(f) == heaviest)
             oldest.unlink(missing_ok=True)
-            del rows[oldest]
-            self._row_counts.pop(oldest, None)
+            del sizes[oldest]
+            self._sizes.pop(oldest, None)
 
-    def _rows(self, path: Path) -> int:
-        """Rows in one upload, read once: every upload would otherwise open every file."""
-        if path not in self._row_counts:
+    def _size(self, path: Path) -> tuple[int, int]:
+        """Rows and bytes of one upload, read once: each upload would otherwise open all."""
+        if path not in self._sizes:
             with np.load(path, allow_pickle=False) as npz:
-                self._row_counts[path] = len(npz[npz.files[0]])
-        return self._row_counts[path]
+                self._sizes[path] = (len(npz[npz.files[0]]), path.stat().st_size)
+        return self._sizes[path]
 
     def summary(self) -> list[dict[str, Any]]:
         out = []
         for directory in sorted(p for p in self.root.glob("*") if p.is_dir()):
             files = self._files(directory)
-            rows = sum(self._rows(f) for f in files)
+            rows = sum(self._size(f)[0] for f in files)
             devices = len({_device_of(f) for f in files})
             model = directory.name
             out.append({"model": model, "rows": rows, "uploads": len(files), "devices": devices})

@@ -169,6 +169,19 @@ def test_uploads_that_do_not_stack_leave_the_data_set_readable(tmp_path) -> None
         assert npz["input"].shape == (4, IN_FEATURES) and len(npz["labels"]) == 4
 
 
+def test_rows_of_a_dynamic_dimension_are_bounded_on_disk_too(tmp_path) -> None:
+    """50k rows were the only bound: with a sequence axis one row can be megabytes."""
+    manifest = make_package(tmp_path / "pkg").manifest
+    manifest = dataclasses.replace(manifest, inputs=[TensorSpec("input", "FP32", [-1, -1])])
+    store = HardExampleStore(tmp_path / "store", registry=None)  # type: ignore[arg-type]
+    store.max_bytes = 200_000
+    for _ in range(5):
+        body = json.dumps({"examples": [_example(1, x=np.ones((1, 20_000), np.float32))]})
+        store.add("toy", "dev-a", parse_upload(body.encode(), manifest)[0])
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "store" / "toy").glob("*.npz"))
+    assert 0 < on_disk <= 200_000
+
+
 def _train_steps(tmp_path, *extra: str) -> int:  # type: ignore[no-untyped-def]
     """``fogline model train`` for one epoch; the number of optimizer steps it took."""
     metrics = tmp_path / f"metrics-{len(extra)}.json"
