@@ -21,6 +21,7 @@ import asyncio
 import io
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -125,6 +126,8 @@ class HardExampleStore:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self._sizes: dict[Path, tuple[int, int]] = {}  # rows, bytes: an upload never changes
+        # Uploads and reads run in threads: a trim must not delete what a read just listed.
+        self._lock = threading.Lock()
 
     def _dir(self, model: str) -> Path:
         return safe_join(self.root, check_name(model, "model name"))
@@ -138,8 +141,9 @@ class HardExampleStore:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-        self._trim(directory)
+        with self._lock:
+            os.replace(tmp, path)
+            self._trim(directory)
         return path
 
     def _files(self, directory: Path) -> list[Path]:
@@ -170,6 +174,10 @@ class HardExampleStore:
         return self._sizes[path]
 
     def summary(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._summary()
+
+    def _summary(self) -> list[dict[str, Any]]:
         out = []
         for directory in sorted(p for p in self.root.glob("*") if p.is_dir()):
             files = self._files(directory)
@@ -182,9 +190,9 @@ class HardExampleStore:
     def dataset(self, model: str, manifest: Manifest) -> bytes:
         """Every upload that fits ``manifest``'s inputs, as one ``D.npz`` (bytes)."""
         parts: list[dict[str, np.ndarray]] = []
-        for path in self._files(self._dir(model)):
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+        with self._lock:
+            uploads = [self._load(path) for path in self._files(self._dir(model))]
+        for arrays in uploads:
             if all(
                 s.name in arrays and arrays[s.name].dtype == V2_TO_NUMPY[s.datatype]
                 for s in manifest.inputs
@@ -201,6 +209,11 @@ class HardExampleStore:
         buf = io.BytesIO()
         np.savez(buf, **merged)  # type: ignore[arg-type]
         return buf.getvalue()
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
 
     def manifest(self, model: str, version: str | None) -> Manifest:
         """The edge manifest of ``version``, or of the newest release when None."""

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import numpy as np
@@ -153,6 +154,26 @@ async def test_one_device_flooding_the_store_pushes_out_only_its_own_examples(
         async with s.get(f"{cp.url}/api/hard-examples/toy", headers=cp.auth("viewer")) as r:
             with np.load(io.BytesIO(await r.read())) as npz:
                 assert (npz["input"][:, 0] == 7.0).sum() == 4  # the honest device's rows
+
+
+def test_concurrent_uploads_and_reads_never_fail(tmp_path) -> None:
+    """The routes run the store in threads: a trim deleted files that a concurrent listing
+    or download had just globbed (FileNotFoundError: a 500 for the reader)."""
+    manifest = make_package(tmp_path / "pkg").manifest
+    store = HardExampleStore(tmp_path / "store", registry=None, max_rows=4)  # type: ignore[arg-type]
+    arrays = parse_upload(json.dumps({"examples": [_example(4)]}).encode(), manifest)[0]
+    store.add("toy", "dev-a", arrays)
+
+    def upload() -> None:
+        store.add("toy", "dev-a", arrays)  # each one trims the one before
+
+    def read() -> None:
+        store.summary()
+        store.dataset("toy", manifest)
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(f) for _ in range(150) for f in (upload, read)]:
+            future.result()  # raises what the thread raised
 
 
 def test_uploads_that_do_not_stack_leave_the_data_set_readable(tmp_path) -> None:
