@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from cloud import serving_history
 from cloud.dashboard import fleet_view
 from cloud.fallback_metrics import MAX_BYTES, FallbackScrape, FallbackScraper, parse_metrics
 from cloud.serving_history import LATENCY_BUCKETS_MS, MAX_REASONS, MAX_SERIES, ServingHistory
@@ -240,3 +241,13 @@ def test_a_hostile_fallback_makes_no_infinite_figures() -> None:
     scrape.update({"m:1": {"success": 0.0}}, 1.0)
     scrape.update(parse_metrics(text), 2.0)
     json.dumps(scrape.to_dict(), allow_nan=False)  # ValueError on inf: the serving view's JSON
+
+
+def test_telemetry_under_made_up_device_ids_keeps_per_device_figures_bounded(monkeypatch) -> None:
+    """A broker without an ACL lets anyone report under any id, known to the plane or not."""
+    monkeypatch.setattr(serving_history, "MAX_DEVICES", 10)
+    history = ServingHistory()
+    for i in range(50):
+        history.add(f"made-up-{i}", _report(1, escalated={"uncertain": 1}, p95=2.0), None)
+    assert len(history.reasons_by_device) == 10 and len(history.local_p95_by_device) == 10
+    assert history.to_dict()["escalation_reasons"] == {"uncertain": 50}  # still counted
