@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BYTES = 1024**2
 MAX_SERIES = 64  # model versions tracked per fallback
+MAX_BUCKETS = 64  # batch-size histogram buckets per model version (the page draws each)
 COUNTERS = {
     "nv_inference_request_success": "success",
     "nv_inference_request_failure": "failure",
@@ -77,7 +78,9 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
             elif "batch_size" in name and sample.name.endswith("_bucket"):
                 entry = out.setdefault(key, {})
                 hist = entry.setdefault("batch_size", {})
-                hist[labels.get("le", "+Inf")] = _finite(sample.value)
+                le = labels.get("le", "+Inf")
+                if le in hist or len(hist) < MAX_BUCKETS:
+                    hist[le] = _finite(sample.value)
     for entry in out.values():
         executions = entry.get("executions") or 0
         requests = entry.get("success") or entry.get("inferences") or 0

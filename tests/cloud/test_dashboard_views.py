@@ -251,3 +251,12 @@ def test_telemetry_under_made_up_device_ids_keeps_per_device_figures_bounded(mon
         history.add(f"made-up-{i}", _report(1, escalated={"uncertain": 1}, p95=2.0), None)
     assert len(history.reasons_by_device) == 10 and len(history.local_p95_by_device) == 10
     assert history.to_dict()["escalation_reasons"] == {"uncertain": 50}  # still counted
+
+
+def test_a_fallback_with_endless_histogram_buckets_stays_bounded() -> None:
+    """1 MiB of `le` values is ~30,000 buckets: an SVG bar each, redrawn every 3 s."""
+    lines = [
+        f'nv_inference_batch_size_bucket{{model="m",version="1",le="{i}"}} {i}' for i in range(5000)
+    ]
+    (entry,) = parse_metrics("\n".join([*lines, ""])).values()
+    assert 0 < len(entry["batch_size"]) <= 64
