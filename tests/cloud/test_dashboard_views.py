@@ -260,3 +260,11 @@ def test_a_fallback_with_endless_histogram_buckets_stays_bounded() -> None:
     ]
     (entry,) = parse_metrics("\n".join([*lines, ""])).values()
     assert 0 < len(entry["batch_size"]) <= 64
+
+
+def test_made_up_reasons_sent_first_do_not_hide_the_fleets_real_escalations() -> None:
+    history = ServingHistory(bucket_s=3600)
+    history.add("evil", _report(escalated={f"junk{i}": 1 for i in range(MAX_REASONS)}), None)
+    history.add("honest", _report(escalated={"uncertain": 3, "heavy": 2}), None)
+    reasons = history.to_dict()["escalation_reasons"]
+    assert reasons["uncertain"] == 3 and reasons["heavy"] == 2
