@@ -98,7 +98,7 @@ class HardExampleStore:
         )
         return True
 
-    def _batch(self) -> list[tuple[int, str, str, bytes]]:
+    def _batch(self, limit: int = UPLOAD_BATCH) -> list[tuple[int, str, str, bytes]]:
         first = self._run("SELECT model, version FROM examples ORDER BY id LIMIT 1")
         if not first:
             return []
@@ -106,7 +106,7 @@ class HardExampleStore:
         rows = self._run(
             "SELECT id, model, version, body FROM examples WHERE model=? AND version=?"
             " ORDER BY id LIMIT ?",
-            (model, version, UPLOAD_BATCH),
+            (model, version, limit),
         )
         return [(int(i), str(m), str(v), bytes(b)) for i, m, v, b in rows]
 
@@ -115,7 +115,8 @@ class HardExampleStore:
     ) -> int:
         """Send what is stored, a batch at a time; the number of examples taken."""
         sent = 0
-        while batch := await asyncio.to_thread(self._batch):
+        limit = UPLOAD_BATCH
+        while batch := await asyncio.to_thread(self._batch, limit):
             _, model, version, _ = batch[0]
             body = b'{"examples": [' + b",".join(b for *_, b in batch) + b"]}"
             url = f"{control_url.rstrip('/')}/api/hard-examples/{model}"
@@ -128,6 +129,11 @@ class HardExampleStore:
                 status = resp.status
                 detail = (await resp.text())[:200]
             ids = [i for i, *_ in batch]
+            if status == 413 and len(ids) > 1:
+                # Past the control plane's body or row limit: smaller batches, not a drop
+                # (one large example must not take the 63 others in its batch with it).
+                limit = len(ids) // 2
+                continue
             if status == 201:
                 sent += len(ids)
                 self.uploaded += len(ids)

@@ -279,3 +279,20 @@ async def test_the_device_store_samples_keeps_and_uploads(mosquitto, tmp_path) -
             assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 0
             assert store.stats()["dropped"] == 1 and store.pending() == 0  # 404: dropped
     store.close()
+
+
+async def test_a_batch_too_large_for_the_control_plane_is_split_not_dropped(
+    mosquitto, tmp_path
+) -> None:
+    """64 examples of 40 rows are 2,560 rows (> 1,024 per upload) and ~3 MB (> 1 MiB):
+    a 413 dropped every example in the batch; one large escalation (a client's request)
+    took the honest ones with it."""
+    store = DeviceStore(tmp_path / "hard.sqlite", sample_rate=1.0)
+    for seed in range(30):
+        assert store.offer("1", *_escalation(40, seed), "uncertain")
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 30
+        assert store.stats() == {"pending": 0, "uploaded": 30, "dropped": 0}
+        assert cp.app[HARD_EXAMPLES].summary()[0]["rows"] == 1200
+    store.close()
