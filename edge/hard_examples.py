@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 MAX_EXAMPLE_BYTES = 256 * 1024  # one example as JSON; a bigger one is not kept
 UPLOAD_BATCH = 64  # examples per upload (the control plane takes at most 256)
+# The store on disk: max_rows of up to MAX_EXAMPLE_BYTES each could be 512 MB (2000 rows)
+# of a device's card, and a client sends what sizes it likes.
+MAX_STORE_BYTES = 64 * 1024**2
 SAMPLED_REASONS = frozenset({"uncertain"})
 # The control plane judged the data itself: sending it again cannot help. Anything else
 # (no network, 401/403 until the token is fixed, 429, 5xx) keeps it for later.
@@ -45,6 +48,7 @@ class HardExampleStore:
         *,
         sample_rate: float = 1.0,
         max_rows: int = 2000,
+        max_bytes: int = MAX_STORE_BYTES,
         rng: random.Random | None = None,
     ) -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -55,6 +59,7 @@ class HardExampleStore:
         self._lock = threading.Lock()
         self.sample_rate = sample_rate
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._rng = rng or random.Random()
         self.uploaded = 0
         self.dropped = 0
@@ -95,6 +100,12 @@ class HardExampleStore:
             "DELETE FROM examples WHERE id <= (SELECT id FROM examples ORDER BY id DESC"
             " LIMIT 1 OFFSET ?)",
             (self.max_rows,),
+        )
+        self._run(  # and the oldest past max_bytes, counted from the newest
+            "DELETE FROM examples WHERE id <= (SELECT id FROM (SELECT id, SUM(LENGTH(body))"
+            " OVER (ORDER BY id DESC) AS total FROM examples) WHERE total > ?"
+            " ORDER BY id DESC LIMIT 1)",
+            (self.max_bytes,),
         )
         return True
 

@@ -281,6 +281,16 @@ async def test_the_device_store_samples_keeps_and_uploads(mosquitto, tmp_path) -
     store.close()
 
 
+def test_the_device_store_is_bounded_in_bytes(tmp_path) -> None:
+    """2,000 rows of up to 256 KB each (a client picks the size) was the only bound."""
+    store = DeviceStore(tmp_path / "hard.sqlite", sample_rate=1.0, max_bytes=200_000)
+    for seed in range(20):
+        assert store.offer("1", *_escalation(20, seed), "uncertain")  # ~25 KB each
+    ((total, newest),) = store._run("SELECT SUM(LENGTH(body)), MAX(id) FROM examples")
+    assert 0 < total <= 200_000 and newest == 20 and store.pending() < 20
+    store.close()
+
+
 async def test_a_batch_too_large_for_the_control_plane_is_split_not_dropped(
     mosquitto, tmp_path
 ) -> None:
