@@ -42,9 +42,10 @@ class ChunkDownload:
         *,
         chunk_timeout_s: float,
         on_rejected: Report,
+        keep: bool = True,
     ) -> None:
         self._link, self._device_id, self._digest = link, device_id, digest
-        self._asm = Assembler(size, chunk_size, hashes)
+        self._asm = Assembler(size, chunk_size, hashes, keep=keep)
         self._timeout_s = chunk_timeout_s
         self._on_rejected = on_rejected
         self._progress = asyncio.Event()
