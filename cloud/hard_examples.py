@@ -11,8 +11,8 @@ per model in the pipeline's own ``D.npz`` format, so that
 ``package``) read it like any other data file.
 
 Uploads are untrusted: bounded in rows and bytes (the body limit), finite,
-of the manifest's names, dtypes and shapes; the store per model is bounded
-(the oldest uploads go first).
+of the manifest's names, dtypes and shapes; the store per model is bounded in
+rows and bytes (the oldest upload of the device holding the most goes first).
 """
 
 from __future__ import annotations

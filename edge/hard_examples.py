@@ -6,9 +6,10 @@ A sampled share of them goes into a bounded SQLite store in the state
 directory (so nothing is lost to a restart or an outage; the oldest go first
 when it is full), and an upload task sends them to the control plane
 (`POST /api/hard-examples/{model}?version=V`, with the device's own token) in
-batches, deleting each batch once the control plane has taken it. A batch the
-control plane refuses for its data (400, 404, 413, 422) is dropped, since
-sending it again would not help; anything else keeps it for later.
+batches, deleting each batch once the control plane has taken it. A batch too
+large for the control plane (413) is halved and sent again; one it refuses for
+its data (400, 404, 422, or 413 for a single example) is dropped, since sending
+it again would not help; anything else keeps it for later.
 """
 
 from __future__ import annotations
