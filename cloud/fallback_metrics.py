@@ -70,8 +70,12 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
                 continue
             if name in COUNTERS:
                 field_name = COUNTERS[name]
-                # A counter's sample is `<name>_total` or `<name>`; a histogram's `_sum`.
-                if sample.name.endswith(("_bucket", "_count", "_created")):
+                # A counter's sample is `<name>_total` or `<name>` (Triton's
+                # `nv_inference_count` itself ends in `_count`); a histogram's, `_sum`.
+                histogram = family.type in ("histogram", "summary")
+                if sample.name.endswith("_created") or (
+                    histogram and not sample.name.endswith("_sum")
+                ):
                     continue
                 entry = out.setdefault(key, {})
                 entry[field_name] = _finite(entry.get(field_name, 0.0) + _finite(sample.value))

@@ -268,3 +268,14 @@ def test_made_up_reasons_sent_first_do_not_hide_the_fleets_real_escalations() ->
     history.add("honest", _report(escalated={"uncertain": 3, "heavy": 2}), None)
     reasons = history.to_dict()["escalation_reasons"]
     assert reasons["uncertain"] == 3 and reasons["heavy"] == 2
+
+
+def test_triton_counters_named_without_total_are_read() -> None:
+    """Triton itself exports `nv_inference_count 12` (no `_total`): a name ending in _count."""
+    text = (
+        "# TYPE nv_inference_count counter\n"
+        'nv_inference_count{model="m",version="1"} 12\n'
+        "# TYPE nv_inference_exec_count counter\n"
+        'nv_inference_exec_count{model="m",version="1"} 3\n'
+    )
+    assert parse_metrics(text)["m:1"]["mean_batch"] == 4
