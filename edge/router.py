@@ -2,15 +2,19 @@
 
 Per request (DESIGN.md "Router"): ``fogline.route`` = local | cloud forces a
 path; otherwise no healthy local model → cloud, too many rows → cloud, local
-queue over its latency budget → cloud, else run locally and escalate when the
-result is too uncertain. A cloud that fails (or whose circuit is open) gets
-the local answer marked ``fogline.degraded``; with no local model either, the
-caller gets ``CloudUnavailableError`` (502).
+queue over its latency budget → cloud (reason ``load``, only while the cloud
+answers faster than the queue would: its recent latency is tracked, and
+measured again by one request when it is older than ``cloud_probe_s``), else
+run locally and escalate when the result is too uncertain. A cloud that
+fails (or whose circuit is open) gets the local answer marked
+``fogline.degraded``; with no local model either, the caller gets
+``CloudUnavailableError`` (502).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -45,7 +49,10 @@ ROUTES = ("auto", "local", "cloud")
 
 @dataclass(frozen=True)
 class RouterPolicy:
-    local_budget_ms: float = 100.0  # expected local queueing past this → cloud ("busy")
+    local_budget_ms: float = 100.0  # expected local queueing past this → cloud ("load")
+    uncertainty_threshold: float | None = None  # None: the package's routing hint
+    max_local_batch: int | None = None  # None: the package's routing hint
+    cloud_probe_s: float = 5.0  # cloud latency older than this is measured again
     breaker_failures: int = 5  # consecutive cloud failures that open the circuit
     breaker_cooldown_s: float = 30.0  # open → half-open (one trial request) after this
     retry_backoff_s: float = 0.05  # base delay of the one retry on a connection error
@@ -128,9 +135,19 @@ class Router:
         self._rng = rng or random.Random()
         self._local: _Local | None = None
         self._last_info: ModelInfo | None = None
+        self._clock = clock
         self._local_inflight = 0
         self._ewma_ms: float | None = None
+        self._cloud_ewma_ms: float | None = None
+        self._cloud_sampled_at = -float("inf")  # when the cloud latency was last measured
+        self._cloud_calls: dict[int, float] = {}  # in-flight cloud calls: id -> start
+        self._call_ids = itertools.count()
         self._stats = RouterStats()
+
+    def set_policy(self, policy: RouterPolicy) -> None:
+        """Replace the policy (a signed set-policy command); the next request uses it."""
+        self.policy = policy
+        logger.info("router %s: policy is now %s", self.name, policy)
 
     # --- the model store's side -------------------------------------------------------
 
@@ -205,6 +222,8 @@ class Router:
             "circuit_rejections": s.circuit_rejections,
             "circuit": self.breaker.state,
             "local_version": self.local_version,
+            "expected_wait_ms": self.expected_wait_ms(),
+            "cloud_latency_ms": self.cloud_latency_ms(),
             "latency_ms": {k: w.summary() for k, w in s.latency.items()},
         }
         if reset:
@@ -222,19 +241,51 @@ class Router:
             response, score = await self._run_local(local, request)
         except ModelNotReadyError:  # unloaded under us by a swap: the cloud can still answer
             return await self._escalate(request, None, "no_local_model")
-        if score is not None and score > local.hints.uncertainty_threshold:
+        if score is not None and score > self._threshold(local):
             return await self._escalate(request, local, "uncertain", response, score)
         return self._served_local(response, local, score)
 
     def _pre_route(self, request: InferRequest, local: _Local | None) -> str | None:
         if local is None or not local.runtime.ready:
             return "no_local_model"
-        if _rows(request) > local.hints.max_local_batch:
+        limit = self.policy.max_local_batch
+        if _rows(request) > (local.hints.max_local_batch if limit is None else limit):
             return "heavy"
-        ewma = self._ewma_ms
-        if ewma is not None and self._local_inflight * ewma > self.policy.local_budget_ms:
-            return "busy"
+        wait = self.expected_wait_ms()
+        if wait is not None and wait > self.policy.local_budget_ms and self._cloud_faster(wait):
+            return "load"
         return None
+
+    def _threshold(self, local: _Local) -> float:
+        threshold = self.policy.uncertainty_threshold
+        return local.hints.uncertainty_threshold if threshold is None else threshold
+
+    def expected_wait_ms(self) -> float | None:
+        """How long a new request would queue locally: depth x recent local service time."""
+        ewma = self._ewma_ms
+        return None if ewma is None else self._local_inflight * ewma
+
+    def cloud_latency_ms(self) -> float | None:
+        """The cloud's recent latency: its moving average, or longer while a call is slow."""
+        now = time.perf_counter()
+        oldest = min(self._cloud_calls.values(), default=now)
+        running = (now - oldest) * 1000
+        ewma = self._cloud_ewma_ms
+        if ewma is None:
+            return running if self._cloud_calls else None
+        return max(ewma, running)
+
+    def _cloud_faster(self, wait_ms: float) -> bool:
+        """Whether the cloud would answer before the local queue: unknown or stale counts
+        as yes for one request, which measures it (the others queue meanwhile)."""
+        if self.remote is None:
+            return False
+        now = self._clock()
+        cloud = self.cloud_latency_ms()
+        if cloud is None or now - self._cloud_sampled_at > self.policy.cloud_probe_s:
+            self._cloud_sampled_at = now  # NOTE: one probe per interval, not a burst
+            return True
+        return cloud < wait_ms + (self._ewma_ms or 0.0)
 
     async def _forced_local(self, request: InferRequest, local: _Local | None) -> InferResponse:
         if local is None or not local.runtime.ready:
@@ -339,6 +390,8 @@ class Router:
             self._stats.circuit_rejections += 1
             raise CloudUnavailableError("the cloud circuit is open after repeated failures")
         start = time.perf_counter()
+        call = next(self._call_ids)
+        self._cloud_calls[call] = start
         try:
             response = await self._call_with_retry(self.remote, request)
         except CloudUnavailableError:
@@ -351,8 +404,16 @@ class Router:
         except BaseException:
             self.breaker.release()
             raise
+        finally:
+            del self._cloud_calls[call]
         self.breaker.success()
-        self._stats.latency["cloud"].add((time.perf_counter() - start) * 1000)
+        ms = (time.perf_counter() - start) * 1000
+        self._stats.latency["cloud"].add(ms)
+        a = self.policy.ewma_alpha
+        self._cloud_ewma_ms = (
+            ms if self._cloud_ewma_ms is None else a * ms + (1 - a) * self._cloud_ewma_ms
+        )
+        self._cloud_sampled_at = self._clock()
         return response
 
     async def _call_with_retry(self, remote: Runtime, request: InferRequest) -> InferResponse:

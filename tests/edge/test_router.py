@@ -226,7 +226,7 @@ async def test_unloaded_local_model_goes_to_cloud(
     assert resp.parameters[ESCALATION_REASON] == "no_local_model"
 
 
-async def test_busy_local_queue_sends_to_cloud(
+async def test_loaded_local_queue_sends_to_cloud(
     cloud: TestServer, edge_pkg: Package, routers: Any
 ) -> None:
     # A model that runs in worker threads (as any but the tiniest do), so requests queue.
@@ -237,8 +237,11 @@ async def test_busy_local_queue_sends_to_cloud(
     # The first runs locally; while it is in flight, the others see a queue past the budget.
     responses = await asyncio.gather(*(router.infer(request(1)) for _ in range(4)))
     reasons = [r.parameters.get(ESCALATION_REASON) for r in responses]
-    assert reasons == [None, "busy", "busy", "busy"]
-    assert [r.parameters[SERVED_BY] for r in responses] == ["edge", "cloud", "cloud", "cloud"]
+    # The second goes to the cloud (its latency unknown: this measures it); the others
+    # follow only while that call is not already slower than this tiny model's queue.
+    assert reasons[:2] == [None, "load"] and set(reasons[2:]) <= {None, "load"}
+    served = [r.parameters[SERVED_BY] for r in responses]
+    assert served == ["cloud" if r == "load" else "edge" for r in reasons]
 
 
 async def test_forced_routes(cloud: TestServer, local: OnnxRuntime, routers: Any) -> None:
