@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import keys_api
+from cloud import device_api, keys_api
 from cloud.control_auth import (
     CALLER,
     DEVICE_OR_VIEWER,
@@ -112,6 +112,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/rollouts/{id}", rollout, VIEWER),
         ("POST", "/api/rollouts/{id}/abort", abort_rollout, OPERATOR),
         ("GET", "/api/events", events, VIEWER),
+        *device_api.ROUTES,
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -146,6 +147,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         async with link, fleet, rollouts, keys:
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[device_api.COMMANDS] = device_api.DeviceCommands(
+                registry, rollouts, enrolled=lambda: load_enrollments(settings.workdir).keys()
+            )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
             yield

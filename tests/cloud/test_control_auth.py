@@ -35,6 +35,9 @@ NEEDS = {
     ("GET", "/api/rollouts/{id}"): "viewer",
     ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
+    ("POST", "/api/devices/{device_id}/policy"): "operator",
+    ("POST", "/api/models/{name}/policy"): "operator",
+    ("DELETE", "/api/devices/{device_id}/models/{name}"): "operator",
 }
 
 
