@@ -70,8 +70,8 @@ def onnx_model_bytes(seed: int = 0) -> bytes:
 
 
 def slow_model_bytes(layers: int, width: int = 512, seed: int = 0) -> bytes:
-    """The toy's input and output with ``layers`` MatMul+Tanh steps of ``width`` between:
-    genuinely slow in proportion to ``layers`` (one shared weight keeps the file small)."""
+    """The toy's input and output with ``layers`` MatMul+Tanh steps of ``width`` between,
+    as one ONNX Loop: genuinely slow in proportion to ``layers``, one weight in memory."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -81,14 +81,33 @@ def slow_model_bytes(layers: int, width: int = 512, seed: int = 0) -> bytes:
         w = (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
         return numpy_helper.from_array(w, name)
 
-    nodes = [helper.make_node("MatMul", ["input", "w_in"], ["h0"])]
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("MatMul", [f"h{layers}", "w_out"], ["logits"]))
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
+    float_h = ["batch", width]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["h_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, float_h),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, float_h),
+        ],
+    )
+    trips = numpy_helper.from_array(np.array(layers, dtype=np.int64), "trips")
+    go = numpy_helper.from_array(np.array(True), "go")
     graph = helper.make_graph(
-        nodes,
+        [
+            helper.make_node("MatMul", ["input", "w_in"], ["h0"]),
+            helper.make_node("Loop", ["trips", "go", "h0"], ["h"], body=body),
+            helper.make_node("MatMul", ["h", "w_out"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
         "slow",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", IN_FEATURES])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
@@ -96,6 +115,8 @@ def slow_model_bytes(layers: int, width: int = 512, seed: int = 0) -> bytes:
             weight("w_in", IN_FEATURES, width),
             weight("w", width, width),
             weight("w_out", width, CLASSES),
+            trips,
+            go,
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

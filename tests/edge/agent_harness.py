@@ -25,7 +25,6 @@ from edge.config import AgentConfig
 from tests.conftest import free_port
 from tests.model_fixtures import make_package
 
-
 FINAL_STAGES = ("activated", "failed", "rejected", "removed", "policy_set")
 
 
