@@ -19,6 +19,7 @@ from edge.agent import EdgeAgent
 from edge.model_library import ModelLibrary
 from edge.model_store import ModelStore
 from tests.edge.agent_harness import ControlPlane, agent_config
+from tests.fogline_cli import fogline
 from tests.model_fixtures import make_package, v2_infer_body
 
 
@@ -311,3 +312,59 @@ def test_an_interrupted_migration_resumes(tmp_path) -> None:
     assert served is not None and served.signed.manifest.version == "1"
     assert library.names() == ["toy"] and not tmp.exists()
     assert library.migrate_legacy("toy") is None  # nothing left to do
+
+
+async def test_cli_set_policy_and_remove(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cp.publish_toy(tmp_path, "1")
+        cp.publish_toy(tmp_path, "1", name="beta", seed=2)
+        cfg = agent_config(tmp_path, "dev-cli", mosquitto, cp.signer.public_key_hex)
+        env = {"FOGLINE_CONTROL": cp.url, "FOGLINE_TOKEN": cp.tokens["operator"]}
+
+        async def run(*args: str, token: str | None = None):
+            extra = {**env, "FOGLINE_TOKEN": token} if token else env
+            return await asyncio.to_thread(fogline, "model", *args, env=extra)
+
+        async with EdgeAgent(cfg) as agent:
+            await cp.wait_online([cfg.device_id])
+            for name in ("toy", "beta"):
+                assert (await cp.roll_out(name, "1", [cfg.device_id]))["state"] == "succeeded"
+            done = await run(
+                "set-policy",
+                "toy",
+                "--uncertainty-threshold",
+                "0",
+                "--device",
+                cfg.device_id,
+                "-o",
+                "json",
+            )
+            assert done.returncode == 0, done.stderr
+            ev = await cp.final_event(
+                cfg.device_id, json.loads(done.stdout)["commands"][cfg.device_id]
+            )
+            assert ev["stage"] == "policy_set"
+            assert agent.serving.get("toy").router.policy.uncertainty_threshold == 0.0
+            # Every online device when no --device is given (the fleet route).
+            done = await run("set-policy", "beta", "--latency-budget-ms", "25")
+            assert done.returncode == 0 and cfg.device_id in done.stdout, done.stderr
+            for bad, code in (
+                (["--uncertainty-threshold", "nan"], 2),
+                (["--max-local-batch", "-1"], 2),
+            ):
+                refused = await run("set-policy", "toy", *bad)
+                assert refused.returncode == code, refused
+                assert refused.stderr.startswith("error:") and len(refused.stderr.splitlines()) == 1
+            denied = await run(
+                "remove", "beta", "--device", cfg.device_id, token=cp.tokens["viewer"]
+            )
+            assert denied.returncode == 1 and "403" in denied.stderr
+            done = await run("remove", "beta", "--device", cfg.device_id, "-o", "json")
+            assert done.returncode == 0, done.stderr
+            ev = await cp.final_event(
+                cfg.device_id, json.loads(done.stdout)["commands"][cfg.device_id]
+            )
+            assert ev["stage"] == "removed"
+            assert await listed(agent) == {"toy": ["1"]}
+            budget = agent.serving.policy_of("beta")  # gone with the model
+            assert budget.local_budget_ms == cfg.local_budget_ms
