@@ -14,7 +14,6 @@ fails (or whose circuit is open) gets the local answer marked
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -40,6 +39,7 @@ from common.manifest import RoutingHints
 from common.runtime import ModelInfo, Runtime
 from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudConnectError, CloudTooLargeError
+from edge.load_gauge import LoadGauge
 from kernels import uncertainty
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class RouterPolicy:
     breaker_failures: int = 5  # consecutive cloud failures that open the circuit
     breaker_cooldown_s: float = 30.0  # open → half-open (one trial request) after this
     retry_backoff_s: float = 0.05  # base delay of the one retry on a connection error
-    ewma_alpha: float = 0.2  # weight of the newest local latency in its moving average
+    ewma_alpha: float = 0.2  # weight of the newest latency in its moving average
 
 
 class LatencyWindow:
@@ -135,13 +135,7 @@ class Router:
         self._rng = rng or random.Random()
         self._local: _Local | None = None
         self._last_info: ModelInfo | None = None
-        self._clock = clock
-        self._local_inflight = 0
-        self._ewma_ms: float | None = None
-        self._cloud_ewma_ms: float | None = None
-        self._cloud_sampled_at = -float("inf")  # when the cloud latency was last measured
-        self._cloud_calls: dict[int, float] = {}  # in-flight cloud calls: id -> start
-        self._call_ids = itertools.count()
+        self.gauge = LoadGauge(clock, self.policy.ewma_alpha)
         self._stats = RouterStats()
 
     def set_policy(self, policy: RouterPolicy) -> None:
@@ -158,7 +152,7 @@ class Router:
         if hints.uncertainty_metric not in known:
             raise InvalidInputError(f"unknown uncertainty metric {hints.uncertainty_metric!r}")
         self._local = _Local(runtime, hints) if runtime is not None else None
-        self._ewma_ms = None  # a new model has its own speed
+        self.gauge.new_local_model()
         if runtime is not None:
             self._last_info = runtime.info
         logger.info("router %s: local model is now %s", self.name, self.local_version)
@@ -222,8 +216,8 @@ class Router:
             "circuit_rejections": s.circuit_rejections,
             "circuit": self.breaker.state,
             "local_version": self.local_version,
-            "expected_wait_ms": self.expected_wait_ms(),
-            "cloud_latency_ms": self.cloud_latency_ms(),
+            "expected_wait_ms": self.gauge.expected_wait_ms(),
+            "cloud_latency_ms": self.gauge.cloud_latency_ms(),
             "latency_ms": {k: w.summary() for k, w in s.latency.items()},
         }
         if reset:
@@ -251,41 +245,16 @@ class Router:
         limit = self.policy.max_local_batch
         if _rows(request) > (local.hints.max_local_batch if limit is None else limit):
             return "heavy"
-        wait = self.expected_wait_ms()
-        if wait is not None and wait > self.policy.local_budget_ms and self._cloud_faster(wait):
+        policy = self.policy
+        if self.remote is not None and self.gauge.offload(
+            policy.local_budget_ms, policy.cloud_probe_s
+        ):
             return "load"
         return None
 
     def _threshold(self, local: _Local) -> float:
         threshold = self.policy.uncertainty_threshold
         return local.hints.uncertainty_threshold if threshold is None else threshold
-
-    def expected_wait_ms(self) -> float | None:
-        """How long a new request would queue locally: depth x recent local service time."""
-        ewma = self._ewma_ms
-        return None if ewma is None else self._local_inflight * ewma
-
-    def cloud_latency_ms(self) -> float | None:
-        """The cloud's recent latency: its moving average, or longer while a call is slow."""
-        now = time.perf_counter()
-        oldest = min(self._cloud_calls.values(), default=now)
-        running = (now - oldest) * 1000
-        ewma = self._cloud_ewma_ms
-        if ewma is None:
-            return running if self._cloud_calls else None
-        return max(ewma, running)
-
-    def _cloud_faster(self, wait_ms: float) -> bool:
-        """Whether the cloud would answer before the local queue: unknown or stale counts
-        as yes for one request, which measures it (the others queue meanwhile)."""
-        if self.remote is None:
-            return False
-        now = self._clock()
-        cloud = self.cloud_latency_ms()
-        if cloud is None or now - self._cloud_sampled_at > self.policy.cloud_probe_s:
-            self._cloud_sampled_at = now  # NOTE: one probe per interval, not a burst
-            return True
-        return cloud < wait_ms + (self._ewma_ms or 0.0)
 
     async def _forced_local(self, request: InferRequest, local: _Local | None) -> InferResponse:
         if local is None or not local.runtime.ready:
@@ -371,16 +340,13 @@ class Router:
     async def _run_local(
         self, local: _Local, request: InferRequest
     ) -> tuple[InferResponse, float | None]:
-        self._local_inflight += 1
-        start = time.perf_counter()
+        started = self.gauge.local_started()
         try:
             response = await local.runtime.infer(request)
-        finally:
-            self._local_inflight -= 1
-        ms = (time.perf_counter() - start) * 1000
-        self._stats.latency["local"].add(ms)
-        a = self.policy.ewma_alpha
-        self._ewma_ms = ms if self._ewma_ms is None else a * ms + (1 - a) * self._ewma_ms
+        except BaseException:
+            self.gauge.local_ended(started, ok=False)
+            raise
+        self._stats.latency["local"].add(self.gauge.local_ended(started))
         return response, _uncertainty(response, local.hints.uncertainty_metric)
 
     async def _call_cloud(self, request: InferRequest) -> InferResponse:
@@ -389,31 +355,24 @@ class Router:
         if not self.breaker.allow():
             self._stats.circuit_rejections += 1
             raise CloudUnavailableError("the cloud circuit is open after repeated failures")
-        start = time.perf_counter()
-        call = next(self._call_ids)
-        self._cloud_calls[call] = start
+        call = self.gauge.cloud_started()
         try:
             response = await self._call_with_retry(self.remote, request)
         except CloudUnavailableError:
+            self.gauge.cloud_ended(call, ok=False)
             self._stats.cloud_errors += 1
             self.breaker.failure()
             raise
         except InvalidInputError:
+            self.gauge.cloud_ended(call, ok=False)
             self.breaker.success()  # it answered: the cloud is up, the request was bad
             raise
         except BaseException:
+            self.gauge.cloud_ended(call, ok=False)
             self.breaker.release()
             raise
-        finally:
-            del self._cloud_calls[call]
         self.breaker.success()
-        ms = (time.perf_counter() - start) * 1000
-        self._stats.latency["cloud"].add(ms)
-        a = self.policy.ewma_alpha
-        self._cloud_ewma_ms = (
-            ms if self._cloud_ewma_ms is None else a * ms + (1 - a) * self._cloud_ewma_ms
-        )
-        self._cloud_sampled_at = self._clock()
+        self._stats.latency["cloud"].add(self.gauge.cloud_ended(call, ok=True))
         return response
 
     async def _call_with_retry(self, remote: Runtime, request: InferRequest) -> InferResponse:
