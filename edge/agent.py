@@ -137,6 +137,7 @@ class EdgeAgent:
             except Exception:
                 # Serve (via the cloud) rather than crash-loop on a model this host can't load.
                 logger.exception("cannot load model %s; serving it without a local one", name)
+                await self.serving.add(name)
         await self._start_api()
         await self._stack.enter_async_context(self.link)
         self.outbox = await self._stack.enter_async_context(
