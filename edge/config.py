@@ -203,8 +203,12 @@ def _check_models(cfg: AgentConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise InvalidInputError(f"agent config: {key} must be a positive integer")
-    if not 0 < cfg.local_budget_ms <= MAX_LATENCY_BUDGET_MS:
-        raise InvalidInputError("agent config: local_budget_ms must be positive")
+    for key in ("local_budget_ms", "cloud_probe_s"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"agent config: {key} must be a number")
+        if not 0 < value <= MAX_LATENCY_BUDGET_MS:  # NOTE: also false for NaN
+            raise InvalidInputError(f"agent config: {key} must be positive")
 
 
 def _check_tls_files(cfg: AgentConfig) -> None:
