@@ -392,6 +392,7 @@ class EdgeAgent:
             per_model = self.serving.stats(reset=True)
             doc = {
                 "device_id": self.config.device_id,
+                "model": self.config.model,
                 "router": merged_stats(per_model, self.config.model),
                 "models": per_model,
             }
