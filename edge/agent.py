@@ -20,19 +20,18 @@ from typing import Any
 from aiohttp import web
 
 from common import keyring, messages, topics
-from common.errors import FoglineError, InvalidInputError
+from common.errors import FoglineError
 from common.fsutil import atomic_write
 from common.manifest import Manifest
 from common.messages import Command
 from common.mqtt import MqttLink, TlsConfig, Will
-from common.names import check_name
 from common.onnx_runtime import OnnxRuntime
-from common.policy import parse_policy
 from common.request_body import RequestLimits
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
 from edge.config import AgentConfig
 from edge.deployment import Deployer
+from edge.model_commands import ModelCommands
 from edge.model_library import ModelLibrary
 from edge.model_store import SlotModel
 from edge.outbox import Outbox
@@ -151,7 +150,14 @@ class EdgeAgent:
             on_activate=self._activate,
             default_model=self.config.model,
             check_budget=self._check_budget,
-            handlers={messages.REMOVE: self._remove, messages.SET_POLICY: self._set_policy},
+            handlers=ModelCommands(
+                self.serving,
+                self.library,
+                device_id=self.config.device_id,
+                main_model=self.config.model,
+                emit=self._emit_event,
+                changed=self._status_changed,
+            ).handlers(),
             chunk_timeout_s=self.config.chunk_timeout_s,
             intra_op_threads=self.config.intra_op_threads,
             transport=self.config.artifact_transport,
@@ -228,44 +234,6 @@ class EdgeAgent:
     def _check_budget(self, manifest: Manifest) -> None:
         self.serving.check_memory(manifest, self.config.memory_budget_bytes)
         self.library.check_disk(manifest, self.config.disk_budget_bytes)
-
-    async def _remove(self, cmd: Command) -> None:
-        """A signed ``remove``: stop serving the model, then delete its slots.
-
-        The config's model stays served (by the cloud) without its local model.
-        """
-        name = check_name(cmd.body.get("model"), "model name")
-        installed = await asyncio.to_thread(self.library.has, name)
-        if name not in self.serving.names() and not installed:
-            raise InvalidInputError(f"model {name!r} is not served on this device")
-        if name in self.serving.names():
-            await self.serving.remove(name)
-        if installed:
-            await asyncio.to_thread(self.library.remove, name)
-        if name == self.config.model:
-            await self.serving.add(name)
-        await self._emit_event(
-            messages.event(self.config.device_id, cmd.id, messages.REMOVED, model=name)
-        )
-        await self._status_changed()
-
-    async def _set_policy(self, cmd: Command) -> None:
-        """A signed ``set-policy``: checked whole before anything changes, then kept."""
-        name = check_name(cmd.body.get("model"), "model name")
-        changes = parse_policy(cmd.body.get("policy"))
-        self.serving.set_policy(name, changes)
-        policy = self.serving.get(name).router.policy
-        await self._emit_event(
-            messages.event(
-                self.config.device_id,
-                cmd.id,
-                messages.POLICY_SET,
-                model=name,
-                policy=changes.to_dict(),
-                latency_budget_ms=policy.local_budget_ms,
-            )
-        )
-        await self._status_changed()
 
     # -- MQTT ---------------------------------------------------------------------
 
