@@ -96,6 +96,13 @@ async def test_two_models_side_by_side_update_under_traffic_and_remove(mosquitto
             assert {v for _, v in seen["toy"]} == {"1"}
             assert seen["beta"][0][1] == "1" and seen["beta"][-1][1] == "2"
             await reported_models(cp, cfg.device_id, {"toy": "1", "beta": "2"})
+            # A rollback names its model and touches no other.
+            cid = await cp.send_command(cfg.device_id, {"model": "beta"}, kind="rollback")
+            assert (await cp.final_event(cfg.device_id, cid))["stage"] == "activated"
+            await reported_models(cp, cfg.device_id, {"toy": "1", "beta": "1"})
+            cid = await cp.send_command(cfg.device_id, {"model": "gamma"}, kind="rollback")
+            ev = await cp.final_event(cfg.device_id, cid)
+            assert ev["stage"] == "failed" and "not installed" in ev["error"]
 
             # Remove beta through the control plane; toy keeps serving.
             status, doc = await api(cp, "DELETE", f"/api/devices/{cfg.device_id}/models/beta")
