@@ -10,6 +10,8 @@ token, which can read nothing else).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import secrets
 import tempfile
@@ -113,6 +115,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/static/{file}", dashboard.static_file, None),  # vendored, from a fixed table
         ("GET", "/api/health", health, None),
         *keys_api.ROUTES,
+        ("GET", "/api/whoami", whoami, VIEWER),
         ("GET", "/api/devices", devices, VIEWER),
         ("POST", "/api/devices/{device_id}/token", device_token, ADMIN),
         ("GET", "/api/models", models, VIEWER),
@@ -222,6 +225,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "broker_connected": connected})
 
 
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's token name and role: how a fallback checks an operator token it got."""
+    caller = request[CALLER]
+    assert isinstance(caller, Operator)  # the route takes operator tokens only
+    return web.json_response({"name": caller.name, "role": caller.role})
+
+
 async def devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": request.app[REGISTRY].devices()})
 
@@ -234,8 +244,14 @@ async def device_token(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
+    """Every published version. With an ETag, so pollers (fallback replicas) that send
+    ``If-None-Match`` get a bodiless 304 while nothing was published."""
     records = await asyncio.to_thread(request.app[REGISTRY].versions)
-    return web.json_response({"models": [r.summary() for r in records]})
+    body = json.dumps({"models": [r.summary() for r in records]}).encode()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
 
 async def model_version(request: web.Request) -> web.Response:

@@ -101,6 +101,7 @@ class MqttLink:
             max_delay=random.uniform(6.0, 10.0),  # type: ignore[arg-type]
         )
         self._client.max_queued_messages_set(1000)
+        self._client.max_inflight_messages_set(64)  # a chunk broadcast keeps a window in flight
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

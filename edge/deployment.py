@@ -25,10 +25,9 @@ from typing import Any
 
 import aiohttp
 
-from common import chunking
+from common import chunking, golden
 from common.artifact_http import fetch_artifact
 from common.errors import FoglineError, InvalidInputError, VerificationError
-from common.golden import compare, load_golden
 from common.manifest import Manifest, SignedManifest, artifact_digest, split_artifact
 from common.messages import CHUNK_REJECTED, DEPLOY, FAILED, ROLLBACK, Command, event
 from common.mqtt import MqttLink
@@ -225,7 +224,4 @@ class _Target:
 
 async def self_test(runtime: OnnxRuntime, model: SlotModel) -> None:
     """Run the package's golden inputs and require its golden outputs."""
-    golden = model.path / model.signed.manifest.file("golden").name
-    inputs, expected = await asyncio.to_thread(load_golden, golden)
-    outputs = await asyncio.to_thread(runtime.infer_sync, inputs, list(expected))
-    compare(expected, {t.name: t.data for t in outputs})
+    await golden.self_test(runtime, model.path, model.signed.manifest)

@@ -26,6 +26,7 @@ NEEDS = {
     ("POST", "/api/keys/rotate"): "admin",
     ("POST", "/api/keys/{key_id}/retire"): "admin",
     ("POST", "/api/keys/{key_id}/revoke"): "admin",
+    ("GET", "/api/whoami"): "viewer",
     ("GET", "/api/devices"): "viewer",
     ("POST", "/api/devices/{device_id}/token"): "admin",
     ("GET", "/api/models"): "viewer",
