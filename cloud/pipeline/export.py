@@ -77,7 +77,7 @@ def export_onnx(
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     opset: int = OPSET,
 ) -> Path:
-    """Write ``model`` as ONNX (opset ``opset``, default 17, dynamic batch on every input and output) and check it.
+    """Write ``model`` as ONNX (opset ``opset``, dynamic batch on all inputs/outputs) and check it.
 
     ``examples`` maps each input name, in ``forward``'s argument order, to an
     example tensor [1, ...]; the default is the digits model's single input.
