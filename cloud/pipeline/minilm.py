@@ -23,16 +23,14 @@ from torch import nn
 
 from cloud.pipeline.export import ExportError, export_onnx
 from common.errors import FoglineError
+from common.text import ATTENTION_MASK, INPUT_IDS, TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
 OUTPUT_NAME = "embedding"
 EMBEDDING_DIM = 384
 EDGE_MAX_TOKENS = 128  # the int8 edge variant serves up to this many tokens locally
 CLOUD_MAX_TOKENS = 512  # the model's position table: the fp32 cloud variant's limit
-TOKENIZER_FILE = "tokenizer.json"
 TASK = "sentence-embedding"
 
 
