@@ -82,7 +82,6 @@ def load_embedder() -> SentenceEmbedder:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
