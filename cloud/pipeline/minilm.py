@@ -127,7 +127,22 @@ def export_minilm(out_path: Path, *, opset: int = 17) -> Path:
     if got != opset:
         path.unlink(missing_ok=True)
         raise ExportError(f"asked for ONNX opset {opset}, the exporter wrote {got}")
+    _fix_embedding_width(path)
     return path
+
+
+def _fix_embedding_width(path: Path) -> None:
+    """Declare the output [batch, 384]: the tracer leaves the width symbolic."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = EMBEDDING_DIM
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
 
 
 def ffn_matmuls(model_path: Path) -> tuple[str, ...]:
