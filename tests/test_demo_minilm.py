@@ -13,6 +13,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_minilm_demo_report(tmp_path) -> None:
     proc = subprocess.run(
         [
