@@ -52,6 +52,7 @@ class FleetSpec:
     heartbeat_s: float = 10.0
     ramp_s: float = 5.0
     chunk_timeout_s: float = 3.0
+    keep_artifact: bool = True  # False: verify every chunk, keep no bytes (big fleets)
 
 
 def _worker(spec: FleetSpec, ids: list[str], ready: Any, stop: Any, results: Any) -> None:
@@ -70,6 +71,7 @@ async def _serve(spec: FleetSpec, ids: list[str], ready: Any, stop: Any, results
             state_dir=Path(spec.state_dir),
             heartbeat_s=spec.heartbeat_s,
             chunk_timeout_s=spec.chunk_timeout_s,
+            keep_artifact=spec.keep_artifact,
         )
         for device_id in ids
     ]
@@ -188,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=0, help="seconds to run (0: Ctrl-C)")
     parser.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, …")
     parser.add_argument("--state-dir", type=Path, help="outboxes here (default: a temp dir)")
+    parser.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="check every chunk against the signed chunk list but keep no artifact bytes "
+        "(and so skip the whole-artifact digest): for fleets too big to hold N copies",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args(argv)
     if not 1 <= args.n <= 10_000:
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.prefix,
             heartbeat_s=args.heartbeat_s,
             ramp_s=args.ramp_s,
+            keep_artifact=not args.verify_only,
         )
         started = time.monotonic()
         fleet = Fleet(spec, args.n, args.processes)

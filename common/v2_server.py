@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections import Counter
@@ -137,7 +138,7 @@ class V2State:
     budget: ByteBudget = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
     # Accepts a bearer token that is not one of auth_tokens (a signed device token),
-    # or raises AuthError.
+    # or raises AuthError. It may be async (one that asks another service, cached).
     token_verifier: Callable[[str], object] | None = None
 
     def __post_init__(self) -> None:
@@ -274,7 +275,7 @@ async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResp
     state = request.app[V2_STATE]
     route = request.match_info.route.name
     if state.auth_required and request.path.startswith("/v2") and route not in _PUBLIC_ROUTES:
-        _check_bearer(request.headers.get("Authorization", ""), state)
+        await _check_bearer(request.headers.get("Authorization", ""), state)
     return await handler(request)
 
 
@@ -289,7 +290,7 @@ async def _small_body(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
-def _check_bearer(header: str, state: V2State) -> None:
+async def _check_bearer(header: str, state: V2State) -> None:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -300,7 +301,8 @@ def _check_bearer(header: str, state: V2State) -> None:
         return
     if state.token_verifier is None:
         raise AuthError("invalid bearer token")
-    state.token_verifier(token)  # raises AuthError
+    if inspect.isawaitable(verdict := state.token_verifier(token)):  # raises AuthError
+        await verdict
 
 
 def _model_ref(request: web.Request) -> tuple[str, str | None]:

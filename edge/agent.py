@@ -338,6 +338,7 @@ class EdgeAgent:
             models=models,
             api_url=self.config.api_url,
             keyring_version=self.trust.version,
+            labels=self.config.labels,
         )
 
     async def publish_status(self) -> None:

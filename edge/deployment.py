@@ -21,10 +21,9 @@ from typing import Any
 
 import aiohttp
 
-from common import chunking
+from common import chunking, golden
 from common.artifact_http import fetch_artifact
 from common.errors import FoglineError, InvalidInputError, VerificationError
-from common.golden import compare, load_golden
 from common.manifest import SignedManifest, artifact_digest, split_artifact
 from common.messages import CHUNK_REJECTED, FAILED, Command, event
 from common.mqtt import MqttLink
@@ -172,6 +171,8 @@ class Deployer:
             m.chunks.sha256 if m.chunks else None,
             chunk_timeout_s=self._chunk_timeout_s,
             on_rejected=lambda error: self._emit(cmd, CHUNK_REJECTED, error=error),
+            # Operators see "downloading n%" (a staged rollout's per-device state).
+            on_progress=lambda percent: self._emit(cmd, "downloading", progress=percent),
         )
         return await download.run(lambda: self._emit(cmd, "downloading", chunks=download.chunks))
 
@@ -197,7 +198,4 @@ class _Target:
 
 async def self_test(runtime: OnnxRuntime, model: SlotModel) -> None:
     """Run the package's golden inputs and require its golden outputs."""
-    golden = model.path / model.signed.manifest.file("golden").name
-    inputs, expected = await asyncio.to_thread(load_golden, golden)
-    outputs = await asyncio.to_thread(runtime.infer_sync, inputs, list(expected))
-    compare(expected, {t.name: t.data for t in outputs})
+    await golden.self_test(runtime, model.path, model.signed.manifest)

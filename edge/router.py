@@ -98,6 +98,7 @@ class RouterStats:
     degraded: int = 0
     cloud_errors: int = 0
     circuit_rejections: int = 0
+    errors: int = 0  # requests that ended in an error (the rollout gates' error rate)
     latency: dict[str, LatencyWindow] = field(
         default_factory=lambda: {k: LatencyWindow() for k in ("total", "local", "cloud")}
     )
@@ -194,12 +195,18 @@ class Router:
         self._stats.requests += 1
         route = _route_of(request)
         local = self._local  # one snapshot per request: a swap never splits a request
-        if route == "local":
-            response = await self._forced_local(request, local)
-        elif route == "cloud":
-            response = await self._escalate(request, local, "forced")
-        else:
-            response = await self._auto(request, local)
+        try:
+            if route == "local":
+                response = await self._forced_local(request, local)
+            elif route == "cloud":
+                response = await self._escalate(request, local, "forced")
+            else:
+                response = await self._auto(request, local)
+        except InvalidInputError:
+            raise  # the caller's fault, not the model's
+        except Exception:
+            self._stats.errors += 1
+            raise
         self._stats.latency["total"].add((time.perf_counter() - start) * 1000)
         return response
 
@@ -214,6 +221,8 @@ class Router:
             "degraded": s.degraded,
             "cloud_errors": s.cloud_errors,
             "circuit_rejections": s.circuit_rejections,
+            "errors": s.errors,
+            "model": self.name,
             "circuit": self.breaker.state,
             "local_version": self.local_version,
             "latency_ms": {k: w.summary() for k, w in s.latency.items()},
