@@ -118,12 +118,17 @@ class FleetRecords:
                 [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
             )
 
-    def record_event(self, device_id: str, doc: dict[str, Any]) -> None:
+    def record_event(
+        self, device_id: str, doc: dict[str, Any], event_key: str | None = None
+    ) -> bool:
         """Store an event from ``device_id`` and advance the rollout step of its command.
 
         NOTE: ``device_id`` is who sent it (the topic it came on). A step advances only
         when that device was sent that command: an event on another device's topic
         that quotes a real command id changes nothing.
+
+        ``event_key`` (the event's id) makes handling idempotent: an event seen before,
+        here or by a replica on the same database, changes nothing and returns False.
         """
         check_name(device_id, "device id")
         doc = {**doc, "device_id": device_id}
@@ -131,6 +136,12 @@ class FleetRecords:
         command_id = command_id if isinstance(command_id, str) else None
         now = time.time()
         with self._db.transaction() as db:
+            if event_key is not None and not db.execute(
+                "INSERT INTO handled_events VALUES (?,?,?) ON CONFLICT DO NOTHING"
+                " RETURNING device_id",
+                (device_id, event_key, now),
+            ):
+                return False  # handled already (a redelivery, or by a replica)
             db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
                 (device_id, command_id, str(doc.get("stage")), json.dumps(doc), now),
@@ -153,6 +164,7 @@ class FleetRecords:
                     " AND (? <> 'rejected' OR stage = 'sent')",
                     (stage, _text(doc.get("error")), now, device_id, command_id, stage),
                 )
+        return True
 
     def state_counts(self) -> dict[str, dict[str, int]]:
         """How many devices and rollouts are in each state (for /metrics; one query each)."""

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloud.audit_log import AuditLog
 from cloud.database import Database
 from cloud.fleet_records import DEVICE_STATES, MAX_EVENTS_PER_DEVICE, FleetRecords
 from cloud.lineage_graph import check_parent, lineage_view
 from cloud.migrations import migrate
 from cloud.operator_tokens import OperatorTokens
+from cloud.staged_store import StagedStore
 from cloud.version_metrics import lineage_columns, lineage_doc
 from common import chunking
 from common.errors import (
@@ -104,6 +106,8 @@ class Registry(FleetRecords):
         self._db = Database(database)
         migrate(self._db)
         self.operators = OperatorTokens(self._db)
+        self.audit = AuditLog(self._db)  # append-only: who did what to which rollout, why
+        self.staged = StagedStore(self._db)  # staged rollouts, resends, audit: own schema
 
     def close(self) -> None:
         self._db.close()

@@ -42,7 +42,7 @@ class FileEntry:
     name: str
     size: int
     sha256: str
-    role: str  # "model" | "golden" | "config"
+    role: str  # "model" | "golden" | "config" | "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ class RoutingHints:
     uncertainty_metric: str = "max_prob"  # which kernels.uncertainty score
     uncertainty_threshold: float = 1.0  # escalate when the score is above this
     max_local_batch: int = 64  # a request with more rows goes to the cloud
+    # Longest token sequence served here (text models); longer goes to the cloud ("heavy"),
+    # or is refused where this is the cloud. None: the model has no sequence axis.
+    max_sequence_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class Manifest:
             del doc["lineage"]
         else:
             doc["lineage"] = self.lineage.to_dict()
+        if self.routing.max_sequence_length is None:
+            del doc["routing"]["max_sequence_length"]
         return doc
 
     @classmethod
@@ -186,6 +191,11 @@ class Manifest:
         batch = hints.max_local_batch
         if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch <= MAX_RELEASE:
             raise InvalidInputError(f"routing.max_local_batch must be a count, got {batch!r}")
+        seq = hints.max_sequence_length
+        if seq is not None and (
+            not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_RELEASE
+        ):
+            raise InvalidInputError(f"routing.max_sequence_length must be a count, got {seq!r}")
         if (
             not isinstance(self.evaluation, dict)
             or len(self.evaluation) > MAX_EVALUATION
@@ -237,6 +247,9 @@ class Manifest:
             if f.role == role:
                 return f
         raise KeyError(role)
+
+    def has_file(self, role: str) -> bool:
+        return any(f.role == role for f in self.files)
 
     @property
     def artifact_size(self) -> int:
