@@ -1,0 +1,210 @@
+"""Accuracy-driven int8 search: try configurations, keep the fastest inside the gate.
+
+What it tries, in order, for the op types the model has:
+
+- dynamic (MatMulInteger; never on Conv, where ConvInteger is ~12x slower than
+  fp32), per-channel and per-tensor weights;
+- static QDQ, per-channel with each calibration method (MinMax, Entropy,
+  Percentile), and per-tensor MinMax;
+- the best of those with layers kept fp32: each op type in turn (when the model
+  has several), MatMuls between two activations (attention scores), and the
+  nodes whose inputs have the heaviest outliers (largest peak-to-RMS ratio on
+  calibration rows: the ones a single int8 scale fits worst).
+
+Each candidate is scored on the data (``cloud.pipeline.quality``), judged by the
+gate, and the ones that pass are timed against the fp32 parent, interleaved
+(``cloud.pipeline.speed``). The winner is the highest throughput at the
+requested batch; ties in speed do not matter, the table shows them.
+
+NOTE: torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cloud.pipeline.gate import QualityGate
+from cloud.pipeline.model_data import ModelData
+from cloud.pipeline.quantize import (
+    CALIBRATIONS,
+    DEFAULT_OP_TYPES,
+    DYNAMIC,
+    STATIC,
+    QuantConfig,
+    pre_process,
+    quantize,
+)
+from cloud.pipeline.speed import Speed, measure, session_runner
+
+logger = logging.getLogger(__name__)
+
+OUTLIER_ROWS = 16
+OUTLIER_SHARES = (1 / 6, 1 / 3)  # of the quantizable nodes, heaviest outliers first
+
+
+@dataclass
+class Trial:
+    """One configuration tried: its quality, the gate's verdict and (if it passed) speed."""
+
+    config: QuantConfig
+    path: Path
+    size_bytes: int
+    quality: float
+    miss: str | None  # why it failed the gate; None = passed
+    speed: Speed | None = None
+    speedup: float | None = None  # throughput / fp32 throughput, same rounds
+
+    @property
+    def passed(self) -> bool:
+        return self.miss is None
+
+
+@dataclass
+class SearchResult:
+    metric: str
+    parent_quality: float
+    parent_size: int
+    parent_speed: Speed
+    trials: list[Trial]
+
+    @property
+    def best(self) -> Trial | None:
+        timed = [t for t in self.trials if t.passed and t.speed is not None]
+        return max(timed, key=lambda t: t.speed.throughput if t.speed else 0.0, default=None)
+
+
+def _graph_facts(prepared: Path) -> tuple[set[str], list[str], list[str]]:
+    """(quantizable op types present, activation×activation MatMuls, quantizable nodes)."""
+    import onnx
+
+    graph = onnx.load(str(prepared)).graph
+    weights = {i.name for i in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type in DEFAULT_OP_TYPES]
+    act_act = [
+        n.name for n in nodes if n.op_type == "MatMul" and not any(i in weights for i in n.input)
+    ]
+    return {n.op_type for n in nodes}, act_act, [n.name for n in nodes]
+
+
+def outlier_ranking(prepared: Path, feeds: dict[str, np.ndarray]) -> list[str]:
+    """Quantizable nodes by the peak-to-RMS ratio of their activation input, worst first."""
+    import onnx
+
+    model = onnx.load(str(prepared))
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    probes: dict[str, str] = {}  # node -> its first non-weight input
+    for n in graph.node:
+        if n.op_type in DEFAULT_OP_TYPES:
+            acts = [i for i in n.input if i and i not in weights]
+            if acts:
+                probes[n.name] = acts[0]
+    known = {o.name for o in graph.output}
+    for tensor in sorted(set(probes.values()) - known):
+        graph.output.append(
+            onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)
+        )
+    with tempfile.TemporaryDirectory(prefix="fogline-probe-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(model, str(path))
+        from common.onnx_runtime import open_session
+
+        session = open_session(path)
+        names = [o.name for o in session.get_outputs()]
+        rows = {k: v[:OUTLIER_ROWS] for k, v in feeds.items()}
+        values = dict(zip(names, session.run(names, rows), strict=True))
+    scores = {}
+    for node, tensor in probes.items():
+        x = np.asarray(values[tensor], dtype=np.float64)
+        rms = float(np.sqrt((x**2).mean())) if x.size else 0.0
+        scores[node] = float(np.abs(x).max()) / rms if rms > 0 else 0.0
+    return sorted(scores, key=lambda n: -scores[n])
+
+
+def base_candidates(op_types: set[str]) -> list[QuantConfig]:
+    """Whole-model configurations for the op types the model has."""
+    present = tuple(t for t in DEFAULT_OP_TYPES if t in op_types)
+    dynamic_ops = tuple(t for t in present if t != "Conv")
+    out = []
+    if dynamic_ops:
+        out += [QuantConfig(DYNAMIC, pc, op_types=dynamic_ops) for pc in (True, False)]
+    out += [QuantConfig(STATIC, True, cal, op_types=present) for cal in CALIBRATIONS]
+    out.append(QuantConfig(STATIC, False, "minmax", op_types=present))
+    return out
+
+
+def exclusion_candidates(
+    best: QuantConfig, op_types: set[str], act_act: list[str], ranked: list[str]
+) -> list[QuantConfig]:
+    """``best`` with layers kept fp32: op types, attention MatMuls, outlier-heavy nodes."""
+    out = []
+    present = [t for t in best.op_types if t in op_types]
+    if len(present) > 1:
+        out += [replace(best, exclude_op_types=(t,)) for t in present]
+    if act_act:
+        out.append(replace(best, exclude_nodes=tuple(act_act)))
+    for share in OUTLIER_SHARES:
+        k = max(1, round(len(ranked) * share))
+        if k < len(ranked):
+            out.append(replace(best, exclude_nodes=tuple(sorted(ranked[:k]))))
+    return out
+
+
+Scorer = Callable[[Path], float]
+
+
+def search(
+    fp32: Path,
+    calibration: dict[str, np.ndarray],
+    data: ModelData,
+    workdir: Path,
+    score: Scorer,
+    gate: QualityGate,
+    *,
+    metric: str,
+    parent_quality: float,
+    speed_batch: int = 32,
+    calibration_batch: int = 64,
+    rounds: int = 3,
+) -> SearchResult:
+    """Try the configurations on ``fp32``; the models land in ``workdir``."""
+    prepared = pre_process(fp32, workdir / "prepared.onnx")
+    op_types, act_act, _ = _graph_facts(prepared)
+    trials: list[Trial] = []
+
+    def attempt(config: QuantConfig) -> Trial:
+        path = workdir / f"candidate-{len(trials)}.onnx"
+        quantize(fp32, path, config, calibration, batch=calibration_batch)
+        quality = score(path)
+        trial = Trial(
+            config, path, path.stat().st_size, quality, gate.miss(metric, parent_quality, quality)
+        )
+        logger.info("tried %s: %s %.4f %s", config.label(), metric, quality, trial.miss or "ok")
+        trials.append(trial)
+        return trial
+
+    for config in base_candidates(op_types):
+        attempt(config)
+    best = max(trials, key=lambda t: t.quality).config
+    ranked = outlier_ranking(prepared, calibration)
+    for config in exclusion_candidates(best, op_types, act_act, ranked):
+        if all(t.config != config for t in trials):  # small models give repeats
+            attempt(config)
+    passed = [t for t in trials if t.passed]
+    runners = {"fp32": session_runner(fp32)}
+    runners.update({str(i): session_runner(t.path) for i, t in enumerate(trials) if t.passed})
+    speeds = measure(runners, data.inputs, batch=speed_batch, rounds=rounds) if passed else {}
+    parent_speed = (
+        speeds.get("fp32") or measure(runners, data.inputs, batch=speed_batch, rounds=1)["fp32"]
+    )
+    for i, trial in enumerate(trials):
+        if str(i) in speeds:
+            trial.speed = speeds[str(i)]
+            trial.speedup = trial.speed.throughput / parent_speed.throughput
+    return SearchResult(metric, parent_quality, fp32.stat().st_size, parent_speed, trials)
