@@ -58,7 +58,7 @@ def search_rows(result: SearchResult) -> list[dict[str, Any]]:
             "config": t.config.label(),
             "method": t.config.method,
             "params": t.config.params(),
-            result.metric: t.quality,
+            result.metric: t.quality if t.size_bytes else None,
             "size_bytes": t.size_bytes,
             "throughput": t.speed.throughput if t.speed else None,
             "speedup": t.speedup,
@@ -78,8 +78,8 @@ def _search_table(result: SearchResult, stream: Any) -> None:
         [
             "*" if r["chosen"] else "",
             r["config"],
-            _pct(result.metric, r[result.metric]),
-            f"{r['size_bytes'] / result.parent_size:.0%}",
+            _pct(result.metric, r[result.metric]) if r[result.metric] is not None else "-",
+            f"{r['size_bytes'] / result.parent_size:.0%}" if r["size_bytes"] else "-",
             f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-",
             r["gate"],
         ]

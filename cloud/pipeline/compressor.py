@@ -107,7 +107,7 @@ def compress_model(
             )  # fmt: skip
             best = found.best
             if best is None:
-                closest = max(found.trials, key=lambda t: t.quality)
+                closest = max(found.trials, key=lambda t: t.quality if t.size_bytes else -1.0)
                 raise GateError(
                     f"none of the {len(found.trials)} int8 configurations tried passed; the "
                     f"closest ({closest.config.label()}): {closest.miss}; nothing written"

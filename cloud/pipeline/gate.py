@@ -33,7 +33,7 @@ class QualityGate:
             if quality >= self.min_cosine:
                 return None
             return (
-                f"mean cosine {quality:.4f} is {self.min_cosine - quality:.4f} below "
+                f"mean cosine {quality:.6g} is {self.min_cosine - quality:.2g} below "
                 f"the {self.min_cosine:g} floor"
             )
         drop = (parent_quality - quality) * 100.0

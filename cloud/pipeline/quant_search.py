@@ -33,9 +33,11 @@ from cloud.pipeline.gate import QualityGate
 from cloud.pipeline.model_data import ModelData
 from cloud.pipeline.quantize import (
     CALIBRATIONS,
+    COMPUTE_OP_TYPES,
     DEFAULT_OP_TYPES,
     DYNAMIC,
     STATIC,
+    NothingQuantizedError,
     QuantConfig,
     pre_process,
     quantize,
@@ -85,7 +87,12 @@ def _graph_facts(prepared: Path) -> tuple[set[str], list[str], list[str]]:
 
     graph = onnx.load(str(prepared)).graph
     weights = {i.name for i in graph.initializer}
-    nodes = [n for n in graph.node if n.op_type in DEFAULT_OP_TYPES]
+    # A Gather counts only when it reads a table of weights (not a shape lookup).
+    nodes = [
+        n
+        for n in graph.node
+        if n.op_type in COMPUTE_OP_TYPES or (n.op_type == "Gather" and n.input[0] in weights)
+    ]
     act_act = [
         n.name for n in nodes if n.op_type == "MatMul" and not any(i in weights for i in n.input)
     ]
@@ -101,7 +108,7 @@ def outlier_ranking(prepared: Path, feeds: dict[str, np.ndarray]) -> list[str]:
     weights = {i.name for i in graph.initializer}
     probes: dict[str, str] = {}  # node -> its first non-weight input
     for n in graph.node:
-        if n.op_type in DEFAULT_OP_TYPES:
+        if n.op_type in COMPUTE_OP_TYPES:
             acts = [i for i in n.input if i and i not in weights]
             if acts:
                 probes[n.name] = acts[0]
@@ -178,20 +185,23 @@ def search(
     op_types, act_act, _ = _graph_facts(prepared)
     trials: list[Trial] = []
 
-    def attempt(config: QuantConfig) -> Trial:
+    def attempt(config: QuantConfig) -> None:
         path = workdir / f"candidate-{len(trials)}.onnx"
-        quantize(fp32, path, config, calibration, batch=calibration_batch)
+        try:
+            quantize(fp32, path, config, calibration, batch=calibration_batch)
+        except NothingQuantizedError as exc:
+            trials.append(Trial(config, path, 0, float("nan"), str(exc)))
+            return
         quality = score(path)
         trial = Trial(
             config, path, path.stat().st_size, quality, gate.miss(metric, parent_quality, quality)
         )
         logger.info("tried %s: %s %.4f %s", config.label(), metric, quality, trial.miss or "ok")
         trials.append(trial)
-        return trial
 
     for config in base_candidates(op_types):
         attempt(config)
-    best = max(trials, key=lambda t: t.quality).config
+    best = max(trials, key=lambda t: t.quality if t.size_bytes else -1.0).config
     ranked = outlier_ranking(prepared, calibration)
     for config in exclusion_candidates(best, op_types, act_act, ranked):
         if all(t.config != config for t in trials):  # small models give repeats

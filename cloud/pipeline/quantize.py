@@ -13,7 +13,9 @@ NOTE: torch-free; onnxruntime.quantization is imported where used.
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,11 @@ STATIC = "int8-static-qdq"
 DYNAMIC = "int8-dynamic"
 INT8_METHODS = (STATIC, DYNAMIC)
 CALIBRATIONS = ("minmax", "entropy", "percentile")
-# Ops whose weights carry the size and the time. Softmax itself is not quantized, so
-# probabilities (and the uncertainty scores made from them) stay fp32 math.
-DEFAULT_OP_TYPES = ("Gemm", "MatMul", "Conv")
+# Ops whose weights carry the size and the time (Gather: embedding tables, half of a
+# small transformer's bytes). Softmax itself is not quantized, so probabilities (and
+# the uncertainty scores made from them) stay fp32 math.
+DEFAULT_OP_TYPES = ("Gemm", "MatMul", "Conv", "Gather")
+COMPUTE_OP_TYPES = ("Gemm", "MatMul", "Conv")
 # Entropy and percentile build histograms of every activation: a few batches are plenty.
 _HISTOGRAM_ROWS = 256
 
@@ -126,6 +130,24 @@ def _check_nodes(model_path: Path, names: tuple[str, ...]) -> None:
         raise InvalidInputError(f"{model_path.name} has no node(s) named {unknown}")
 
 
+class NothingQuantizedError(InvalidInputError):
+    """The configuration matched no node the quantizer can handle (e.g. dynamic Gemm)."""
+
+
+def _check_quantized(path: Path, config: QuantConfig) -> None:
+    """Refuse a "quantized" model with no int8 weight in it: it would only be mislabelled."""
+    import onnx
+
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(t.data_type in int8 for t in model.graph.initializer):
+        path.unlink(missing_ok=True)
+        raise NothingQuantizedError(
+            f"{config.label()} quantized no weight of this model "
+            f"(op types {config.quantized_op_types})"
+        )
+
+
 def quantize(
     fp32_path: Path,
     out: Path,
@@ -147,7 +169,8 @@ def quantize(
         raise InvalidInputError("quantization needs at least one calibration row")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fogline-quant-") as tmp:
+    # NOTE: ORT's calibrators print progress on stdout; keep stdout for our results (--json).
+    with tempfile.TemporaryDirectory(prefix="fogline-quant-") as tmp, redirect_stdout(sys.stderr):
         prepared = pre_process(Path(fp32_path), Path(tmp) / "prepared.onnx")
         _check_nodes(prepared, config.exclude_nodes)
         common: dict[str, Any] = {
@@ -175,6 +198,7 @@ def quantize(
                 calibrate_method=method,
                 **common,
             )
+    _check_quantized(out, config)
     logger.info(
         "quantized %s -> %s (%s, %d bytes)", fp32_path, out, config.label(), out.stat().st_size
     )
