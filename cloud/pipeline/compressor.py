@@ -34,7 +34,7 @@ from cloud.pipeline.model_data import ModelData
 from cloud.pipeline.quality import first_output, score_outputs
 from cloud.pipeline.quant_search import Scorer, SearchResult, search
 from cloud.pipeline.quantize import INT8_METHODS, QuantConfig, quantize
-from cloud.pipeline.speed import Speed, measure, session_runner
+from cloud.pipeline.speed_compare import Speed, measure, session_runner
 from common.errors import InvalidInputError
 from common.manifest import sha256_file
 

@@ -13,7 +13,7 @@ What it tries, in order, for the op types the model has:
 
 Each candidate is scored on the data (``cloud.pipeline.quality``), judged by the
 gate, and the ones that pass are timed against the fp32 parent, interleaved
-(``cloud.pipeline.speed``). The winner is the highest throughput at the
+(``cloud.pipeline.speed_compare``). The winner is the highest throughput at the
 requested batch; ties in speed do not matter, the table shows them.
 
 NOTE: torch-free.
@@ -42,7 +42,7 @@ from cloud.pipeline.quantize import (
     pre_process,
     quantize,
 )
-from cloud.pipeline.speed import Speed, measure, session_runner
+from cloud.pipeline.speed_compare import Speed, measure, session_runner
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import io
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -208,7 +209,7 @@ def test_quant_config_records_what_it_quantized() -> None:
 
 def test_sidecar_round_trips_and_refuses_what_is_not_one(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
-    doc = {
+    doc: dict[str, Any] = {
         "method": "int8-dynamic",
         "params": {"per_channel": True},
         "parent_sha256": "ab" * 32,
@@ -219,6 +220,7 @@ def test_sidecar_round_trips_and_refuses_what_is_not_one(tmp_path: Path) -> None
     record = read_record(model)
     assert record is not None and record.to_dict() == doc
     assert read_record(tmp_path / "other.onnx") is None
+    bad: Any
     for bad in (
         {**doc, "method": "zip"},
         {**doc, "parent_sha256": "../../x"},
