@@ -127,12 +127,30 @@ def format_outcome(o: Outcome) -> str:
     return "\n".join(lines)
 
 
+def _run(
+    args: argparse.Namespace, calibration: dict[str, Any], data: ModelData, batch: int
+) -> Outcome:
+    from cloud.pipeline.compressor import compress_model
+    from cloud.pipeline.gate import QualityGate
+
+    return compress_model(
+        args.fp32,
+        args.out,
+        method=args.method,
+        calibration=calibration,
+        data=data,
+        gate=QualityGate(max_drop_points=args.max_drop, min_cosine=args.min_cosine),
+        config=_config(args),
+        calibration_batch=batch,
+        speed_batch=args.speed_batch,
+    )
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Build, gate and write the compressed model and its lineage sidecar."""
     from cloud.pipeline.cli import _load_data
     from cloud.pipeline.compression_record import record_path
-    from cloud.pipeline.compressor import compress_model
-    from cloud.pipeline.gate import QualityGate
+    from cloud.pipeline.compressor import SearchGateError
     from cloud.pipeline.model_data import fixed_batch
     from common.onnx_runtime import describe_onnx_io
 
@@ -142,17 +160,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     else:
         calibration, data = _digits_rows(args.fp32)
     inputs, _ = describe_onnx_io(args.fp32)
-    outcome = compress_model(
-        args.fp32,
-        args.out,
-        method=args.method,
-        calibration=calibration,
-        data=data,
-        gate=QualityGate(max_drop_points=args.max_drop, min_cosine=args.min_cosine),
-        config=_config(args),
-        calibration_batch=fixed_batch(inputs) or 64,
-        speed_batch=args.speed_batch,
-    )
+    try:
+        outcome = _run(args, calibration, data, fixed_batch(inputs) or 64)
+    except SearchGateError as exc:  # show what was tried, then the one error line
+        if not args.json:
+            _search_table(exc.search, sys.stdout)
+        raise
+
     if args.json:
         doc: dict[str, Any] = {"out": str(args.out), "record": outcome.record.to_dict()}
         if outcome.search is not None:
@@ -181,8 +195,8 @@ def _unit(text: str) -> float:
 
 def _points(text: str) -> float:
     value = float(text)
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 100] points, got {text}")
+    if not -100.0 <= value <= 100.0:  # negative: demand a gain
+        raise argparse.ArgumentTypeError(f"must be within [-100, 100] points, got {text}")
     return value
 
 

@@ -45,6 +45,14 @@ METHODS = (*INT8_METHODS, FP16, SEARCH)
 RECORD_BATCH = 32  # the sidecar's throughput_b32
 
 
+class SearchGateError(GateError):
+    """No configuration the search tried passed; ``search`` has the table."""
+
+    def __init__(self, message: str, search: SearchResult) -> None:
+        super().__init__(message)
+        self.search = search
+
+
 @dataclass(frozen=True)
 class Outcome:
     record: CompressionRecord
@@ -108,9 +116,10 @@ def compress_model(
             best = found.best
             if best is None:
                 closest = max(found.trials, key=lambda t: t.quality if t.size_bytes else -1.0)
-                raise GateError(
+                raise SearchGateError(
                     f"none of the {len(found.trials)} int8 configurations tried passed; the "
-                    f"closest ({closest.config.label()}): {closest.miss}; nothing written"
+                    f"closest ({closest.config.label()}): {closest.miss}; nothing written",
+                    found,
                 )
             candidate, config, method = best.path, best.config, best.config.method
             quality = best.quality

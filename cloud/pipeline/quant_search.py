@@ -1,15 +1,19 @@
 """Accuracy-driven int8 search: try configurations, keep the fastest inside the gate.
 
-What it tries, in order, for the op types the model has:
+What it tries, in stages, for the op types the model has (each stage only
+where it can help, since a transformer candidate costs a minute on two cores):
 
-- dynamic (MatMulInteger; never on Conv, where ConvInteger is ~12x slower than
-  fp32), per-channel and per-tensor weights;
-- static QDQ, per-channel with each calibration method (MinMax, Entropy,
-  Percentile), and per-tensor MinMax;
-- the best of those with layers kept fp32: each op type in turn (when the model
-  has several), MatMuls between two activations (attention scores), and the
-  nodes whose inputs have the heaviest outliers (largest peak-to-RMS ratio on
-  calibration rows: the ones a single int8 scale fits worst).
+1. dynamic (MatMulInteger; never on Conv, where ConvInteger is ~12x slower
+   than fp32) and static QDQ with MinMax calibration, each with per-channel
+   and per-tensor weights;
+2. if static MinMax missed the gate: Entropy and Percentile calibration (the
+   same graph, so the same speed: only worth it to rescue quality);
+3. the best-quality config with each op type in turn kept fp32 (Q/DQ around
+   a small layer can cost more than it saves);
+4. if nothing passed yet: the best-quality config with named nodes kept fp32:
+   MatMuls between two activations (attention scores, static only), then the
+   1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
+   peak-to-RMS ratio on calibration rows: the ones one int8 scale fits worst).
 
 Each candidate is scored on the data (``cloud.pipeline.quality``), judged by the
 gate, and the ones that pass are timed against the fp32 parent, interleaved
@@ -47,7 +51,7 @@ from cloud.pipeline.speed_compare import Speed, measure, session_runner
 logger = logging.getLogger(__name__)
 
 OUTLIER_ROWS = 16
-OUTLIER_SHARES = (1 / 6, 1 / 3)  # of the quantizable nodes, heaviest outliers first
+OUTLIER_SHARES = (1 / 12, 1 / 6, 1 / 3)  # of the quantizable nodes, heaviest outliers first
 
 
 @dataclass
@@ -141,20 +145,25 @@ def base_candidates(op_types: set[str]) -> list[QuantConfig]:
     out = []
     if dynamic_ops:
         out += [QuantConfig(DYNAMIC, pc, op_types=dynamic_ops) for pc in (True, False)]
-    out += [QuantConfig(STATIC, True, cal, op_types=present) for cal in CALIBRATIONS]
-    out.append(QuantConfig(STATIC, False, "minmax", op_types=present))
+    out += [QuantConfig(STATIC, pc, "minmax", op_types=present) for pc in (True, False)]
     return out
 
 
-def exclusion_candidates(
-    best: QuantConfig, op_types: set[str], act_act: list[str], ranked: list[str]
-) -> list[QuantConfig]:
-    """``best`` with layers kept fp32: op types, attention MatMuls, outlier-heavy nodes."""
-    out = []
+def calibration_candidates(static: QuantConfig) -> list[QuantConfig]:
+    """The other calibration methods for a static config (same graph: same speed)."""
+    return [replace(static, calibration=c) for c in CALIBRATIONS if c != static.calibration]
+
+
+def op_type_exclusions(best: QuantConfig, op_types: set[str]) -> list[QuantConfig]:
+    """``best`` with each of its op types in turn kept fp32 (when it has several)."""
     present = [t for t in best.op_types if t in op_types]
-    if len(present) > 1:
-        out += [replace(best, exclude_op_types=(t,)) for t in present]
-    if act_act:
+    return [replace(best, exclude_op_types=(t,)) for t in present] if len(present) > 1 else []
+
+
+def layer_exclusions(best: QuantConfig, act_act: list[str], ranked: list[str]) -> list[QuantConfig]:
+    """``best`` with named nodes kept fp32: attention MatMuls, then outlier-heavy nodes."""
+    out = []
+    if act_act and best.method == STATIC:  # dynamic never quantizes them
         out.append(replace(best, exclude_nodes=tuple(act_act)))
     for share in OUTLIER_SHARES:
         k = max(1, round(len(ranked) * share))
@@ -204,12 +213,28 @@ def search(
         logger.info("tried %s: %s %.4f %s", config.label(), metric, quality, trial.miss or "ok")
         trials.append(trial)
 
+    def untried(configs: list[QuantConfig]) -> list[QuantConfig]:
+        return [c for c in configs if all(t.config != c for t in trials)]  # small models repeat
+
+    def best_quality() -> Trial:
+        return max(trials, key=lambda t: t.quality if t.size_bytes else -1.0)
+
     for config in base_candidates(op_types):
         attempt(config)
-    best = max(trials, key=lambda t: t.quality if t.size_bytes else -1.0).config
-    ranked = outlier_ranking(prepared, calibration)
-    for config in exclusion_candidates(best, op_types, act_act, ranked):
-        if all(t.config != config for t in trials):  # small models give repeats
+    # Calibration changes quality, not the graph: worth trying only where MinMax missed.
+    static = next((t for t in trials if t.config.method == STATIC and t.size_bytes), None)
+    if static is not None and not static.passed:
+        for config in calibration_candidates(static.config):
+            attempt(config)
+    # Layers kept fp32: op types always (Q/DQ around a small layer can cost more than
+    # it saves); named nodes only when nothing whole-model passed.
+    best = best_quality().config
+    for config in untried(op_type_exclusions(best, op_types)):
+        attempt(config)
+    if not any(t.passed for t in trials):
+        best = best_quality().config
+        ranked = outlier_ranking(prepared, calibration)
+        for config in untried(layer_exclusions(best, act_act, ranked)):
             attempt(config)
     passed = [t for t in trials if t.passed]
     runners = {"fp32": session_runner(fp32)}
