@@ -223,7 +223,14 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--out and OUT.compression.json (method, parameters, parent sha256, metrics).",
     )
     p.add_argument("--fp32", type=_existing_file, required=True, help="fp32 ONNX model")
-    p.add_argument("--data", type=_existing_file, default=None, metavar="D.npz", help="rows")
+    p.add_argument(
+        "--data",
+        type=_existing_file,
+        default=None,
+        metavar="D.npz",
+        help="rows: one array per input name, plus optional 'labels' or 'reference' "
+        "(none: the digits split)",
+    )
     p.add_argument("--out", type=Path, required=True, help="compressed ONNX file to write")
     p.add_argument("--method", choices=METHOD_CHOICES, default="int8-static-qdq", help="how")
     p.add_argument(
@@ -243,7 +250,7 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="OP",
-        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv)",
+        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather)",
     )
     p.add_argument(
         "--exclude-node",
@@ -252,8 +259,15 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="keep this node fp32 (repeatable; names as in the model after ORT pre-processing)",
     )
-    p.add_argument("--max-drop", type=_points, default=1.0, help="gate: largest accuracy drop")
-    p.add_argument("--min-cosine", type=_unit, default=0.99, help="gate: embeddings' floor")
+    p.add_argument(
+        "--max-drop",
+        type=_points,
+        default=1.0,
+        help="gate: largest accuracy (or R²) drop in points; negative demands a gain",
+    )
+    p.add_argument(
+        "--min-cosine", type=_unit, default=0.99, help="gate: lowest mean cosine (embeddings)"
+    )
     p.add_argument(
         "--speed-batch",
         type=_batch,
