@@ -10,7 +10,7 @@ where it can help, since a transformer candidate costs a minute on two cores):
    same graph, so the same speed: only worth it to rescue quality);
 3. the best-quality config with each op type in turn kept fp32 (Q/DQ around
    a small layer can cost more than it saves);
-4. if nothing passed yet: the best-quality config with named nodes kept fp32:
+4. if no whole-model config passed (stages 1-2): the best-quality config with named nodes kept fp32:
    MatMuls between two activations (attention scores, static only), then the
    1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
    peak-to-RMS ratio on calibration rows: the ones one int8 scale fits worst).
@@ -227,12 +227,14 @@ def search(
         for config in calibration_candidates(static.config):
             attempt(config)
     # Layers kept fp32: op types always (Q/DQ around a small layer can cost more than
-    # it saves); named nodes only when nothing whole-model passed.
+    # it saves); named nodes only when no whole-model config passed.
+    # NOTE: judged before stage 3: keeping a whole op type fp32 (say every MatMul) may pass
+    # the gate but gives up the speed, so it must not stop the search for single nodes.
+    whole_model_passed = any(t.passed for t in trials)
     best = best_quality().config
     for config in untried(op_type_exclusions(best, op_types)):
         attempt(config)
-    if not any(t.passed for t in trials):
-        best = best_quality().config
+    if not whole_model_passed:  # from the best whole-model config, not a stage-3 one
         ranked = outlier_ranking(prepared, calibration)
         for config in untried(layer_exclusions(best, act_act, ranked)):
             attempt(config)
