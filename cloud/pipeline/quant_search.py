@@ -13,7 +13,8 @@ where it can help, since a transformer candidate costs a minute on two cores):
 4. if no whole-model config passed (stages 1-2): the best-quality config with named nodes kept fp32:
    MatMuls between two activations (attention scores, static only), then the
    1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
-   peak-to-RMS ratio on calibration rows: the ones one int8 scale fits worst).
+   peak-to-RMS ratio on calibration rows: the ones one int8 scale fits worst),
+   then up to two bisection steps towards the fewest such nodes that pass.
 
 Each candidate is scored on the data (``cloud.pipeline.quality``), judged by the
 gate, and the ones that pass are timed against the fp32 parent, interleaved
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 OUTLIER_ROWS = 16
 OUTLIER_SHARES = (1 / 12, 1 / 6, 1 / 3)  # of the quantizable nodes, heaviest outliers first
+BISECT_STEPS = 2  # then halve the gap between the last count that failed and one that passed
 
 
 @dataclass
@@ -104,7 +106,10 @@ def _graph_facts(prepared: Path) -> tuple[set[str], list[str], list[str]]:
 
 
 def outlier_ranking(prepared: Path, feeds: dict[str, np.ndarray]) -> list[str]:
-    """Quantizable nodes by the peak-to-RMS ratio of their activation input, worst first."""
+    """Nodes with weights by the peak-to-RMS ratio of their activation input, worst first.
+
+    (MatMuls between two activations are handled apart: dynamic int8 never quantizes them.)
+    """
     import onnx
 
     model = onnx.load(str(prepared))
@@ -114,7 +119,7 @@ def outlier_ranking(prepared: Path, feeds: dict[str, np.ndarray]) -> list[str]:
     for n in graph.node:
         if n.op_type in COMPUTE_OP_TYPES:
             acts = [i for i in n.input if i and i not in weights]
-            if acts:
+            if acts and len(acts) < len([i for i in n.input if i]):
                 probes[n.name] = acts[0]
     known = {o.name for o in graph.output}
     for tensor in sorted(set(probes.values()) - known):
@@ -170,6 +175,22 @@ def layer_exclusions(best: QuantConfig, act_act: list[str], ranked: list[str]) -
         if k < len(ranked):
             out.append(replace(best, exclude_nodes=tuple(sorted(ranked[:k]))))
     return out
+
+
+def _between(trials: list[Trial], best: QuantConfig, ranked: list[str]) -> int | None:
+    """A node count halfway between the most that failed and the fewest that passed."""
+    counts = {
+        len(t.config.exclude_nodes): t.passed
+        for t in trials
+        if replace(t.config, exclude_nodes=()) == best and t.config.exclude_nodes
+        and set(t.config.exclude_nodes) <= set(ranked)
+    }  # fmt: skip
+    fewest_pass = min((k for k, ok in counts.items() if ok), default=None)
+    most_fail = max((k for k, ok in counts.items() if not ok and k < (fewest_pass or 0)),
+                    default=0)  # fmt: skip
+    if fewest_pass is None or fewest_pass - most_fail < 2:
+        return None
+    return (fewest_pass + most_fail) // 2
 
 
 Scorer = Callable[[Path], float]
@@ -238,6 +259,11 @@ def search(
         ranked = outlier_ranking(prepared, calibration)
         for config in untried(layer_exclusions(best, act_act, ranked)):
             attempt(config)
+        for _ in range(BISECT_STEPS):  # the fewest fp32 nodes that still pass
+            k = _between(trials, best, ranked)
+            if k is None:
+                break
+            attempt(replace(best, exclude_nodes=tuple(sorted(ranked[:k]))))
     passed = [t for t in trials if t.passed]
     runners = {"fp32": session_runner(fp32)}
     runners.update({str(i): session_runner(t.path) for i, t in enumerate(trials) if t.passed})
