@@ -112,6 +112,8 @@ def event(
         "command_id": command_id,
         "stage": stage,
         "ts": time.time(),
+        # The same event resent (outbox, QoS 1 redelivery) keeps its id: handled once.
+        "event_id": uuid.uuid4().hex,
         **fields,
     }
     if error is not None:
@@ -129,6 +131,7 @@ def status(
     models: list[dict[str, Any]] | None = None,
     api_url: str | None = None,
     keyring_version: int = 0,
+    labels: dict[str, str] | None = None,
 ) -> bytes:
     """``keyring_version`` lets the control plane send a device the keyrings it lacks."""
     return json.dumps(
@@ -141,6 +144,7 @@ def status(
             "models": models or [],
             "api_url": api_url,
             "keyring_version": keyring_version,
+            "labels": labels or {},
             "ts": time.time(),
         }
     ).encode()

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -92,8 +93,15 @@ class MqttLink:
             self._client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
         if will:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        # Jittered per client: after a broker restart a whole fleet reconnects spread over
+        # seconds (then doubling, capped) instead of all at once in lockstep.
+        # NOTE: paho annotates int but only does float arithmetic and sleeps with them.
+        self._client.reconnect_delay_set(
+            min_delay=random.uniform(0.5, 2.0),  # type: ignore[arg-type]
+            max_delay=random.uniform(6.0, 10.0),  # type: ignore[arg-type]
+        )
         self._client.max_queued_messages_set(1000)
+        self._client.max_inflight_messages_set(64)  # a chunk broadcast keeps a window in flight
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -112,6 +120,9 @@ class MqttLink:
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Called with ("in" | "out", topic) for each message received or published
+        # (the control plane's /metrics counts them); on the event loop, so keep it cheap.
+        self.observers: list[Callable[[str, str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -183,6 +194,8 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        for observe in self.observers:
+            observe("out", topic)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._ack_lock:
             if info.mid in self._early_acks:  # acknowledged before we got here
@@ -247,8 +260,10 @@ class MqttLink:
     async def _dispatch(self) -> None:
         while True:
             msg = await self._inbox.get()
+            for observe in self.observers:
+                observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
-                if not paho.topic_matches_sub(topic_filter, msg.topic):
+                if not paho.topic_matches_sub(_unshared(topic_filter), msg.topic):
                     continue
                 if msg.retain and topic_filter in self._live_only:
                     logger.debug("ignored a retained message on %s", msg.topic)
@@ -260,6 +275,13 @@ class MqttLink:
                             await result
                     except Exception:
                         logger.exception("handler for %s failed", msg.topic)
+
+
+def _unshared(topic_filter: str) -> str:
+    """``$share/{group}/{filter}`` -> ``{filter}``: what a shared subscription matches."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else topic_filter
+    return topic_filter
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common import tracing
 from common.dataplane import DataPlane
 from common.errors import (
     AuthError,
@@ -136,7 +138,7 @@ class V2State:
     budget: ByteBudget = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
     # Accepts a bearer token that is not one of auth_tokens (a signed device token),
-    # or raises AuthError.
+    # or raises AuthError. It may be async (one that asks another service, cached).
     token_verifier: Callable[[str], object] | None = None
 
     def __post_init__(self) -> None:
@@ -171,10 +173,10 @@ def build_v2_app(
     if client_max_size is not None:
         budget = max(limits.decode_budget, client_max_size)
         limits = replace(limits, max_body=client_max_size, decode_budget=budget)
-    app = web.Application(
-        middlewares=[error_middleware, _metrics_middleware, _auth_middleware, _small_body],
-        client_max_size=limits.max_small_body,
-    )
+    middlewares = [error_middleware, _metrics_middleware, _auth_middleware, _small_body]
+    if tracing.enabled():  # decided once: no per-request cost when tracing is off
+        middlewares.insert(1, _trace_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=limits.max_small_body)
     tokens = frozenset(auth_tokens) if auth_tokens is not None else None
     app[V2_STATE] = V2State(
         dataplane, InflightGate(max_inflight), tokens, limits, token_verifier=token_verifier
@@ -250,11 +252,30 @@ async def _metrics_middleware(request: web.Request, handler: Any) -> web.StreamR
 
 
 @web.middleware
+async def _trace_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A server span per inference request, the child of the caller's ``traceparent``."""
+    route = request.match_info.route
+    if route.name not in _INFER_ROUTES or route.resource is None:
+        return await handler(request)  # health, metadata and metrics: never traced
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": route.resource.canonical,
+        "fogline.model": request.match_info["model"],
+        "fogline.server": request.app[V2_STATE].dataplane.server_name,
+    }
+    name = f"{request.method} {route.resource.canonical}"
+    with tracing.span(name, kind="server", carrier=request.headers, attributes=attributes):
+        response = await handler(request)
+        tracing.annotate({"http.response.status_code": response.status})
+        return response
+
+
+@web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     state = request.app[V2_STATE]
     route = request.match_info.route.name
     if state.auth_required and request.path.startswith("/v2") and route not in _PUBLIC_ROUTES:
-        _check_bearer(request.headers.get("Authorization", ""), state)
+        await _check_bearer(request.headers.get("Authorization", ""), state)
     return await handler(request)
 
 
@@ -269,7 +290,7 @@ async def _small_body(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
-def _check_bearer(header: str, state: V2State) -> None:
+async def _check_bearer(header: str, state: V2State) -> None:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -280,7 +301,8 @@ def _check_bearer(header: str, state: V2State) -> None:
         return
     if state.token_verifier is None:
         raise AuthError("invalid bearer token")
-    state.token_verifier(token)  # raises AuthError
+    if inspect.isawaitable(verdict := state.token_verifier(token)):  # raises AuthError
+        await verdict
 
 
 def _model_ref(request: web.Request) -> tuple[str, str | None]:
@@ -327,7 +349,9 @@ async def _infer(request: web.Request) -> web.StreamResponse:
                 len(body), decode_infer_request, body, header, model, version, limits.json
             )
             del body  # binary tensors keep their own view of it; the rest can go
-            response = await state.dataplane.infer(infer_request)
+            with tracing.span(f"infer {model}", attributes={"fogline.model": model}):
+                response = await state.dataplane.infer(infer_request)
+                tracing.annotate_response(response.parameters)
         del infer_request
         size = sum(t.data.nbytes for t in response.outputs)
         large = hold.taken >= TRIM_AFTER_BYTES

@@ -6,12 +6,13 @@ import dataclasses
 import ipaddress
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import FoglineError, InvalidInputError
 from common.keyring import apply_chain
+from common.names import check_name
 from common.signing import TrustStore
 
 ENV_PREFIX = "FOGLINE_AGENT_"
@@ -48,6 +49,9 @@ class AgentConfig:
     # The fleet's signed keyring at enrollment (cloud.keys.enrollment_trust): the device
     # starts at its version, so an older keyring is never accepted.
     trusted_keyring: dict[str, Any] | None = None
+    # Set at enrollment (site=berlin, ...) and reported in status: staged rollouts pick
+    # devices by them. The control plane trusts its own enrollment record over these.
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -117,6 +121,11 @@ class AgentConfig:
             cfg = cls(**{**doc, "state_dir": Path(doc["state_dir"])})
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"agent config: {exc}") from exc
+        if not isinstance(cfg.labels, dict):
+            raise InvalidInputError("agent config: labels must be an object of names")
+        for key, value in cfg.labels.items():
+            check_name(key, "label key")
+            check_name(value, "label value")
         if cfg.artifact_transport not in ("mqtt", "http"):
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
         _check_tls_files(cfg)

@@ -11,6 +11,7 @@ caller gets ``CloudUnavailableError`` (502).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from common import tracing
 from common.errors import CloudUnavailableError, InvalidInputError, ModelNotReadyError
 from common.inference import (
     DEGRADED,
@@ -53,20 +55,27 @@ class RouterPolicy:
     ewma_alpha: float = 0.2  # weight of the newest local latency in its moving average
 
 
+# Upper bounds (ms) of the latency histogram in telemetry; one more bucket for the rest.
+# NOTE: cloud.serving_history.LATENCY_BUCKETS_MS reads them; keep the two in step.
+LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
 class LatencyWindow:
-    """Count and total since start, percentiles over the most recent samples."""
+    """Count, total and a histogram since start, percentiles over the most recent samples."""
 
     def __init__(self, size: int = 1024) -> None:
         self._recent: deque[float] = deque(maxlen=size)
         self.count = 0
         self.total_ms = 0.0
+        self.hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
 
     def add(self, ms: float) -> None:
         self._recent.append(ms)
         self.count += 1
         self.total_ms += ms
+        self.hist[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | list[int]]:
         if not self._recent:
             return {"count": 0}
         recent = np.asarray(self._recent)
@@ -76,6 +85,7 @@ class LatencyWindow:
             "p50_ms": float(np.percentile(recent, 50)),
             "p95_ms": float(np.percentile(recent, 95)),
             "max_ms": float(recent.max()),
+            "hist": list(self.hist),
         }
 
 
@@ -88,6 +98,7 @@ class RouterStats:
     degraded: int = 0
     cloud_errors: int = 0
     circuit_rejections: int = 0
+    errors: int = 0  # requests that ended in an error (the rollout gates' error rate)
     latency: dict[str, LatencyWindow] = field(
         default_factory=lambda: {k: LatencyWindow() for k in ("total", "local", "cloud")}
     )
@@ -184,12 +195,18 @@ class Router:
         self._stats.requests += 1
         route = _route_of(request)
         local = self._local  # one snapshot per request: a swap never splits a request
-        if route == "local":
-            response = await self._forced_local(request, local)
-        elif route == "cloud":
-            response = await self._escalate(request, local, "forced")
-        else:
-            response = await self._auto(request, local)
+        try:
+            if route == "local":
+                response = await self._forced_local(request, local)
+            elif route == "cloud":
+                response = await self._escalate(request, local, "forced")
+            else:
+                response = await self._auto(request, local)
+        except InvalidInputError:
+            raise  # the caller's fault, not the model's
+        except Exception:
+            self._stats.errors += 1
+            raise
         self._stats.latency["total"].add((time.perf_counter() - start) * 1000)
         return response
 
@@ -204,6 +221,8 @@ class Router:
             "degraded": s.degraded,
             "cloud_errors": s.cloud_errors,
             "circuit_rejections": s.circuit_rejections,
+            "errors": s.errors,
+            "model": self.name,
             "circuit": self.breaker.state,
             "local_version": self.local_version,
             "latency_ms": {k: w.summary() for k, w in s.latency.items()},
@@ -257,7 +276,9 @@ class Router:
     ) -> InferResponse:
         self._stats.escalated[reason] += 1
         try:
-            response = await self._call_cloud(request)
+            attributes = {"fogline.model": self.name, ESCALATION_REASON: reason}
+            with tracing.span("escalate", attributes=attributes):
+                response = await self._call_cloud(request)
         except (CloudUnavailableError, CloudTooLargeError) as exc:
             # Too large for the cloud is no fault of the request: the local answer stands.
             return await self._degrade(request, local, reason, local_response, score, exc)

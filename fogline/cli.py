@@ -37,6 +37,11 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [],
     ),
     "control": ("the control plane", [("cloud.control_cli", "register_control")]),
+    "rollout": (
+        "staged, gated rollouts: create, watch, pause, resume, abort, roll back",
+        [("cloud.rollout_cli", "register")],
+    ),
+    "audit": ("who created, paused, resumed, aborted or rolled back what, and why", []),
     "fallback": ("the cloud fallback inference server", [("cloud.fallback", "register_cli")]),
     "edge": ("the edge agent", [("edge.cli", "register")]),
     "model": (
@@ -108,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the messages on stderr",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="export OpenTelemetry traces of inference requests (agent, fallback; needs "
+        "fogline[otel]); also on when OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT is set",
+    )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     no_cloud = bool(missing_cloud_libraries())
     for name, (help_text, registrars) in GROUPS.items():
@@ -118,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
             from fogline.demo import register
 
             register(group)
+            continue
+        if name == "audit":
+            from cloud.rollout_cli import register_audit
+
+            register_audit(group)
             continue
         sub = group.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
         for module, function in registrars:
@@ -147,6 +163,26 @@ def _needs_cloud_message(command: str, library: str) -> str:
     return f"error: {command} needs {library!r}, from the cloud extra: {INSTALL_CLOUD}"
 
 
+def _start_tracing(flag: bool, group: str) -> bool:
+    """Tracing on if asked; False (after one error line) if ``--trace`` cannot be honoured.
+
+    Asked for by the environment only, a missing extra is a warning: a fleet-wide
+    OTEL_* setting must not stop an agent that has no SDK.
+    """
+    from common import tracing  # light: opentelemetry is imported only by setup
+
+    if not tracing.wanted(flag, os.environ):
+        return True
+    try:
+        tracing.setup(f"fogline-{group}", os.environ)
+    except tracing.MissingExtraError as exc:
+        if flag:
+            print(f"error: --trace: {exc}", file=sys.stderr)
+            return False
+        logging.getLogger(__name__).warning("OTEL_* set, but not tracing: %s", exc)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -159,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = missing_cloud_libraries(NEEDS.get((args.group, sub), ()))
     if missing:
         print(_needs_cloud_message(command, missing[0]), file=sys.stderr)
+        return 1
+    if not _start_tracing(args.trace, args.group):
         return 1
     try:
         code = int(args.func(args) or 0)

@@ -18,6 +18,8 @@ from cloud.keys_api import KEYS
 from cloud.operator_tokens import ROLES
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
+from cloud.staged_api import STAGED
+from cloud.staged_rollout import StagedRollouts
 from common import topics
 from common.messages import Command, sign_command
 from common.signing import Signer
@@ -80,6 +82,10 @@ class ControlPlane:
         return self.app[ROLLOUTS]
 
     @property
+    def staged(self) -> StagedRollouts:
+        return self.app[STAGED]
+
+    @property
     def keys(self) -> KeyService:
         return self.app[KEYS]
 
@@ -87,13 +93,16 @@ class ControlPlane:
     def signer(self) -> Signer:
         return self.app[KEYS].signer
 
-    def publish_toy(self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy"):
+    def publish_toy(
+        self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy", routing: Any = None
+    ):
         pkg = make_package(
             tmp / f"pkg-{name}-{version}",
             name=name,
             version=version,
             release=int(version),
             seed=seed,
+            routing=routing,
         )
         return self.registry.publish(pkg.directory, pkg.manifest, self.signer)
 
