@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import dashboard, hard_examples, keys_api, staged_api
+from cloud import dashboard, device_api, hard_examples, keys_api, staged_api
 from cloud.audit_log import check_reason
 from cloud.control_auth import (
     CALLER,
@@ -142,6 +142,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
         ("GET", "/metrics", metrics, METRICS_READER),  # a scrape-only token will do
         *staged_api.ROUTES,
+        *device_api.ROUTES,
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -193,6 +194,9 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         async with link, fleet, rollouts, keys, staged, scraper.running():
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
             app[STAGED] = staged
+            app[device_api.COMMANDS] = device_api.DeviceCommands(
+                registry, rollouts, enrolled=lambda: load_enrollments(settings.workdir).keys()
+            )
             app[hard_examples.HARD_EXAMPLES] = hard_examples.HardExampleStore(
                 settings.workdir / "hard-examples", registry
             )

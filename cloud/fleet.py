@@ -135,7 +135,7 @@ class FleetMonitor:
             logger.warning("dropped telemetry from %s: %s", device_id, exc)
             return
         if self.history is not None:
-            self.history.add(device_id, doc, _model_version(doc))
+            self.history.add(device_id, doc, _model_versions(doc))
 
     def _record_telemetry(self, device_id: str, doc: dict) -> None:
         """The fleet totals, and the per-version figures that the rollout gates judge."""
@@ -156,12 +156,23 @@ def event_key(doc: dict, payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _model_version(doc: dict) -> str | None:
-    """``name:version`` of the model a telemetry report is about, if it says so validly."""
-    router = doc.get("router") if isinstance(doc.get("router"), dict) else {}
-    try:
-        name = check_name(doc.get("model"), "model name")
-        version = check_name(str(router.get("local_version")), "model version")
-    except InvalidInputError:
-        return None
-    return f"{name}:{version}"
+def _model_versions(doc: dict) -> list[tuple[str, dict]]:
+    """(``name:version``, router stats) per model a telemetry report covers, valid ones only.
+
+    Agents serving several models report each under ``models``; older agents one
+    ``router`` for their ``model``.
+    """
+    per_model = doc.get("models")
+    if not isinstance(per_model, dict):
+        per_model = {doc.get("model"): doc.get("router")}
+    out = []
+    for name, stats in list(per_model.items())[:64]:
+        if not isinstance(stats, dict):
+            continue
+        try:
+            model = check_name(name, "model name")
+            version = check_name(str(stats.get("local_version")), "model version")
+        except InvalidInputError:
+            continue
+        out.append((f"{model}:{version}", stats))
+    return out

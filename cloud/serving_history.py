@@ -88,8 +88,13 @@ class ServingHistory:
             self._buckets.append(Bucket(start))
         return self._buckets[-1]
 
-    def add(self, device_id: str, report: dict[str, Any], model: str | None) -> None:
-        """Count one telemetry report (already accepted by the fleet monitor)."""
+    def add(
+        self, device_id: str, report: dict[str, Any], models: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Count one telemetry report (already accepted by the fleet monitor).
+
+        ``models``: (``name:version``, that model's router stats) for the histograms.
+        """
         router = report.get("router")
         if not isinstance(router, dict):
             return
@@ -113,9 +118,10 @@ class ServingHistory:
         p95 = local.get("p95_ms") if isinstance(local, dict) else None
         if _count(p95) > 0 and known:
             self.local_p95_by_device[device_id] = _count(p95)
-        if model and isinstance(latency, dict):
+        for model, stats in models:
+            by_where = stats.get("latency_ms") if isinstance(stats, dict) else None
             for where, key in (("edge", "local"), ("cloud", "cloud")):
-                counts = _histogram(latency.get(key))
+                counts = _histogram(by_where.get(key)) if isinstance(by_where, dict) else None
                 if counts is not None:
                     self._add_latency((where, model), counts)
 

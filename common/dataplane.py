@@ -81,6 +81,13 @@ class DataPlane:
             "extensions": ["binary_tensor_data"],
         }
 
+    def model_index(self) -> list[dict[str, Any]]:
+        """``GET /v2/models``: every served model, its version and whether it is ready."""
+        return [
+            {"name": name, "versions": [r.info.version] if r.info.version else [], "ready": r.ready}
+            for name, r in sorted(self._runtimes.items())
+        ]
+
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         info = self.get(name, version).info
         top = self._runtimes[name]

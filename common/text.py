@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidInputError, PayloadTooLargeError
+from common.inference import Tensor
 
 TEXT_INPUT = "text"  # the V2 BYTES input name apps send
 TOKENIZER_FILE = "tokenizer.json"  # the package file, with this manifest role:
@@ -112,12 +113,12 @@ class TextEncoder:
         return {INPUT_IDS: ids, ATTENTION_MASK: mask, TOKEN_TYPE_IDS: types}
 
 
-def has_text_input(request_inputs: list[Any]) -> bool:
+def has_text_input(request_inputs: list[Tensor]) -> bool:
     return any(t.name == TEXT_INPUT for t in request_inputs)
 
 
 def text_feeds(
-    encoder: TextEncoder | None, inputs: list[Any], model_inputs: list[str], model: str
+    encoder: TextEncoder | None, inputs: list[Tensor], model_inputs: list[str], model: str
 ) -> dict[str, np.ndarray]:
     """The model's token tensors for a request that sends ``text`` (and nothing else)."""
     if encoder is None:

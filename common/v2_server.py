@@ -185,6 +185,7 @@ def build_v2_app(
     r.add_get("/v2/health/live", _live, name="v2.health.live")
     r.add_get("/v2/health/ready", _ready, name="v2.health.ready")
     r.add_get("/v2", _server_metadata, name="v2.server")
+    r.add_get("/v2/models", _model_index, name="v2.models")
     r.add_get("/v2/models/{model}", _model_metadata, name="v2.model")
     r.add_get("/v2/models/{model}/versions/{version}", _model_metadata, name="v2.version")
     r.add_get("/v2/models/{model}/ready", _model_ready, name="v2.ready")
@@ -322,6 +323,10 @@ async def _ready(request: web.Request) -> web.Response:
 
 async def _server_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[V2_STATE].dataplane.server_metadata())
+
+
+async def _model_index(request: web.Request) -> web.Response:
+    return web.json_response({"models": request.app[V2_STATE].dataplane.model_index()})
 
 
 async def _model_metadata(request: web.Request) -> web.Response:

@@ -50,6 +50,7 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ("cloud.pipeline.cli", "register"),
             ("cloud.control_cli", "register_operator"),
             ("cloud.keys_cli", "register_model_sign"),
+            ("cloud.device_cli", "register"),
         ],
     ),
     "keys": (

@@ -51,6 +51,7 @@ def build_and_publish(
     workdir: Path, control: Any, name: str, version: str, samples: int | None
 ) -> tuple[dict[str, Any], TextCorpus]:
     """Both MiniLM variants published as ``version``; (figures, the corpus for traffic)."""
+    from cloud.pipeline.minilm import EDGE_MAX_TOKENS
     from cloud.pipeline.minilm_package import (
         build_minilm_packages,
         embed_torch,
@@ -73,7 +74,9 @@ def build_and_publish(
         by_length = np.argsort(corpus.tokens, kind="stable")
         keep = np.sort(by_length[np.linspace(0, len(texts) - 1, samples).round().astype(int)])
         corpus = TextCorpus([texts[i] for i in keep], corpus.tokens[keep], reference[keep])
-    return dict(built.figures), corpus
+    figures: dict[str, Any] = dict(built.figures)
+    figures["texts_over_edge_limit"] = int((corpus.tokens > EDGE_MAX_TOKENS).sum())  # of those sent
+    return figures, corpus
 
 
 @dataclass

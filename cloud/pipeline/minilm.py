@@ -127,7 +127,38 @@ def export_minilm(out_path: Path, *, opset: int = 17) -> Path:
     if got != opset:
         path.unlink(missing_ok=True)
         raise ExportError(f"asked for ONNX opset {opset}, the exporter wrote {got}")
+    _fix_embedding_width(path)
     return path
+
+
+def _fix_embedding_width(path: Path) -> None:
+    """Declare the output [batch, 384]: the tracer leaves the width symbolic."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = EMBEDDING_DIM
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+
+
+def ffn_matmuls(model_path: Path) -> tuple[str, ...]:
+    """Names of the feed-forward MatMuls (``intermediate``/``output`` dense) of each layer."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return tuple(
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and (
+            "/intermediate/dense/" in n.name
+            or ("/output/dense/" in n.name and "/attention/" not in n.name)
+        )
+    )
 
 
 def quantize_minilm(
@@ -136,12 +167,14 @@ def quantize_minilm(
     *,
     per_channel: bool = True,
     op_types: tuple[str, ...] = ("MatMul", "Gather"),
+    exclude: tuple[str, ...] = (),
 ) -> Path:
-    """Dynamic int8 weights (per output channel) for the MatMuls: the edge variant.
+    """Dynamic int8 weights (per output channel) for the MatMuls and embeddings: the edge variant.
 
     Per-tensor weights lose too much (mean cosine ~0.96); per-channel keeps
-    ~0.99 at the same speed. Shape pre-processing runs without symbolic shape
-    inference, which fails on this graph.
+    ~0.99 at the same speed. ``exclude`` names nodes kept in fp32 (e.g.
+    ``ffn_matmuls(fp32_path)``). Shape pre-processing runs without symbolic
+    shape inference, which fails on this graph.
     """
     import shutil
     import tempfile
@@ -161,6 +194,7 @@ def quantize_minilm(
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
             op_types_to_quantize=list(op_types),
+            nodes_to_exclude=list(exclude),
         )
         shutil.move(staged, int8_path)
     logger.info("quantized %s -> %s (%d bytes)", fp32_path, int8_path, int8_path.stat().st_size)

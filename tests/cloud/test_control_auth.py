@@ -52,6 +52,9 @@ NEEDS = {
     ("POST", "/api/hard-examples/{name}"): "device",  # a device's own token, no operator's
     ("GET", "/api/hard-examples/{name}"): "viewer",
     ("GET", "/metrics"): "metrics",  # a scrape-only token: aggregates, no device ids
+    ("POST", "/api/devices/{device_id}/policy"): "operator",
+    ("POST", "/api/models/{name}/policy"): "operator",
+    ("DELETE", "/api/devices/{device_id}/models/{name}"): "operator",
 }
 
 

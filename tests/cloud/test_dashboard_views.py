@@ -87,8 +87,11 @@ def test_versions_by_label_compare_what_rollouts_asked_for_with_what_runs() -> N
 def test_history_splits_edge_and_cloud_and_keeps_histograms_per_model_version() -> None:
     history = ServingHistory(bucket_s=60)
     hist = [1] * (len(LATENCY_BUCKETS_MS) + 1)
-    history.add("d1", _report(10, 3, {"heavy": 2, "uncertain": 1}, hist, p95=1.5), "m:1")
-    history.add("d2", _report(5, 0, {}, hist, p95=2.5), "m:1")
+    for device, report in (
+        ("d1", _report(10, 3, {"heavy": 2, "uncertain": 1}, hist, p95=1.5)),
+        ("d2", _report(5, 0, {}, hist, p95=2.5)),
+    ):
+        history.add(device, report, [("m:1", report["router"])])
     view = history.to_dict()
     assert sum(view["series"]["edge"]) == 15 and sum(view["series"]["cloud"]) == 3
     assert view["escalation_reasons"] == {"heavy": 2, "uncertain": 1}
@@ -109,7 +112,7 @@ def test_history_splits_edge_and_cloud_and_keeps_histograms_per_model_version() 
 )
 def test_hostile_reports_add_nothing_that_is_not_a_plausible_count(router) -> None:
     history = ServingHistory()
-    history.add("d1", {"router": router}, "m:1")
+    history.add("d1", {"router": router}, [("m:1", router)])
     view = history.to_dict()
     assert sum(view["series"]["edge"]) == 0 and sum(view["series"]["cloud"]) == 0
     assert view["escalation_reasons"] == {}
@@ -119,9 +122,10 @@ def test_hostile_reports_add_nothing_that_is_not_a_plausible_count(router) -> No
 def test_made_up_reasons_and_model_versions_stay_bounded() -> None:
     history = ServingHistory()
     for i in range(200):
-        history.add("d1", _report(escalated={f"r{i}": 1}), f"m{i}:1")
+        history.add("d1", _report(escalated={f"r{i}": 1}), [])
         hist = [1] * (len(LATENCY_BUCKETS_MS) + 1)
-        history.add("d1", _report(1, hist=hist), f"m{i}:1")
+        report = _report(1, hist=hist)
+        history.add("d1", report, [(f"m{i}:1", report["router"])])
     view = history.to_dict()
     assert len(view["escalation_reasons"]) <= MAX_REASONS
     assert len(history.reasons_by_device["d1"]) <= MAX_REASONS
@@ -248,7 +252,7 @@ def test_telemetry_under_made_up_device_ids_keeps_per_device_figures_bounded(mon
     monkeypatch.setattr(serving_history, "MAX_DEVICES", 10)
     history = ServingHistory()
     for i in range(50):
-        history.add(f"made-up-{i}", _report(1, escalated={"uncertain": 1}, p95=2.0), None)
+        history.add(f"made-up-{i}", _report(1, escalated={"uncertain": 1}, p95=2.0), [])
     assert len(history.reasons_by_device) == 10 and len(history.local_p95_by_device) == 10
     assert history.to_dict()["escalation_reasons"] == {"uncertain": 50}  # still counted
 
@@ -264,8 +268,8 @@ def test_a_fallback_with_endless_histogram_buckets_stays_bounded() -> None:
 
 def test_made_up_reasons_sent_first_do_not_hide_the_fleets_real_escalations() -> None:
     history = ServingHistory(bucket_s=3600)
-    history.add("evil", _report(escalated={f"junk{i}": 1 for i in range(MAX_REASONS)}), None)
-    history.add("honest", _report(escalated={"uncertain": 3, "heavy": 2}), None)
+    history.add("evil", _report(escalated={f"junk{i}": 1 for i in range(MAX_REASONS)}), [])
+    history.add("honest", _report(escalated={"uncertain": 3, "heavy": 2}), [])
     reasons = history.to_dict()["escalation_reasons"]
     assert reasons["uncertain"] == 3 and reasons["heavy"] == 2
 

@@ -27,6 +27,8 @@ from edge.config import AgentConfig
 from tests.conftest import free_port
 from tests.model_fixtures import make_package
 
+FINAL_STAGES = ("activated", "failed", "rejected", "removed", "policy_set")
+
 
 class ControlPlane:
     """``async with ControlPlane(tmp, broker) as cp``: the real app on a free port."""
@@ -94,7 +96,7 @@ class ControlPlane:
         return self.app[KEYS].signer
 
     def publish_toy(
-        self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy", routing: Any = None
+        self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy", **package: Any
     ):
         pkg = make_package(
             tmp / f"pkg-{name}-{version}",
@@ -102,7 +104,7 @@ class ControlPlane:
             version=version,
             release=int(version),
             seed=seed,
-            routing=routing,
+            **package,
         )
         return self.registry.publish(pkg.directory, pkg.manifest, self.signer)
 
@@ -148,15 +150,11 @@ class ControlPlane:
         return cmd.id
 
     async def final_event(self, device_id: str, command_id: str, timeout: float = 20) -> dict:
-        """The command's activated / failed / rejected event, when it comes."""
+        """The command's last event (``FINAL_STAGES``), when it comes."""
         async with asyncio.timeout(timeout):
             while True:
                 for ev in self.registry.events(device_id, limit=500):
-                    if ev.get("command_id") == command_id and ev["stage"] in (
-                        "activated",
-                        "failed",
-                        "rejected",
-                    ):
+                    if ev.get("command_id") == command_id and ev["stage"] in FINAL_STAGES:
                         return ev
                 await asyncio.sleep(0.05)
 
