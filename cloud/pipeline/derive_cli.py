@@ -51,6 +51,8 @@ def _rows(args: argparse.Namespace, model: Path) -> EvalRows:
 
 
 def _print(report: dict[str, Any], out: Path, as_json: bool) -> None:
+    from cloud.pipeline.sidecar import sidecar_path
+
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -74,7 +76,7 @@ def _print(report: dict[str, Any], out: Path, as_json: bool) -> None:
         print(f"{label:<17} {a!s:>12} {b!s:>24}")
     print(
         f"drop {report['drop_points']:+.2f} points on the {report['evaluated_on']}; wrote {out} "
-        f"and {out.with_suffix('.compression.json').name} (package it with --parent NAME:VERSION)"
+        f"and {sidecar_path(out).name} (package it with --parent NAME:VERSION)"
     )
 
 

@@ -67,13 +67,13 @@ class Sidecar:
 
 
 def sidecar_path(model: Path) -> Path:
-    """``m.onnx`` -> ``m.compression.json``."""
-    return Path(model).with_suffix(SUFFIX)
+    """``m.onnx`` -> ``m.onnx.compression.json`` (as ``cloud.pipeline.compression_record``)."""
+    return Path(model).with_name(Path(model).name + SUFFIX)
 
 
 def _candidates(model: Path) -> list[Path]:
-    # NOTE: "m.onnx.compression.json" is read too: "<model>.compression.json" reads both ways.
-    return [sidecar_path(model), Path(model).with_name(Path(model).name + SUFFIX)]
+    # NOTE: "m.compression.json" is read too: "<model>.compression.json" reads both ways.
+    return [sidecar_path(model), Path(model).with_suffix(SUFFIX)]
 
 
 def parse_sidecar(doc: object, where: str = "sidecar") -> Sidecar:

@@ -16,7 +16,7 @@ import yaml
 
 from cloud.control_client import ControlApi
 from cloud.pipeline.package import package_lineage
-from cloud.pipeline.sidecar import Sidecar, read_sidecar, write_sidecar
+from cloud.pipeline.sidecar import Sidecar, read_sidecar, sidecar_path, write_sidecar
 from common.errors import InvalidInputError
 from common.manifest import UNSIGNED_MANIFEST_FILE, sha256_file
 from tests.edge.agent_harness import ControlPlane
@@ -205,9 +205,9 @@ def test_package_lineage_flags_and_sidecar(tmp_path) -> None:
         '{"method": "x", "params": {"a": "' + "b" * 300 + '"}}',
         "[1]",
     ):
-        (tmp_path / "m.compression.json").write_text(bad)
+        sidecar_path(model).write_text(bad)
         with pytest.raises(InvalidInputError):
             read_sidecar(model)
-    (tmp_path / "m.compression.json").write_text(" " * (65 * 1024))
+    sidecar_path(model).write_text(" " * (65 * 1024))
     with pytest.raises(InvalidInputError, match="larger"):
         read_sidecar(model)
