@@ -16,13 +16,15 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from cloud.package_cache import fetch_keyrings, fetch_package, parse_model_ref
+from common.batcher import DEFAULT_MAX_BATCH, BatchingRuntime, BatchSettings
 from common.device_token import verify_token
 from common.errors import AuthError, CloudUnavailableError, FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
@@ -31,6 +33,7 @@ from common.manifest import read_package
 from common.onnx_runtime import OnnxRuntime
 from common.request_body import DEFAULT_MAX_BODY, RequestLimits
 from common.runtime import ModelInfo, Runtime
+from common.serving_metrics import ServingMetrics
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
 
@@ -59,6 +62,8 @@ class FallbackSettings:
     cache_dir: Path = Path("fogline-fallback-cache")
     refresh_keys: bool = True  # with control_url: learn rotations and revocations from it
     key_refresh_s: float = 300.0  # and again this often while serving (device tokens)
+    # Dynamic batching; max_batch 0: from the package's hints. None: every request alone.
+    batching: BatchSettings | None = field(default_factory=lambda: BatchSettings(max_batch=0))
 
 
 FALLBACK_RUNTIMES = web.AppKey("fogline.fallback.runtimes", list)
@@ -91,13 +96,21 @@ class CloudServed:
         await self.inner.unload()
 
 
-def serving_runtime(runtime: Runtime) -> Runtime:
-    """Wrap a loaded model for serving.
+def serving_runtime(
+    runtime: OnnxRuntime, batching: BatchSettings | None, metrics: ServingMetrics
+) -> Runtime:
+    """Wrap a model for serving: batched (``load()`` it to calibrate) unless ``batching`` is None.
 
-    NOTE: dynamic batching (a later issue) goes here, as a Runtime around the
-    model: ``CloudServed(Batcher(runtime, ...))``. Nothing else needs to change.
+    The max batch is the flag's, else the package's ``routing.max_local_batch``
+    (the most rows its edge runs at once), at most ``DEFAULT_MAX_BATCH``.
     """
-    return CloudServed(runtime)
+    if batching is None:
+        runtime.metrics = metrics
+        return CloudServed(runtime)
+    if batching.max_batch == 0:
+        hint = runtime.manifest.routing.max_local_batch
+        batching = replace(batching, max_batch=max(1, min(hint, DEFAULT_MAX_BATCH)))
+    return CloudServed(BatchingRuntime(runtime, batching, metrics=metrics))
 
 
 async def load_package(directory: Path, trust: TrustStore | None, threads: int) -> OnnxRuntime:
@@ -131,7 +144,9 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     dataplane = DataPlane(SERVER_NAME, _version())
     runtimes: list[Runtime] = []
     for directory in packages:
-        runtime = serving_runtime(await load_package(directory, trust, settings.intra_op_threads))
+        model = await load_package(directory, trust, settings.intra_op_threads)
+        runtime = serving_runtime(model, settings.batching, dataplane.metrics)
+        await runtime.load()  # batched: the calibration
         if dataplane.has(runtime.info.name):
             raise InvalidInputError(f"two packages serve model {runtime.info.name!r}")
         dataplane.register(runtime)
@@ -384,6 +399,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         default=0,
         help="ONNX Runtime intra-op threads per model (default: one per core)",
     )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=_env_number("FOGLINE_FALLBACK_MAX_BATCH", 0),
+        help="rows merged into one model run; 0: the package's hint (at most "
+        f"{DEFAULT_MAX_BATCH}); 1: no batching (default %(default)s, "
+        "$FOGLINE_FALLBACK_MAX_BATCH)",
+    )
+    p.add_argument(
+        "--batch-delay-us",
+        type=float,
+        default=_env_number("FOGLINE_FALLBACK_BATCH_DELAY_US", 5000.0),
+        help="longest wait for batch-mates; calibration at load may shorten it "
+        "(default %(default)s, $FOGLINE_FALLBACK_BATCH_DELAY_US)",
+    )
     p.set_defaults(func=serve_command)
 
 
@@ -397,7 +427,13 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         raise InvalidInputError("--max-body-bytes and --body-timeout must be positive")
     if not args.key_refresh_s > 0:
         raise InvalidInputError("--key-refresh-s must be positive")
+    if not 0 <= args.max_batch <= 1024:
+        raise InvalidInputError("--max-batch must be 0..1024")
+    batching = None
+    if args.max_batch != 1:
+        batching = BatchSettings(max_batch=args.max_batch, max_delay_us=args.batch_delay_us)
     return FallbackSettings(
+        batching=batching,
         host=args.host,
         port=args.port,
         packages=list(args.packages),
@@ -415,6 +451,11 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         refresh_keys=args.refresh_keys,
         key_refresh_s=args.key_refresh_s,
     )
+
+
+def _env_number(name: str, default: float) -> Any:
+    """A numeric default from the environment; argparse checks it like a typed value."""
+    return os.environ.get(name, default)
 
 
 def read_tokens(path: Path) -> set[str]:

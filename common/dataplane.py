@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prometheus_client.core import Metric
+
 from common.errors import ModelNotFoundError, ModelNotReadyError
 from common.inference import InferRequest, InferResponse
 from common.manifest import TensorSpec
 from common.runtime import Runtime
+from common.serving_metrics import ServingMetrics, loaded_versions
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,12 @@ class DataPlane:
         self.server_version = server_version
         # NOTE: the map is replaced, never mutated, so a request always sees a whole map.
         self._runtimes: dict[str, Runtime] = {}
+        # One registry per server: what its /metrics shows, and what its batchers record.
+        self.metrics = ServingMetrics()
+        self.metrics.add_collector(self._loaded)
+
+    def _loaded(self) -> list[Metric]:
+        return [loaded_versions((r.info.name, r.info.version) for r in self._runtimes.values())]
 
     def register(self, runtime: Runtime) -> None:
         """Serve ``runtime`` under its ``info.name``, replacing any runtime of that name."""

@@ -25,6 +25,7 @@ from common.inference import (
 )
 from common.manifest import Manifest, TensorSpec
 from common.runtime import ModelInfo
+from common.serving_metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class OnnxRuntime:
         self._session: Any = None
         self._inline_below_us = inline_below_us
         self._ewma_us: float | None = None  # typical session.run time, measured
+        # Where ``infer`` records each execution (a BatchingRuntime records its own).
+        self.metrics: ServingMetrics | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -162,10 +165,17 @@ class OnnxRuntime:
         known = {o.name for o in self.manifest.outputs}
         if request.outputs is not None and not set(request.outputs) <= known:
             raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+        start = time.perf_counter()
         if self.runs_inline:
             outputs = self.infer_sync(feeds, request.outputs)
         else:
             outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
+        if self.metrics is not None:
+            rows = next(iter(feeds.values())).shape[0] if feeds else 0
+            m = self.manifest
+            self.metrics.observe_execution(
+                m.name, m.version, rows, time.perf_counter() - start, [0.0]
+            )
         return InferResponse(
             model=self.manifest.name,
             version=self.manifest.version,

@@ -1,0 +1,424 @@
+"""Dynamic batching: a Runtime around an ``OnnxRuntime`` that merges concurrent requests.
+
+Why: on a compute-bound model one execution of 16 rows costs far less than 16
+of one row. Requests are checked one by one (a bad one is refused alone),
+queued, merged in arrival order with those of the same shape (token inputs
+with an ``attention_mask`` are padded to the longest instead), run once off the
+event loop, and split back. If a merged run fails, each request runs alone, so
+one bad request never fails its batch-mates. While a batch runs the next one
+gathers, so under load batches form without waiting; the queue delay is only
+spent when the last batch was larger than one (traffic is concurrent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from common.batch_calibration import Calibration, calibrate
+from common.errors import (
+    DeadlineExceededError,
+    FoglineError,
+    InvalidInputError,
+    ModelNotReadyError,
+)
+from common.golden import load_golden
+from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
+from common.onnx_runtime import INLINE_BELOW_US, OnnxRuntime, check_inputs
+from common.runtime import ModelInfo
+from common.serving_metrics import ServingMetrics
+
+logger = logging.getLogger(__name__)
+
+DEADLINE_PARAM = "fogline.deadline_ms"  # request parameter; the HTTP header lands here
+DEADLINE_HEADER = "fogline-deadline-ms"
+MAX_DEADLINE_MS = 3_600_000.0  # one hour: past it a "deadline" is a mistake, not a bound
+MASK_INPUT = "attention_mask"
+MAX_BATCH = 1024
+DEFAULT_MAX_BATCH = 64  # when the package's hint allows more
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """``max_batch``: rows per execution (0: the caller picks, e.g. from the package's
+    hints); ``max_delay_us``: longest wait for batch-mates.
+
+    ``calibrate``: measure at load the batch size past which throughput stops
+    rising (``preferred``) and wait at most one such batch's compute time.
+    """
+
+    max_batch: int = 32
+    max_delay_us: float = 5000.0
+    calibrate: bool = True
+    calibration_s: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_batch <= MAX_BATCH:
+            raise InvalidInputError(f"max batch must be 0..{MAX_BATCH}, got {self.max_batch}")
+        if not (math.isfinite(self.max_delay_us) and 0 <= self.max_delay_us <= 1e6):
+            raise InvalidInputError(f"queue delay must be 0..1e6 us, got {self.max_delay_us}")
+
+
+def deadline_ms(request: InferRequest) -> float | None:
+    """The request's deadline in milliseconds (``fogline.deadline_ms``), or None.
+
+    Accepts a JSON number or a numeric string (the header's form); anything
+    else, NaN, infinities, zero, negatives and more than an hour are a 400.
+    """
+    raw = request.parameters.get(DEADLINE_PARAM)
+    if raw is None:
+        return None
+    value: float | None = None
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, str) and len(raw) <= 32:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = None
+    if value is None or not math.isfinite(value) or not 0 < value <= MAX_DEADLINE_MS:
+        raise InvalidInputError(
+            f"{DEADLINE_PARAM} must be a number of milliseconds in (0, {MAX_DEADLINE_MS:.0f}]"
+        )
+    return value
+
+
+@dataclass
+class _Item:
+    feeds: dict[str, np.ndarray]
+    outputs: list[str] | None
+    rows: int
+    length: int  # sequence length (padded models), else 0
+    key: Hashable
+    enqueued: float
+    deadline: float | None
+    future: asyncio.Future[list[Tensor]] = field(repr=False)
+
+
+class BatchingRuntime:
+    """Serves ``inner`` with dynamic batching; the same ``Runtime`` interface."""
+
+    def __init__(
+        self,
+        inner: OnnxRuntime,
+        settings: BatchSettings | None = None,
+        *,
+        metrics: ServingMetrics | None = None,
+        example: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.settings = settings or BatchSettings()
+        if self.settings.max_batch < 1:
+            raise InvalidInputError("a batching runtime needs a max batch of at least 1")
+        self.metrics = metrics
+        self._example = example
+        specs = inner.manifest.inputs
+        names = {s.name for s in specs}
+        # Token models: every input [batch, seq] of integers and a mask: pad with 0s.
+        self.pads = MASK_INPUT in names and all(
+            len(s.shape) == 2 and s.shape[1] == -1 and s.datatype in ("INT64", "INT32")
+            for s in specs
+        )
+        self.preferred = self.settings.max_batch
+        self.delay_s = self.settings.max_delay_us / 1e6
+        self.calibration: Calibration | None = None
+        self._cost_s: dict[int, float] = {}  # measured compute time by batch size
+        self._queue: deque[_Item] = deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._busy_until = 0.0
+        self._last_rows = 1
+
+    # --- Runtime interface --------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        info = self.inner.info
+        params = dict(info.parameters)
+        params["fogline.batching.max_batch"] = self.settings.max_batch
+        params["fogline.batching.preferred_batch"] = self.preferred
+        params["fogline.batching.max_queue_delay_us"] = round(self.delay_s * 1e6, 1)
+        params["fogline.batching.pads_sequences"] = self.pads
+        if self.calibration is not None:
+            params["fogline.batching.calibration"] = self.calibration.as_dict()
+        return replace(info, parameters=params)
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+    async def load(self) -> None:
+        await self.inner.load()
+        if self.settings.calibrate and self.settings.max_batch > 1:
+            example = self._example or self._golden_example() or self._synthetic_example()
+            self.calibration = await asyncio.to_thread(
+                calibrate, self.inner, example, self.settings.max_batch, self.settings.calibration_s
+            )
+            self.preferred = self.calibration.preferred
+            self._cost_s.update(self.calibration.seconds)
+            # Wait at most one preferred batch's compute time for batch-mates.
+            self.delay_s = min(self.delay_s, self.calibration.seconds[self.preferred])
+            logger.info(
+                "%s %s: preferred batch %d, queue delay %.0f us (%s)",
+                self.inner.manifest.name,
+                self.inner.manifest.version,
+                self.preferred,
+                self.delay_s * 1e6,
+                self.calibration.summary(),
+            )
+
+    async def unload(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(ModelNotReadyError("model unloaded"))
+        await self.inner.unload()
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        manifest = self.inner.manifest
+        if not self.inner.ready:
+            raise ModelNotReadyError(f"model {manifest.name!r} is not loaded")
+        feeds = check_inputs(request, manifest.inputs)
+        known = {o.name for o in manifest.outputs}
+        if request.outputs is not None and not set(request.outputs) <= known:
+            raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+        budget_ms = deadline_ms(request)
+        now = time.perf_counter()
+        item = self._item(feeds, request.outputs, now, budget_ms)
+        if item.deadline is not None and now + self._expected_wait(item.rows) > item.deadline:
+            raise DeadlineExceededError(
+                f"deadline of {budget_ms} ms cannot be met: the queue needs longer"
+            )
+        self._queue.append(item)
+        self._ensure_worker().set()
+        outputs = await item.future
+        return InferResponse(
+            model=manifest.name,
+            version=manifest.version,
+            id=request.id,
+            outputs=outputs,
+            parameters={MODEL_VERSION: manifest.version},
+        )
+
+    # --- queue --------------------------------------------------------------------------
+
+    def _item(
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        now: float,
+        budget_ms: float | None,
+    ) -> _Item:
+        rows = next(iter(feeds.values())).shape[0] if feeds else 0
+        if any(a.shape[0] != rows for a in feeds.values()):
+            raise InvalidInputError("all inputs must have the same number of rows")
+        length = 0
+        if self.pads:
+            lengths = {a.shape[1] for a in feeds.values()}
+            if len(lengths) != 1:
+                raise InvalidInputError("token inputs must all have the same sequence length")
+            length = lengths.pop()
+            shape_key: Hashable = ()
+        else:
+            shape_key = tuple((n, a.shape[1:]) for n, a in sorted(feeds.items()))
+        key = (shape_key, tuple(outputs) if outputs is not None else None)
+        deadline = None if budget_ms is None else now + budget_ms / 1000.0
+        future = asyncio.get_running_loop().create_future()
+        return _Item(feeds, outputs, rows, length, key, now, deadline, future)
+
+    def _ensure_worker(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._work(), name=f"batcher-{self.inner.info.name}")
+        assert self._wake is not None
+        return self._wake
+
+    def _cost(self, rows: int) -> float:
+        """Expected compute seconds for ``rows`` rows (0 until measured)."""
+        if not self._cost_s:
+            return 0.0
+        sizes = sorted(self._cost_s)
+        above = [s for s in sizes if s >= rows]
+        size = above[0] if above else sizes[-1]
+        return self._cost_s[size] * (rows / size if rows > size else 1.0)
+
+    def _expected_wait(self, rows: int) -> float:
+        queued = sum(i.rows for i in self._queue) + rows
+        batches = math.ceil(queued / self.settings.max_batch)
+        running = max(0.0, self._busy_until - time.perf_counter())
+        return running + batches * self._cost(min(queued, self.settings.max_batch))
+
+    async def _work(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            if not self._queue:
+                wake.clear()
+                await wake.wait()
+                continue
+            if self._last_rows > 1 and self.delay_s > 0:
+                await self._gather(wake)
+            batch = self._take()
+            batch = self._drop_late(batch)
+            if batch:
+                await self._run(batch)
+
+    async def _gather(self, wake: asyncio.Event) -> None:
+        """Wait up to the queue delay for a preferred batch of the first request's shape."""
+        end = self._queue[0].enqueued + self.delay_s
+        while True:
+            key = self._queue[0].key
+            rows = sum(i.rows for i in self._queue if i.key == key)
+            left = end - time.perf_counter()
+            if rows >= self.preferred or left <= 0:
+                return
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), left)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Item]:
+        """The oldest request and, in order, the queued ones that can share its run."""
+        first = self._queue.popleft()
+        batch, rows, kept = [first], first.rows, deque[_Item]()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.key == first.key and rows + item.rows <= self.settings.max_batch:
+                batch.append(item)
+                rows += item.rows
+            else:
+                kept.append(item)
+        self._queue = kept
+        return batch
+
+    def _drop_late(self, batch: list[_Item]) -> list[_Item]:
+        """Refuse (503) the requests whose deadline falls before this batch would end."""
+        finish = time.perf_counter() + self._cost(sum(i.rows for i in batch))
+        kept = []
+        for item in batch:
+            if item.future.done():  # the caller went away
+                continue
+            if item.deadline is not None and finish > item.deadline:
+                item.future.set_exception(
+                    DeadlineExceededError("deadline cannot be met: refused before running")
+                )
+            else:
+                kept.append(item)
+        return kept
+
+    # --- execution ----------------------------------------------------------------------
+
+    async def _run(self, batch: list[_Item]) -> None:
+        rows = sum(i.rows for i in batch)
+        feeds = self._merge(batch)
+        started = time.perf_counter()
+        self._busy_until = started + self._cost(rows)
+        try:
+            if rows == 1 and self._cost(rows) * 1e6 < INLINE_BELOW_US:
+                results = self.inner.infer_sync(feeds, batch[0].outputs)
+            else:
+                results = await asyncio.to_thread(self.inner.infer_sync, feeds, batch[0].outputs)
+            took = time.perf_counter() - started
+            parts = self._split(batch, results)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+            else:  # isolate the bad request: each runs alone
+                logger.debug("batch of %d failed (%s): running each alone", len(batch), exc)
+                for item in batch:
+                    await self._run([item])
+            return
+        finally:
+            self._busy_until = 0.0
+        self._last_rows = rows
+        old = self._cost_s.get(rows)
+        self._cost_s[rows] = took if old is None else 0.8 * old + 0.2 * took
+        self._record(batch, rows, started, took)
+        for item, part in zip(batch, parts, strict=True):
+            if not item.future.done():
+                item.future.set_result(part)
+
+    def _fail(self, item: _Item, exc: Exception) -> None:
+        if item.future.done():
+            return
+        if not isinstance(exc, FoglineError):  # ONNX Runtime refused this input
+            exc = InvalidInputError(f"the model cannot run this input: {exc}")
+        item.future.set_exception(exc)
+
+    def _record(self, batch: list[_Item], rows: int, started: float, took: float) -> None:
+        if self.metrics is None:
+            return
+        info = self.inner.info
+        waits = [started - i.enqueued for i in batch]
+        self.metrics.observe_execution(info.name, info.version, rows, took, waits)
+
+    def _merge(self, batch: list[_Item]) -> dict[str, np.ndarray]:
+        if len(batch) == 1:
+            return batch[0].feeds
+        width = max(i.length for i in batch)
+        merged = {}
+        for name in batch[0].feeds:
+            parts = [i.feeds[name] for i in batch]
+            if self.pads:
+                parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
+            merged[name] = np.concatenate(parts)
+        return merged
+
+    def _split(self, batch: list[_Item], results: list[Tensor]) -> list[list[Tensor]]:
+        rows = sum(i.rows for i in batch)
+        width = max(i.length for i in batch)
+        for t in results:
+            if t.data.ndim == 0 or t.data.shape[0] != rows:
+                raise InvalidInputError(f"output {t.name!r} is not batched along its first axis")
+        parts: list[list[Tensor]] = []
+        start = 0
+        for item in batch:
+            mine = []
+            for t in results:
+                data = t.data[start : start + item.rows]
+                if self.pads and data.ndim > 1 and data.shape[1] == width != item.length:
+                    data = data[:, : item.length]
+                mine.append(Tensor(t.name, np.ascontiguousarray(data)))
+            parts.append(mine)
+            start += item.rows
+        return parts
+
+    def _golden_example(self) -> dict[str, np.ndarray] | None:
+        """The package's golden inputs (a real row of the model's data), if it ships them."""
+        inner = self.inner
+        try:
+            golden = inner.model_path.parent / inner.manifest.file("golden").name
+            inputs, _ = load_golden(golden)
+        except (FoglineError, OSError, KeyError, ValueError):
+            return None
+        if set(inputs) != {s.name for s in inner.manifest.inputs}:
+            return None
+        return inputs
+
+    def _synthetic_example(self) -> dict[str, np.ndarray]:
+        """One row of zeros (ones for a mask); dynamic inner dimensions of 128."""
+        from common.inference import V2_TO_NUMPY
+
+        feeds = {}
+        for spec in self.inner.manifest.inputs:
+            shape = [1] + [128 if d == -1 else d for d in spec.shape[1:]]
+            fill = 1 if spec.name == MASK_INPUT else 0
+            feeds[spec.name] = np.full(shape, fill, dtype=V2_TO_NUMPY[spec.datatype])
+        return feeds
+
+
+__all__ = ["INLINE_BELOW_US", "BatchSettings", "BatchingRuntime", "deadline_ms"]
