@@ -2,7 +2,9 @@
 
 Throughput (rows/s) is measured at batch 1, 2, 4, ... up to the max batch;
 the preferred size is the smallest whose throughput is within 10% of the
-best seen, i.e. the size after which throughput stops rising.
+best seen, i.e. the size after which throughput stops rising. Two sizes in a
+row that do not beat the best by 3% end the measurement early (a slow model's
+largest batches cost seconds each).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from common.inference import Tensor
 
 PLATEAU = 0.9  # a size within this fraction of the best throughput counts as the plateau
+GAIN = 1.03  # a larger size must beat the best rate by this factor to count as rising
 
 
 class _Runs(Protocol):
@@ -62,6 +65,7 @@ def calibrate(
     sizes = batch_sizes(max_batch)
     per_size = budget_s / len(sizes)
     seconds: dict[int, float] = {}
+    best, flat = 0.0, 0
     for size in sizes:
         feeds = tile(example, size)
         runtime.infer_sync(feeds, None)  # warm-up: first runs allocate
@@ -72,6 +76,11 @@ def calibrate(
             runtime.infer_sync(feeds, None)
             times.append(time.perf_counter() - start)
         seconds[size] = float(np.median(times))
+        rate = size / seconds[size]
+        flat = flat + 1 if rate < GAIN * best else 0
+        best = max(best, rate)
+        if flat == 2:
+            break
     return Calibration(preferred_size(seconds), seconds)
 
 
