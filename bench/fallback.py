@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fallback_models import BenchModel, digits, minilm
+from bench.fallback_models import MAX_BATCH, BenchModel, digits, minilm
 from bench.fallback_workers import compare_workers
 from bench.mlserver_peer import MLServer, PeerUnavailable, write_repository
 from common.batch_calibration import tile
@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 8, 32, 64)
 CEILING_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def timing(model: BenchModel, args: argparse.Namespace) -> tuple[float, float]:
+    """(measured, warm-up) seconds of one run: MiniLM's batches take seconds on a busy host,
+    so its windows are longer (a window must hold many batch cycles)."""
+    if model.key.startswith("minilm"):
+        return max(args.seconds, 4 * args.seconds if args.quick else 12.0), 3 * args.warmup
+    return args.seconds, args.warmup
 
 
 def loadgen(url: str, body: Path, concurrency: int, seconds: float, warmup: float) -> dict:
@@ -99,13 +107,14 @@ def bench_model(
                 targets.reverse()  # interleaved, in alternating order
             for target, base in targets:
                 before = executions(fogline_url, model.name) if target == "fogline" else None
-                r = loadgen(base + path, body, c, args.seconds, args.warmup)
+                r = loadgen(base + path, body, c, *timing(model, args))
                 runs[target].setdefault(c, []).append(r)
                 if before is not None:
                     after = executions(fogline_url, model.name)
                     n, e = after[0] - before[0], after[1] - before[1]
                     formed.setdefault(c, []).append(n / e if e else 0.0)
-        ceilings.append(ceiling(model, CEILING_SIZES, args.ceiling_seconds))
+        sizes = tuple(s for s in CEILING_SIZES if s <= args.max_batch)
+        ceilings.append(ceiling(model, sizes, args.ceiling_seconds))
     return summarise(runs, formed, ceilings)
 
 
@@ -199,7 +208,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if peer is not None:
             peer.stop()
     if args.workers_check:
-        result["reuse_port_workers"] = compare_workers(models, signer, args, workdir, loadgen)
+        result["reuse_port_workers"] = compare_workers(
+            models, signer, args, workdir, loadgen, timing
+        )
     result.update(headline(result["models"]))
     return result
 
@@ -268,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = 0.3 if args.quick else 1.0
     args.ceiling_seconds = 0.2 if args.quick else 1.0
     args.concurrency = (1, 32) if args.quick else CONCURRENCY
+    args.max_batch = MAX_BATCH
     args.workers_check = args.workers_check and not args.quick
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="fogline-bench-fallback-") as tmp:

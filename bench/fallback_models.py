@@ -18,6 +18,7 @@ from common.manifest import RoutingHints, SignedManifest, write_package
 from common.signing import Signer
 
 MINILM_TOKENS = 128
+MAX_BATCH = 32  # the packages' hint (routing.max_local_batch): the most the batcher forms
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _package(
         precision=precision,
         golden_rows=golden,
         evaluation={},
-        routing=RoutingHints(max_local_batch=32),
+        routing=RoutingHints(max_local_batch=MAX_BATCH),
         **extra,  # type: ignore[arg-type]
     )
     write_package(out, SignedManifest.sign(manifest, signer))

@@ -81,7 +81,12 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def compare_workers(
-    models: list[Any], signer: Signer, args: Any, workdir: Path, loadgen: Callable[..., dict]
+    models: list[Any],
+    signer: Signer,
+    args: Any,
+    workdir: Path,
+    loadgen: Callable[..., dict],
+    timing: Callable[..., tuple[float, float]],
 ) -> dict[str, Any]:
     chosen = [m for m in models if m.key in ("digits", "minilm_int8")]
     if not chosen:
@@ -99,7 +104,7 @@ def compare_workers(
                     body = workdir / f"{m.key}.json"
                     body.write_bytes(m.body)
                     url = f"http://127.0.0.1:{port}/v2/models/{m.name}/infer"
-                    r = loadgen(url, body, 32, args.seconds, args.warmup)
+                    r = loadgen(url, body, 32, *timing(m, args))
                     samples[m.key][name].append(r["requests_per_s"])
             finally:
                 _stop(procs)

@@ -30,7 +30,7 @@ class DataPlane:
         self._runtimes: dict[str, Runtime] = {}
         # One registry per server: what its /metrics shows, and what its batchers record.
         self.metrics = ServingMetrics()
-        self.metrics.add_collector(self._loaded)
+        self.metrics.add_collector("loaded", self._loaded)
 
     def _loaded(self) -> list[Metric]:
         return [loaded_versions((r.info.name, r.info.version) for r in self._runtimes.values())]

@@ -35,6 +35,7 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._collectors: dict[str, Collector] = {}
         r = self.registry
         self.success = Counter(
             "nv_inference_request_success", "Successful inference requests.", _MV, registry=r
@@ -132,9 +133,14 @@ class ServingMetrics:
     def observe_served(self, model: str, served_by: str, reason: str) -> None:
         self.served.labels(model, served_by, reason).inc()
 
-    def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        """Add metrics computed at scrape time (gauges read from live state)."""
-        self.registry.register(_Callback(collect))
+    def add_collector(self, key: str, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Metrics computed at scrape time (gauges read from live state); a second
+        collector under the same ``key`` replaces the first (one V2 app per dataplane)."""
+        old = self._collectors.pop(key, None)
+        if old is not None:
+            self.registry.unregister(old)
+        self._collectors[key] = _Callback(collect)
+        self.registry.register(self._collectors[key])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

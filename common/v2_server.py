@@ -147,7 +147,7 @@ def build_v2_app(
         dataplane, InflightGate(max_inflight), tokens, limits, token_verifier=token_verifier
     )
     app[V2_STATE] = state
-    dataplane.metrics.add_collector(state.collect)
+    dataplane.metrics.add_collector("v2", state.collect)
     r = app.router
     r.add_get("/v2/health/live", _live, name="v2.health.live")
     r.add_get("/v2/health/ready", _ready, name="v2.health.ready")

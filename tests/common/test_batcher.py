@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -13,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from common.batch_calibration import Calibration, preferred_size
 from common.batcher import DEADLINE_HEADER, DEADLINE_PARAM, BatchingRuntime, BatchSettings
 from common.dataplane import DataPlane
-from common.errors import InvalidInputError
+from common.errors import DeadlineExceededError, InvalidInputError
 from common.inference import InferRequest, Tensor
 from common.onnx_runtime import OnnxRuntime
 from common.serving_metrics import parse
@@ -219,3 +220,40 @@ async def test_a_deadline_that_cannot_be_met_is_503_not_a_late_answer(
     toy = {"model": "toy", "version": "1"}
     assert m["nv_inference_request_failure_total"] == [({**toy, "reason": "deadline"}, 1.0)]
     assert m["nv_inference_request_success_total"] == [(toy, 1.0)]
+
+
+class HeldRuntime(OnnxRuntime):
+    """A real runtime whose runs wait until the test releases them."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
+        self.started.set()
+        self.release.wait(30)
+        return super().infer_sync(feeds, outputs)
+
+
+async def test_a_request_whose_deadline_passes_in_the_queue_is_refused(
+    package: Package,
+) -> None:
+    held = HeldRuntime(package.model_path, package.manifest)
+    rt = BatchingRuntime(held, BatchSettings(max_batch=4, calibrate=False))
+    await rt.load()
+    try:
+        first = asyncio.create_task(rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))])))
+        await asyncio.to_thread(held.started.wait, 30)  # the first run holds the model
+        request = InferRequest(
+            "toy", [Tensor("input", toy_input(1))], parameters={DEADLINE_PARAM: 20}
+        )
+        waiting = asyncio.create_task(rt.infer(request))
+        await asyncio.sleep(0.1)  # its 20 ms pass while it waits in the queue
+        held.release.set()
+        assert len((await first).outputs) == 1
+        with pytest.raises(DeadlineExceededError):
+            await waiting
+    finally:
+        held.release.set()
+        await rt.unload()
