@@ -16,15 +16,15 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from cloud.package_cache import fetch_keyrings, fetch_package, parse_model_ref
-from common.batcher import DEFAULT_MAX_BATCH, BatchingRuntime, BatchSettings
+from common.batch_cli import add_batching_flags, batch_settings_from_args
+from common.batcher import BatchSettings, with_batching
 from common.device_token import verify_token
 from common.errors import AuthError, CloudUnavailableError, FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
@@ -99,18 +99,8 @@ class CloudServed:
 def serving_runtime(
     runtime: OnnxRuntime, batching: BatchSettings | None, metrics: ServingMetrics
 ) -> Runtime:
-    """Wrap a model for serving: batched (``load()`` it to calibrate) unless ``batching`` is None.
-
-    The max batch is the flag's, else the package's ``routing.max_local_batch``
-    (the most rows its edge runs at once), at most ``DEFAULT_MAX_BATCH``.
-    """
-    if batching is None:
-        runtime.metrics = metrics
-        return CloudServed(runtime)
-    if batching.max_batch == 0:
-        hint = runtime.manifest.routing.max_local_batch
-        batching = replace(batching, max_batch=max(1, min(hint, DEFAULT_MAX_BATCH)))
-    return CloudServed(BatchingRuntime(runtime, batching, metrics=metrics))
+    """Wrap a model for serving (batched unless ``batching`` is None; ``load()`` it)."""
+    return CloudServed(with_batching(runtime, batching, metrics))
 
 
 async def load_package(directory: Path, trust: TrustStore | None, threads: int) -> OnnxRuntime:
@@ -399,21 +389,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         default=0,
         help="ONNX Runtime intra-op threads per model (default: one per core)",
     )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=_env_number("FOGLINE_FALLBACK_MAX_BATCH", 0),
-        help="rows merged into one model run; 0: the package's hint (at most "
-        f"{DEFAULT_MAX_BATCH}); 1: no batching (default %(default)s, "
-        "$FOGLINE_FALLBACK_MAX_BATCH)",
-    )
-    p.add_argument(
-        "--batch-delay-us",
-        type=float,
-        default=_env_number("FOGLINE_FALLBACK_BATCH_DELAY_US", 5000.0),
-        help="longest wait for batch-mates; calibration at load may shorten it "
-        "(default %(default)s, $FOGLINE_FALLBACK_BATCH_DELAY_US)",
-    )
+    add_batching_flags(p, "FOGLINE_FALLBACK")
     p.set_defaults(func=serve_command)
 
 
@@ -427,13 +403,8 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         raise InvalidInputError("--max-body-bytes and --body-timeout must be positive")
     if not args.key_refresh_s > 0:
         raise InvalidInputError("--key-refresh-s must be positive")
-    if not 0 <= args.max_batch <= 1024:
-        raise InvalidInputError("--max-batch must be 0..1024")
-    batching = None
-    if args.max_batch != 1:
-        batching = BatchSettings(max_batch=args.max_batch, max_delay_us=args.batch_delay_us)
     return FallbackSettings(
-        batching=batching,
+        batching=batch_settings_from_args(args),
         host=args.host,
         port=args.port,
         packages=list(args.packages),
@@ -451,11 +422,6 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         refresh_keys=args.refresh_keys,
         key_refresh_s=args.key_refresh_s,
     )
-
-
-def _env_number(name: str, default: float) -> Any:
-    """A numeric default from the environment; argparse checks it like a typed value."""
-    return os.environ.get(name, default)
 
 
 def read_tokens(path: Path) -> set[str]:

@@ -429,4 +429,26 @@ class BatchingRuntime:
         return feeds
 
 
-__all__ = ["INLINE_BELOW_US", "BatchSettings", "BatchingRuntime", "deadline_ms"]
+def with_batching(
+    runtime: OnnxRuntime, settings: BatchSettings | None, metrics: ServingMetrics
+) -> OnnxRuntime | BatchingRuntime:
+    """``runtime`` ready to serve: batched unless ``settings`` is None; ``load()`` the result
+    (a batched one calibrates there). Settings' ``max_batch`` 0 takes the package's
+    ``routing.max_local_batch`` (the most rows its edge runs at once), at most
+    ``DEFAULT_MAX_BATCH``. Either way its executions are counted in ``metrics``."""
+    if settings is None:
+        runtime.metrics = metrics
+        return runtime
+    if settings.max_batch == 0:
+        hint = runtime.manifest.routing.max_local_batch
+        settings = replace(settings, max_batch=max(1, min(hint, DEFAULT_MAX_BATCH)))
+    return BatchingRuntime(runtime, settings, metrics=metrics)
+
+
+__all__ = [
+    "INLINE_BELOW_US",
+    "BatchSettings",
+    "BatchingRuntime",
+    "deadline_ms",
+    "with_batching",
+]
