@@ -46,7 +46,7 @@ def timing(model: BenchModel, args: argparse.Namespace) -> tuple[float, float]:
     """(measured, warm-up) seconds of one run: MiniLM's batches take seconds on a busy host,
     so its windows are longer (a window must hold many batch cycles)."""
     if model.key.startswith("minilm"):
-        return max(args.seconds, 4 * args.seconds if args.quick else 12.0), 3 * args.warmup
+        return max(args.seconds, 4 * args.seconds if args.quick else 20.0), 3 * args.warmup
     return args.seconds, args.warmup
 
 
