@@ -24,7 +24,8 @@ from aiohttp import web
 
 from cloud.package_cache import fetch_keyrings, fetch_package, parse_model_ref
 from common.batch_cli import add_batching_flags, batch_settings_from_args
-from common.batcher import BatchSettings, with_batching
+from common.batch_settings import BatchSettings
+from common.batcher import with_batching
 from common.device_token import verify_token
 from common.errors import AuthError, CloudUnavailableError, FoglineError, InvalidInputError
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.batcher import DEFAULT_MAX_BATCH, MAX_BATCH, BatchSettings
+from common.batch_settings import DEFAULT_MAX_BATCH, MAX_BATCH, BatchSettings
 from common.errors import InvalidInputError
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import Metric
 
-from common.batcher import DEADLINE_HEADER, DEADLINE_PARAM
+from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, deadline_ms
 from common.dataplane import DataPlane
 from common.errors import (
     AuthError,
@@ -386,7 +386,9 @@ def _count_served(state: V2State, request: web.Request, response: InferResponse)
 
 
 def _deadline_from_header(request: web.Request, infer_request: InferRequest) -> None:
-    """The ``fogline-deadline-ms`` header, when given, wins over the body's parameter."""
+    """The ``fogline-deadline-ms`` header, when given, wins over the body's parameter.
+    (Only a batching runtime can honour one: the others answer as soon as they can.)"""
     value = request.headers.get(DEADLINE_HEADER)
     if value is not None:
         infer_request.parameters[DEADLINE_PARAM] = value
+    deadline_ms(infer_request)  # a bad one is a 400 on every server, batched or not

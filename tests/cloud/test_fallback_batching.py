@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloud.fallback import FallbackSettings, build_fallback_app, register_cli, settings_from_args
-from common.batcher import BatchSettings
+from common.batch_settings import BatchSettings
 from common.errors import InvalidInputError
 from common.inference import SERVED_BY
 from common.serving_metrics import parse

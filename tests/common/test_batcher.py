@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from common.batch_calibration import Calibration, preferred_size
-from common.batcher import DEADLINE_HEADER, DEADLINE_PARAM, BatchingRuntime, BatchSettings
+from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, BatchSettings
+from common.batcher import BatchingRuntime
 from common.dataplane import DataPlane
 from common.errors import DeadlineExceededError, InvalidInputError
 from common.inference import InferRequest, Tensor
