@@ -346,13 +346,15 @@ class BatchingRuntime:
         for t in results:
             if t.data.ndim == 0 or t.data.shape[0] != rows:
                 raise InvalidInputError(f"output {t.name!r} is not batched along its first axis")
+        # Outputs with a dynamic second axis follow the sequence: cut back to each length.
+        per_token = {s.name for s in self.inner.manifest.outputs if s.shape[1:2] == [-1]}
         parts: list[list[Tensor]] = []
         start = 0
         for item in batch:
             mine = []
             for t in results:
                 data = t.data[start : start + item.rows]
-                if self.pads and data.ndim > 1 and data.shape[1] == width != item.length:
+                if self.pads and t.name in per_token and data.shape[1] == width != item.length:
                     data = data[:, : item.length]
                 mine.append(Tensor(t.name, np.ascontiguousarray(data)))
             parts.append(mine)
