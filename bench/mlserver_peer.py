@@ -117,6 +117,7 @@ class MLServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=self.root,  # it writes a .metrics/ folder where it runs
                 start_new_session=True,  # its worker processes go with it on stop
             )
         deadline = time.monotonic() + timeout_s

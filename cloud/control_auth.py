@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from cloud.operator_tokens import TOKEN_PREFIX, VIEWER, Operator, OperatorTokens
 from common.device_token import verify_token
-from common.errors import AuthError, FoglineError, InvalidInputError
+from common.errors import AuthError, FoglineError, ForbiddenError, InvalidInputError
 from common.json_object import parse_json_object
 from common.manifest import Manifest, SignedManifest
 from common.names import check_name
@@ -32,6 +32,7 @@ UPLOAD_LIMIT = web.AppKey("upload_limit", int)  # bytes, all files of one publis
 # The caller of a guarded route: the Operator, or the device id of a device token.
 CALLER = web.RequestKey("caller", object)
 DEVICE_OR_VIEWER = "device-or-viewer"  # artifacts: an agent's device token also opens them
+DEVICE = "device"  # a device token only: what a device reports is attributed to it
 MAX_MANIFEST_BYTES = 1024**2
 BLOCK = 1 << 16
 
@@ -47,9 +48,11 @@ def bearer_token(request: web.Request) -> str:
 async def authenticate(request: web.Request, role: str) -> Operator | str:
     """The caller, if its token is valid and allows ``role``; AuthError / ForbiddenError."""
     token = bearer_token(request)
-    if role == DEVICE_OR_VIEWER and not token.startswith(TOKEN_PREFIX):
+    if role in (DEVICE, DEVICE_OR_VIEWER) and not token.startswith(TOKEN_PREFIX):
         return verify_token(request.app[TRUST], token).device_id
     operator = await asyncio.to_thread(request.app[OPERATORS].verify, token)
+    if role == DEVICE:  # a valid operator token, but what a device reports must be its own
+        raise ForbiddenError("this route takes a device's own token, not an operator's")
     operator.require(VIEWER if role == DEVICE_OR_VIEWER else role)
     return operator
 

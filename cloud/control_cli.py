@@ -146,7 +146,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--database",
         metavar="URL",
-        help="postgresql://… for state shared by replicas (default: WORKDIR/control.sqlite)",
+        help="postgresql://… for state shared by replicas (default: $FOGLINE_DATABASE_URL, "
+        "which keeps the password off the command line, else WORKDIR/control.sqlite)",
     )
     serve.add_argument(
         "--require-offline-signature",
@@ -180,6 +181,13 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         default=32 * 1024,
         help="smallest artifact chunk size in bytes; big artifacts get bigger chunks "
         "(at most 1024 per artifact) (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--fallback-metrics",
+        action="append",
+        metavar="URL",
+        help="a cloud fallback's base URL whose /metrics the dashboard's serving view shows "
+        "(queue vs compute time, batch sizes); repeat for several (default: none)",
     )
     serve.set_defaults(func=_serve)
 
@@ -243,10 +251,11 @@ def _serve(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         chunk_size=args.chunk_size,
         public_url=args.public_url,
-        database=args.database,
+        database=args.database or os.environ.get("FOGLINE_DATABASE_URL") or None,
         mqtt_client_id=args.mqtt_client_id,
         max_upload_bytes=args.max_upload_bytes,
         require_offline_signature=args.require_offline_signature,
+        fallback_metrics_urls=tuple(args.fallback_metrics or ()),
     )
     logger.info("control plane on http://%s:%s (workdir %s)", args.host, args.port, args.workdir)
     try:

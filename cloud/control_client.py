@@ -124,7 +124,23 @@ class ControlApi:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Any:
-        """The JSON answer, or ControlError with the URL: the one place errors are made."""
+        """The JSON answer, or ControlError with the URL."""
+        raw = await self.request_bytes(method, path, body, headers)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ControlError(
+                f"{method} {self.base_url + path}: answer is not JSON", url=path
+            ) from exc
+
+    async def request_bytes(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
+        """The answer's body, or ControlError with the URL: the one place errors are made."""
         assert self._session is not None, "use ControlApi as an async context manager"
         url = self.base_url + path
         try:
@@ -136,10 +152,7 @@ class ControlApi:
         if status >= 400:
             message = f"{method} {url}: HTTP {status}: {_error_text(raw)}{_status_hint(status)}"
             raise ControlError(message, url=url, status=status)
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise ControlError(f"{method} {url}: answer is not JSON", url=url) from exc
+        return raw
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)
@@ -237,6 +250,9 @@ class ControlClient:
 
     def get(self, path: str) -> Any:
         return self._call(lambda api: api.get(path))
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._call(lambda api: api.request_bytes("GET", path))
 
     def post_json(self, path: str, doc: dict[str, Any]) -> Any:
         return self._call(lambda api: api.post_json(path, doc))

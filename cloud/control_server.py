@@ -2,7 +2,9 @@
 
 Handlers parse HTTP and map errors; decisions live in Registry and
 RolloutController. Every route but health (and the dashboard's static page)
-needs a bearer token; the route table below says which role each one needs.
+needs a bearer token; the route table below says which role each one needs
+(``/metrics`` too: it counts devices and rollouts; Prometheus sends a ``metrics``-role
+token, which can read nothing else).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import keys_api
+from cloud import dashboard, hard_examples, keys_api
 from cloud.control_auth import (
     CALLER,
+    DEVICE,
     DEVICE_OR_VIEWER,
     OPERATORS,
     TRUST,
@@ -27,15 +30,18 @@ from cloud.control_auth import (
     guarded,
     receive_package,
 )
+from cloud.control_metrics import CONTROL_METRICS, ControlMetrics, latency_middleware, metrics
 from cloud.enrollment import load_enrollments
+from cloud.fallback_metrics import FallbackScraper
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
 from cloud.keys import KeyStore
 from cloud.keys_api import KEYS
-from cloud.operator_tokens import ADMIN, OPERATOR, VIEWER, Operator
+from cloud.operator_tokens import ADMIN, METRICS_READER, OPERATOR, VIEWER, Operator
 from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
+from cloud.serving_history import ServingHistory
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
@@ -48,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 REGISTRY = web.AppKey("registry", Registry)
 ROLLOUTS = web.AppKey("rollouts", RolloutController)
-DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ class ControlSettings:
     broker_password: str | None = None
     broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
+    fallback_metrics_urls: tuple[str, ...] = ()  # fallbacks whose /metrics the dashboard shows
+    stale_after_s: float = 10.0  # an online device silent this long is flagged stale
 
     @property
     def artifact_base_url(self) -> str:
@@ -93,12 +100,17 @@ class ControlSettings:
 
 
 def build_control_app(settings: ControlSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[latency_middleware, error_middleware],  # times the answer as sent
+        client_max_size=settings.max_body_bytes,
+    )
+    app[CONTROL_METRICS] = ControlMetrics()
     app[UPLOAD_LIMIT] = settings.max_upload_bytes
     app.cleanup_ctx.append(_resources(settings))
     # (method, path, handler, who may call it: None is public)
     table = [
-        ("GET", "/", dashboard, None),  # static HTML; its data calls carry a token
+        ("GET", "/", dashboard.page, None),  # static HTML; its data calls carry a token
+        ("GET", "/static/{file}", dashboard.static_file, None),  # vendored, from a fixed table
         ("GET", "/api/health", health, None),
         *keys_api.ROUTES,
         ("GET", "/api/devices", devices, VIEWER),
@@ -112,6 +124,12 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/rollouts/{id}", rollout, VIEWER),
         ("POST", "/api/rollouts/{id}/abort", abort_rollout, OPERATOR),
         ("GET", "/api/events", events, VIEWER),
+        ("GET", "/api/dashboard/fleet", dashboard.fleet, VIEWER),
+        ("GET", "/api/dashboard/serving", dashboard.serving, VIEWER),
+        ("GET", "/api/hard-examples", hard_examples.listing, VIEWER),
+        ("POST", "/api/hard-examples/{name}", hard_examples.upload, DEVICE),
+        ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
+        ("GET", "/metrics", metrics, METRICS_READER),  # a scrape-only token will do
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -130,7 +148,12 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         )
         await _warn_without_tokens(registry, settings.workdir)
         link = _mqtt_link(settings)
-        fleet = FleetMonitor(registry, link, telemetry_interval_s=settings.telemetry_interval_s)
+        app[CONTROL_METRICS].watch(registry, link)
+        history = ServingHistory()
+        fleet = FleetMonitor(
+            registry, link, telemetry_interval_s=settings.telemetry_interval_s, history=history
+        )
+        scraper = FallbackScraper(list(settings.fallback_metrics_urls))
         rollouts = RolloutController(
             registry,
             fleet,
@@ -144,8 +167,14 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
         )
-        async with link, fleet, rollouts, keys:
+        async with link, fleet, rollouts, keys, scraper.running():
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[hard_examples.HARD_EXAMPLES] = hard_examples.HardExampleStore(
+                settings.workdir / "hard-examples", registry
+            )
+            app[dashboard.SOURCES] = dashboard.Sources(
+                registry, history, scraper, settings.stale_after_s
+            )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
             yield
@@ -182,10 +211,6 @@ async def _warn_without_tokens(registry: Registry, workdir: Path) -> None:
             "with `fogline control token create NAME --role admin --workdir %s`",
             workdir,
         )
-
-
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(DASHBOARD)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -12,11 +12,13 @@ import asyncio
 import logging
 
 from cloud.registry import Registry
+from cloud.serving_history import ServingHistory
 from cloud.telemetry import TelemetryLimiter
 from common import messages, topics
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
 from common.mqtt import MqttLink
+from common.names import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +28,15 @@ MAX_DEVICE_MESSAGE_BYTES = 64 * 1024
 
 class FleetMonitor:
     def __init__(
-        self, registry: Registry, link: MqttLink, *, telemetry_interval_s: float = 1.0
+        self,
+        registry: Registry,
+        link: MqttLink,
+        *,
+        telemetry_interval_s: float = 1.0,
+        history: ServingHistory | None = None,
     ) -> None:
         self.registry = registry
+        self.history = history
         self.link = link
         self.changed = asyncio.Condition()
         self.telemetry_limiter = TelemetryLimiter(telemetry_interval_s)
@@ -90,3 +98,17 @@ class FleetMonitor:
             await asyncio.to_thread(self.registry.record_telemetry, device_id, doc)
         except InvalidInputError as exc:
             logger.warning("dropped telemetry from %s: %s", device_id, exc)
+            return
+        if self.history is not None:
+            self.history.add(device_id, doc, _model_version(doc))
+
+
+def _model_version(doc: dict) -> str | None:
+    """``name:version`` of the model a telemetry report is about, if it says so validly."""
+    router = doc.get("router") if isinstance(doc.get("router"), dict) else {}
+    try:
+        name = check_name(doc.get("model"), "model name")
+        version = check_name(str(router.get("local_version")), "model version")
+    except InvalidInputError:
+        return None
+    return f"{name}:{version}"

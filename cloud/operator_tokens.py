@@ -6,8 +6,9 @@ much entropy a plain hash cannot be reversed, and a lookup by hash needs no
 constant-time comparison because the attacker does not control the hash. The
 plaintext is shown once, when the token is created on the control plane's host.
 
-Roles are ordered: ``viewer`` reads, ``operator`` also publishes and rolls out,
-``admin`` also enrolls devices and manages tokens and keys.
+Roles are ordered: ``metrics`` scrapes ``/metrics`` only, ``viewer`` reads,
+``operator`` also publishes and rolls out, ``admin`` also enrolls devices and
+manages tokens and keys.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from cloud.database import Database
 from common.errors import AlreadyExistsError, AuthError, ForbiddenError, InvalidInputError
 from common.names import check_name
 
-VIEWER, OPERATOR, ADMIN = "viewer", "operator", "admin"
-ROLES = (VIEWER, OPERATOR, ADMIN)  # NOTE: ordered; a role may do what the ones before it do
+METRICS_READER, VIEWER, OPERATOR, ADMIN = "metrics", "viewer", "operator", "admin"
+# NOTE: ordered; a role may do what the ones before it do. ``metrics`` only scrapes
+# /metrics (aggregates): the token a Prometheus server keeps in its config reads no
+# device ids, events or models if it leaks.
+ROLES = (METRICS_READER, VIEWER, OPERATOR, ADMIN)
 TOKEN_PREFIX = "fgo_"
 MAX_TOKEN_LENGTH = 256
 

@@ -138,7 +138,7 @@ async def _get_json(
                 )
             if resp.status != 200:
                 raise CloudUnavailableError(f"{url}: HTTP {resp.status}")
-            body = await _read_bounded(resp, url)
+            body = await read_bounded(resp, url)
     except aiohttp.ClientError as exc:
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc
     try:  # bounded depth, finite numbers: a RecursionError would kill the key refresher
@@ -147,15 +147,17 @@ async def _get_json(
         raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:
-    """The answer's body, refused past MAX_ANSWER_BYTES (declared or as it arrives)."""
-    too_big = f"{url}: answer over {MAX_ANSWER_BYTES} bytes"
-    if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+async def read_bounded(
+    resp: aiohttp.ClientResponse, url: str, limit: int = MAX_ANSWER_BYTES
+) -> bytes:
+    """The answer's body, refused past ``limit`` bytes (declared or as it arrives)."""
+    too_big = f"{url}: answer over {limit} bytes"
+    if resp.content_length is not None and resp.content_length > limit:
         raise CloudUnavailableError(too_big)
     body = bytearray()
     async for block in resp.content.iter_chunked(1 << 16):
         body += block
-        if len(body) > MAX_ANSWER_BYTES:
+        if len(body) > limit:
             raise CloudUnavailableError(too_big)
     return bytes(body)
 

@@ -383,6 +383,16 @@ class Registry:
                     (stage, _text(doc.get("error")), now, device_id, command_id, stage),
                 )
 
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """How many devices and rollouts are in each state (for /metrics; one query each)."""
+        return {
+            table: {
+                str(state): int(n)
+                for state, n in self._q(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
+            }
+            for table in ("devices", "rollouts")  # NOTE: two constants, never input
+        }
+
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
         """The most recent rollouts, newest first, each with its devices' stages."""
         ids = self._q("SELECT id FROM rollouts ORDER BY created_at DESC LIMIT ?", (limit,))

@@ -29,7 +29,10 @@ def register_token(subparsers: argparse._SubParsersAction) -> None:
     create = sub.add_parser("create", help="create a token and print it (once)")
     create.add_argument("name", help="who holds it (A-Z a-z 0-9 . _ -)")
     create.add_argument(
-        "--role", choices=ROLES, required=True, help="what the token may do (viewer reads)"
+        "--role",
+        choices=ROLES,
+        required=True,
+        help="what the token may do (metrics: scrape /metrics only; viewer reads)",
     )
     create.set_defaults(func=_create)
     listing = sub.add_parser("list", help="list tokens (names and roles, never the tokens)")

@@ -112,14 +112,20 @@ class Assembler:
     wins and only the whole artifact's digest catches a forgery.)
     """
 
-    def __init__(self, total: int, chunk_size: int, hashes: list[str] | None = None) -> None:
+    def __init__(
+        self, total: int, chunk_size: int, hashes: list[str] | None = None, *, keep: bool = True
+    ) -> None:
         self.total = total
         self.chunk_size = chunk_size
         self.count = chunk_count(total, chunk_size)
         if hashes is not None and len(hashes) != self.count:
             raise VerificationError(f"{len(hashes)} chunk hashes for {self.count} chunks")
+        if not keep and hashes is None:
+            raise ValueError("verifying without keeping the bytes needs the signed chunk hashes")
         self._hashes = hashes
-        self._buf = bytearray(total)
+        # keep=False: verify each chunk against its signed hash and keep no bytes (the
+        # fleet simulator: a thousand devices cannot each hold the artifact on one host).
+        self._buf: bytearray | None = bytearray(total) if keep else None
         self._have: set[int] = set()
 
     def add(self, chunk: Chunk) -> bool:
@@ -142,7 +148,8 @@ class Assembler:
             and hashlib.sha256(chunk.data).hexdigest() != self._hashes[chunk.index]
         ):
             raise VerificationError(f"chunk {chunk.index} does not match the signed manifest")
-        self._buf[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+        if self._buf is not None:
+            self._buf[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
         self._have.add(chunk.index)
         return True
 
@@ -155,6 +162,7 @@ class Assembler:
         return len(self._have) == self.count
 
     def data(self) -> bytes:
+        """The artifact (empty when built with ``keep=False``: every chunk was verified)."""
         if not self.complete:
             raise VerificationError(f"artifact incomplete: {len(self.missing)} chunks missing")
-        return bytes(self._buf)
+        return bytes(self._buf) if self._buf is not None else b""

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -92,7 +93,13 @@ class MqttLink:
             self._client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
         if will:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        # Jittered per client: after a broker restart a whole fleet reconnects spread over
+        # seconds (then doubling, capped) instead of all at once in lockstep.
+        # NOTE: paho annotates int but only does float arithmetic and sleeps with them.
+        self._client.reconnect_delay_set(
+            min_delay=random.uniform(0.5, 2.0),  # type: ignore[arg-type]
+            max_delay=random.uniform(6.0, 10.0),  # type: ignore[arg-type]
+        )
         self._client.max_queued_messages_set(1000)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -112,6 +119,9 @@ class MqttLink:
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Called with ("in" | "out", topic) for each message received or published
+        # (the control plane's /metrics counts them); on the event loop, so keep it cheap.
+        self.observers: list[Callable[[str, str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -183,6 +193,8 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        for observe in self.observers:
+            observe("out", topic)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._ack_lock:
             if info.mid in self._early_acks:  # acknowledged before we got here
@@ -247,6 +259,8 @@ class MqttLink:
     async def _dispatch(self) -> None:
         while True:
             msg = await self._inbox.get()
+            for observe in self.observers:
+                observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
                 if not paho.topic_matches_sub(topic_filter, msg.topic):
                     continue

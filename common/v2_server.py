@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import Metric
 
+from common import tracing
 from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, deadline_ms
 from common.dataplane import DataPlane
 from common.errors import (
@@ -138,10 +139,10 @@ def build_v2_app(
     if client_max_size is not None:
         budget = max(limits.decode_budget, client_max_size)
         limits = replace(limits, max_body=client_max_size, decode_budget=budget)
-    app = web.Application(
-        middlewares=[error_middleware, _metrics_middleware, _auth_middleware, _small_body],
-        client_max_size=limits.max_small_body,
-    )
+    middlewares = [error_middleware, _metrics_middleware, _auth_middleware, _small_body]
+    if tracing.enabled():  # decided once: no per-request cost when tracing is off
+        middlewares.insert(1, _trace_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=limits.max_small_body)
     tokens = frozenset(auth_tokens) if auth_tokens is not None else None
     state = V2State(
         dataplane, InflightGate(max_inflight), tokens, limits, token_verifier=token_verifier
@@ -231,6 +232,25 @@ def _metric_labels(dataplane: DataPlane, request: web.Request) -> tuple[str, str
 
 
 @web.middleware
+async def _trace_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A server span per inference request, the child of the caller's ``traceparent``."""
+    route = request.match_info.route
+    if route.name not in _INFER_ROUTES or route.resource is None:
+        return await handler(request)  # health, metadata and metrics: never traced
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": route.resource.canonical,
+        "fogline.model": request.match_info["model"],
+        "fogline.server": request.app[V2_STATE].dataplane.server_name,
+    }
+    name = f"{request.method} {route.resource.canonical}"
+    with tracing.span(name, kind="server", carrier=request.headers, attributes=attributes):
+        response = await handler(request)
+        tracing.annotate({"http.response.status_code": response.status})
+        return response
+
+
+@web.middleware
 async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     state = request.app[V2_STATE]
     route = request.match_info.route.name
@@ -309,7 +329,9 @@ async def _infer(request: web.Request) -> web.StreamResponse:
             )
             del body  # binary tensors keep their own view of it; the rest can go
             _deadline_from_header(request, infer_request)
-            response = await state.dataplane.infer(infer_request)
+            with tracing.span(f"infer {model}", attributes={"fogline.model": model}):
+                response = await state.dataplane.infer(infer_request)
+                tracing.annotate_response(response.parameters)
             _count_served(state, request, response)
         del infer_request
         size = sum(t.data.nbytes for t in response.outputs)

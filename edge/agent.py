@@ -351,7 +351,11 @@ class EdgeAgent:
         assert self.outbox is not None
         while True:
             await asyncio.sleep(self.config.telemetry_interval_s)
-            doc = {"device_id": self.config.device_id, "router": self.router.stats(reset=True)}
+            doc = {
+                "device_id": self.config.device_id,
+                "model": self.router.name,
+                "router": self.router.stats(reset=True),
+            }
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
 
 

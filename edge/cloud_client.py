@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from common import tracing
 from common.errors import CloudUnavailableError, InvalidInputError, PayloadTooLargeError
 from common.inference import InferRequest, InferResponse
 from common.json_object import load_json
@@ -141,11 +142,15 @@ class CloudClient:
             raise CloudUnavailableError("cloud client is not loaded")
         headers = {**self._headers, **(headers or {})}
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        attributes = {"http.request.method": method, "url.full": url}
         try:
-            async with self._session.request(
-                method, url, data=body, headers=headers, timeout=timeout
-            ) as resp:
-                return resp.status, await resp.read(), resp.headers.copy()
+            with tracing.span(f"{method} fallback", kind="client", attributes=attributes):
+                tracing.inject(headers)  # traceparent: the fallback's spans join this trace
+                async with self._session.request(
+                    method, url, data=body, headers=headers, timeout=timeout
+                ) as resp:
+                    tracing.annotate({"http.response.status_code": resp.status})
+                    return resp.status, await resp.read(), resp.headers.copy()
         except TimeoutError as exc:  # before ClientConnectionError: some timeouts are both
             raise CloudUnavailableError(f"cloud {url} timed out after {self.timeout_s}s") from exc
         except aiohttp.ClientConnectionError as exc:

@@ -21,25 +21,21 @@ from typing import Any
 
 import aiohttp
 
-from common import chunking, topics
+from common import chunking
 from common.artifact_http import fetch_artifact
-from common.chunking import Assembler
 from common.errors import FoglineError, InvalidInputError, VerificationError
 from common.golden import compare, load_golden
 from common.manifest import SignedManifest, artifact_digest, split_artifact
-from common.messages import CHUNK_REJECTED, FAILED, Command, chunk_request, event
-from common.mqtt import MqttError, MqttLink
+from common.messages import CHUNK_REJECTED, FAILED, Command, event
+from common.mqtt import MqttLink
 from common.onnx_runtime import OnnxRuntime
+from edge.chunk_download import ChunkDownload
 from edge.model_store import ModelStore, SlotModel
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[bytes], Awaitable[None]]
 Activate = Callable[[SlotModel, OnnxRuntime], Awaitable[None]]
-
-MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
-MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
-MAX_REJECTION_EVENTS = 3  # per download: a flood of forged chunks must not flood the outbox
 
 
 class Deployer:
@@ -167,64 +163,17 @@ class Deployer:
     async def _download(self, cmd: Command, target: _Target) -> bytes:
         """Collect chunks from the broadcast; ask for missing ones when it goes quiet."""
         m = target.signed.manifest
-        hashes = m.chunks.sha256 if m.chunks else None
-        asm = Assembler(target.size, target.chunk_size, hashes)
-        progress = asyncio.Event()
-        topic = topics.artifact_topic(target.digest, "chunks")
-        rejected = 0
-
-        async def on_chunk(_topic: str, payload: bytes) -> None:
-            nonlocal rejected
-            try:
-                if asm.add(chunking.decode(payload)):
-                    progress.set()
-            except VerificationError as exc:
-                rejected += 1
-                if rejected <= MAX_REJECTION_EVENTS:
-                    await self._emit(cmd, CHUNK_REJECTED, error=str(exc))
-                logger.debug("chunk refused (%d so far): %s", rejected, exc)
-
-        # Retained chunks are stale at best and planted at worst: live ones only.
-        self._link.subscribe(topic, on_chunk, retained=False)
-        try:
-            await self._emit(cmd, "downloading", chunks=asm.count)
-            async with asyncio.timeout(MAX_DOWNLOAD_S):
-                return await self._collect(asm, progress, target.digest)
-        except TimeoutError:
-            raise VerificationError(
-                f"gave up on artifact after {MAX_DOWNLOAD_S:.0f}s: "
-                f"{len(asm.missing)} chunks missing"
-            ) from None
-        finally:
-            self._link.unsubscribe(topic)
-
-    async def _collect(self, asm: Assembler, progress: asyncio.Event, digest: str) -> bytes:
-        """Wait for chunks; when they stop coming, ask for the missing ones.
-
-        Only requests the broker accepted count as repair rounds: a broker
-        outage delays the download but does not fail it.
-        """
-        rounds = 0
-        while rounds < MAX_REPAIR_ROUNDS:
-            while not asm.complete:
-                progress.clear()
-                try:
-                    await asyncio.wait_for(progress.wait(), self._chunk_timeout_s)
-                except TimeoutError:
-                    break
-            if asm.complete:
-                return asm.data()
-            await self._link.connected.wait()
-            try:
-                await self._link.publish(
-                    topics.artifact_topic(digest, "requests"),
-                    chunk_request(self.device_id, digest, asm.missing),
-                )
-            except MqttError as exc:  # lost the broker again: not a failed round
-                logger.info("cannot ask for missing chunks yet: %s", exc)
-                continue
-            rounds += 1
-        raise VerificationError(f"gave up on artifact: {len(asm.missing)} chunks missing")
+        download = ChunkDownload(
+            self._link,
+            self.device_id,
+            target.digest,
+            target.size,
+            target.chunk_size,
+            m.chunks.sha256 if m.chunks else None,
+            chunk_timeout_s=self._chunk_timeout_s,
+            on_rejected=lambda error: self._emit(cmd, CHUNK_REJECTED, error=error),
+        )
+        return await download.run(lambda: self._emit(cmd, "downloading", chunks=download.chunks))
 
 
 @dataclass(frozen=True)

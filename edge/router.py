@@ -11,6 +11,7 @@ caller gets ``CloudUnavailableError`` (502).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from common import tracing
 from common.errors import CloudUnavailableError, InvalidInputError, ModelNotReadyError
 from common.inference import (
     DEGRADED,
@@ -52,20 +54,27 @@ class RouterPolicy:
     ewma_alpha: float = 0.2  # weight of the newest local latency in its moving average
 
 
+# Upper bounds (ms) of the latency histogram in telemetry; one more bucket for the rest.
+# NOTE: cloud.serving_history.LATENCY_BUCKETS_MS reads them; keep the two in step.
+LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
 class LatencyWindow:
-    """Count and total since start, percentiles over the most recent samples."""
+    """Count, total and a histogram since start, percentiles over the most recent samples."""
 
     def __init__(self, size: int = 1024) -> None:
         self._recent: deque[float] = deque(maxlen=size)
         self.count = 0
         self.total_ms = 0.0
+        self.hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
 
     def add(self, ms: float) -> None:
         self._recent.append(ms)
         self.count += 1
         self.total_ms += ms
+        self.hist[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | list[int]]:
         if not self._recent:
             return {"count": 0}
         recent = np.asarray(self._recent)
@@ -75,6 +84,7 @@ class LatencyWindow:
             "p50_ms": float(np.percentile(recent, 50)),
             "p95_ms": float(np.percentile(recent, 95)),
             "max_ms": float(recent.max()),
+            "hist": list(self.hist),
         }
 
 
@@ -252,7 +262,9 @@ class Router:
     ) -> InferResponse:
         self._stats.escalated[reason] += 1
         try:
-            response = await self._call_cloud(request)
+            attributes = {"fogline.model": self.name, ESCALATION_REASON: reason}
+            with tracing.span("escalate", attributes=attributes):
+                response = await self._call_cloud(request)
         except (CloudUnavailableError, CloudTooLargeError) as exc:
             # Too large for the cloud is no fault of the request: the local answer stands.
             return await self._degrade(request, local, reason, local_response, score, exc)

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the messages on stderr",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="export OpenTelemetry traces of inference requests (agent, fallback; needs "
+        "fogline[otel]); also on when OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT is set",
+    )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     no_cloud = bool(missing_cloud_libraries())
     for name, (help_text, registrars) in GROUPS.items():
@@ -147,6 +153,26 @@ def _needs_cloud_message(command: str, library: str) -> str:
     return f"error: {command} needs {library!r}, from the cloud extra: {INSTALL_CLOUD}"
 
 
+def _start_tracing(flag: bool, group: str) -> bool:
+    """Tracing on if asked; False (after one error line) if ``--trace`` cannot be honoured.
+
+    Asked for by the environment only, a missing extra is a warning: a fleet-wide
+    OTEL_* setting must not stop an agent that has no SDK.
+    """
+    from common import tracing  # light: opentelemetry is imported only by setup
+
+    if not tracing.wanted(flag, os.environ):
+        return True
+    try:
+        tracing.setup(f"fogline-{group}", os.environ)
+    except tracing.MissingExtraError as exc:
+        if flag:
+            print(f"error: --trace: {exc}", file=sys.stderr)
+            return False
+        logging.getLogger(__name__).warning("OTEL_* set, but not tracing: %s", exc)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -159,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = missing_cloud_libraries(NEEDS.get((args.group, sub), ()))
     if missing:
         print(_needs_cloud_message(command, missing[0]), file=sys.stderr)
+        return 1
+    if not _start_tracing(args.trace, args.group):
         return 1
     try:
         code = int(args.func(args) or 0)

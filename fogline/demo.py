@@ -206,6 +206,8 @@ class Demo:
                 port,
                 "--broker-port",
                 str(broker_port),
+                "--fallback-metrics",
+                self.fallback_url,
             ],
         )
         proc.wait_ready(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.signing import TrustStore
+from edge.config import AgentConfig
 from edge.model_store import ModelStore
 from tests.conftest import free_port
 from tests.model_fixtures import Package
@@ -40,6 +41,7 @@ class ServerProcess:
 
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
+        self.config_path: Path | None = None  # an agent's config file
 
     def status_kb(self, field: str) -> int:
         """``VmRSS`` (now) or ``VmHWM`` (peak) of the process, in kB."""
@@ -70,8 +72,10 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def _spawn(argv: list[str], log: Path, url: str) -> ServerProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def _spawn(
+    argv: list[str], log: Path, url: str, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, url, log)
@@ -87,16 +91,27 @@ def start_fallback(package: Package, tmp: Path, *flags: str) -> ServerProcess:
     return _spawn([*argv, *flags], tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}")
 
 
-def start_agent(package: Package, tmp: Path, broker: Any, **config: Any) -> ServerProcess:
-    """``fogline edge run`` with ``package`` already active in its store (no rollout needed)."""
+def install_active(config: AgentConfig, package: Package) -> None:
+    """Put ``package`` in the agent's active slot, as a finished rollout would."""
+    store = ModelStore(config.state_dir, TrustStore(config.trusted_keys))
+    files = {f.name: (package.directory / f.name).read_bytes() for f in package.manifest.files}
+    store.activate(store.stage(package.signed, files))
+
+
+def start_agent(
+    package: Package, tmp: Path, broker: Any, *, env: dict[str, str] | None = None, **config: Any
+) -> ServerProcess:
+    """``fogline edge run`` with ``package`` already active in its store (no rollout needed).
+
+    ``env``: more environment for the process (``NOTIFY_SOCKET``, say)."""
     from tests.edge.agent_harness import agent_config
 
     device = f"dev-{free_port()}"
     cfg = agent_config(tmp, device, broker, package.signer.public_key_hex, **config)
-    store = ModelStore(cfg.state_dir, TrustStore(cfg.trusted_keys))
-    files = {f.name: (package.directory / f.name).read_bytes() for f in package.manifest.files}
-    store.activate(store.stage(package.signed, files))
+    install_active(cfg, package)
     config_path = tmp / f"{device}.json"
     config_path.write_text(json.dumps(cfg.to_dict()))
     argv = [sys.executable, "-m", "fogline", "edge", "run", "--config", str(config_path)]
-    return _spawn(argv, tmp / f"{device}.log", f"http://127.0.0.1:{cfg.api_port}")
+    server = _spawn(argv, tmp / f"{device}.log", f"http://127.0.0.1:{cfg.api_port}", env)
+    server.config_path = config_path
+    return server

@@ -13,6 +13,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +23,59 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 
-@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
-def test_demo_report(broker: str, tmp_path) -> None:
+@dataclass
+class RunningDemo:
+    """A ``fogline demo --json --keep-running`` process, its report and its stderr file."""
+
+    proc: subprocess.Popen[str]
+    report: dict[str, Any]
+    stderr: Path
+    workdir: Path
+
+
+def _start_demo(tmp: Path, broker: str, samples: int = 150) -> RunningDemo:
+    """The demo, kept running after its report.
+
+    NOTE: each demo run trains two models and starts five processes (~20 s on a quiet
+    2-core machine); the tests below share two runs instead of starting one each.
+    """
     if broker == "mosquitto" and shutil.which("mosquitto") is None:
         pytest.skip("mosquitto binary not on PATH")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fogline",
-            "demo",
-            "--json",
-            "--broker",
-            broker,
-            "--samples",
-            "150",
-            "--workdir",
-            str(tmp_path / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)  # stdout is exactly one JSON object; logs go to stderr
+    stderr = tmp / "stderr.txt"
+    cmd = [sys.executable, "-m", "fogline", "demo", "--json", "--keep-running"]
+    cmd += ["--broker", broker, "--samples", str(samples), "--workdir", str(tmp / "demo")]
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()  # stdout is exactly one JSON object; logs go to stderr
+        assert line, stderr.read_text()[-3000:]
+        return RunningDemo(proc, json.loads(line), stderr, tmp / "demo")
+    except BaseException:  # a timeout too: never leave a demo (and its children) running
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()
+        raise
 
+
+def _stop(demo: RunningDemo) -> None:
+    if demo.proc.poll() is None:
+        demo.proc.kill()
+        demo.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
+    """One mosquitto demo shared by the tests of this module, in file order; the last
+    test ends it with Ctrl-C."""
+    running = _start_demo(tmp_path_factory.mktemp("demo"), "mosquitto")
+    yield running
+    _stop(running)
+
+
+def _check_report(report: dict[str, Any], broker: str) -> None:
     assert report["broker"]["kind"] == broker
     assert report["rollout_state"] == "succeeded"
     assert len(report["agents"]) == 3
@@ -68,6 +98,18 @@ def test_demo_report(broker: str, tmp_path) -> None:
     assert report["broker"]["url"].startswith("mqtt://127.0.0.1:")
     assert set(report["tokens"]) == {"operator", "app"}
     assert report["tokens"]["operator"].startswith("fgo_")
+
+
+def test_demo_report_with_mosquitto(demo: RunningDemo) -> None:
+    _check_report(demo.report, "mosquitto")
+    time.sleep(1)
+    assert demo.proc.poll() is None  # still up after the report
+    assert all(_endpoints_up(demo.report))
+
+
+def test_printed_tokens_open_the_api_and_the_broker_refuses_strangers(demo: RunningDemo) -> None:
+    _check_tokens(demo.report)
+    assert _anonymous_connack(demo.report["endpoints"]["broker"]).is_failure
 
 
 def test_demo_help_explains_itself() -> None:
@@ -143,41 +185,6 @@ def _wait_all_down(report: dict, timeout: float) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_keep_running_stays_up_and_takes_everything_down_with_it(tmp_path, sig) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fogline",
-            "demo",
-            "--json",
-            "--keep-running",
-            "--samples",
-            "20",
-            "--workdir",
-            str(tmp_path / "demo"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        report = json.loads(proc.stdout.readline())
-        time.sleep(1)
-        assert proc.poll() is None  # still up after the report
-        assert all(_endpoints_up(report))
-        _check_tokens(report)
-        if sig == signal.SIGINT:
-            assert _anonymous_connack(report["endpoints"]["broker"]).is_failure
-        proc.send_signal(sig)  # Ctrl-C, or the demo itself killed outright
-        code = proc.wait(60)
-        assert code == (0 if sig == signal.SIGINT else -signal.SIGKILL)
-        _wait_all_down(report, 15)
-    finally:
-        proc.kill()
-
-
 def _children(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc: Linux only)."""
     found, frontier = [], [pid]
@@ -196,45 +203,30 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
-def test_no_secret_in_a_command_line_or_a_world_readable_file(tmp_path) -> None:
+def test_no_secret_in_a_command_line_or_a_world_readable_file(demo: RunningDemo) -> None:
     """Red team: the demo started the fallback with ``--control-token fgo_...``: any local
     user saw the control plane's token in ``ps``. Secrets go in files (0600) or the
     environment, never in argv, and never in a file other users may read."""
-    workdir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "fogline", "demo", "--json", "--keep-running"]
-    proc = subprocess.Popen(
-        [*cmd, "--agents", "1", "--samples", "20", "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        report = json.loads(proc.stdout.readline())
-        agents = [json.loads(p.read_text()) for p in (workdir / "agents").glob("*.json")]
-        secrets = {
-            "fgo_",  # every operator token
-            report["tokens"]["app"],
-            *(a["broker_password"] for a in agents),
-            *(a["cloud_token"] for a in agents),
-        }
-        for pid in _children(proc.pid):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            leaked = [s[:12] for s in secrets if s in argv]
-            assert not leaked, (argv.replace("\0", " "), leaked)
-        for path in workdir.rglob("*"):
-            if path.is_file() and path.stat().st_mode & 0o004:
-                data = path.read_bytes()
-                assert b"PRIVATE KEY" not in data, path
-                assert not [s for s in secrets if s.encode() in data], path
-    finally:
-        proc.send_signal(signal.SIGINT)
+    report, workdir = demo.report, demo.workdir
+    agents = [json.loads(p.read_text()) for p in (workdir / "agents").glob("*.json")]
+    secrets = {
+        "fgo_",  # every operator token
+        report["tokens"]["app"],
+        *(a["broker_password"] for a in agents),
+        *(a["cloud_token"] for a in agents),
+    }
+    for pid in _children(demo.proc.pid):
         try:
-            proc.wait(60)
-        finally:
-            proc.kill()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        leaked = [s[:12] for s in secrets if s in argv]
+        assert not leaked, (argv.replace("\0", " "), leaked)
+    for path in workdir.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o004:
+            data = path.read_bytes()
+            assert b"PRIVATE KEY" not in data, path
+            assert not [s for s in secrets if s.encode() in data], path
 
 
 def _pid_running(pid: int) -> bool:
@@ -246,46 +238,46 @@ def _pid_running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
-def test_keep_running_outlives_an_agent_that_dies(tmp_path) -> None:
+def test_keep_running_outlives_an_agent_that_dies(demo: RunningDemo) -> None:
     """Issue 8: SIGKILL one agent of a --keep-running demo; the demo used to stop.
 
     Now the others keep serving, the demo says so on stderr and starts the agent
-    again; Ctrl-C still ends it all with 0.
+    again.
     """
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "fogline", "demo", "--json", "--keep-running"),
-                *("--samples", "20", "--workdir", str(tmp_path / "demo")),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
+    report, proc = demo.report, demo.proc
+    victim = report["agents"][0]["device_id"]
+    (pid,) = [
+        p
+        for p in _children(proc.pid)
+        if f"{victim}.json".encode() in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    others = [a["url"] for a in report["agents"][1:]]
+    while not (f"{victim} exited" in demo.stderr.read_text() and all(_endpoints_up(report))):
+        assert proc.poll() is None, demo.stderr.read_text()[-2000:]  # the demo kept running
+        for url in others:  # and the other agents kept serving all along
+            with urllib.request.urlopen(url + "/v2/health/live", timeout=2) as r:
+                assert r.status == 200
+        assert time.monotonic() < deadline, _endpoints_up(report)
+        time.sleep(0.5)
+    assert not _pid_running(pid)  # it came back as a new process
+    _check_tokens(report)
+
+
+def test_ctrl_c_ends_the_demo_and_everything_it_started(demo: RunningDemo) -> None:
+    """Runs last in this module: it stops the shared demo."""
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.proc.wait(60) == 0
+    _wait_all_down(demo.report, 15)
+
+
+def test_amqtt_demo_reports_and_a_killed_demo_takes_everything_down(tmp_path) -> None:
+    running = _start_demo(tmp_path, "amqtt")
     try:
-        report = json.loads(proc.stdout.readline())
-        victim = report["agents"][0]["device_id"]
-        (pid,) = [
-            p
-            for p in _children(proc.pid)
-            if f"{victim}.json".encode() in Path(f"/proc/{p}/cmdline").read_bytes()
-        ]
-        time.sleep(1)
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        others = [a["url"] for a in report["agents"][1:]]
-        while not (f"{victim} exited" in stderr.read_text() and all(_endpoints_up(report))):
-            assert proc.poll() is None, stderr.read_text()[-2000:]  # the demo kept running
-            for url in others:  # and the other agents kept serving all along
-                with urllib.request.urlopen(url + "/v2/health/live", timeout=2) as r:
-                    assert r.status == 200
-            assert time.monotonic() < deadline, _endpoints_up(report)
-            time.sleep(0.5)
-        assert not _pid_running(pid)  # it came back as a new process
-        _check_tokens(report)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-        _wait_all_down(report, 15)
+        _check_report(running.report, "amqtt")
+        running.proc.send_signal(signal.SIGKILL)  # the demo itself killed outright
+        assert running.proc.wait(60) == -signal.SIGKILL
+        _wait_all_down(running.report, 15)
     finally:
-        proc.kill()
+        _stop(running)

@@ -28,7 +28,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -171,3 +171,35 @@ def check_training_data(data: TrainingData, where: str) -> None:
     unknown = set(data.dynamic_axes) - {*data.train_inputs, *data.output_names}
     if unknown:
         raise FactoryError(f"{where}: dynamic_axes names unknown tensors {sorted(unknown)}")
+
+
+def with_extra_rows(data: TrainingData, extra: dict[str, Any], source: str) -> TrainingData:
+    """``data`` with more training rows (e.g. hard examples from the fleet) appended.
+
+    ``extra`` holds one array per model input and ``labels`` (classification) or
+    ``reference`` (regression targets), as a ``D.npz`` does. Validation rows are
+    untouched, so the before/after metrics compare like with like.
+    """
+    import numpy as np
+
+    names = data.input_names
+    missing = [n for n in names if n not in extra]
+    target_key = "labels" if data.is_classification else "reference"
+    if missing or target_key not in extra:
+        raise FactoryError(f"{source}: needs arrays {[*names, target_key]}, has {sorted(extra)}")
+    columns: dict[str, torch.Tensor] = {}
+    for name in names:
+        ours = data.train_inputs[name]
+        theirs = torch.from_numpy(np.ascontiguousarray(extra[name])).to(ours.dtype)
+        if tuple(theirs.shape[1:]) != tuple(ours.shape[1:]):
+            raise FactoryError(
+                f"{source}: {name!r} rows are {list(theirs.shape[1:])}, "
+                f"the training data's {list(ours.shape[1:])}"
+            )
+        columns[name] = torch.cat([ours, theirs])
+    targets = torch.from_numpy(np.ascontiguousarray(extra[target_key])).to(data.train_targets.dtype)
+    if len(targets) != len(next(iter(columns.values()))) - len(data.train_targets):
+        raise FactoryError(f"{source}: {target_key!r} and the inputs have different row counts")
+    return replace(
+        data, train_inputs=columns, train_targets=torch.cat([data.train_targets, targets])
+    )

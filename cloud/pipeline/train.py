@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,7 +18,13 @@ from torch import nn
 from cloud.pipeline import digits
 from cloud.pipeline.data import Split
 from cloud.pipeline.distributed import DistContext
-from cloud.pipeline.factory import FactoryError, TrainingData, make_dataset, make_model
+from cloud.pipeline.factory import (
+    FactoryError,
+    TrainingData,
+    make_dataset,
+    make_model,
+    with_extra_rows,
+)
 from cloud.pipeline.loop import CheckpointPlan, TrainResult, fit
 from cloud.pipeline.progress import Progress, default_progress
 from cloud.pipeline.recipe import Recipe
@@ -57,6 +63,7 @@ def train(
     checkpoints: CheckpointPlan | None = None,
     progress: Progress | None = None,
     amp: bool = True,
+    extra: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> tuple[TrainResult, TrainingData]:
     """Build the data and the model from their factories (seeded), then fit.
 
@@ -67,6 +74,8 @@ def train(
     threads = max(1, _TRAIN_THREADS // ctx.world_size)
     with training_context(seed, threads):
         data = make_dataset(dataset_spec)
+        for source, rows in extra or ():
+            data = with_extra_rows(data, rows, source)
         model = make_model(model_spec)
         check_model_fits(model, data, model_spec)
         result = fit(

@@ -73,6 +73,31 @@ def _specs(args: argparse.Namespace) -> tuple[str, str, Recipe, str]:
     return e.model, e.dataset, e.recipe, KIND_ALIASES.get(name, name)
 
 
+def load_extra(source: str) -> dict[str, Any]:
+    """The arrays of ``--extra-data SOURCE``: a D.npz path, or ``hard-examples:MODEL``."""
+    import io
+
+    import numpy as np
+
+    from cloud.control_client import CONTROL_ENV, DEFAULT_CONTROL, TOKEN_ENV, ControlClient
+    from common.names import check_name
+
+    kind, _, model = source.partition(":")
+    try:
+        if kind == "hard-examples" and model:
+            client = ControlClient(
+                os.environ.get(CONTROL_ENV, DEFAULT_CONTROL), token=os.environ.get(TOKEN_ENV)
+            )
+            data = client.get_bytes(f"/api/hard-examples/{check_name(model, 'model name')}")
+            npz = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            npz = np.load(Path(source), allow_pickle=False)
+        with npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"--extra-data {source}: {exc}") from exc
+
+
 def _checkpoint_plan(args: argparse.Namespace) -> Any:
     from cloud.pipeline.loop import CheckpointPlan
 
@@ -113,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoints=plan,
             progress=default_progress(),
             amp=not args.no_amp,
+            extra=[(source, load_extra(source)) for source in args.extra_data or ()],
         )
         if ctx.is_main:
             _write_outputs(args, result, data, ctx.world_size)
@@ -187,5 +213,13 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--extra-data",
+        action="append",
+        metavar="SOURCE",
+        help="more training rows (repeatable): a D.npz file (model inputs + labels/reference), "
+        "or hard-examples:MODEL, the examples the fleet escalated for MODEL with the cloud's "
+        "answers, fetched from the control plane ($FOGLINE_CONTROL, viewer $FOGLINE_TOKEN)",
+    )
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.set_defaults(func=one_line_errors(cmd_train))

@@ -16,7 +16,9 @@ from common.device_token import issue_token
 from common.signing import Signer
 from tests.edge.agent_harness import ControlPlane
 
-PUBLIC = {("GET", "/"), ("GET", "/api/health"), ("HEAD", "/"), ("HEAD", "/api/health")}
+PUBLIC = {
+    (method, path) for method in ("GET", "HEAD") for path in ("/", "/api/health", "/static/{file}")
+}
 # The least role each route needs (HEAD as GET).
 NEEDS = {
     ("GET", "/api/keys"): "viewer",
@@ -35,6 +37,12 @@ NEEDS = {
     ("GET", "/api/rollouts/{id}"): "viewer",
     ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
+    ("GET", "/api/dashboard/fleet"): "viewer",
+    ("GET", "/api/dashboard/serving"): "viewer",
+    ("GET", "/api/hard-examples"): "viewer",
+    ("POST", "/api/hard-examples/{name}"): "device",  # a device's own token, no operator's
+    ("GET", "/api/hard-examples/{name}"): "viewer",
+    ("GET", "/metrics"): "metrics",  # a scrape-only token: aggregates, no device ids
 }
 
 
@@ -47,6 +55,7 @@ def _routes(cp: ControlPlane, digest: str) -> list[tuple[str, str, str]]:
         "digest": digest,
         "id": "x1",
         "key_id": "0123456789abcdef",
+        "file": "dashboard.js",
     }
     out = []
     for route in cp.app.router.routes():
@@ -90,7 +99,7 @@ async def test_every_route_but_health_needs_a_token_with_the_right_role(mosquitt
                 need = NEEDS[("GET" if method == "HEAD" else method, pattern)]
                 for role in ROLES:
                     status = await _status(s, method, url, f"Bearer {cp.tokens[role]}")
-                    allowed = ROLES.index(role) >= ROLES.index(need)
+                    allowed = need != "device" and ROLES.index(role) >= ROLES.index(need)
                     assert (status not in (401, 403)) == allowed, (method, path, role, status)
                     if not allowed:
                         assert status == 403
@@ -146,7 +155,14 @@ async def test_the_dashboard_page_is_public_but_its_data_needs_a_token(mosquitto
         async with s.get(f"{cp.url}/") as resp:
             page = await resp.text()
             assert resp.status == 200
-        assert "#token=" in page and "Authorization: `Bearer ${token}`" in page
+        assert "#token=" in page
+        async with s.get(f"{cp.url}/static/dashboard.js") as resp:
+            assert "Authorization = `Bearer ${token}`" in await resp.text()
+        # Static files come from a fixed table: a path in the name reaches nothing.
+        hostile = ("..%2Fcontrol_server.py", "vendor%2Fuplot%2FLICENSE", "..%2Fkeys", "x" * 300)
+        for bad in hostile:
+            async with s.get(f"{cp.url}/static/{bad}") as resp:
+                assert resp.status == 404, bad
         async with s.get(f"{cp.url}/api/devices", headers=cp.auth("viewer")) as resp:
             assert resp.status == 200
 

@@ -18,7 +18,7 @@ import yaml
 from cloud.control_client import ControlApi, ControlClient, ControlUnreachableError
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
-from tests.fogline_cli import CLEAN_ENV, ROOT, fogline
+from tests.fogline_cli import CLEAN_ENV, CLOUD_LIBRARIES, ROOT, fogline, fogline_without
 from tests.model_fixtures import onnx_model_bytes
 
 
@@ -158,30 +158,9 @@ async def test_accuracy_shows_for_a_package_built_by_model_package(mosquitto, tm
         assert header.split()[-1] == "ACCURACY" and row.split()[-1] == f"{accuracy:.2%}"
 
 
-# An edge-only install (`pip install '.[edge]'`): the cloud extra's libraries cannot load.
-_EDGE_ONLY = """
-import importlib.abc, runpy, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {"torch", "onnx", "sklearn", "amqtt"}:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, Block())
-sys.argv = ["fogline", *sys.argv[1:]]
-runpy.run_module("fogline", run_name="__main__")
-"""
-
-
 def edge_only(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", _EDGE_ONLY, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=CLEAN_ENV,
-    )
+    """An edge-only install (`pip install '.[edge]'`): the cloud extra's libraries cannot load."""
+    return fogline_without(CLOUD_LIBRARIES, *args)
 
 
 def test_an_edge_only_install_names_the_cloud_extra(tmp_path) -> None:

@@ -113,3 +113,18 @@ def test_chunk_at_matches_split() -> None:
     assert [chunking.chunk_at(data, i, 500) for i in range(5)] == list(chunking.split(data, 500))
     with pytest.raises(IndexError):
         chunking.chunk_at(data, 5, 500)
+
+
+def test_verify_only_assembly_checks_every_chunk_and_keeps_no_bytes() -> None:
+    data = bytes(range(256)) * 40
+    hashes = chunking.chunk_hashes(data, 1024)
+    asm = chunking.Assembler(len(data), 1024, hashes, keep=False)
+    chunks = list(chunking.split(data, 1024))
+    forged = chunks[1].encode()[:-1] + b"\x00"
+    with pytest.raises(VerificationError):
+        asm.add(chunking.decode(forged))
+    for c in chunks:
+        assert asm.add(c)
+    assert asm.complete and asm.data() == b""
+    with pytest.raises(ValueError):
+        chunking.Assembler(len(data), 1024, None, keep=False)  # nothing to verify against

@@ -22,7 +22,7 @@ from common.device_token import issue_token
 from common.manifest import SignedManifest
 from common.mqtt import MqttLink
 from edge.agent import EdgeAgent
-from edge.deployment import MAX_REJECTION_EVENTS
+from edge.chunk_download import MAX_REJECTION_EVENTS
 from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.model_fixtures import v2_infer_body
 

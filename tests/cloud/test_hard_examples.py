@@ -1,0 +1,206 @@
+"""Hard examples through a real control plane: devices upload, operators download a data set."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import aiohttp
+import numpy as np
+import pytest
+
+from cloud.hard_examples import HARD_EXAMPLES, MAX_UPLOAD_EXAMPLES
+from cloud.pipeline.model_data import load_model_data
+from common.device_token import issue_token
+from common.inference import InferRequest, InferResponse, Tensor
+from common.signing import Signer
+from edge.hard_examples import HardExampleStore as DeviceStore
+from fogline.cli import main
+from tests.conftest import free_port
+from tests.edge.agent_harness import ControlPlane
+from tests.model_fixtures import CLASSES, IN_FEATURES, toy_input
+
+
+def _tensor(name: str, x: np.ndarray) -> dict:
+    datatype = {"float32": "FP32", "int64": "INT64", "float64": "FP64"}[str(x.dtype)]
+    return {"name": name, "datatype": datatype, "shape": list(x.shape), "data": x.ravel().tolist()}
+
+
+def _example(rows: int = 2, *, x: np.ndarray | None = None, probs: np.ndarray | None = None):
+    x = toy_input(rows) if x is None else x
+    if probs is None:
+        probs = np.eye(CLASSES, dtype=np.float32)[np.arange(rows) % CLASSES]
+    return {
+        "request": {"inputs": [_tensor("input", x)]},
+        "response": {"model_name": "toy", "outputs": [_tensor("probabilities", probs)]},
+    }
+
+
+async def _post(s, cp, body, token, model="toy", **kw):  # type: ignore[no-untyped-def]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with s.post(f"{cp.url}/api/hard-examples/{model}", json=body, headers=headers, **kw) as r:
+        return r.status, await r.json()
+
+
+async def test_devices_upload_and_operators_get_a_training_set(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        record = cp.publish_toy(tmp_path, "1")
+        for device in ("dev-a", "dev-b"):
+            status, doc = await _post(
+                s, cp, {"examples": [_example(3), _example(1)]}, issue_token(cp.signer, device)
+            )
+            assert (status, doc) == (201, {"model": "toy", "rows": 4})
+        async with s.get(f"{cp.url}/api/hard-examples", headers=cp.auth("viewer")) as r:
+            assert (await r.json())["models"] == [
+                {"model": "toy", "rows": 8, "uploads": 2, "devices": 2}
+            ]
+        async with s.get(f"{cp.url}/api/hard-examples/toy", headers=cp.auth("viewer")) as r:
+            assert r.status == 200
+            (tmp_path / "hard.npz").write_bytes(await r.read())
+        data = load_model_data(tmp_path / "hard.npz", record.manifest.inputs)
+        assert data.rows == 8 and data.inputs["input"].shape == (8, IN_FEATURES)
+        # The cloud's answer became the label: argmax of the probabilities it sent.
+        assert data.labels is not None and list(data.labels[:4]) == [0, 1, 2, 0]
+
+
+def _bad_bodies() -> dict[str, tuple[dict | bytes, int]]:
+    nan = toy_input(1).copy()
+    nan[0, 0] = np.nan
+    return {
+        "not json": (b"{", 400),
+        "no examples": ({"examples": []}, 400),
+        "wrong input name": (
+            {"examples": [{**_example(), "request": {"inputs": [_tensor("x", toy_input(2))]}}]},
+            400,
+        ),
+        "wrong dtype": ({"examples": [_example(x=toy_input(2).astype(np.float64))]}, 400),
+        "wrong width": ({"examples": [_example(x=np.zeros((2, 3), np.float32))]}, 400),
+        "NaN input": ({"examples": [_example(1, x=nan)]}, 400),
+        "rows disagree": ({"examples": [_example(2, probs=np.eye(CLASSES, dtype="f4"))]}, 400),
+        "too many": ({"examples": [_example(1)] * (MAX_UPLOAD_EXAMPLES + 1)}, 413),
+        "2 MiB": ({"examples": [_example(1)], "pad": "x" * (2 << 20)}, 413),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_bodies()))
+async def test_bad_uploads_are_refused_and_store_nothing(mosquitto, tmp_path, case) -> None:
+    body, want = _bad_bodies()[case]
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        token = issue_token(cp.signer, "dev-a")
+        headers = {"Authorization": f"Bearer {token}"}
+        kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+        async with s.post(f"{cp.url}/api/hard-examples/toy", headers=headers, **kwargs) as r:
+            assert r.status == want, (case, await r.text())
+            assert "error" in await r.json()
+        assert cp.app[HARD_EXAMPLES].summary() == []
+
+
+async def test_only_a_device_of_this_plane_may_upload(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        body = {"examples": [_example()]}
+        assert (await _post(s, cp, body, None))[0] == 401
+        assert (await _post(s, cp, body, issue_token(Signer.generate(), "dev-a")))[0] == 401
+        for role in ("viewer", "operator", "admin"):  # an operator cannot pose as a device
+            assert (await _post(s, cp, body, cp.tokens[role]))[0] == 403
+        device = issue_token(cp.signer, "dev-a")
+        assert (await _post(s, cp, body, device, model="nope"))[0] == 404
+        for hostile in ("..%2F..%2Fkeys", "%2E%2E", "a" * 80):
+            assert (await _post(s, cp, body, device, model=hostile))[0] in (400, 404)
+        assert cp.app[HARD_EXAMPLES].summary() == []
+        assert not (tmp_path / "control" / "keys" / "hard-examples").exists()
+
+
+async def test_the_store_keeps_the_newest_rows_within_its_bound(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        store = cp.app[HARD_EXAMPLES]
+        store.max_rows = 10
+        token = issue_token(cp.signer, "dev-a")
+        for i in range(4):
+            x = np.full((4, IN_FEATURES), float(i), np.float32)
+            assert (await _post(s, cp, {"examples": [_example(4, x=x)]}, token))[0] == 201
+        async with s.get(f"{cp.url}/api/hard-examples/toy", headers=cp.auth("viewer")) as r:
+            with np.load(io.BytesIO(await r.read())) as npz:
+                kept = npz["input"][:, 0]
+        assert sorted(set(kept.tolist())) == [2.0, 3.0]  # the two newest uploads, 8 rows
+
+
+def _train_steps(tmp_path, *extra: str) -> int:  # type: ignore[no-untyped-def]
+    """``fogline model train`` for one epoch; the number of optimizer steps it took."""
+    metrics = tmp_path / f"metrics-{len(extra)}.json"
+    argv = ["model", "train", "--model", "digits-edge", "--epochs", "1"]
+    argv += ["--out", str(tmp_path / "m.onnx"), "--metrics-out", str(metrics)]
+    for source in extra:
+        argv += ["--extra-data", source]
+    assert main(argv) == 0
+    return json.loads(metrics.read_text())["steps"]
+
+
+async def test_training_takes_the_fleets_hard_examples(mosquitto, tmp_path, monkeypatch) -> None:
+    """The toy model's input is 64 floats, like digits: the fleet's rows join its training."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        token = issue_token(cp.signer, "dev-a")
+        examples = [_example(16, x=toy_input(16, seed=i)) for i in range(32)]  # 512 rows
+        assert (await _post(s, cp, {"examples": examples}, token))[0] == 201
+        monkeypatch.setenv("FOGLINE_CONTROL", cp.url)
+        monkeypatch.setenv("FOGLINE_TOKEN", cp.tokens["viewer"])
+        plain = await asyncio.to_thread(_train_steps, tmp_path)
+        more = await asyncio.to_thread(_train_steps, tmp_path, "hard-examples:toy")
+        assert more > plain  # 512 more rows, more steps in the same one epoch
+
+
+@pytest.mark.parametrize(
+    ("arrays", "says"),
+    [
+        ({"input": np.zeros((4, 3), np.float32), "labels": np.zeros(4, np.int64)}, "rows are [3]"),
+        ({"input": np.zeros((4, 64), np.float32)}, "needs arrays"),
+        ({"input": np.zeros((4, 64), np.float32), "labels": np.zeros(2, np.int64)}, "row counts"),
+    ],
+)
+def test_bad_extra_data_is_one_error_line(tmp_path, capsys, arrays, says) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    argv = ["model", "train", "--model", "digits-edge", "--epochs", "1"]
+    argv += ["--out", str(tmp_path / "m.onnx"), "--extra-data", str(bad)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not (tmp_path / "m.onnx").exists()
+
+
+def _escalation(rows: int, seed: int = 0) -> tuple[InferRequest, InferResponse]:
+    probs = np.eye(CLASSES, dtype=np.float32)[np.arange(rows) % CLASSES]
+    request = InferRequest("toy", [Tensor("input", toy_input(rows, seed=seed))])
+    return request, InferResponse("toy", [Tensor("probabilities", probs)])
+
+
+async def test_the_device_store_samples_keeps_and_uploads(mosquitto, tmp_path) -> None:
+    """edge/hard_examples.py against a real control plane: what was kept arrives once."""
+    store = DeviceStore(tmp_path / "hard.sqlite", sample_rate=1.0, max_rows=5)
+    for seed in range(7):
+        assert store.offer("1", *_escalation(2, seed), "uncertain")
+    assert not store.offer("1", *_escalation(1), "heavy")  # a heavy batch teaches nothing
+    nan = _escalation(1)
+    nan[1].outputs[0].data[0, 0] = np.nan
+    assert not store.offer("1", *nan, "uncertain")  # not JSON: not kept, no exception
+    assert store.pending() == 5  # bounded: the oldest two went
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientError):
+            await store.upload_once(s, unreachable, "x")
+        assert store.pending() == 5  # kept for later
+        async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+            cp.publish_toy(tmp_path, "1")
+            forged = issue_token(Signer.generate(), "dev-a")
+            assert await store.upload_once(s, cp.url, forged) == 0
+            assert store.pending() == 5  # 401: a token problem, kept until it is fixed
+            assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 5
+            assert store.pending() == 0
+            assert cp.app[HARD_EXAMPLES].summary()[0]["rows"] == 10
+            store.offer("0", *_escalation(2), "uncertain")  # a version never published
+            assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 0
+            assert store.stats()["dropped"] == 1 and store.pending() == 0  # 404: dropped
+    store.close()
