@@ -126,12 +126,15 @@ def enroll_device(
     with _locked(workdir):
         enrollments = load_enrollments(workdir)
         old = enrollments.get(device_id)
+        kept = labels if labels is not None else (old.labels if old else {})
         enrollments[device_id] = Enrollment(
             device_id=device_id,
             password_hash=broker_auth.hash_password(password),
             created_at=old.created_at if old else round(time.time(), 3),
-            labels=labels if labels is not None else (old.labels if old else {}),
+            labels=kept,
         )
+        if kept:
+            config["labels"] = dict(kept)  # reported in the agent's status
         if out is not None:
             write_agent_config(out, config)
         _save_enrollments(workdir, enrollments)

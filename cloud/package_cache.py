@@ -127,8 +127,23 @@ def _checked_meta(
 async def _get_json(
     session: aiohttp.ClientSession, url: str, params: dict[str, str], what: str
 ) -> Any:
+    doc, _ = await _get_json_etag(session, url, params, what)
+    return doc
+
+
+async def _get_json_etag(
+    session: aiohttp.ClientSession,
+    url: str,
+    params: dict[str, str],
+    what: str,
+    etag: str | None = None,
+) -> tuple[Any, str | None]:
+    """The JSON answer and its ETag; ``(None, etag)`` when unchanged since ``etag`` (304)."""
+    headers = {"If-None-Match": etag} if etag else {}
     try:
-        async with session.get(url, params=params) as resp:
+        async with session.get(url, params=params, headers=headers) as resp:
+            if resp.status == 304 and etag:
+                return None, etag
             if resp.status == 404:
                 raise ModelNotFoundError(what)
             if resp.status in (401, 403):
@@ -139,10 +154,11 @@ async def _get_json(
             if resp.status != 200:
                 raise CloudUnavailableError(f"{url}: HTTP {resp.status}")
             body = await read_bounded(resp, url)
+            new_etag = resp.headers.get("ETag")
     except aiohttp.ClientError as exc:
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc
     try:  # bounded depth, finite numbers: a RecursionError would kill the key refresher
-        return load_json(body, f"answer of {url}")
+        return load_json(body, f"answer of {url}"), new_etag
     except InvalidInputError as exc:
         raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
 
@@ -173,3 +189,35 @@ async def fetch_keyrings(control_url: str, token: str | None = None) -> list[Any
     if not isinstance(chain, list):
         raise InvalidInputError(f"{url}: no 'keyrings' list in the answer")
     return chain
+
+
+async def list_models(
+    control_url: str, token: str | None = None, etag: str | None = None
+) -> tuple[list[Any] | None, str | None]:
+    """The control plane's published versions (``GET /api/models``: unsigned summaries,
+    good for choosing what to fetch, never for trusting it) and the answer's ETag;
+    ``(None, etag)`` while nothing changed since ``etag``."""
+    url = f"{control_url.rstrip('/')}/api/models"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        doc, new_etag = await _get_json_etag(session, url, {}, "model list", etag)
+    if doc is None:
+        return None, new_etag
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, list):
+        raise CloudUnavailableError(f"{url}: no 'models' list in the answer")
+    return models, new_etag
+
+
+async def whoami(control_url: str, token: str) -> dict[str, Any]:
+    """The name and role of an operator token, as the control plane sees it
+    (``GET /api/whoami``); AuthError if it is unknown or revoked there."""
+    url = f"{control_url.rstrip('/')}/api/whoami"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        try:
+            doc = await _get_json(session, url, {}, "whoami")
+        except AuthError:
+            raise AuthError("invalid or revoked operator token") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("role"), str):
+        raise CloudUnavailableError(f"{url}: no 'role' in the answer")
+    return doc

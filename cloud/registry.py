@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloud.audit_log import AuditLog
 from cloud.database import Database
 from cloud.operator_tokens import OperatorTokens
+from cloud.staged_store import StagedStore
 from cloud.telemetry import telemetry_increments
 from common import chunking
 from common.errors import (
@@ -123,6 +125,8 @@ class Registry:
         self._db = Database(database)
         self._db.schema(SCHEMA)
         self.operators = OperatorTokens(self._db)
+        self.audit = AuditLog(self._db)  # append-only: who did what to which rollout, why
+        self.staged = StagedStore(self._db)  # staged rollouts, resends, audit: own schema
 
     def close(self) -> None:
         self._db.close()
@@ -347,12 +351,17 @@ class Registry:
                 [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
             )
 
-    def record_event(self, device_id: str, doc: dict[str, Any]) -> None:
+    def record_event(
+        self, device_id: str, doc: dict[str, Any], event_key: str | None = None
+    ) -> bool:
         """Store an event from ``device_id`` and advance the rollout step of its command.
 
         NOTE: ``device_id`` is who sent it (the topic it came on). A step advances only
         when that device was sent that command: an event on another device's topic
         that quotes a real command id changes nothing.
+
+        ``event_key`` (the event's id) makes handling idempotent: an event seen before,
+        here or by a replica on the same database, changes nothing and returns False.
         """
         check_name(device_id, "device id")
         doc = {**doc, "device_id": device_id}
@@ -360,6 +369,12 @@ class Registry:
         command_id = command_id if isinstance(command_id, str) else None
         now = time.time()
         with self._db.transaction() as db:
+            if event_key is not None and not db.execute(
+                "INSERT INTO handled_events VALUES (?,?,?) ON CONFLICT DO NOTHING"
+                " RETURNING device_id",
+                (device_id, event_key, now),
+            ):
+                return False  # handled already (a redelivery, or by a replica)
             db.execute(
                 "INSERT INTO events (device_id, command_id, stage, payload, ts) VALUES (?,?,?,?,?)",
                 (device_id, command_id, str(doc.get("stage")), json.dumps(doc), now),
@@ -382,6 +397,7 @@ class Registry:
                     " AND (? <> 'rejected' OR stage = 'sent')",
                     (stage, _text(doc.get("error")), now, device_id, command_id, stage),
                 )
+        return True
 
     def state_counts(self) -> dict[str, dict[str, int]]:
         """How many devices and rollouts are in each state (for /metrics; one query each)."""

@@ -1,31 +1,28 @@
-"""The batching flags of a serving command (``--max-batch``, ``--batch-delay-us``), with
-``<PREFIX>_MAX_BATCH`` / ``<PREFIX>_BATCH_DELAY_US`` environment defaults, so every
-server that batches takes the same flags."""
+"""The batching flags of a serving command (``--max-batch``, ``--batch-delay-us``), so
+every server that batches takes the same ones (its own flag-to-environment rule, such
+as the fallback's ``FOGLINE_FALLBACK_<FLAG>``, applies to them like to any flag)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from common.batch_settings import DEFAULT_MAX_BATCH, MAX_BATCH, BatchSettings
 from common.errors import InvalidInputError
 
 
-def add_batching_flags(parser: argparse.ArgumentParser, env_prefix: str) -> None:
-    # A string default from the environment goes through ``type`` like a typed value.
+def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch",
         type=int,
-        default=os.environ.get(f"{env_prefix}_MAX_BATCH", 0),
+        default=0,
         help=f"rows merged into one model run; 0: the package's hint (at most "
-        f"{DEFAULT_MAX_BATCH}); 1: no batching (default %(default)s, ${env_prefix}_MAX_BATCH)",
+        f"{DEFAULT_MAX_BATCH}); 1: no batching",
     )
     parser.add_argument(
         "--batch-delay-us",
         type=float,
-        default=os.environ.get(f"{env_prefix}_BATCH_DELAY_US", 5000.0),
-        help="longest wait for batch-mates; the calibration at load may shorten it "
-        f"(default %(default)s, ${env_prefix}_BATCH_DELAY_US)",
+        default=5000.0,
+        help="longest wait for batch-mates; the calibration at load may shorten it",
     )
 
 

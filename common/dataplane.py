@@ -11,10 +11,10 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from common.errors import ModelNotFoundError, ModelNotReadyError
+from common.errors import ModelNotFoundError, ModelNotReadyError, OverloadedError
 from common.inference import InferRequest, InferResponse
 from common.manifest import TensorSpec
-from common.runtime import Runtime
+from common.runtime import Runtime, VersionedRuntime
 from common.serving_metrics import ServingMetrics, loaded_versions
 
 logger = logging.getLogger(__name__)
@@ -28,12 +28,17 @@ class DataPlane:
         self.server_version = server_version
         # NOTE: the map is replaced, never mutated, so a request always sees a whole map.
         self._runtimes: dict[str, Runtime] = {}
+        self.draining = False  # set once, on shutdown: not ready, infers refused with 503
         # One registry per server: what its /metrics shows, and what its batchers record.
         self.metrics = ServingMetrics()
         self.metrics.add_collector("loaded", self._loaded)
 
     def _loaded(self) -> list[Metric]:
-        return [loaded_versions((r.info.name, r.info.version) for r in self._runtimes.values())]
+        pairs = []
+        for r in self._runtimes.values():
+            versions = r.versions() if isinstance(r, VersionedRuntime) else [r.info.version]
+            pairs += [(r.info.name, v) for v in versions]
+        return [loaded_versions(pairs)]
 
     def register(self, runtime: Runtime) -> None:
         """Serve ``runtime`` under its ``info.name``, replacing any runtime of that name."""
@@ -56,17 +61,28 @@ class DataPlane:
         return name in self._runtimes
 
     def get(self, name: str, version: str | None = None) -> Runtime:
-        runtime = self._runtimes.get(name)
-        if runtime is None or (version is not None and version != runtime.info.version):
+        runtime: Runtime | None = self._runtimes.get(name)
+        if runtime is not None and version is not None and version != runtime.info.version:
+            # A runtime that holds several versions (the fallback's) may still serve it.
+            if isinstance(runtime, VersionedRuntime):
+                runtime = runtime.runtime_for(version)
+            else:
+                runtime = None
+        if runtime is None:
             raise ModelNotFoundError(name, version)
         return runtime
+
+    def drain(self) -> None:
+        """Stop taking work (shutdown): readiness goes false, new infers get 503."""
+        self.draining = True
+        logger.info("draining: not ready, refusing new requests")
 
     def live(self) -> bool:
         return True
 
     def ready(self) -> bool:
         runtimes = list(self._runtimes.values())
-        return bool(runtimes) and all(r.ready for r in runtimes)
+        return not self.draining and bool(runtimes) and all(r.ready for r in runtimes)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.get(name, version).ready
@@ -78,11 +94,20 @@ class DataPlane:
             "extensions": ["binary_tensor_data"],
         }
 
+    def model_index(self) -> list[dict[str, Any]]:
+        """``GET /v2/models``: every served model, its version and whether it is ready."""
+        return [
+            {"name": name, "versions": [r.info.version] if r.info.version else [], "ready": r.ready}
+            for name, r in sorted(self._runtimes.items())
+        ]
+
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         info = self.get(name, version).info
+        top = self._runtimes[name]
+        versions = top.versions() if isinstance(top, VersionedRuntime) else [info.version]
         doc: dict[str, Any] = {
             "name": info.name,
-            "versions": [info.version],
+            "versions": versions,
             "platform": info.platform,
             "inputs": [_spec_to_rest(s) for s in info.inputs],
             "outputs": [_spec_to_rest(s) for s in info.outputs],
@@ -92,6 +117,8 @@ class DataPlane:
         return doc
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        if self.draining:
+            raise OverloadedError("server is shutting down: retry on another replica")
         runtime = self.get(request.model, request.version)
         if not runtime.ready:
             raise ModelNotReadyError(f"model {request.model!r} is not ready")

@@ -7,12 +7,15 @@ activates it only if the outputs match.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import InvalidInputError, SelfTestError
+from common.manifest import Manifest
+from common.onnx_runtime import OnnxRuntime
 
 GOLDEN_FILE = "golden.npz"
 
@@ -48,3 +51,17 @@ def compare(
         if got.shape != want.shape or not np.allclose(got, want, atol=atol):
             worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
             raise SelfTestError(f"self-test: output {name!r} differs (max error {worst:.3g})")
+
+
+async def self_test(runtime: OnnxRuntime, directory: Path, manifest: Manifest) -> None:
+    """Run a loaded package's golden inputs; SelfTestError unless its golden outputs come out.
+
+    The agent runs it before activating a slot, the fallback before serving a version.
+    """
+    try:
+        golden = directory / manifest.file("golden").name
+    except KeyError:
+        raise SelfTestError(f"{manifest.name} {manifest.version}: no golden data") from None
+    inputs, expected = await asyncio.to_thread(load_golden, golden)
+    outputs = await asyncio.to_thread(runtime.infer_sync, inputs, list(expected))
+    compare(expected, {t.name: t.data for t in outputs})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -84,7 +85,7 @@ class V2State:
     limits: RequestLimits = field(default_factory=RequestLimits)
     budget: ByteBudget = field(init=False)
     # Accepts a bearer token that is not one of auth_tokens (a signed device token),
-    # or raises AuthError.
+    # or raises AuthError. It may be async (one that asks another service, cached).
     token_verifier: Callable[[str], object] | None = None
 
     def __post_init__(self) -> None:
@@ -153,6 +154,7 @@ def build_v2_app(
     r.add_get("/v2/health/live", _live, name="v2.health.live")
     r.add_get("/v2/health/ready", _ready, name="v2.health.ready")
     r.add_get("/v2", _server_metadata, name="v2.server")
+    r.add_get("/v2/models", _model_index, name="v2.models")
     r.add_get("/v2/models/{model}", _model_metadata, name="v2.model")
     r.add_get("/v2/models/{model}/versions/{version}", _model_metadata, name="v2.version")
     r.add_get("/v2/models/{model}/ready", _model_ready, name="v2.ready")
@@ -255,7 +257,7 @@ async def _auth_middleware(request: web.Request, handler: Any) -> web.StreamResp
     state = request.app[V2_STATE]
     route = request.match_info.route.name
     if state.auth_required and request.path.startswith("/v2") and route not in _PUBLIC_ROUTES:
-        _check_bearer(request.headers.get("Authorization", ""), state)
+        await _check_bearer(request.headers.get("Authorization", ""), state)
     return await handler(request)
 
 
@@ -270,7 +272,7 @@ async def _small_body(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
-def _check_bearer(header: str, state: V2State) -> None:
+async def _check_bearer(header: str, state: V2State) -> None:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -281,7 +283,8 @@ def _check_bearer(header: str, state: V2State) -> None:
         return
     if state.token_verifier is None:
         raise AuthError("invalid bearer token")
-    state.token_verifier(token)  # raises AuthError
+    if inspect.isawaitable(verdict := state.token_verifier(token)):  # raises AuthError
+        await verdict
 
 
 def _model_ref(request: web.Request) -> tuple[str, str | None]:
@@ -301,6 +304,10 @@ async def _ready(request: web.Request) -> web.Response:
 
 async def _server_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[V2_STATE].dataplane.server_metadata())
+
+
+async def _model_index(request: web.Request) -> web.Response:
+    return web.json_response({"models": request.app[V2_STATE].dataplane.model_index()})
 
 
 async def _model_metadata(request: web.Request) -> web.Response:

@@ -85,10 +85,23 @@ def _spawn(
 
 def start_fallback(package: Package, tmp: Path, *flags: str) -> ServerProcess:
     """``fogline fallback serve`` on a free port, open (no tokens), serving ``package``."""
-    port = free_port()
-    argv = [sys.executable, "-c", FALLBACK_SCRIPT, "serve", "--port", str(port)]
-    argv += ["--package", str(package.directory), "--trust-key", package.signer.public_key_hex]
-    return _spawn([*argv, *flags], tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}")
+    flags = (
+        "--package",
+        str(package.directory),
+        "--trust-key",
+        package.signer.public_key_hex,
+        *flags,
+    )
+    return start_fallback_with(tmp, *flags)
+
+
+def start_fallback_with(
+    tmp: Path, *flags: str, port: int | None = None, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """``fogline fallback serve`` with these flags (and environment) on ``port`` (or a free one)."""
+    port = port or free_port()
+    argv = [sys.executable, "-c", FALLBACK_SCRIPT, "serve", "--port", str(port), *flags]
+    return _spawn(argv, tmp / f"fallback-{port}.log", f"http://127.0.0.1:{port}", env)
 
 
 def install_active(config: AgentConfig, package: Package) -> None:

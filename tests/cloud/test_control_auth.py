@@ -26,6 +26,7 @@ NEEDS = {
     ("POST", "/api/keys/rotate"): "admin",
     ("POST", "/api/keys/{key_id}/retire"): "admin",
     ("POST", "/api/keys/{key_id}/revoke"): "admin",
+    ("GET", "/api/whoami"): "viewer",
     ("GET", "/api/devices"): "viewer",
     ("POST", "/api/devices/{device_id}/token"): "admin",
     ("GET", "/api/models"): "viewer",
@@ -37,12 +38,23 @@ NEEDS = {
     ("GET", "/api/rollouts/{id}"): "viewer",
     ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
+    ("POST", "/api/staged-rollouts"): "operator",
+    ("GET", "/api/staged-rollouts"): "viewer",
+    ("GET", "/api/staged-rollouts/{id}"): "viewer",
+    ("POST", "/api/staged-rollouts/{id}/pause"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/resume"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/abort"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/rollback"): "operator",
+    ("GET", "/api/audit"): "operator",
     ("GET", "/api/dashboard/fleet"): "viewer",
     ("GET", "/api/dashboard/serving"): "viewer",
     ("GET", "/api/hard-examples"): "viewer",
     ("POST", "/api/hard-examples/{name}"): "device",  # a device's own token, no operator's
     ("GET", "/api/hard-examples/{name}"): "viewer",
     ("GET", "/metrics"): "metrics",  # a scrape-only token: aggregates, no device ids
+    ("POST", "/api/devices/{device_id}/policy"): "operator",
+    ("POST", "/api/models/{name}/policy"): "operator",
+    ("DELETE", "/api/devices/{device_id}/models/{name}"): "operator",
 }
 
 

@@ -22,7 +22,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloud.fallback import (
-    FALLBACK_RUNTIMES,
+    FALLBACK_REPOSITORY,
     FallbackSettings,
     build_fallback_app,
     register_cli,
@@ -110,15 +110,15 @@ async def test_cleanup_unloads(package: Package, signer: Signer) -> None:
     app = await build_fallback_app(settings_for(package, signer))
     c = TestClient(TestServer(app, host="127.0.0.1"))
     await c.start_server()
-    runtimes = app[FALLBACK_RUNTIMES]
-    assert all(r.ready for r in runtimes)
+    runtimes = list(app[FALLBACK_REPOSITORY])
+    assert runtimes and all(r.ready for r in runtimes)
     await c.close()
     assert not any(r.ready for r in runtimes)
 
 
 async def test_no_trusted_keys_checks_digests_only(package: Package, signer: Signer) -> None:
     app = await build_fallback_app(settings_for(package, signer, trusted_keys=[], tokens=None))
-    assert [r.info.version for r in app[FALLBACK_RUNTIMES]] == ["c1"]
+    assert [r.info.version for r in app[FALLBACK_REPOSITORY]] == ["c1"]
 
 
 async def test_package_signed_by_untrusted_key_is_refused(package: Package, tmp_path: Path) -> None:

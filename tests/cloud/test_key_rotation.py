@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloud.control_cli import ControlClient
-from cloud.fallback import FALLBACK_RUNTIMES, FallbackSettings, build_fallback_app
+from cloud.fallback import FALLBACK_REPOSITORY, FallbackSettings, build_fallback_app
 from cloud.keys import KeyStore
 from common import topics
 from common.device_token import issue_token
@@ -274,9 +274,9 @@ async def test_offline_signing_only_control_plane(mosquitto, tmp_path) -> None:
 async def _fallback_models(settings: FallbackSettings) -> list[str]:
     app = await build_fallback_app(settings)
     try:
-        return [r.info.name for r in app[FALLBACK_RUNTIMES]]
+        return [r.info.name for r in app[FALLBACK_REPOSITORY]]
     finally:
-        for runtime in app[FALLBACK_RUNTIMES]:
+        for runtime in app[FALLBACK_REPOSITORY]:
             await runtime.unload()
 
 
