@@ -32,7 +32,7 @@ from common.errors import (
 )
 from common.golden import load_golden
 from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
-from common.onnx_runtime import INLINE_BELOW_US, OnnxRuntime, check_inputs
+from common.onnx_runtime import INLINE_BELOW_US, OnnxRuntime
 from common.runtime import ModelInfo
 from common.serving_metrics import ServingMetrics
 
@@ -139,7 +139,7 @@ class BatchingRuntime:
         manifest = self.inner.manifest
         if not self.inner.ready:
             raise ModelNotReadyError(f"model {manifest.name!r} is not loaded")
-        feeds = check_inputs(request, manifest.inputs)
+        feeds = await self.inner.request_feeds(request)  # text is tokenized here
         known = {o.name for o in manifest.outputs}
         if request.outputs is not None and not set(request.outputs) <= known:
             raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")

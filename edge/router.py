@@ -1,7 +1,7 @@
 """The edge router: a Runtime composing the local model and the cloud fallback.
 
 Per request (DESIGN.md "Router"): ``fogline.route`` = local | cloud forces a
-path; otherwise no healthy local model → cloud, too many rows → cloud, local
+path; otherwise no healthy local model → cloud, too many rows (or tokens) → cloud, local
 queue over its latency budget → cloud (reason ``load``, only while the cloud
 answers faster than the queue would: its recent latency is tracked, and
 measured again by one request when it is older than ``cloud_probe_s``), else
@@ -39,6 +39,7 @@ from common.inference import (
 )
 from common.manifest import RoutingHints
 from common.runtime import ModelInfo, Runtime
+from common.text import SequenceTooLongError
 from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudConnectError, CloudTooLargeError
 from edge.load_gauge import LoadGauge
@@ -254,6 +255,10 @@ class Router:
             response, score = await self._run_local(local, request)
         except ModelNotReadyError:  # unloaded under us by a swap: the cloud can still answer
             return await self._escalate(request, None, "no_local_model")
+        except SequenceTooLongError:
+            # Longer than the local model serves (known once tokenised): the cloud's
+            # variant takes longer texts; no local answer to fall back on.
+            return await self._escalate(request, None, "heavy")
         if score is not None and score > self._threshold(local):
             return await self._escalate(request, local, "uncertain", response, score)
         return self._served_local(response, local, score)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,14 @@ from torch import nn
 
 from cloud.pipeline.export import ExportError, export_onnx
 from common.errors import FoglineError
+from common.text import ATTENTION_MASK, INPUT_IDS, TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
 OUTPUT_NAME = "embedding"
 EMBEDDING_DIM = 384
 EDGE_MAX_TOKENS = 128  # the int8 edge variant serves up to this many tokens locally
 CLOUD_MAX_TOKENS = 512  # the model's position table: the fp32 cloud variant's limit
-TOKENIZER_FILE = "tokenizer.json"
 TASK = "sentence-embedding"
 
 
@@ -83,7 +82,9 @@ def load_embedder() -> SentenceEmbedder:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     encoder: Any = AutoModel.from_pretrained(str(model_dir()), attn_implementation="eager")
     return SentenceEmbedder(encoder).eval()
 
@@ -108,19 +109,56 @@ def export_minilm(out_path: Path, *, opset: int = 17) -> Path:
         ATTENTION_MASK: torch.ones(1, 4, dtype=torch.int64),
     }
     sequence = {1: "sequence"}
-    path = export_onnx(
-        model,
-        Path(out_path),
-        examples=examples,
-        output_names=(OUTPUT_NAME,),
-        dynamic_axes={INPUT_IDS: sequence, ATTENTION_MASK: sequence},
-        opset=opset,
-    )
+    with warnings.catch_warnings():
+        # The tracer warns about a shape test in transformers' mask code and about
+        # index ops; the graph is checked against PyTorch at many batch and sequence
+        # sizes (tests/cloud/test_minilm.py), so these are noise here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
+        path = export_onnx(
+            model,
+            Path(out_path),
+            examples=examples,
+            output_names=(OUTPUT_NAME,),
+            dynamic_axes={INPUT_IDS: sequence, ATTENTION_MASK: sequence},
+            opset=opset,
+        )
     got = onnx_opset(path)
     if got != opset:
         path.unlink(missing_ok=True)
         raise ExportError(f"asked for ONNX opset {opset}, the exporter wrote {got}")
+    _fix_embedding_width(path)
     return path
+
+
+def _fix_embedding_width(path: Path) -> None:
+    """Declare the output [batch, 384]: the tracer leaves the width symbolic."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = EMBEDDING_DIM
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+
+
+def ffn_matmuls(model_path: Path) -> tuple[str, ...]:
+    """Names of the feed-forward MatMuls (``intermediate``/``output`` dense) of each layer."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return tuple(
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and (
+            "/intermediate/dense/" in n.name
+            or ("/output/dense/" in n.name and "/attention/" not in n.name)
+        )
+    )
 
 
 def quantize_minilm(
@@ -129,12 +167,14 @@ def quantize_minilm(
     *,
     per_channel: bool = True,
     op_types: tuple[str, ...] = ("MatMul", "Gather"),
+    exclude: tuple[str, ...] = (),
 ) -> Path:
-    """Dynamic int8 weights (per output channel) for the MatMuls: the edge variant.
+    """Dynamic int8 weights (per output channel) for the MatMuls and embeddings: the edge variant.
 
     Per-tensor weights lose too much (mean cosine ~0.96); per-channel keeps
-    ~0.99 at the same speed. Shape pre-processing runs without symbolic shape
-    inference, which fails on this graph.
+    ~0.99 at the same speed. ``exclude`` names nodes kept in fp32 (e.g.
+    ``ffn_matmuls(fp32_path)``). Shape pre-processing runs without symbolic
+    shape inference, which fails on this graph.
     """
     import shutil
     import tempfile
@@ -154,6 +194,7 @@ def quantize_minilm(
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
             op_types_to_quantize=list(op_types),
+            nodes_to_exclude=list(exclude),
         )
         shutil.move(staged, int8_path)
     logger.info("quantized %s -> %s (%d bytes)", fp32_path, int8_path, int8_path.stat().st_size)

@@ -16,12 +16,14 @@ from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, BatchSettings
 from common.batcher import BatchingRuntime
 from common.dataplane import DataPlane
 from common.errors import DeadlineExceededError, InvalidInputError
-from common.inference import InferRequest, Tensor
+from common.inference import InferRequest, Tensor, bytes_array
 from common.onnx_runtime import OnnxRuntime
 from common.serving_metrics import parse
+from common.text import TEXT_INPUT
 from common.v2_server import build_v2_app
 from tests.common.token_model import TokenModel, make_token_model, tokens
 from tests.model_fixtures import Package, reference_output, toy_input, v2_infer_body
+from tests.text_model import make_text_package, words
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +262,35 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_refused(
     finally:
         held.release.set()
         await rt.unload()
+
+
+async def test_texts_of_different_lengths_are_tokenized_padded_and_batched(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    package = make_text_package(tmp_path_factory.mktemp("text") / "pkg", variant="cloud")
+    dp = DataPlane("s", "0")
+    batched = BatchingRuntime(
+        OnnxRuntime(package.model_path, package.manifest),
+        BatchSettings(max_batch=8, calibrate=False),
+        metrics=dp.metrics,
+    )
+    alone = OnnxRuntime(package.model_path, package.manifest)
+    await batched.load()
+    await alone.load()
+    try:
+        assert batched.pads
+        texts = [words(n) for n in (3, 40, 1, 17)]
+
+        def request(text: str) -> InferRequest:
+            return InferRequest("text", [Tensor(TEXT_INPUT, bytes_array([text], 1, "text"))])
+
+        answers = await asyncio.gather(*(batched.infer(request(t)) for t in texts))
+        for text, answer in zip(texts, answers, strict=True):
+            want = (await alone.infer(request(text))).output("embedding").data
+            got = answer.output("embedding").data
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        m = parse(dp.metrics.render().decode())
+        assert m["nv_inference_exec_count_total"][0][1] == 1.0  # four texts, one run
+    finally:
+        await batched.unload()
+        await alone.unload()
