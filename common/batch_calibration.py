@@ -32,12 +32,18 @@ class Calibration:
     preferred: int
     seconds: dict[int, float]  # median compute time of one run, by batch size
 
+    @property
+    def best(self) -> int:
+        """The size with the highest rate: larger batches only add latency (or lose rate)."""
+        return max(self.seconds, key=self.rows_per_s)
+
     def rows_per_s(self, size: int) -> float:
         return size / self.seconds[size]
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "preferred_batch": self.preferred,
+            "best_batch": self.best,
             "rows_per_s": {str(b): round(self.rows_per_s(b), 1) for b in sorted(self.seconds)},
         }
 

@@ -39,6 +39,9 @@ from common.serving_metrics import ServingMetrics
 logger = logging.getLogger(__name__)
 
 MASK_INPUT = "attention_mask"
+# Executions in flight per model: a model that does not fill the cores at its best
+# batch size (MiniLM on 2 cores: two batch-1 runs beat one batch-16 run) shares them.
+WORKERS = 2
 
 
 @dataclass
@@ -78,12 +81,13 @@ class BatchingRuntime:
             for s in specs
         )
         self.preferred = self.settings.max_batch
+        self.cap = self.settings.max_batch  # rows per run; calibrated: the best size
         self.delay_s = self.settings.max_delay_us / 1e6
         self.calibration: Calibration | None = None
         self._cost_s: dict[int, float] = {}  # measured compute time by batch size
         self._queue: deque[_Item] = deque()
         self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._busy_until = 0.0
         self._last_rows = 1
 
@@ -95,6 +99,7 @@ class BatchingRuntime:
         params = dict(info.parameters)
         params["fogline.batching.max_batch"] = self.settings.max_batch
         params["fogline.batching.preferred_batch"] = self.preferred
+        params["fogline.batching.batch_cap"] = self.cap
         params["fogline.batching.max_queue_delay_us"] = round(self.delay_s * 1e6, 1)
         params["fogline.batching.pads_sequences"] = self.pads
         if self.calibration is not None:
@@ -113,6 +118,7 @@ class BatchingRuntime:
                 calibrate, self.inner, example, self.settings.max_batch, self.settings.calibration_s
             )
             self.preferred = self.calibration.preferred
+            self.cap = self.calibration.best
             self._cost_s.update(self.calibration.seconds)
             # Wait at most one preferred batch's compute time for batch-mates.
             self.delay_s = min(self.delay_s, self.calibration.seconds[self.preferred])
@@ -126,9 +132,9 @@ class BatchingRuntime:
             )
 
     async def unload(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self._worker = None
+        for task in self._workers:
+            task.cancel()
+        self._workers = []
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
@@ -189,9 +195,13 @@ class BatchingRuntime:
 
     def _ensure_worker(self) -> asyncio.Event:
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+        workers = self._workers
+        if not workers or any(t.done() or t.get_loop() is not loop for t in workers):
+            for task in workers:
+                task.cancel()
             self._wake = asyncio.Event()
-            self._worker = loop.create_task(self._work(), name=f"batcher-{self.inner.info.name}")
+            name = f"batcher-{self.inner.info.name}"
+            self._workers = [loop.create_task(self._work(), name=name) for _ in range(WORKERS)]
         assert self._wake is not None
         return self._wake
 
@@ -246,7 +256,7 @@ class BatchingRuntime:
         batch, rows, kept = [first], first.rows, deque[_Item]()
         while self._queue:
             item = self._queue.popleft()
-            if item.key == first.key and rows + item.rows <= self.settings.max_batch:
+            if item.key == first.key and rows + item.rows <= self.cap:
                 batch.append(item)
                 rows += item.rows
             else:

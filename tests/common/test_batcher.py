@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from common.batch_calibration import Calibration, preferred_size
 from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, BatchSettings
-from common.batcher import BatchingRuntime
+from common.batcher import WORKERS, BatchingRuntime
 from common.dataplane import DataPlane
 from common.errors import DeadlineExceededError, InvalidInputError
 from common.inference import InferRequest, Tensor, bytes_array
@@ -232,11 +232,11 @@ class HeldRuntime(OnnxRuntime):
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self.started = threading.Event()
+        self.started = threading.Semaphore(0)
         self.release = threading.Event()
 
     def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
-        self.started.set()
+        self.started.release()
         self.release.wait(30)
         return super().infer_sync(feeds, outputs)
 
@@ -248,15 +248,25 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_refused(
     rt = BatchingRuntime(held, BatchSettings(max_batch=4, calibrate=False))
     await rt.load()
     try:
-        first = asyncio.create_task(rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))])))
-        await asyncio.to_thread(held.started.wait, 30)  # the first run holds the model
+        # One held run per worker: the model is busy, the next request must queue.
+        groups: list[list[str] | None] = [None, ["probabilities"]]  # apart: a run each
+        assert len(groups) == WORKERS
+        firsts = [
+            asyncio.create_task(
+                rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))], outputs=outputs))
+            )
+            for outputs in groups
+        ]
+        for _ in range(WORKERS):
+            assert await asyncio.to_thread(held.started.acquire, True, 30)
         request = InferRequest(
             "toy", [Tensor("input", toy_input(1))], parameters={DEADLINE_PARAM: 20}
         )
         waiting = asyncio.create_task(rt.infer(request))
         await asyncio.sleep(0.1)  # its 20 ms pass while it waits in the queue
         held.release.set()
-        assert len((await first).outputs) == 1
+        for first in firsts:
+            assert len((await first).outputs) == 1
         with pytest.raises(DeadlineExceededError):
             await waiting
     finally:
