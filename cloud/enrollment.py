@@ -54,6 +54,7 @@ class AgentSettings:
     broker_port: int = 1883
     broker_tls_ca: str | None = None
     fallback_url: str | None = None
+    control_url: str | None = None  # where the device sends hard examples
     token_lifetime_s: float = DEFAULT_LIFETIME_S
 
 
@@ -161,6 +162,8 @@ def _agent_config(
     }
     if settings.broker_tls_ca:
         config["broker_tls_ca"] = settings.broker_tls_ca
+    if settings.control_url:
+        config["control_url"] = settings.control_url
     return config
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from common import keyring, messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
+from common.inference import InferRequest, InferResponse
 from common.manifest import Manifest
 from common.messages import Command
 from common.mqtt import MqttLink, TlsConfig, Will
@@ -31,6 +32,8 @@ from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
 from edge.config import AgentConfig
 from edge.deployment import Deployer
+from edge.hard_examples import HardExampleStore
+from edge.hard_examples import parse_settings as parse_hard_example_settings
 from edge.model_commands import ModelCommands
 from edge.model_library import ModelLibrary
 from edge.model_store import SlotModel
@@ -73,6 +76,9 @@ class EdgeAgent:
             )
         self.dataplane = DataPlane("fogline-edge", AGENT_VERSION)
         self.serving = ModelServing(config, self.dataplane, config.state_dir / "policies.json")
+        self.hard_examples = _hard_example_store(config)
+        if self.hard_examples is not None:
+            self.serving.on_escalated = self._keep_hard_example
         self._stack = AsyncExitStack()
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox: Outbox | None = None
@@ -167,6 +173,14 @@ class EdgeAgent:
         await self._resume_pending()  # before new commands: they queue behind these
         self.link.subscribe(self._topic("commands"), self._on_command)
         self._spawn(self._telemetry_loop(), "telemetry")
+        if self.hard_examples is not None:
+            assert self.config.control_url and self.config.cloud_token
+            interval = float(self.config.hard_examples.get("upload_interval_s", 30.0))
+            upload = self.hard_examples.run(
+                self.config.control_url, self.config.cloud_token, interval
+            )
+            self._spawn(upload, "hard-examples")
+            self._stack.callback(self.hard_examples.close)
         self._stack.push_async_callback(self._cancel_tasks)
         logger.info("agent %s serving V2 API on %s", self.config.device_id, self.config.api_url)
 
@@ -356,6 +370,16 @@ class EdgeAgent:
             return
         await self.link.publish(self._topic("status"), self._status(True), retain=True)
 
+    def _keep_hard_example(
+        self, version: str, request: InferRequest, response: InferResponse, reason: str
+    ) -> None:
+        """Off the request's path: the store writes to disk in a worker thread."""
+        assert self.hard_examples is not None
+        task = asyncio.get_running_loop().run_in_executor(
+            None, self.hard_examples.offer, version, request, response, reason
+        )
+        task.add_done_callback(lambda f: f.exception())  # offer logs its own failures
+
     async def _telemetry_loop(self) -> None:
         assert self.outbox is not None
         while True:
@@ -368,6 +392,18 @@ class EdgeAgent:
                 "models": per_model,
             }
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
+
+
+def _hard_example_store(config: AgentConfig) -> HardExampleStore | None:
+    """The store of escalations to learn from, when there is somewhere to send them."""
+    settings = parse_hard_example_settings(config.hard_examples)
+    if not (config.control_url and config.cloud_token) or settings.get("sample_rate") == 0:
+        return None
+    return HardExampleStore(
+        config.state_dir / "hard-examples.sqlite",
+        sample_rate=settings.get("sample_rate", 1.0),
+        max_rows=settings.get("max_rows", 2000),
+    )
 
 
 def _broker_tls(config: AgentConfig) -> TlsConfig | None:

@@ -15,6 +15,7 @@ from common.keyring import apply_chain
 from common.names import check_name
 from common.policy import MAX_LATENCY_BUDGET_MS, parse_policy
 from common.signing import TrustStore
+from edge.hard_examples import parse_settings as parse_hard_example_settings
 
 ENV_PREFIX = "FOGLINE_AGENT_"
 
@@ -61,6 +62,11 @@ class AgentConfig:
     # Set at enrollment (site=berlin, ...) and reported in status: staged rollouts pick
     # devices by them. The control plane trusts its own enrollment record over these.
     labels: dict[str, str] = field(default_factory=dict)
+    # The control plane's base URL: where hard examples go (with cloud_token, the
+    # device's own token). None: none are kept.
+    control_url: str | None = None
+    # {sample_rate, max_rows, upload_interval_s} for escalations kept as hard examples
+    hard_examples: dict[str, Any] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -139,6 +145,12 @@ class AgentConfig:
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
         _check_tls_files(cfg)
         _check_models(cfg)
+        try:
+            parse_hard_example_settings(cfg.hard_examples)
+        except ValueError as exc:
+            raise InvalidInputError(f"agent config: {exc}") from None
+        if cfg.control_url is not None and not cfg.control_url.startswith(("http://", "https://")):
+            raise InvalidInputError("agent config: control_url must be an http(s) URL")
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
         cfg.check_api_exposure()

@@ -138,6 +138,9 @@ class Router:
         self.name = name
         self.remote = remote
         self.policy = policy or RouterPolicy()
+        # Told of each escalation the cloud answered: (local version, request, the cloud's
+        # answer, reason); the agent keeps some as hard examples. Must not block or raise.
+        self.on_escalated: Callable[[str, InferRequest, InferResponse, str], None] | None = None
         self.breaker = CircuitBreaker(
             failures=self.policy.breaker_failures,
             cooldown_s=self.policy.breaker_cooldown_s,
@@ -308,6 +311,8 @@ class Router:
             logger.warning("cloud refused a request the local model served: %s", exc)
             return await self._degrade(request, local, reason, local_response, score, exc)
         self._stats.served_cloud += 1
+        if self.on_escalated is not None and local is not None:
+            self.on_escalated(local.runtime.info.version, request, response, reason)
         version = response.parameters.get(MODEL_VERSION) or response.version or ""
         return self._tag(response, "cloud", str(version), reason=reason, score=score)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from common.dataplane import DataPlane
 from common.errors import InvalidInputError, StoreError
 from common.fsutil import atomic_write
+from common.inference import InferRequest, InferResponse
 from common.manifest import Manifest
 from common.names import check_name
 from common.onnx_runtime import OnnxRuntime
@@ -48,6 +50,8 @@ class ModelServing:
         self._policy_file = policy_file
         self._overrides: dict[str, dict[str, Any]] = self._read_overrides()
         self._served: dict[str, Served] = {}
+        # Given to every router (see Router.on_escalated); set by the agent before serving.
+        self.on_escalated: Callable[[str, InferRequest, InferResponse, str], None] | None = None
 
     def _read_overrides(self) -> dict[str, dict[str, Any]]:
         """Kept set-policy changes; one that no longer passes the checks is dropped."""
@@ -93,6 +97,7 @@ class ModelServing:
                 timeout_s=cfg.cloud_timeout_s,
             )
         router = Router(name, remote, policy=self.policy_of(name))
+        router.on_escalated = self.on_escalated
         await router.load()
         served = Served(router)
         self._served[name] = served
