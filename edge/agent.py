@@ -232,9 +232,11 @@ class EdgeAgent:
     # -- models -------------------------------------------------------------------
 
     def _runtime_for(self, model: SlotModel) -> OnnxRuntime:
-        return OnnxRuntime(
+        runtime = OnnxRuntime(
             model.model_file, model.signed.manifest, intra_op_threads=self.config.intra_op_threads
         )
+        runtime.metrics = self.dataplane.metrics  # executions, on the agent's /metrics
+        return runtime
 
     async def _activate(self, model: SlotModel, runtime: OnnxRuntime) -> None:
         await runtime.load()
