@@ -72,6 +72,18 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.stop()
 
 
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of this test's own: no retained status of other tests' devices on it,
+    for tests that count the whole fleet."""
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto binary not on PATH")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 

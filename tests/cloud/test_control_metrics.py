@@ -34,7 +34,10 @@ async def _scrape(s: aiohttp.ClientSession, cp: ControlPlane, role: str = "metri
         return _samples(await resp.text())
 
 
-async def test_a_scrape_shows_fleet_rollouts_mqtt_and_api_latency(mosquitto, tmp_path) -> None:
+async def test_a_scrape_shows_fleet_rollouts_mqtt_and_api_latency(
+    private_mosquitto, tmp_path
+) -> None:
+    mosquitto = private_mosquitto  # it counts the whole fleet: no other test's devices
     device = f"cam-{uuid.uuid4().hex[:6]}"
     async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
         cp.publish_toy(tmp_path, "1")
