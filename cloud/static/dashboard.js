@@ -240,8 +240,11 @@ async function refreshServing() {
         m.queue_us_per_request == null ? "" : m.queue_us_per_request.toFixed(0),
         m.compute_us_per_request == null ? "" : m.compute_us_per_request.toFixed(0)]);
       if (m.batch_size) {
-        const bounds = Object.keys(m.batch_size);
-        batches.push(histogram(`batch sizes · ${model} (cumulative)`, bounds, Object.values(m.batch_size)));
+        // Prometheus buckets are cumulative ("≤ le"): draw how many fell in each one.
+        const le = Object.keys(m.batch_size).sort((a, b) => Number(a) - Number(b));
+        const counts = le.map((k, i) => m.batch_size[k] - (i ? m.batch_size[le[i - 1]] : 0));
+        const bounds = le.map((k) => (k === "+Inf" ? "∞" : String(Number(k))));
+        batches.push(histogram(`batch sizes · ${model}`, bounds, counts));
       }
     }
     history.push(...f.history.filter((h) => h.queue_us != null));

@@ -195,6 +195,14 @@ async def _check_in_browser(playwright_api, cp, ids, rollout_id, fallback_url) -
             assert sum(map(sum, histograms)) == 60, histograms  # every request in some bucket
             fallback_rows = await page.inner_text("#fallbacks")
             assert fallback_url in fallback_rows and "unreachable" not in fallback_rows
+            # The fallback's own Prometheus counters: the 10 heavy batches it answered.
+            await page.wait_for_function(
+                "Object.values(window.fogline.data.serving.fallbacks[0].models)"
+                ".some(m => m.success >= 10)"
+            )
+            scraped = await page.evaluate("window.fogline.data.serving.fallbacks[0].models")
+            (served,) = [m for m in scraped.values() if m.get("success")]
+            assert served["success"] == 10 and served["mean_batch"] >= 1, scraped
             await page.screenshot(path=ARTIFACTS / "dashboard-serving.png", full_page=True)
 
             # A rollout's page: per-device state; a viewer's button press is refused.
