@@ -19,7 +19,12 @@ def make_token(workdir: Path, name: str, role: str) -> str:
     return made.stdout.strip()
 
 
-def test_publish_and_rollout_commands_against_running_processes(mosquitto, tmp_path) -> None:
+def test_publish_and_rollout_commands_against_running_processes(
+    private_mosquitto, tmp_path
+) -> None:
+    # Its own broker: "roll out to every online device" must not count other tests' devices
+    # (the session broker keeps their retained status).
+    mosquitto = private_mosquitto
     control_url = f"http://127.0.0.1:{free_port()}"
     control = ManagedProcess(
         "control",

@@ -59,6 +59,7 @@ def _wait_for_checkpoint(directory: Path, proc: subprocess.Popen[bytes], timeout
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # about a minute on 2 cores: run with -m slow
 def test_killed_training_resumes_to_the_same_metrics(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
