@@ -32,6 +32,9 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
 }
 NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
+# NOTE: BYTES (strings, e.g. text to tokenise) is no numeric dtype: a BYTES tensor's
+# data is an object array of ``bytes``, made only by ``bytes_array``.
+BYTES = "BYTES"
 
 # Keys of the ``parameters`` Fogline adds to responses (and reads from requests).
 SERVED_BY = "fogline.served_by"  # "edge" | "cloud"
@@ -54,6 +57,8 @@ class Tensor:
 
     @property
     def datatype(self) -> str:
+        if self.data.dtype == object:
+            return BYTES
         try:
             return NUMPY_TO_V2[self.data.dtype]
         except KeyError:
@@ -115,7 +120,7 @@ def _tensor_from_rest(obj: Any, where: str, budget: ElementBudget) -> Tensor:
         raise InvalidInputError(f"{where}: tensor is missing field {exc.args[0]!r}") from None
     if not isinstance(name, str) or not name:
         raise InvalidInputError(f"{where}: tensor name must be a non-empty string")
-    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
+    if not isinstance(datatype, str) or (datatype not in V2_TO_NUMPY and datatype != BYTES):
         raise InvalidInputError(f"{where}: tensor {name!r} has unsupported datatype {datatype!r}")
     if (
         not isinstance(shape, list)
@@ -127,7 +132,10 @@ def _tensor_from_rest(obj: Any, where: str, budget: ElementBudget) -> Tensor:
         )
     expected = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
     budget.take(expected, f"{where}: tensor {name!r} shape {shape}")  # before any array exists
-    array = _array_of(data, V2_TO_NUMPY[datatype], expected, f"{where}: tensor {name!r}")
+    if datatype == BYTES:
+        array = bytes_array(data, expected, f"{where}: tensor {name!r}")
+    else:
+        array = _array_of(data, V2_TO_NUMPY[datatype], expected, f"{where}: tensor {name!r}")
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInputError(f"{where}: tensor {name!r} parameters must be an object")
@@ -165,13 +173,66 @@ def _array_of(data: Any, dtype: np.dtype, expected: int, where: str) -> np.ndarr
     return array
 
 
+def bytes_array(data: Any, expected: int, where: str) -> np.ndarray:
+    """A BYTES tensor's elements as a flat object array of ``bytes``.
+
+    ``data`` is a JSON list (nested lists allowed, as V2 permits) of strings,
+    which become UTF-8, or a list of ``bytes`` (the binary extension's elements).
+    """
+    if not isinstance(data, list):
+        raise InvalidInputError(f"{where} data must be a list of strings")
+    flat: list[bytes] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) > MAX_DIMS:
+                raise InvalidInputError(f"{where} data is nested too deeply")
+            stack.append(iter(item))
+        elif isinstance(item, str):
+            flat.append(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, bytes):
+            flat.append(item)
+        else:
+            raise InvalidInputError(f"{where} data holds {type(item).__name__}, not a string")
+        if len(flat) > expected:
+            break
+    if len(flat) != expected:
+        raise InvalidInputError(
+            f"{where} has {len(flat)} or more elements, its shape needs {expected}"
+        )
+    array = np.empty(expected, dtype=object)
+    array[:] = flat
+    return array
+
+
+_END = object()
+
+
+def _bytes_to_rest(data: np.ndarray, name: str) -> list[str]:
+    """JSON carries text: BYTES elements must be UTF-8 to travel as JSON strings."""
+    try:
+        return [bytes(b).decode("utf-8") for b in data.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            f"tensor {name!r}: an element is not UTF-8 text, which JSON cannot carry; "
+            "send it with the binary tensor extension"
+        ) from None
+
+
 def _tensor_to_rest(t: Tensor, raw: bool = False) -> dict[str, Any]:
     """The REST form; ``raw`` leaves the data an ndarray, for ``tensor_json.dumps_v2``."""
+    if t.data.dtype == object:
+        data: Any = _bytes_to_rest(t.data, t.name)
+    else:
+        data = t.data if raw else t.data.reshape(-1).tolist()
     out: dict[str, Any] = {
         "name": t.name,
         "datatype": t.datatype,
         "shape": t.shape,
-        "data": t.data if raw else t.data.reshape(-1).tolist(),
+        "data": data,
     }
     if t.parameters:
         out["parameters"] = t.parameters

@@ -40,7 +40,7 @@ class FileEntry:
     name: str
     size: int
     sha256: str
-    role: str  # "model" | "golden" | "config"
+    role: str  # "model" | "golden" | "config" | "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class RoutingHints:
     uncertainty_metric: str = "max_prob"  # which kernels.uncertainty score
     uncertainty_threshold: float = 1.0  # escalate when the score is above this
     max_local_batch: int = 64  # a request with more rows goes to the cloud
+    # Longest token sequence served here (text models); longer goes to the cloud ("heavy"),
+    # or is refused where this is the cloud. None: the model has no sequence axis.
+    max_sequence_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ class Manifest:
         if self.chunks is None:
             # NOTE: no key at all, so manifests signed before chunk lists still verify.
             del doc["chunks"]
+        if self.routing.max_sequence_length is None:
+            # NOTE: likewise, so manifests signed before this hint still verify.
+            del doc["routing"]["max_sequence_length"]
         return doc
 
     @classmethod
@@ -178,6 +184,11 @@ class Manifest:
         batch = hints.max_local_batch
         if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch <= MAX_RELEASE:
             raise InvalidInputError(f"routing.max_local_batch must be a count, got {batch!r}")
+        seq = hints.max_sequence_length
+        if seq is not None and (
+            not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_RELEASE
+        ):
+            raise InvalidInputError(f"routing.max_sequence_length must be a count, got {seq!r}")
         if not isinstance(self.evaluation, dict) or not all(
             isinstance(k, str) and _is_number(v) for k, v in self.evaluation.items()
         ):
@@ -219,6 +230,9 @@ class Manifest:
             if f.role == role:
                 return f
         raise KeyError(role)
+
+    def has_file(self, role: str) -> bool:
+        return any(f.role == role for f in self.files)
 
     @property
     def artifact_size(self) -> int:

@@ -25,6 +25,14 @@ from common.inference import (
 )
 from common.manifest import Manifest, TensorSpec
 from common.runtime import ModelInfo
+from common.text import (
+    TEXT_INPUT,
+    TOKENIZER_ROLE,
+    TextEncoder,
+    check_token_feeds,
+    has_text_input,
+    text_feeds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ logger = logging.getLogger(__name__)
 # is blocked for less than aiohttp spends parsing the request. Anything slower
 # (and every first run, before it is measured) goes to a worker thread.
 INLINE_BELOW_US = 200.0
+DEFAULT_MAX_TOKENS = 512  # a tokenizer's limit when the manifest does not give one
+_TOKENIZE_INLINE_BYTES = 16 * 1024  # more text than this is tokenised off the event loop
 
 # ONNX element types (as ONNX Runtime names them) -> V2 datatypes: every type
 # the V2 codec has a NumPy dtype for. Others (string, bfloat16, ...) are refused.
@@ -102,6 +112,7 @@ class OnnxRuntime:
         self._threads = intra_op_threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._session: Any = None
+        self._encoder: TextEncoder | None = None
         self._inline_below_us = inline_below_us
         self._ewma_us: float | None = None  # typical session.run time, measured
 
@@ -114,8 +125,17 @@ class OnnxRuntime:
             platform=self.platform,
             inputs=m.inputs,
             outputs=m.outputs,
-            parameters={"fogline.variant": m.variant, "fogline.precision": m.precision},
+            parameters=self._parameters(),
         )
+
+    def _parameters(self) -> dict[str, Any]:
+        m = self.manifest
+        params: dict[str, Any] = {"fogline.variant": m.variant, "fogline.precision": m.precision}
+        if m.has_file(TOKENIZER_ROLE):
+            params["fogline.text_input"] = TEXT_INPUT  # BYTES [rows], tokenised here
+        if m.routing.max_sequence_length is not None:
+            params["fogline.max_sequence_length"] = m.routing.max_sequence_length
+        return params
 
     @property
     def ready(self) -> bool:
@@ -130,6 +150,10 @@ class OnnxRuntime:
                 f"{self.model_path.name}: manifest inputs {sorted(declared)} "
                 f"but the model has {sorted(actual)}"
             )
+        if self.manifest.has_file(TOKENIZER_ROLE):
+            name = self.manifest.file(TOKENIZER_ROLE).name
+            limit = self.manifest.routing.max_sequence_length or DEFAULT_MAX_TOKENS
+            self._encoder = TextEncoder(self.model_path.parent / name, limit)
         return session
 
     async def load(self) -> None:
@@ -157,8 +181,22 @@ class OnnxRuntime:
         ewma = self._ewma_us
         return ewma is not None and ewma < self._inline_below_us
 
+    def _feeds(self, request: InferRequest) -> dict[str, np.ndarray]:
+        specs = self.manifest.inputs
+        if has_text_input(request.inputs):
+            return text_feeds(self._encoder, request.inputs, [s.name for s in specs], request.model)
+        feeds = check_inputs(request, specs)
+        encoder = self._encoder
+        limit = self.manifest.routing.max_sequence_length
+        if encoder is not None or limit is not None:
+            check_token_feeds(feeds, limit, encoder.vocab_size if encoder else None)
+        return feeds
+
     async def infer(self, request: InferRequest) -> InferResponse:
-        feeds = check_inputs(request, self.manifest.inputs)
+        if _text_size(request) > _TOKENIZE_INLINE_BYTES:
+            feeds = await asyncio.to_thread(self._feeds, request)
+        else:
+            feeds = self._feeds(request)
         known = {o.name for o in self.manifest.outputs}
         if request.outputs is not None and not set(request.outputs) <= known:
             raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
@@ -176,6 +214,16 @@ class OnnxRuntime:
 
     async def unload(self) -> None:
         self._session = None
+        self._encoder = None
+
+
+def _text_size(request: InferRequest) -> int:
+    return sum(
+        len(b) if isinstance(b, bytes) else 0
+        for t in request.inputs
+        if t.data.dtype == object
+        for b in t.data.reshape(-1)
+    )
 
 
 def open_session(model_path: Path, *, threads: int = 1, providers: list[str] | None = None) -> Any:

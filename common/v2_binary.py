@@ -15,6 +15,7 @@ import numpy as np
 
 from common.errors import InvalidInputError, NonFiniteOutputError
 from common.inference import (
+    BYTES,
     DEFAULT_LIMITS,
     V2_TO_NUMPY,
     InferRequest,
@@ -85,6 +86,10 @@ def _attach_binary(obj: dict[str, Any], field: str, blob: memoryview) -> None:
             continue
         size = params.pop("binary_data_size")
         datatype = t.get("datatype")
+        if datatype == BYTES and isinstance(size, int) and 0 <= size <= len(blob) - offset:
+            t["data"] = _bytes_elements(blob[offset : offset + size], f"{field}[{i}]")
+            offset += size
+            continue
         dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
         if dtype is None or not isinstance(size, int) or size < 0 or offset + size > len(blob):
             raise InvalidInputError(f"{field}[{i}]: bad binary_data_size or datatype")
@@ -96,6 +101,22 @@ def _attach_binary(obj: dict[str, Any], field: str, blob: memoryview) -> None:
         offset += size
     if offset != len(blob):
         raise InvalidInputError(f"{len(blob) - offset} bytes of binary data belong to no input")
+
+
+def _bytes_elements(blob: memoryview, where: str) -> list[bytes]:
+    """BYTES in the binary extension: each element a 4-byte little-endian length, then bytes."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            raise InvalidInputError(f"{where}: BYTES data ends inside an element's length")
+        length = int.from_bytes(blob[pos : pos + 4], "little")
+        pos += 4
+        if pos + length > len(blob):
+            raise InvalidInputError(f"{where}: BYTES element of {length} bytes overruns its data")
+        out.append(bytes(blob[pos : pos + length]))
+        pos += length
+    return out
 
 
 def _binary_outputs(obj: dict[str, Any]) -> BinaryOutputs:
@@ -155,6 +176,8 @@ def encode_infer_request(request: InferRequest) -> tuple[bytes, int]:
 
 
 def _le_bytes(data: np.ndarray) -> bytes:
+    if data.dtype == object:  # BYTES: length-prefixed elements
+        return b"".join(len(b).to_bytes(4, "little") + bytes(b) for b in data.reshape(-1))
     return np.ascontiguousarray(data, data.dtype.newbyteorder("<")).tobytes()
 
 

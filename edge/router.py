@@ -1,7 +1,7 @@
 """The edge router: a Runtime composing the local model and the cloud fallback.
 
 Per request (DESIGN.md "Router"): ``fogline.route`` = local | cloud forces a
-path; otherwise no healthy local model → cloud, too many rows → cloud, local
+path; otherwise no healthy local model → cloud, too many rows (or tokens) → cloud, local
 queue over its latency budget → cloud, else run locally and escalate when the
 result is too uncertain. A cloud that fails (or whose circuit is open) gets
 the local answer marked ``fogline.degraded``; with no local model either, the
@@ -36,6 +36,7 @@ from common.inference import (
 )
 from common.manifest import RoutingHints
 from common.runtime import ModelInfo, Runtime
+from common.text import SequenceTooLongError
 from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudConnectError, CloudTooLargeError
 from kernels import uncertainty
@@ -232,6 +233,10 @@ class Router:
             response, score = await self._run_local(local, request)
         except ModelNotReadyError:  # unloaded under us by a swap: the cloud can still answer
             return await self._escalate(request, None, "no_local_model")
+        except SequenceTooLongError:
+            # Longer than the local model serves (known once tokenised): the cloud's
+            # variant takes longer texts; no local answer to fall back on.
+            return await self._escalate(request, None, "heavy")
         if score is not None and score > local.hints.uncertainty_threshold:
             return await self._escalate(request, local, "uncertain", response, score)
         return self._served_local(response, local, score)

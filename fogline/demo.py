@@ -3,6 +3,8 @@
 Broker → control plane → 3 agents (separate processes) → train edge and cloud
 models → int8 compression with an accuracy gate → signed packages → cloud
 fallback → MQTT rollout → every held-out digit sent to the agents → report.
+``--model minilm`` does the same with the pre-trained MiniLM sentence
+embedder and text requests (``fogline.minilm_demo``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 CORE_PROCESSES = ("control",)  # and the broker, which is not a ManagedProcess
 MAX_RESTARTS = 3
 MODEL = "digits"
+MODELS = ("digits", "minilm")
 VERSION = "1"  # the demo publishes one version of each variant
 
 
@@ -44,6 +47,7 @@ class DemoOptions:
     json: bool = False
     keep_running: bool = False
     seed: int = 0
+    model: str = MODEL
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +73,14 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--workdir", type=Path, help="keep state here (default: a temp dir, removed at exit)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default=MODEL,
+        help="digits: train small digit classifiers; minilm: the pre-trained MiniLM "
+        "sentence embedder, int8 on the edge (128 tokens), fp32 in the cloud (512), "
+        "sent text (default: %(default)s)",
+    )
     parser.set_defaults(func=_main)
 
 
@@ -105,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
             json=args.json,
             keep_running=args.keep_running,
             seed=args.seed,
+            model=args.model,
         )
         try:
             report = Demo(opts).run()
@@ -121,6 +134,7 @@ class Demo:
         self.wd = opts.workdir
         self.procs: list[ManagedProcess] = []
         self.timings: dict[str, float] = {}
+        self.model = opts.model
 
     def run(self) -> dict[str, Any]:
         from fogline.broker import free_port
@@ -134,7 +148,7 @@ class Demo:
             self._start_control(broker.port)
             agents = self.agents = self._start_agents(broker.port, agent_configs)
             compression = self._build_models()
-            self._start_fallback(f"{MODEL}:{VERSION}")
+            self._start_fallback(f"{self.model}:{VERSION}")
             rollout = self._roll_out(len(agents))
             results = asyncio.run(self._send_traffic(agents))
             report = self._report(broker, agents, compression, rollout, results)
@@ -168,7 +182,7 @@ class Demo:
         for i in range(1, self.opts.agents + 1):
             device_id = f"device-{i}"
             settings = AgentSettings(
-                model=MODEL,
+                model=self.model,
                 state_dir=str(self.wd / "agents" / device_id),
                 fallback_url=self.fallback_url,
             )
@@ -275,6 +289,14 @@ class Demo:
         from fogline.model_build import build_and_publish
 
         started = time.monotonic()
+        if self.model == "minilm":
+            from fogline import minilm_demo
+
+            figures, self.corpus = minilm_demo.build_and_publish(
+                self.wd / "models", self.control, self.model, VERSION, self.opts.samples
+            )
+            self.timings["build_seconds"] = time.monotonic() - started
+            return figures
         compression, self.split = build_and_publish(
             self.wd / "models",
             self.control,
@@ -295,7 +317,7 @@ class Demo:
             if len(online) >= n_agents or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        rollout_id = self.control.rollout(MODEL, VERSION)
+        rollout_id = self.control.rollout(self.model, VERSION)
         state = self.control.wait_rollout(rollout_id, 120)
         logger.info("rollout %s: %s in %.2fs", rollout_id, state["state"], state["seconds"])
         return state
@@ -303,6 +325,13 @@ class Demo:
     # -- traffic and report -------------------------------------------------------------
 
     async def _send_traffic(self, agents: list[Target]) -> dict[str, Any]:
+        if self.model == "minilm":
+            from cloud.pipeline.minilm import EDGE_MAX_TOKENS
+            from fogline.minilm_demo import send_traffic
+
+            self.app_token = self._token_for("demo-client")
+            cloud_target = Target("cloud", self.fallback_url, token=self.app_token)
+            return dict(await send_traffic(agents, cloud_target, self.corpus, EDGE_MAX_TOKENS))
         x, y = self.split.x_test, self.split.y_test
         if self.opts.samples:
             x, y = x[: self.opts.samples], y[: self.opts.samples]
@@ -326,6 +355,26 @@ class Demo:
         from fogline.report import build_report
 
         devices = {d["device_id"]: d for d in self.control.get("/api/devices")["devices"]}
+        endpoints = {
+            "control": self.control_url,
+            "fallback": self.fallback_url,
+            "broker": broker.url,
+        }
+        if self.model == "minilm":
+            from fogline.minilm_demo import build_text_report
+
+            report = build_text_report(
+                agents=agents,
+                devices=devices,
+                figures=compression,
+                rollout=rollout,
+                results=results,
+                endpoints=endpoints,
+                broker=broker,
+                timings=self.timings,
+            )
+            report["tokens"] = {"operator": self.tokens["operator"], "app": self.app_token}
+            return report
         report = build_report(
             agents=agents,
             devices=devices,
@@ -333,11 +382,7 @@ class Demo:
             rollout=rollout,
             results=results,
             broker=broker,
-            endpoints={
-                "control": self.control_url,
-                "fallback": self.fallback_url,
-                "broker": broker.url,
-            },
+            endpoints=endpoints,
             timings=self.timings,
         )
         # Printed once, like a notebook's login token: what the operator and an app use.
@@ -347,6 +392,10 @@ class Demo:
     def _print(self, report: dict[str, Any]) -> None:
         if self.opts.json:
             print(json.dumps(report), flush=True)
+        elif self.model == "minilm":
+            from fogline.minilm_demo import render_text_table
+
+            print(render_text_table(report), flush=True)
         else:
             print(render_table(report), flush=True)
 

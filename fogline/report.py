@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
@@ -44,10 +44,10 @@ def build_report(
         "escalated_fraction": round(hybrid.escalated_fraction, 4),
         "escalation_reasons": hybrid.reasons,
         "latency_ms": {
-            "local_p50": _pct(hybrid.latency_ms["edge"], 50),
-            "local_p99": _pct(hybrid.latency_ms["edge"], 99),
-            "escalated_p50": _pct(hybrid.latency_ms["cloud"], 50),
-            "escalated_p99": _pct(hybrid.latency_ms["cloud"], 99),
+            "local_p50": pct(hybrid.latency_ms["edge"], 50),
+            "local_p99": pct(hybrid.latency_ms["edge"], 99),
+            "escalated_p50": pct(hybrid.latency_ms["cloud"], 50),
+            "escalated_p99": pct(hybrid.latency_ms["cloud"], 99),
         },
         "heavy_requests": {
             "requests": heavy.requests,

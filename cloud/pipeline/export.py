@@ -36,6 +36,7 @@ def _torch_export(
     examples: dict[str, torch.Tensor],
     output_names: Sequence[str],
     extra_axes: dict[str, dict[int, str]],
+    opset: int,
 ) -> None:
     axes = {name: {0: "batch", **extra_axes.get(name, {})} for name in [*examples, *output_names]}
     with warnings.catch_warnings():
@@ -49,7 +50,7 @@ def _torch_export(
             tuple(examples.values()),
             str(path),
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=opset,
             input_names=list(examples),
             output_names=list(output_names),
             dynamic_axes=axes,
@@ -74,8 +75,9 @@ def export_onnx(
     examples: dict[str, torch.Tensor] | None = None,
     output_names: Sequence[str] = (OUTPUT_NAME,),
     dynamic_axes: dict[str, dict[int, str]] | None = None,
+    opset: int = OPSET,
 ) -> Path:
-    """Write ``model`` as ONNX (opset 17, dynamic batch on every input and output) and check it.
+    """Write ``model`` as ONNX (opset ``opset``, dynamic batch on all inputs/outputs) and check it.
 
     ``examples`` maps each input name, in ``forward``'s argument order, to an
     example tensor [1, ...]; the default is the digits model's single input.
@@ -90,7 +92,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     try:
         try:
-            _torch_export(model, tmp, examples, output_names, dynamic_axes or {})
+            _torch_export(model, tmp, examples, output_names, dynamic_axes or {}, opset)
         except Exception as exc:  # the exporter raises many types for a user's model
             raise ExportError(f"cannot export to ONNX: {type(exc).__name__}: {exc}") from exc
         _check(tmp)

