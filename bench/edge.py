@@ -1,12 +1,14 @@
-"""The edge agent's local V2 API vs the raw runtime, side by side in one run.
+"""The edge agent against the raw runtime, side by side in one run.
 
-``python -m bench.edge [--json] [--rounds N] [--calls N]``
+``python -m bench.edge [--json] [--quick] [--rounds N] [--calls N] [--clients N]``
 
-A real ``fogline edge run`` process serves the int8 digits model (provisioned
-straight into its A/B store, so no broker or control plane is needed); the
-same inputs go, in interleaved rounds, to ONNX Runtime's ``session.run`` in
-this process and to the agent over HTTP (JSON, ``fogline.route: local``, one
-request at a time). The ratio is what the agent's HTTP, codec and router add.
+Real ``fogline edge run`` processes serve the int8 digits model and the int8
+MiniLM (provisioned straight into their A/B stores, so no broker or control
+plane is needed); the same inputs go, in interleaved rounds, to ONNX Runtime's
+``session.run`` in this process and to the agents over HTTP (JSON,
+``fogline.route: local``): latency over one connection, throughput over
+several. Then the digits cascade at its shipped threshold (``edge_cascade``)
+and failed requests during a rollout and rollback under load (``edge_swap``).
 """
 
 from __future__ import annotations
