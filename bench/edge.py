@@ -271,7 +271,8 @@ def format_table(r: dict[str, Any]) -> str:
             f"cascade at the shipped threshold: {100 * r['cascade_escalated_fraction']:.1f}% "
             f"escalated, {r['cascade_gap_pt']:.2f} pt under cloud-only "
             f"({'meets' if r['cascade_target_met'] else 'MISSES'} <= 12% within 0.3 pt); "
-            f"calibrated for 0.1 pt on val: {100 * r['cascade_gap_calibrated_escalated_fraction']:.1f}%"
+            f"calibrated for 0.1 pt on val: "
+            f"{100 * r['cascade_gap_calibrated_escalated_fraction']:.1f}%"
             f" escalated, {r['cascade_gap_calibrated_gap_pt']:.2f} pt",
             f"hot swap (roll out v2, roll back to v1, {r['hot_swap_clients']} clients): "
             f"{r['hot_swap_failed_requests']} failed of {r['hot_swap_requests']} requests",
