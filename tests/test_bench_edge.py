@@ -25,6 +25,8 @@ KEYS = {
     "cascade_escalated_fraction": float,
     "cascade_gap_pt": float,
     "cascade_target_met": bool,
+    "cascade_gap_calibrated_escalated_fraction": float,
+    "cascade_gap_calibrated_gap_pt": float,
     "hot_swap_failed_requests": int,
     "hot_swap_requests": int,
 }
