@@ -1,10 +1,15 @@
-"""FP32 vs INT8 edge model, side by side in one run: accuracy, size, latency.
+"""Compression methods side by side, one table per model: size, quality, speed.
 
-``python -m bench.compression [--json] [--rounds N]``
+``python -m bench.compression [--json] [--quick] [--rounds N] [--min-cosine C]``
 
-Latency is measured in interleaved rounds (fp32, int8, fp32, int8, …) with
-one intra-op thread each, so drift in machine speed (thermal, neighbours)
-hits both models alike; the figures that matter are the ratios.
+For the digits CNN (trained here) and MiniLM (exported here): fp32 ONNX,
+PyTorch eager, int8 static QDQ (the ``compress`` default), int8 dynamic
+(MiniLM), the int8 configuration the accuracy-driven search keeps, and fp16.
+Each row gives size, quality (test accuracy; mean cosine to the fp32 PyTorch
+embeddings), ORT latency p50 at batch 1 and throughput at batch 32 (digits:
+256), as ratios to the fp32 ONNX model and to PyTorch eager. All runners of a
+model are timed in the same interleaved rounds on one thread each
+(``cloud.pipeline.speed_compare``): this machine drifts, only paired ratios mean anything.
 """
 
 from __future__ import annotations
@@ -12,117 +17,178 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cloud.pipeline.compress import evaluate, quantize_int8
-from cloud.pipeline.data import load_digits_split
-from cloud.pipeline.export import export_onnx
-from cloud.pipeline.train import train_model
-from common.onnx_runtime import open_session
+from bench.compression_models import BenchModel, digits_cnn, minilm
+from cloud.pipeline.compressor import make_scorer
+from cloud.pipeline.fp16 import convert_fp16
+from cloud.pipeline.quant_search import search
+from cloud.pipeline.quantize import DYNAMIC, QuantConfig, quantize
+from cloud.pipeline.speed_compare import measure, session_runner
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("fp32", "int8")
-BATCHES = (1, 64)
-CALLS_PER_ROUND = {1: 200, 64: 40}  # per model, per round
+FP32, EAGER, SEARCHED = "fp32 onnx", "pytorch eager", "int8 (search)"
 
 
-def _time_calls(session: Any, name: str, rows: np.ndarray, calls: int) -> list[float]:
-    """Wall time of each of ``calls`` session.run calls, in microseconds."""
-    feeds = {name: rows}
-    out: list[float] = []
-    for _ in range(calls):
-        start = time.perf_counter_ns()
-        session.run(None, feeds)
-        out.append((time.perf_counter_ns() - start) / 1000.0)
-    return out
+def _variants(m: BenchModel, work: Path, quick: bool, rounds: int) -> tuple[dict, Any]:
+    """{row name: (path, config label)} of the compressed models, and the search result."""
+    out: dict[str, tuple[Path, str]] = {}
+    static = QuantConfig()
+    out["int8 static qdq"] = (
+        quantize(m.fp32, work / "static.onnx", static, m.calibration),
+        static.label(),
+    )
+    if m.name == "minilm":  # dynamic Conv is ~12x slower than fp32: not worth a digits row
+        dynamic = QuantConfig(DYNAMIC, op_types=("MatMul", "Gather"))
+        out["int8 dynamic"] = (
+            quantize(m.fp32, work / "dynamic.onnx", dynamic, m.calibration),
+            dynamic.label(),
+        )
+    found = None
+    if not (quick and m.name == "minilm"):  # the MiniLM search takes minutes
+        metric, parent_quality, score = make_scorer(m.fp32, m.data)
+        found = search(
+            m.fp32, m.calibration, m.data, work, score, m.gate, metric=metric,
+            parent_quality=parent_quality, speed_batch=m.batch, rounds=rounds,
+            speed_feeds=m.speed_feeds,
+        )  # fmt: skip
+        if found.best is not None:
+            out[SEARCHED] = (found.best.path, found.best.config.label())
+    out["fp16"] = (convert_fp16(m.fp32, work / "fp16.onnx"), "fp32 I/O kept")
+    return out, found
 
 
-def measure_latency(
-    paths: dict[str, Path], x: np.ndarray, rounds: int
-) -> dict[int, dict[str, float]]:
-    """Median µs per request for each batch size and model, A,B,A,B interleaved."""
-    sessions = {m: open_session(paths[m], threads=1) for m in MODELS}
-    names = {m: sessions[m].get_inputs()[0].name for m in MODELS}
-    inputs = {b: np.ascontiguousarray(x[:b], dtype=np.float32) for b in BATCHES}
-    samples: dict[int, dict[str, list[float]]] = {b: {m: [] for m in MODELS} for b in BATCHES}
-    for m in MODELS:  # warm-up: first runs allocate and pick kernels
-        for b in BATCHES:
-            _time_calls(sessions[m], names[m], inputs[b], 20)
-    for _ in range(rounds):
-        for b in BATCHES:
-            for m in MODELS:
-                samples[b][m] += _time_calls(sessions[m], names[m], inputs[b], CALLS_PER_ROUND[b])
-    return {b: {m: statistics.median(samples[b][m]) for m in MODELS} for b in BATCHES}
+def run_model(m: BenchModel, work: Path, quick: bool, rounds: int) -> dict[str, Any]:
+    """Every method of one model, measured side by side."""
+    variants, found = _variants(m, work, quick, rounds)
+    metric, fp32_quality, score = make_scorer(m.fp32, m.data)
+    runners = {FP32: session_runner(m.fp32), EAGER: m.torch_runner}
+    timed = [v for v in variants if not (quick and v == "fp16")]  # fp16 is a GPU format
+    runners.update({v: session_runner(variants[v][0]) for v in timed})
+    speeds = measure(runners, m.speed_feeds, batch=m.batch, rounds=rounds)
+    size = m.fp32.stat().st_size
+    rows: dict[str, dict[str, Any]] = {
+        FP32: {"config": "", "size_bytes": size, "quality": fp32_quality},
+        EAGER: {"config": "", "size_bytes": None, "quality": m.torch_quality},
+    }
+    for name, (path, label) in variants.items():
+        rows[name] = {"config": label, "size_bytes": path.stat().st_size, "quality": score(path)}
+    for name, row in rows.items():
+        s = speeds.get(name)
+        row["latency_p50_ms_b1"] = s.latency_p50_ms_b1 if s else None
+        row[f"throughput_b{m.batch}"] = s.throughput if s else None
+        if s:
+            for base in (FP32, EAGER):
+                key = "vs_fp32" if base == FP32 else "vs_eager"
+                row[f"latency_b1_{key}"] = speeds[base].latency_p50_ms_b1 / s.latency_p50_ms_b1
+                row[f"throughput_{key}"] = s.throughput / speeds[base].throughput
+        row["size_ratio"] = row["size_bytes"] / size if row["size_bytes"] else None
+    tried = len(found.trials) if found else 0
+    return {"metric": metric, "batch": m.batch, "rows": rows, "search_tried": tried}
 
 
-def run(rounds: int, workdir: Path) -> dict[str, Any]:
-    """Train, export, quantize, then measure both models; returns the JSON figures."""
-    split = load_digits_split()
-    started = time.perf_counter()
-    model = train_model("edge", split)
-    train_s = time.perf_counter() - started
-    paths = {"fp32": workdir / "edge.fp32.onnx", "int8": workdir / "edge.int8.onnx"}
-    export_onnx(model, paths["fp32"])
-    quantize_int8(paths["fp32"], paths["int8"], split.x_train)
-    acc = {m: evaluate(paths[m], split.x_test, split.y_test) for m in MODELS}
-    size = {m: paths[m].stat().st_size for m in MODELS}
-    latency = measure_latency(paths, split.x_test, rounds)
+def _headline(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    rows = table["rows"]
+    key = SEARCHED if SEARCHED in rows else ("int8 dynamic" if name == "minilm" else "")
+    key = key or "int8 static qdq"
+    row = rows[key]
+    if name == "minilm":
+        return {
+            "minilm_int8_method": key,
+            "minilm_int8_speedup": row["throughput_vs_fp32"],
+            "minilm_int8_mean_cosine": row["quality"],
+            "minilm_int8_size_ratio": row["size_ratio"],
+        }
     return {
-        "fp32_accuracy": acc["fp32"],
-        "int8_accuracy": acc["int8"],
-        "accuracy_drop_points": (acc["fp32"] - acc["int8"]) * 100.0,
-        "fp32_bytes": size["fp32"],
-        "int8_bytes": size["int8"],
-        "size_ratio": size["fp32"] / size["int8"],
-        "latency_us_b1": latency[1],
-        "latency_us_b64": latency[64],
-        "speedup_b1": latency[1]["fp32"] / latency[1]["int8"],
-        "speedup_b64": latency[64]["fp32"] / latency[64]["int8"],
-        "rounds": rounds,
-        "train_s": train_s,
+        "digits_int8_method": key,
+        "digits_int8_speedup": row["throughput_vs_fp32"],
+        "digits_int8_accuracy_drop_pt": (rows[FP32]["quality"] - row["quality"]) * 100.0,
     }
 
 
-def format_table(r: dict[str, Any]) -> str:
-    """The figures as a small table: fp32, int8 and their ratio."""
-    b1, b64 = r["latency_us_b1"], r["latency_us_b64"]
-    rows = [
-        ("", "fp32", "int8", "fp32/int8"),
-        ("test accuracy", f"{r['fp32_accuracy']:.2%}", f"{r['int8_accuracy']:.2%}", ""),
-        ("file bytes", str(r["fp32_bytes"]), str(r["int8_bytes"]), f"{r['size_ratio']:.2f}x"),
-        ("µs/req batch 1", f"{b1['fp32']:.1f}", f"{b1['int8']:.1f}", f"{r['speedup_b1']:.2f}x"),
-        ("µs/req batch 64", f"{b64['fp32']:.1f}", f"{b64['int8']:.1f}", f"{r['speedup_b64']:.2f}x"),
-    ]
-    lines = [f"{a:<16} {b:>10} {c:>10} {d:>10}" for a, b, c, d in rows]
-    lines.append(
-        f"edge MLP, accuracy drop {r['accuracy_drop_points']:+.2f} points; latency = median of "
-        f"{r['rounds']} interleaved rounds, ONNX Runtime CPU, 1 intra-op thread"
-    )
+def _distillation(quick: bool) -> dict[str, Any]:
+    """The distillation keys from ``bench.compression_distill`` (the ``lineage`` work)."""
+    keys = ("distilled_escalated_fraction", "plain_escalated_fraction")
+    try:
+        from bench import compression_distill  # type: ignore[attr-defined]
+    except ImportError as exc:
+        reason = f"bench.compression_distill is not in this tree ({exc})"
+        return {**dict.fromkeys(keys), "distillation_note": reason}
+    return dict(compression_distill.measure(quick))
+
+
+def run(workdir: Path, *, quick: bool, rounds: int, min_cosine: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    tables: dict[str, Any] = {}
+    headline: dict[str, Any] = {}
+    for name in ("digits-cnn", "minilm"):
+        work = workdir / name
+        work.mkdir()
+        m = digits_cnn(work, quick) if name == "digits-cnn" else minilm(work, quick, min_cosine)
+        tables[name] = run_model(m, work, quick, rounds)
+        headline.update(_headline(name, tables[name]))
+    headline.update(_distillation(quick))
+    return {
+        **headline,
+        "tables": tables,
+        "quick": quick,
+        "rounds": rounds,
+        "minilm_min_cosine": min_cosine,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    lines = []
+    for name, t in result["tables"].items():
+        b = t["batch"]
+        lines.append(f"{name} ({t['metric']}; ORT CPU 1 thread; ratios: fp32 onnx / eager)")
+        head = f"{'method':<16} {'size':>7} {'quality':>8} {'p50 b1 ms':>10} {'x fp32':>7} "
+        lines.append(
+            head + f"{'x eager':>7} {'rows/s b' + str(b):>12} {'x fp32':>7} {'x eager':>7}"
+        )
+        for method, r in t["rows"].items():
+            lines.append(
+                f"{method:<16} {_fmt(r['size_ratio'], '.0%'):>7} {r['quality']:>8.4f} "
+                f"{_fmt(r['latency_p50_ms_b1'], '.2f'):>10} "
+                f"{_fmt(r.get('latency_b1_vs_fp32'), '.2f'):>7} "
+                f"{_fmt(r.get('latency_b1_vs_eager'), '.2f'):>7} "
+                f"{_fmt(r[f'throughput_b{b}'], '.1f'):>12} "
+                f"{_fmt(r.get('throughput_vs_fp32'), '.2f'):>7} "
+                f"{_fmt(r.get('throughput_vs_eager'), '.2f'):>7}"
+            )
+        configs = [f"{k}: {r['config']}" for k, r in t["rows"].items() if r["config"]]
+        lines += ["  " + "; ".join(configs), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.compression",
-        description="Compare the fp32 and int8 edge model side by side in one run.",
+        description="Compression methods side by side for the digits CNN and MiniLM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    parser.add_argument("--quick", action="store_true", help="short run: fewer rows and rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3; quick 1)")
+    parser.add_argument("--min-cosine", type=float, default=0.995, help="MiniLM search's gate")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
+    rounds = args.rounds or (1 if args.quick else 3)
+    if rounds < 1:
         parser.error("--rounds must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
-        result = run(args.rounds, Path(tmp))
-    print(format_table(result))
+        result = run(Path(tmp), quick=args.quick, rounds=rounds, min_cosine=args.min_cosine)
+    print(format_tables(result))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return 0

@@ -170,6 +170,12 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "secret or ACL-protected (default: a random id per process, clean session)",
     )
     serve.add_argument(
+        "--share-group",
+        metavar="NAME",
+        help="replicas on one PostgreSQL name one group: the broker gives each device event "
+        "to one of them ($share/NAME/...) (default: this process takes every event)",
+    )
+    serve.add_argument(
         "--max-upload-bytes",
         type=int,
         default=2 * 1024**3,
@@ -253,6 +259,7 @@ def _serve(args: argparse.Namespace) -> int:
         public_url=args.public_url,
         database=args.database or os.environ.get("FOGLINE_DATABASE_URL") or None,
         mqtt_client_id=args.mqtt_client_id,
+        share_group=args.share_group,
         max_upload_bytes=args.max_upload_bytes,
         require_offline_signature=args.require_offline_signature,
         fallback_metrics_urls=tuple(args.fallback_metrics or ()),

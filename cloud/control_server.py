@@ -21,7 +21,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cloud import dashboard, hard_examples, keys_api
+from cloud import dashboard, device_api, hard_examples, keys_api, staged_api
+from cloud.audit_log import check_reason
 from cloud.control_auth import (
     CALLER,
     DEVICE,
@@ -44,6 +45,8 @@ from cloud.registry import Registry
 from cloud.repair import RepairPolicy
 from cloud.rollout import RolloutController
 from cloud.serving_history import ServingHistory
+from cloud.staged_api import STAGED
+from cloud.staged_rollout import StagedRollouts
 from common.device_token import issue_token
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
@@ -81,6 +84,11 @@ class ControlSettings:
     broker_password: str | None = None
     broker_tls_ca: str | None = None  # CA file: connect to the broker with TLS
     require_offline_signature: bool = False  # refuse uploads not signed by a release key
+    # Replicas on one PostgreSQL name one group: the broker hands each device event to
+    # one of them ($share/GROUP/...); None: this process alone subscribes to everything.
+    share_group: str | None = None
+    lease_s: float = 15.0  # a staged rollout's driver lease; a crashed replica's expires
+    resend_after_s: float = 5.0  # first resend of a command no device answered
     fallback_metrics_urls: tuple[str, ...] = ()  # fallbacks whose /metrics the dashboard shows
     stale_after_s: float = 10.0  # an online device silent this long is flagged stale
 
@@ -121,6 +129,8 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/models", models, VIEWER),
         ("POST", "/api/models", publish, OPERATOR),
         ("GET", "/api/models/{name}/versions/{version}", model_version, VIEWER),
+        ("GET", "/api/models/{name}", model_detail, VIEWER),
+        ("GET", "/api/models/{name}/lineage", model_lineage, VIEWER),
         ("GET", "/api/artifacts/{digest}", artifact, DEVICE_OR_VIEWER),
         ("POST", "/api/rollouts", start_rollout, OPERATOR),
         ("GET", "/api/rollouts", rollouts, VIEWER),
@@ -133,6 +143,8 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("POST", "/api/hard-examples/{name}", hard_examples.upload, DEVICE),
         ("GET", "/api/hard-examples/{name}", hard_examples.download, VIEWER),
         ("GET", "/metrics", metrics, METRICS_READER),  # a scrape-only token will do
+        *staged_api.ROUTES,
+        *device_api.ROUTES,
     ]
     app.add_routes([web.route(m, p, guarded(h, role)) for m, p, h, role in table])
     return app
@@ -154,7 +166,11 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         app[CONTROL_METRICS].watch(registry, link)
         history = ServingHistory()
         fleet = FleetMonitor(
-            registry, link, telemetry_interval_s=settings.telemetry_interval_s, history=history
+            registry,
+            link,
+            telemetry_interval_s=settings.telemetry_interval_s,
+            history=history,
+            share_group=settings.share_group,
         )
         scraper = FallbackScraper(list(settings.fallback_metrics_urls))
         rollouts = RolloutController(
@@ -166,12 +182,23 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             artifact_base_url=settings.artifact_base_url,
             repair=settings.repair,
             enrolled=lambda: load_enrollments(settings.workdir).keys(),
+            resend_after_s=settings.resend_after_s,
+        )
+        staged = StagedRollouts(
+            registry,
+            rollouts,
+            labels=lambda: {d: e.labels for d, e in load_enrollments(settings.workdir).items()},
+            lease_s=settings.lease_s,
         )
         keys = KeyService(
             keystore, registry, link, rollouts, require_offline=settings.require_offline_signature
         )
-        async with link, fleet, rollouts, keys, scraper.running():
+        async with link, fleet, rollouts, keys, staged, scraper.running():
             app[REGISTRY], app[ROLLOUTS], app[KEYS] = registry, rollouts, keys
+            app[STAGED] = staged
+            app[device_api.COMMANDS] = device_api.DeviceCommands(
+                registry, rollouts, enrolled=lambda: load_enrollments(settings.workdir).keys()
+            )
             app[hard_examples.HARD_EXAMPLES] = hard_examples.HardExampleStore(
                 settings.workdir / "hard-examples", registry
             )
@@ -258,6 +285,20 @@ async def model_version(request: web.Request) -> web.Response:
     return web.json_response({**record.summary(), "signed_manifest": record.signed.to_dict()})
 
 
+async def model_detail(request: web.Request) -> web.Response:
+    """Every variant of every version of one model (``?version=V``: of that version)."""
+    name, version = request.match_info["name"], request.query.get("version")
+    records = await asyncio.to_thread(request.app[REGISTRY].model_versions, name, version)
+    return web.json_response({"name": name, "versions": [r.summary() for r in records]})
+
+
+async def model_lineage(request: web.Request) -> web.Response:
+    """The ancestry tree around a model's versions (``?version=V``: around that one)."""
+    name, version = request.match_info["name"], request.query.get("version")
+    doc = await asyncio.to_thread(request.app[REGISTRY].lineage, name, version)
+    return web.json_response(doc)
+
+
 async def publish(request: web.Request) -> web.Response:
     """Multipart upload: the manifest part, then one part per file.
 
@@ -307,10 +348,26 @@ async def start_rollout(request: web.Request) -> web.Response:
         caller = request[CALLER]
         assert isinstance(caller, Operator)  # the route takes operator tokens only
         caller.require(ADMIN)
+    reason = check_reason(doc.get("reason"))
     rollout_id = await request.app[ROLLOUTS].start(
         name, version, targets, allow_downgrade=downgrade
     )
+    detail = {"model": name, "version": version, "devices": targets, "downgrade": downgrade}
+    await asyncio.to_thread(
+        request.app[REGISTRY].audit.append,
+        _operator(request),
+        "create",
+        rollout_id,
+        reason,
+        detail,
+    )
     return web.json_response({"id": rollout_id}, status=202)
+
+
+def _operator(request: web.Request) -> str:
+    caller = request[CALLER]
+    assert isinstance(caller, Operator)  # operator routes take operator tokens only
+    return caller.name
 
 
 async def rollouts(request: web.Request) -> web.Response:
@@ -324,7 +381,12 @@ async def rollout(request: web.Request) -> web.Response:
 
 async def abort_rollout(request: web.Request) -> web.Response:
     rollout_id = check_name(request.match_info["id"], "rollout id")
+    raw = await request.read()
+    reason = check_reason(parse_json_object(raw, "abort request").get("reason") if raw else None)
     await request.app[ROLLOUTS].abort(rollout_id)
+    await asyncio.to_thread(
+        request.app[REGISTRY].audit.append, _operator(request), "abort", rollout_id, reason
+    )
     return web.json_response({"id": rollout_id, "state": "aborted"})
 
 

@@ -52,6 +52,22 @@ def _labels(status: dict[str, Any]) -> dict[str, str]:
     return {str(k)[:64]: str(v)[:64] for k, v in list(labels.items())[:32]}
 
 
+def _models(status: dict[str, Any]) -> list[dict[str, str]]:
+    """The models a device says it runs: names and versions as short strings, or left out.
+
+    The device wrote its status: a missing, unhashable or non-string name must not
+    break the view for the whole fleet (sorting and grouping by name).
+    """
+    models = status.get("models")
+    if not isinstance(models, list):
+        return []
+    return [
+        {"name": m["name"][:64], "version": str(m.get("version"))[:64]}
+        for m in models[:32]
+        if isinstance(m, dict) and isinstance(m.get("name"), str)
+    ]
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -103,15 +119,12 @@ def fleet_view(
                 "heartbeat_age_s": None if age is None else round(age, 1),
                 "stale": dev.get("state") == "online" and (age is None or age > stale_after_s),
                 "labels": _labels(dev),
-                "models": [
-                    {"name": m.get("name"), "version": m.get("version")}
-                    for m in dev.get("models") or []
-                    if isinstance(m, dict)
-                ],
+                "models": _models(dev),
                 "desired": desired.get(device_id, {}),
                 "p95_ms": history.local_p95_by_device.get(device_id),
                 "requests": requests,
-                "escalation_rate": escalated / requests if requests else None,
+                # at most 1 (escalations are requests): 1 / 5e-324 would be Infinity, no JSON
+                "escalation_rate": min(1.0, escalated / requests) if requests else None,
                 "escalation_reasons": dict(history.reasons_by_device.get(device_id) or {}),
                 "circuit": router.get("circuit"),
                 "degraded": _number(totals.get("degraded")) or 0.0,

@@ -70,11 +70,19 @@ class Database:
                 cur.executemany(sql.replace("?", "%s"), rows)
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
-        """Statements inside run as one transaction (and no other thread interleaves)."""
+    def transaction(self, *, exclusive_key: int | None = None) -> Iterator[Database]:
+        """Statements inside run as one transaction (and no other thread interleaves).
+
+        ``exclusive_key``: also exclude other *processes* doing the same (replicas starting
+        at once on one PostgreSQL): a transaction-scoped advisory lock there, a write lock
+        taken at BEGIN on SQLite.
+        """
         with self._lock:
-            self.execute("BEGIN")
+            immediate = exclusive_key is not None and self.dialect == "sqlite"
+            self.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
+                if exclusive_key is not None and self.dialect == "postgresql":
+                    self.execute("SELECT pg_advisory_xact_lock(?)", (exclusive_key,))
                 yield self
             except BaseException:
                 self.execute("ROLLBACK")

@@ -54,6 +54,7 @@ class AgentSettings:
     broker_port: int = 1883
     broker_tls_ca: str | None = None
     fallback_url: str | None = None
+    control_url: str | None = None  # where the device sends hard examples
     token_lifetime_s: float = DEFAULT_LIFETIME_S
 
 
@@ -126,12 +127,15 @@ def enroll_device(
     with _locked(workdir):
         enrollments = load_enrollments(workdir)
         old = enrollments.get(device_id)
+        kept = labels if labels is not None else (old.labels if old else {})
         enrollments[device_id] = Enrollment(
             device_id=device_id,
             password_hash=broker_auth.hash_password(password),
             created_at=old.created_at if old else round(time.time(), 3),
-            labels=labels if labels is not None else (old.labels if old else {}),
+            labels=kept,
         )
+        if kept:
+            config["labels"] = dict(kept)  # reported in the agent's status
         if out is not None:
             write_agent_config(out, config)
         _save_enrollments(workdir, enrollments)
@@ -158,6 +162,8 @@ def _agent_config(
     }
     if settings.broker_tls_ca:
         config["broker_tls_ca"] = settings.broker_tls_ca
+    if settings.control_url:
+        config["control_url"] = settings.control_url
     return config
 
 

@@ -42,6 +42,11 @@ def register_device(subparsers: argparse._SubParsersAction) -> None:
     enroll.add_argument("--broker-tls-ca", help="CA file the agent trusts for the broker's TLS")
     enroll.add_argument("--fallback-url", help="base URL of the cloud fallback's V2 API")
     enroll.add_argument(
+        "--control-url",
+        help="the control plane's base URL as the device reaches it: the escalations it was "
+        "unsure of go there as hard examples (default: none are kept)",
+    )
+    enroll.add_argument(
         "--token-days", type=float, default=30.0, help="fallback token lifetime (days)"
     )
     enroll.set_defaults(func=one_line_errors(_enroll))
@@ -87,6 +92,7 @@ def _enroll(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         broker_tls_ca=args.broker_tls_ca,
         fallback_url=args.fallback_url,
+        control_url=args.control_url,
         token_lifetime_s=args.token_days * 86400.0,
     )
     labels = enrollment.parse_labels(args.label) if args.label else None

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BYTES = 1024**2
 MAX_SERIES = 64  # model versions tracked per fallback
+MAX_BUCKETS = 64  # batch-size histogram buckets per model version (the page draws each)
 COUNTERS = {
     "nv_inference_request_success": "success",
     "nv_inference_request_failure": "failure",
@@ -45,6 +46,12 @@ COUNTERS = {
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) and value >= 0 else 0.0
+
+
+def _ratio(total: float, count: float) -> float | None:
+    """``total / count``, or None: a hostile 1e300 / 1e-300 is Infinity, which no JSON holds."""
+    value = total / count if count else math.inf
+    return value if math.isfinite(value) else None
 
 
 def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
@@ -63,22 +70,28 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
                 continue
             if name in COUNTERS:
                 field_name = COUNTERS[name]
-                # A counter's sample is `<name>_total` or `<name>`; a histogram's `_sum`.
-                if sample.name.endswith(("_bucket", "_count", "_created")):
+                # A counter's sample is `<name>_total` or `<name>` (Triton's
+                # `nv_inference_count` itself ends in `_count`); a histogram's, `_sum`.
+                histogram = family.type in ("histogram", "summary")
+                if sample.name.endswith("_created") or (
+                    histogram and not sample.name.endswith("_sum")
+                ):
                     continue
                 entry = out.setdefault(key, {})
-                entry[field_name] = entry.get(field_name, 0.0) + _finite(sample.value)
+                entry[field_name] = _finite(entry.get(field_name, 0.0) + _finite(sample.value))
             elif "batch_size" in name and sample.name.endswith("_bucket"):
                 entry = out.setdefault(key, {})
                 hist = entry.setdefault("batch_size", {})
-                hist[labels.get("le", "+Inf")] = _finite(sample.value)
+                le = labels.get("le", "+Inf")
+                if le in hist or len(hist) < MAX_BUCKETS:
+                    hist[le] = _finite(sample.value)
     for entry in out.values():
         executions = entry.get("executions") or 0
         requests = entry.get("success") or entry.get("inferences") or 0
-        entry["mean_batch"] = entry.get("inferences", 0) / executions if executions else None
+        entry["mean_batch"] = _ratio(entry.get("inferences", 0), executions)
         for what in ("queue_us", "compute_us"):
             total = entry.get(what)
-            entry[f"{what}_per_request"] = total / requests if total and requests else None
+            entry[f"{what}_per_request"] = _ratio(total, requests) if total else None
     return out
 
 
@@ -100,7 +113,7 @@ class FallbackScrape:
             before = self.models.get(key, {})
             served = (entry.get("success") or 0) - (before.get("success") or 0)
             per = [
-                ((entry.get(w) or 0) - (before.get(w) or 0)) / served if served > 0 else None
+                _ratio((entry.get(w) or 0) - (before.get(w) or 0), served) if served > 0 else None
                 for w in ("queue_us", "compute_us")
             ]
             self.history.append((now, key, per[0], per[1]))

@@ -9,11 +9,13 @@ inside the payload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 
 from cloud.registry import Registry
 from cloud.serving_history import ServingHistory
-from cloud.telemetry import TelemetryLimiter
+from cloud.telemetry import TelemetryLimiter, version_reports
 from common import messages, topics
 from common.errors import InvalidInputError
 from common.json_object import parse_json_object
@@ -34,24 +36,51 @@ class FleetMonitor:
         *,
         telemetry_interval_s: float = 1.0,
         history: ServingHistory | None = None,
+        share_group: str | None = None,
+        poll_s: float = 1.0,
     ) -> None:
+        """``share_group``: replicas of one control plane name the same group, so that
+        the broker hands each event and telemetry report to one of them ($share/...).
+
+        ``poll_s``: ``changed`` also wakes this often, for what a replica wrote.
+        """
         self.registry = registry
         self.history = history
         self.link = link
         self.changed = asyncio.Condition()
         self.telemetry_limiter = TelemetryLimiter(telemetry_interval_s)
+        self.share_group = check_name(share_group, "share group") if share_group else None
+        self.poll_s = poll_s
+        self.stats = {"events_handled": 0, "events_duplicate": 0}
+        self._ticker: asyncio.Task[None] | None = None
+
+    def _filter(self, kind: str) -> str:
+        plain = topics.all_devices_filter(kind)
+        # Status is retained and idempotent: every replica keeps the whole fleet's.
+        if self.share_group is None or kind == "status":
+            return plain
+        return topics.shared(plain, self.share_group)
 
     async def __aenter__(self) -> FleetMonitor:
-        # NOTE: replicas of the control plane would use topics.shared(...) here so that
-        # each event is handled once; with one process a plain subscription is right.
-        self.link.subscribe(topics.all_devices_filter("status"), self._on_status)
-        self.link.subscribe(topics.all_devices_filter("events"), self._on_event)
-        self.link.subscribe(topics.all_devices_filter("telemetry"), self._on_telemetry)
+        self.link.subscribe(self._filter("status"), self._on_status)
+        self.link.subscribe(self._filter("events"), self._on_event)
+        self.link.subscribe(self._filter("telemetry"), self._on_telemetry)
+        self._ticker = asyncio.create_task(self._tick(), name="fleet-tick")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         for kind in ("status", "events", "telemetry"):
-            self.link.unsubscribe(topics.all_devices_filter(kind))
+            self.link.unsubscribe(self._filter(kind))
+
+    async def _tick(self) -> None:
+        """Wake waiters now and then: a replica may have moved a rollout on in the DB."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self._notify()
 
     async def _notify(self) -> None:
         async with self.changed:
@@ -80,7 +109,13 @@ class FleetMonitor:
         if parsed is None:
             return
         device_id, doc = parsed  # the topic, not the payload, says who sent it
-        await asyncio.to_thread(self.registry.record_event, device_id, doc)
+        new = await asyncio.to_thread(
+            self.registry.record_event, device_id, doc, event_key(doc, payload)
+        )
+        if not new:
+            self.stats["events_duplicate"] += 1
+            return
+        self.stats["events_handled"] += 1
         if doc.get("stage") in (messages.FAILED, messages.REJECTED, messages.CHUNK_REJECTED):
             error = str(doc.get("error"))[:200]  # the device wrote it: keep the log readable
             logger.warning("device %s: %s %r", device_id, str(doc.get("stage"))[:40], error)
@@ -95,20 +130,49 @@ class FleetMonitor:
             logger.warning("dropped telemetry from %s: more than its rate allows", device_id)
             return
         try:
-            await asyncio.to_thread(self.registry.record_telemetry, device_id, doc)
+            await asyncio.to_thread(self._record_telemetry, device_id, doc)
         except InvalidInputError as exc:
             logger.warning("dropped telemetry from %s: %s", device_id, exc)
             return
         if self.history is not None:
-            self.history.add(device_id, doc, _model_version(doc))
+            self.history.add(device_id, doc, _model_versions(doc))
+
+    def _record_telemetry(self, device_id: str, doc: dict) -> None:
+        """The fleet totals, and the per-version figures that the rollout gates judge."""
+        reports = version_reports(doc, self.registry.staged.device_models(device_id))
+        for model, version, _ in reports:  # all checked before anything is stored
+            check_name(model, "telemetry model")
+            check_name(version, "telemetry version")
+        self.registry.record_telemetry(device_id, doc)
+        for model, version, figures in reports:
+            self.registry.staged.add_version_telemetry(device_id, model, version, figures)
 
 
-def _model_version(doc: dict) -> str | None:
-    """``name:version`` of the model a telemetry report is about, if it says so validly."""
-    router = doc.get("router") if isinstance(doc.get("router"), dict) else {}
-    try:
-        name = check_name(doc.get("model"), "model name")
-        version = check_name(str(router.get("local_version")), "model version")
-    except InvalidInputError:
-        return None
-    return f"{name}:{version}"
+def event_key(doc: dict, payload: bytes) -> str:
+    """What makes an event the same event: its ``event_id``, else its exact bytes."""
+    event_id = doc.get("event_id")
+    if isinstance(event_id, str) and 8 <= len(event_id) <= 64 and event_id.isalnum():
+        return event_id
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _model_versions(doc: dict) -> list[tuple[str, dict]]:
+    """(``name:version``, router stats) per model a telemetry report covers, valid ones only.
+
+    Agents serving several models report each under ``models``; older agents one
+    ``router`` for their ``model``.
+    """
+    per_model = doc.get("models")
+    if not isinstance(per_model, dict):
+        per_model = {doc.get("model"): doc.get("router")}
+    out = []
+    for name, stats in list(per_model.items())[:64]:
+        if not isinstance(stats, dict):
+            continue
+        try:
+            model = check_name(name, "model name")
+            version = check_name(str(stats.get("local_version")), "model version")
+        except InvalidInputError:
+            continue
+        out.append((f"{model}:{version}", stats))
+    return out

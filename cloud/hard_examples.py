@@ -11,8 +11,8 @@ per model in the pipeline's own ``D.npz`` format, so that
 ``package``) read it like any other data file.
 
 Uploads are untrusted: bounded in rows and bytes (the body limit), finite,
-of the manifest's names, dtypes and shapes; the store per model is bounded
-(the oldest uploads go first).
+of the manifest's names, dtypes and shapes; the store per model is bounded in
+rows and bytes (the oldest upload of the device holding the most goes first).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import asyncio
 import io
 import os
 import secrets
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ from common.tensor_json import JsonLimits, parse_infer_json
 MAX_UPLOAD_EXAMPLES = 256  # examples (each a batch of rows) in one upload
 MAX_UPLOAD_ROWS = 1024
 MAX_ROWS_PER_MODEL = 50_000  # the oldest uploads are dropped past this
+# ... or past this on disk: a row of a dynamic (sequence) dimension may be ~4 MB as int64
+MAX_BYTES_PER_MODEL = 256 * 1024**2
 LIMITS = JsonLimits(max_elements=4 << 20)
 
 
@@ -95,6 +99,8 @@ def parse_upload(body: bytes, manifest: Manifest) -> tuple[dict[str, np.ndarray]
         targets.append(output)
     arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
     rows = len(next(iter(arrays.values())))
+    if rows == 0:  # nothing to learn from, and argmax of no rows is a ValueError (a 500)
+        raise InvalidInputError("hard examples: the examples hold no rows")
     if rows > MAX_UPLOAD_ROWS:
         raise PayloadTooLargeError(f"hard examples: more than {MAX_UPLOAD_ROWS} rows per upload")
     target = np.concatenate(targets)
@@ -108,10 +114,20 @@ def parse_upload(body: bytes, manifest: Manifest) -> tuple[dict[str, np.ndarray]
 class HardExampleStore:
     """``WORKDIR/hard-examples/{model}/{time}~{device}~{nonce}.npz``, one file per upload."""
 
-    def __init__(self, root: Path, registry: Registry, max_rows: int = MAX_ROWS_PER_MODEL) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: Registry,
+        max_rows: int = MAX_ROWS_PER_MODEL,
+        max_bytes: int = MAX_BYTES_PER_MODEL,
+    ) -> None:
         self.root = root
         self.registry = registry  # the signed manifests uploads are checked against
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._sizes: dict[Path, tuple[int, int]] = {}  # rows, bytes: an upload never changes
+        # Uploads and reads run in threads: a trim must not delete what a read just listed.
+        self._lock = threading.Lock()
 
     def _dir(self, model: str) -> Path:
         return safe_join(self.root, check_name(model, "model name"))
@@ -125,31 +141,48 @@ class HardExampleStore:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-        self._trim(directory)
+        with self._lock:
+            os.replace(tmp, path)
+            self._trim(directory)
         return path
 
     def _files(self, directory: Path) -> list[Path]:
         return sorted(directory.glob("*.npz")) if directory.is_dir() else []
 
     def _trim(self, directory: Path) -> None:
-        files = self._files(directory)
-        rows = [self._rows(f) for f in files]
-        while files and sum(rows) > self.max_rows:
-            files.pop(0).unlink(missing_ok=True)
-            rows.pop(0)
+        """Past the bound, the oldest upload of the device holding the most rows goes:
+        one device's flood pushes out its own examples, never the rest of the fleet's."""
+        sizes = {f: self._size(f) for f in self._files(directory)}  # oldest first
+        while sizes and (
+            sum(r for r, _ in sizes.values()) > self.max_rows
+            or sum(b for _, b in sizes.values()) > self.max_bytes
+        ):
+            share: Counter[str] = Counter()  # of the bound, in rows or bytes, whichever is more
+            for f, (r, b) in sizes.items():
+                share[_device_of(f)] += max(r / self.max_rows, b / self.max_bytes)
+            heaviest = share.most_common(1)[0][0]
+            oldest = next(f for f in sizes if _device_of(f) == heaviest)
+            oldest.unlink(missing_ok=True)
+            del sizes[oldest]
+            self._sizes.pop(oldest, None)
 
-    @staticmethod
-    def _rows(path: Path) -> int:
-        with np.load(path, allow_pickle=False) as npz:
-            return len(npz[npz.files[0]])
+    def _size(self, path: Path) -> tuple[int, int]:
+        """Rows and bytes of one upload, read once: each upload would otherwise open all."""
+        if path not in self._sizes:
+            with np.load(path, allow_pickle=False) as npz:
+                self._sizes[path] = (len(npz[npz.files[0]]), path.stat().st_size)
+        return self._sizes[path]
 
     def summary(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._summary()
+
+    def _summary(self) -> list[dict[str, Any]]:
         out = []
         for directory in sorted(p for p in self.root.glob("*") if p.is_dir()):
             files = self._files(directory)
-            rows = sum(self._rows(f) for f in files)
-            devices = len({f.stem.split("~")[1] for f in files})
+            rows = sum(self._size(f)[0] for f in files)
+            devices = len({_device_of(f) for f in files})
             model = directory.name
             out.append({"model": model, "rows": rows, "uploads": len(files), "devices": devices})
         return out
@@ -157,9 +190,9 @@ class HardExampleStore:
     def dataset(self, model: str, manifest: Manifest) -> bytes:
         """Every upload that fits ``manifest``'s inputs, as one ``D.npz`` (bytes)."""
         parts: list[dict[str, np.ndarray]] = []
-        for path in self._files(self._dir(model)):
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+        with self._lock:
+            uploads = [self._load(path) for path in self._files(self._dir(model))]
+        for arrays in uploads:
             if all(
                 s.name in arrays and arrays[s.name].dtype == V2_TO_NUMPY[s.datatype]
                 for s in manifest.inputs
@@ -168,14 +201,27 @@ class HardExampleStore:
         if not parts:
             raise NotFoundError(f"no hard examples for model {model!r} yet")
         keys = sorted(set.intersection(*(set(p) for p in parts)))
+        # A dynamic dimension (a sequence length) or an older version may differ: what
+        # does not stack with the newest upload is left out, not a 500 for every reader.
+        newest = parts[-1]
+        parts = [p for p in parts if all(p[k].shape[1:] == newest[k].shape[1:] for k in keys)]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in keys}
         buf = io.BytesIO()
         np.savez(buf, **merged)  # type: ignore[arg-type]
         return buf.getvalue()
 
+    @staticmethod
+    def _load(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+
     def manifest(self, model: str, version: str | None) -> Manifest:
         """The edge manifest of ``version``, or of the newest release when None."""
         return _manifest(self.registry, model, version)
+
+
+def _device_of(path: Path) -> str:
+    return path.stem.split("~")[1]
 
 
 HARD_EXAMPLES = web.AppKey("hard_examples", HardExampleStore)

@@ -26,7 +26,7 @@ from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
 from cloud.repair import RepairLimiter, RepairPolicy, parse_request
 from common import chunking, topics
-from common.errors import ConflictError, InvalidInputError
+from common.errors import ConflictError, FoglineError, InvalidInputError
 from common.messages import FAILED, REJECTED, STAGES, Command, sign_command
 from common.mqtt import MqttError, MqttLink
 from common.signing import Signer
@@ -54,12 +54,16 @@ class RolloutController:
         artifact_base_url: str | None = None,
         repair: RepairPolicy | None = None,
         enrolled: Callable[[], Iterable[str]] | None = None,
+        resend_after_s: float = 5.0,
+        resend_max_s: float = 120.0,
     ) -> None:
         """``chunk_size`` serves only packages signed before manifests listed their chunks.
 
         ``enrolled`` lists enrolled device ids: they may be targeted before they are seen.
         """
         self.enrolled = enrolled
+        self.resend_after_s = resend_after_s  # first resend of an unanswered command
+        self.resend_max_s = resend_max_s  # the backoff doubles up to this
         self.registry = registry
         self.fleet = fleet
         self.signer = signer
@@ -76,6 +80,7 @@ class RolloutController:
             "repair_requests_dropped": 0,  # too big, malformed, unknown, or queue full
             "repair_requests_limited": 0,  # over its claimed device's rate
             "chunks_not_resent": 0,  # asked for, but just sent or over the artifact's budget
+            "commands_resent": 0,  # deploy commands a device had not answered
         }
         self._tasks: set[asyncio.Task[None]] = set()
         self._limiter = RepairLimiter(repair or RepairPolicy())
@@ -85,6 +90,7 @@ class RolloutController:
 
     async def __aenter__(self) -> RolloutController:
         self._spawn(self._repair_worker(), "repair")
+        self._spawn(self._resend_loop(), "resend")
         # A retained request would be replayed at every reconnect: only live ones count.
         self.link.subscribe(
             topics.all_artifacts_filter("requests"), self._on_request, retained=False
@@ -117,9 +123,10 @@ class RolloutController:
         targets = devices if devices else self.online_devices()
         if not targets:
             raise InvalidInputError("no target devices: none given and none online")
-        await self._check_known(targets)
+        await self.check_known(targets)
         rollout_id = uuid.uuid4().hex[:12]
         commands = {d: self._deploy_command(d, record, allow_downgrade) for d in targets}
+        signed = {d: (c.id, sign_command(c, self.signer)) for d, c in commands.items()}
         await asyncio.to_thread(
             self.registry.create_rollout,
             rollout_id,
@@ -127,11 +134,13 @@ class RolloutController:
             version,
             {d: c.id for d, c in commands.items()},
         )
+        # Kept until the device answers: resent with backoff if it never does.
+        await asyncio.to_thread(
+            self.registry.staged.remember_commands, rollout_id, signed, self.resend_after_s
+        )
         try:
-            for device_id, cmd in commands.items():
-                await self.link.publish(
-                    topics.device_topic(device_id, "commands"), sign_command(cmd, self.signer)
-                )
+            for device_id, (_, payload) in signed.items():
+                await self.link.publish(topics.device_topic(device_id, "commands"), payload)
         except MqttError:
             # The operator gets a 503 and a rollout marked failed, not one that hangs.
             await asyncio.to_thread(self.registry.finish_rollout, rollout_id, "failed")
@@ -140,7 +149,7 @@ class RolloutController:
         self._spawn_drive(rollout_id, record)
         return rollout_id
 
-    async def _check_known(self, targets: list[str]) -> None:
+    async def check_known(self, targets: list[str]) -> None:
         """Refuse ids never seen and not enrolled, before any row or command exists.
 
         A typo used to get a signed command, a phantom device row and a rollout
@@ -255,6 +264,40 @@ class RolloutController:
                     group.create_task(send(index))
         except* MqttError as failed:
             raise failed.exceptions[0] from None
+
+    async def _resend_loop(self) -> None:
+        """Resend, with doubling backoff, each deploy command its device has not answered.
+
+        A command can be lost between broker and device (a broker restart without
+        persistence, a session the device cleaned); the same signed payload goes out
+        again, so a device that did get it refuses it as a replay. Of two replicas one
+        resends: ``claim_resend`` is a compare-and-set on the row.
+        """
+        store = self.registry.staged
+        pruned_at = 0.0
+        while True:
+            await asyncio.sleep(min(1.0, self.resend_after_s))
+            if time.monotonic() - pruned_at > 3600:  # event ids older than a week
+                pruned_at = time.monotonic()
+                with suppress(FoglineError):
+                    await asyncio.to_thread(store.forget_handled_events)
+            if not self.link.connected.is_set():
+                continue
+            try:
+                for command_id, device_id, payload, attempts, at in await asyncio.to_thread(
+                    store.due_commands
+                ):
+                    backoff = min(self.resend_after_s * 2 ** (attempts + 1), self.resend_max_s)
+                    claimed = await asyncio.to_thread(
+                        store.claim_resend, command_id, at, time.time() + backoff
+                    )
+                    if claimed:
+                        topic = topics.device_topic(device_id, "commands")
+                        await self.link.publish(topic, payload.encode())
+                        self.stats["commands_resent"] += 1
+                        logger.info("resent command %s to %s", command_id, device_id)
+            except (MqttError, FoglineError) as exc:
+                logger.info("resending commands interrupted: %s", exc)
 
     # -- MQTT handlers ---------------------------------------------------------------------
 

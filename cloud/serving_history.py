@@ -27,7 +27,14 @@ from common.names import check_name
 # NOTE: keep in step with edge.router.LATENCY_BUCKETS_MS (edge/ cannot be imported here).
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 MAX_REASONS = 16  # distinct escalation reasons kept per bucket (a device names them)
+# The router's own reasons always count: one device naming 16 made-up reasons first in
+# each bucket must not hide the fleet's real escalations.
+# NOTE: keep in step with edge.router (edge/ cannot be imported here).
+ROUTER_REASONS = frozenset({"forced", "no_local_model", "heavy", "busy", "uncertain"})
 MAX_SERIES = 64  # model versions with a latency histogram
+# Devices with per-device figures: a telemetry topic names any id the broker lets through
+# (every id, on a broker without an ACL), and a report for an unknown one still lands here.
+MAX_DEVICES = 100_000
 
 
 @dataclass
@@ -81,8 +88,13 @@ class ServingHistory:
             self._buckets.append(Bucket(start))
         return self._buckets[-1]
 
-    def add(self, device_id: str, report: dict[str, Any], model: str | None) -> None:
-        """Count one telemetry report (already accepted by the fleet monitor)."""
+    def add(
+        self, device_id: str, report: dict[str, Any], models: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Count one telemetry report (already accepted by the fleet monitor).
+
+        ``models``: (``name:version``, that model's router stats) for the histograms.
+        """
         router = report.get("router")
         if not isinstance(router, dict):
             return
@@ -91,20 +103,25 @@ class ServingHistory:
         bucket.cloud += _count(router.get("served_cloud"))
         bucket.degraded += _count(router.get("degraded"))
         escalated = router.get("escalated")
-        device_reasons = self.reasons_by_device.setdefault(device_id, Counter())
+        known = device_id in self.reasons_by_device or len(self.reasons_by_device) < MAX_DEVICES
+        device_reasons = (
+            self.reasons_by_device.setdefault(device_id, Counter()) if known else Counter()
+        )
         for reason, n in escalated.items() if isinstance(escalated, dict) else ():
-            if _is_name(reason) and (reason in bucket.reasons or len(bucket.reasons) < MAX_REASONS):
+            room = reason in bucket.reasons or len(bucket.reasons) < MAX_REASONS
+            if _is_name(reason) and (room or reason in ROUTER_REASONS):
                 bucket.reasons[reason] += _count(n)
                 if reason in device_reasons or len(device_reasons) < MAX_REASONS:
                     device_reasons[reason] += _count(n)
         latency = router.get("latency_ms")
         local = latency.get("local") if isinstance(latency, dict) else None
         p95 = local.get("p95_ms") if isinstance(local, dict) else None
-        if _count(p95) > 0:
+        if _count(p95) > 0 and known:
             self.local_p95_by_device[device_id] = _count(p95)
-        if model and isinstance(latency, dict):
+        for model, stats in models:
+            by_where = stats.get("latency_ms") if isinstance(stats, dict) else None
             for where, key in (("edge", "local"), ("cloud", "cloud")):
-                counts = _histogram(latency.get(key))
+                counts = _histogram(by_where.get(key)) if isinstance(by_where, dict) else None
                 if counts is not None:
                     self._add_latency((where, model), counts)
 

@@ -76,3 +76,48 @@ class TelemetryLimiter:
             return False
         self._buckets[device_id] = (tokens - 1, now)
         return True
+
+
+def version_reports(
+    doc: dict[str, Any], models: list[dict[str, Any]]
+) -> list[tuple[str, str, dict[str, float]]]:
+    """(model, version, figures) a report gives, per model version served locally.
+
+    The figures are what the rollout gates compare between versions: requests,
+    escalated, errors, local_count and p95_sum (the period's local p95 times its
+    local requests, so that a sum over reports gives a request-weighted mean).
+    ``models`` is the device's status, for a single-model report that names no model.
+    Reports without a local version (nothing served locally) give nothing.
+    """
+    per_model = doc.get("models")
+    if isinstance(per_model, dict):  # a multi-model agent: {name: router stats}
+        items = list(per_model.items())
+    else:
+        router = doc.get("router")
+        name = router.get("model") if isinstance(router, dict) else None
+        name = name if name is not None else doc.get("model")
+        if name is None and len(models) == 1:
+            name = models[0].get("name")
+        items = [(name, router)]
+    out = []
+    for name, router in items:
+        if not isinstance(name, str) or not isinstance(router, dict):
+            continue
+        version = router.get("local_version")
+        if not isinstance(version, str) or not version:
+            continue
+        increments = telemetry_increments({"router": router})
+        latency = router.get("latency_ms")
+        local = latency.get("local") if isinstance(latency, dict) else None
+        local = local if isinstance(local, dict) else {}
+        count = _counter(local.get("count", 0), "latency_ms.local.count")
+        p95 = _counter(local.get("p95_ms", 0), "latency_ms.local.p95_ms") if count else 0.0
+        figures = {
+            "requests": increments.get("requests", 0.0),
+            "escalated": increments.get("escalated", 0.0),
+            "errors": _counter(router.get("errors", 0), "errors"),
+            "local_count": count,
+            "p95_sum": p95 * count,
+        }
+        out.append((name, version, figures))
+    return out

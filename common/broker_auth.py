@@ -174,6 +174,13 @@ def filter_covered(requested: str, grant: str) -> bool:
 def allowed(grants: Iterable[Grant], topic: str, action: Action) -> bool:
     """May a user with ``grants`` subscribe to / receive on / publish to ``topic``?"""
     wanted = "write" if action == "publish" else "read"
+    if action == "subscribe" and topic.startswith("$share/"):
+        # A shared subscription ($share/{group}/{filter}, control-plane replicas) reads
+        # what its filter reads, as Mosquitto 2 decides it.
+        parts = topic.split("/", 2)
+        if len(parts) < 3 or not parts[1] or "+" in parts[1] or "#" in parts[1]:
+            return False
+        topic = parts[2]
     return any(g.access in (wanted, "readwrite") and filter_covered(topic, g.topic) for g in grants)
 
 

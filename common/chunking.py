@@ -154,6 +154,10 @@ class Assembler:
         return True
 
     @property
+    def received(self) -> int:
+        return len(self._have)
+
+    @property
     def missing(self) -> list[int]:
         return [i for i in range(self.count) if i not in self._have]
 

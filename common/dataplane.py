@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prometheus_client.core import Metric
+
 from common.errors import ModelNotFoundError, ModelNotReadyError, OverloadedError
 from common.inference import InferRequest, InferResponse
 from common.manifest import TensorSpec
 from common.runtime import Runtime, VersionedRuntime
+from common.serving_metrics import ServingMetrics, loaded_versions
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,16 @@ class DataPlane:
         # NOTE: the map is replaced, never mutated, so a request always sees a whole map.
         self._runtimes: dict[str, Runtime] = {}
         self.draining = False  # set once, on shutdown: not ready, infers refused with 503
+        # One registry per server: what its /metrics shows, and what its batchers record.
+        self.metrics = ServingMetrics()
+        self.metrics.add_collector("loaded", self._loaded)
+
+    def _loaded(self) -> list[Metric]:
+        pairs = []
+        for r in self._runtimes.values():
+            versions = r.versions() if isinstance(r, VersionedRuntime) else [r.info.version]
+            pairs += [(r.info.name, v) for v in versions]
+        return [loaded_versions(pairs)]
 
     def register(self, runtime: Runtime) -> None:
         """Serve ``runtime`` under its ``info.name``, replacing any runtime of that name."""
@@ -80,6 +93,13 @@ class DataPlane:
             "version": self.server_version,
             "extensions": ["binary_tensor_data"],
         }
+
+    def model_index(self) -> list[dict[str, Any]]:
+        """``GET /v2/models``: every served model, its version and whether it is ready."""
+        return [
+            {"name": name, "versions": [r.info.version] if r.info.version else [], "ready": r.ready}
+            for name, r in sorted(self._runtimes.items())
+        ]
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         info = self.get(name, version).info

@@ -95,6 +95,13 @@ class OverloadedError(FoglineError, RuntimeError):
     retry_after_s = 1
 
 
+class DeadlineExceededError(FoglineError, TimeoutError):
+    """A request's deadline cannot be met: refused before it runs, not answered late."""
+
+    http_status = 503
+    retry_after_s = 1
+
+
 class CloudUnavailableError(FoglineError, ConnectionError):
     """The cloud fallback could not be reached or answered with an error."""
 

@@ -39,7 +39,7 @@ BYTES = "BYTES"
 # Keys of the ``parameters`` Fogline adds to responses (and reads from requests).
 SERVED_BY = "fogline.served_by"  # "edge" | "cloud"
 MODEL_VERSION = "fogline.model_version"
-ESCALATION_REASON = "fogline.escalation_reason"  # uncertain | heavy | busy | no_local_model
+ESCALATION_REASON = "fogline.escalation_reason"  # uncertain|heavy|load|forced|no_local_model
 DEGRADED = "fogline.degraded"  # True when the cloud was wanted but did not answer
 DEGRADED_REASON = "fogline.degraded_reason"  # why: cloud_unavailable | cloud_too_large | ...
 ROUTE = "fogline.route"  # request hint: "auto" (default) | "local" | "cloud"

@@ -23,6 +23,7 @@ from typing import Any
 from common import chunking
 from common.errors import InvalidInputError, VerificationError
 from common.inference import MAX_DIMS, V2_TO_NUMPY
+from common.lineage import Lineage, is_finite_number
 from common.names import check_digest, check_name
 from common.signing import Purpose, Signer, TrustStore
 
@@ -33,6 +34,7 @@ SCHEMA = "fogline.manifest/v1"
 # `fogline model package`, the demo, `fogline control models` and the dashboard use it.
 ACCURACY = "accuracy"
 MAX_RELEASE = 2**31 - 1  # a 32-bit column in PostgreSQL; a counter never gets near it
+MAX_EVALUATION = 64  # figures per manifest
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,18 @@ class Manifest:
     created_at: str = ""
     chunks: ChunkList | None = None  # None only in packages signed before chunk lists
     schema: str = SCHEMA
+    lineage: Lineage | None = None  # parent "name:version", method, params (common.lineage)
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
+        # NOTE: no key at all when absent, so manifests signed before these fields verify.
         if self.chunks is None:
-            # NOTE: no key at all, so manifests signed before chunk lists still verify.
             del doc["chunks"]
+        if self.lineage is None:
+            del doc["lineage"]
+        else:
+            doc["lineage"] = self.lineage.to_dict()
         if self.routing.max_sequence_length is None:
-            # NOTE: likewise, so manifests signed before this hint still verify.
             del doc["routing"]["max_sequence_length"]
         return doc
 
@@ -122,6 +128,7 @@ class Manifest:
                     "target": Target(**doc.get("target", {})),
                     "routing": RoutingHints(**doc.get("routing", {})),
                     "chunks": _chunk_list(doc.get("chunks")),
+                    "lineage": Lineage.from_dict(doc["lineage"]) if "lineage" in doc else None,
                 }
             )
         except (KeyError, TypeError) as exc:
@@ -189,10 +196,20 @@ class Manifest:
             not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_RELEASE
         ):
             raise InvalidInputError(f"routing.max_sequence_length must be a count, got {seq!r}")
-        if not isinstance(self.evaluation, dict) or not all(
-            isinstance(k, str) and _is_number(v) for k, v in self.evaluation.items()
+        if (
+            not isinstance(self.evaluation, dict)
+            or len(self.evaluation) > MAX_EVALUATION
+            or not all(isinstance(k, str) and _is_number(v) for k, v in self.evaluation.items())
         ):
-            raise InvalidInputError("evaluation must map names to numbers")
+            raise InvalidInputError(
+                f"evaluation must map at most {MAX_EVALUATION} names to finite numbers"
+            )
+        for key in self.evaluation:
+            check_name(key, "evaluation metric name")
+        if self.lineage is not None:
+            if not isinstance(self.lineage, Lineage):
+                raise InvalidInputError("malformed manifest: 'lineage' must be an object")
+            self.lineage.validate()
 
     def _validate_chunks(self, chunks: ChunkList) -> None:
         count = chunking.chunk_count(self.artifact_size, _check_chunk_size(chunks.size))
@@ -240,7 +257,7 @@ class Manifest:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e300
+    return is_finite_number(value)
 
 
 def _check_text(value: object, what: str) -> str:

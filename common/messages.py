@@ -18,7 +18,11 @@ from common.json_object import parse_json_object
 from common.signing import Signer, TrustStore
 
 TRUST = "trust"  # a new signed keyring for the device (common.keyring)
-COMMAND_TYPES = ("deploy", "rollback", "set-policy", TRUST)
+DEPLOY = "deploy"  # body: package, artifact (the model is the package's name)
+ROLLBACK = "rollback"  # body: {"model": NAME} (optional on a device with one model)
+REMOVE = "remove"  # body: {"model": NAME}: stop serving it and delete its slots
+SET_POLICY = "set-policy"  # body: {"model": NAME, "policy": common.policy.ModelPolicy}
+COMMAND_TYPES = (DEPLOY, ROLLBACK, REMOVE, SET_POLICY, TRUST)
 
 # Event stages of a deployment, in order; "failed" and "rejected" end it early.
 STAGES = (
@@ -34,6 +38,8 @@ STAGES = (
 FAILED = "failed"
 REJECTED = "rejected"  # a command refused before it started (signature, seq, expiry)
 CHUNK_REJECTED = "chunk_rejected"  # one damaged chunk; the download goes on
+REMOVED = "removed"  # a remove command ended: the model is no longer served
+POLICY_SET = "policy_set"  # a set-policy command ended: the policy is applied and kept
 TRUSTED = "trusted"  # a trust command applied: the device now holds keyring ``keyring_version``
 
 
@@ -112,6 +118,8 @@ def event(
         "command_id": command_id,
         "stage": stage,
         "ts": time.time(),
+        # The same event resent (outbox, QoS 1 redelivery) keeps its id: handled once.
+        "event_id": uuid.uuid4().hex,
         **fields,
     }
     if error is not None:
@@ -129,6 +137,7 @@ def status(
     models: list[dict[str, Any]] | None = None,
     api_url: str | None = None,
     keyring_version: int = 0,
+    labels: dict[str, str] | None = None,
 ) -> bytes:
     """``keyring_version`` lets the control plane send a device the keyrings it lacks."""
     return json.dumps(
@@ -141,6 +150,7 @@ def status(
             "models": models or [],
             "api_url": api_url,
             "keyring_version": keyring_version,
+            "labels": labels or {},
             "ts": time.time(),
         }
     ).encode()

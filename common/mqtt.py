@@ -263,7 +263,7 @@ class MqttLink:
             for observe in self.observers:
                 observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
-                if not paho.topic_matches_sub(topic_filter, msg.topic):
+                if not paho.topic_matches_sub(_unshared(topic_filter), msg.topic):
                     continue
                 if msg.retain and topic_filter in self._live_only:
                     logger.debug("ignored a retained message on %s", msg.topic)
@@ -275,6 +275,13 @@ class MqttLink:
                             await result
                     except Exception:
                         logger.exception("handler for %s failed", msg.topic)
+
+
+def _unshared(topic_filter: str) -> str:
+    """``$share/{group}/{filter}`` -> ``{filter}``: what a shared subscription matches."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else topic_filter
+    return topic_filter
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

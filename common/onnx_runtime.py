@@ -25,6 +25,7 @@ from common.inference import (
 )
 from common.manifest import Manifest, TensorSpec
 from common.runtime import ModelInfo
+from common.serving_metrics import ServingMetrics
 from common.text import (
     TEXT_INPUT,
     TOKENIZER_ROLE,
@@ -115,6 +116,8 @@ class OnnxRuntime:
         self._encoder: TextEncoder | None = None
         self._inline_below_us = inline_below_us
         self._ewma_us: float | None = None  # typical session.run time, measured
+        # Where ``infer`` records each execution (a BatchingRuntime records its own).
+        self.metrics: ServingMetrics | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -192,18 +195,29 @@ class OnnxRuntime:
             check_token_feeds(feeds, limit, encoder.vocab_size if encoder else None)
         return feeds
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def request_feeds(self, request: InferRequest) -> dict[str, np.ndarray]:
+        """The model's feeds for ``request``, checked (tokenized first when it holds text,
+        off the loop when that is long); the batcher builds its rows with this too."""
         if _text_size(request) > _TOKENIZE_INLINE_BYTES:
-            feeds = await asyncio.to_thread(self._feeds, request)
-        else:
-            feeds = self._feeds(request)
+            return await asyncio.to_thread(self._feeds, request)
+        return self._feeds(request)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        feeds = await self.request_feeds(request)
         known = {o.name for o in self.manifest.outputs}
         if request.outputs is not None and not set(request.outputs) <= known:
             raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+        start = time.perf_counter()
         if self.runs_inline:
             outputs = self.infer_sync(feeds, request.outputs)
         else:
             outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
+        if self.metrics is not None:
+            rows = next(iter(feeds.values())).shape[0] if feeds else 0
+            m = self.manifest
+            self.metrics.observe_execution(
+                m.name, m.version, rows, time.perf_counter() - start, [0.0]
+            )
         return InferResponse(
             model=self.manifest.name,
             version=self.manifest.version,

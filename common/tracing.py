@@ -28,6 +28,9 @@ _tracer: Any = None  # an opentelemetry Tracer while tracing is on
 _propagator: Any = None  # the W3C trace-context propagator, likewise
 # Response parameters recorded on the inference span, under the same names.
 _RESPONSE_ATTRIBUTES = (MODEL_VERSION, SERVED_BY, ESCALATION_REASON, DEGRADED)
+# Attribute values come from callers (a model name in the URL) and from the fallback's
+# answer: each is cut here, since the SDK keeps every span until export at any size.
+MAX_ATTRIBUTE_CHARS = 256
 
 
 class MissingExtraError(FoglineError):
@@ -143,7 +146,7 @@ def annotate_response(parameters: Mapping[str, Any]) -> None:
 
 def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        k: v if isinstance(v, str | bool | int | float) else str(v)
+        k: v if isinstance(v, bool | int | float) else str(v)[:MAX_ATTRIBUTE_CHARS]
         for k, v in attributes.items()
         if v is not None
     }

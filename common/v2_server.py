@@ -17,18 +17,20 @@ import hmac
 import inspect
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from common import tracing
+from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, deadline_ms
 from common.dataplane import DataPlane
 from common.errors import (
     AuthError,
+    DeadlineExceededError,
     FoglineError,
     InvalidInputError,
     ModelNotReadyError,
@@ -36,8 +38,10 @@ from common.errors import (
     PayloadTooLargeError,
     http_status_of,
 )
+from common.inference import ESCALATION_REASON, SERVED_BY, InferRequest, InferResponse
 from common.memory import TRIM_AFTER_BYTES, release_free_memory
 from common.request_body import ByteBudget, RequestLimits, read_body
+from common.serving_metrics import CONTENT_TYPE, UNKNOWN_MODEL, ServingMetrics, counter, gauge
 from common.v2_binary import (
     BINARY_HEADER,
     decode_infer_request,
@@ -74,75 +78,38 @@ class InflightGate:
 
 
 @dataclass
-class Metrics:
-    """Infer request counters in the Prometheus text exposition format (0.0.4)."""
-
-    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
-    seconds_sum: dict[str, float] = field(default_factory=dict)
-    seconds_count: Counter[str] = field(default_factory=Counter)
-
-    def observe(self, model: str, status: int, seconds: float) -> None:
-        self.requests[(model, status)] += 1
-        self.seconds_sum[model] = self.seconds_sum.get(model, 0.0) + seconds
-        self.seconds_count[model] += 1
-
-    def render(self, gate: InflightGate, budget: ByteBudget) -> str:
-        lines = [
-            "# HELP fogline_v2_requests_total Inference requests by model and HTTP status.",
-            "# TYPE fogline_v2_requests_total counter",
-        ]
-        for (model, status), n in sorted(self.requests.items()):
-            lines.append(
-                f'fogline_v2_requests_total{{model="{_label(model)}",status="{status}"}} {n}'
-            )
-        lines += [
-            "# HELP fogline_v2_request_seconds Inference request latency.",
-            "# TYPE fogline_v2_request_seconds summary",
-        ]
-        for model in sorted(self.seconds_count):
-            lines.append(
-                f'fogline_v2_request_seconds_sum{{model="{_label(model)}"}} '
-                f"{self.seconds_sum[model]:.6f}"
-            )
-            lines.append(
-                f'fogline_v2_request_seconds_count{{model="{_label(model)}"}} '
-                f"{self.seconds_count[model]}"
-            )
-        lines += [
-            "# HELP fogline_v2_inflight Inference requests being served now.",
-            "# TYPE fogline_v2_inflight gauge",
-            f"fogline_v2_inflight {gate.inflight}",
-            "# HELP fogline_v2_shed_total Inference requests refused with 503 (overload).",
-            "# TYPE fogline_v2_shed_total counter",
-            f"fogline_v2_shed_total {gate.shed}",
-            "# HELP fogline_v2_request_bytes Request body bytes held now (read, decoded, served).",
-            "# TYPE fogline_v2_request_bytes gauge",
-            f"fogline_v2_request_bytes {budget.used}",
-            "# HELP fogline_v2_bytes_shed_total Requests refused with 503 past the byte budget.",
-            "# TYPE fogline_v2_bytes_shed_total counter",
-            f"fogline_v2_bytes_shed_total {budget.shed}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-@dataclass
 class V2State:
     dataplane: DataPlane
     gate: InflightGate
     auth_tokens: frozenset[str] | None
     limits: RequestLimits = field(default_factory=RequestLimits)
     budget: ByteBudget = field(init=False)
-    metrics: Metrics = field(default_factory=Metrics)
     # Accepts a bearer token that is not one of auth_tokens (a signed device token),
     # or raises AuthError. It may be async (one that asks another service, cached).
     token_verifier: Callable[[str], object] | None = None
 
     def __post_init__(self) -> None:
         self.budget = ByteBudget(self.limits.decode_budget)
+
+    @property
+    def metrics(self) -> ServingMetrics:
+        return self.dataplane.metrics
+
+    def collect(self) -> Iterator[Metric]:
+        """This server's own gauges and counters, read at scrape time."""
+        gate, budget = self.gate, self.budget
+        yield gauge("fogline_v2_inflight", "Inference requests being served now.", gate.inflight)
+        yield counter(
+            "fogline_v2_shed", "Inference requests refused with 503 (overload).", gate.shed
+        )
+        yield gauge(
+            "fogline_v2_request_bytes",
+            "Request body bytes held now (read, decoded, served).",
+            budget.used,
+        )
+        yield counter(
+            "fogline_v2_bytes_shed", "Requests refused with 503 past the byte budget.", budget.shed
+        )
 
     @property
     def auth_required(self) -> bool:
@@ -178,13 +145,16 @@ def build_v2_app(
         middlewares.insert(1, _trace_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=limits.max_small_body)
     tokens = frozenset(auth_tokens) if auth_tokens is not None else None
-    app[V2_STATE] = V2State(
+    state = V2State(
         dataplane, InflightGate(max_inflight), tokens, limits, token_verifier=token_verifier
     )
+    app[V2_STATE] = state
+    dataplane.metrics.add_collector("v2", state.collect)
     r = app.router
     r.add_get("/v2/health/live", _live, name="v2.health.live")
     r.add_get("/v2/health/ready", _ready, name="v2.health.ready")
     r.add_get("/v2", _server_metadata, name="v2.server")
+    r.add_get("/v2/models", _model_index, name="v2.models")
     r.add_get("/v2/models/{model}", _model_metadata, name="v2.model")
     r.add_get("/v2/models/{model}/versions/{version}", _model_metadata, name="v2.version")
     r.add_get("/v2/models/{model}/ready", _model_ready, name="v2.ready")
@@ -234,6 +204,7 @@ async def _metrics_middleware(request: web.Request, handler: Any) -> web.StreamR
     state = request.app[V2_STATE]
     start = time.perf_counter()
     status = 499  # the client went away before an answer (nginx's convention)
+    reason: str | None = None
     try:
         response = await handler(request)
         status = response.status
@@ -243,12 +214,23 @@ async def _metrics_middleware(request: web.Request, handler: Any) -> web.StreamR
         raise
     except Exception as exc:
         status = http_status_of(exc)
+        reason = "deadline" if isinstance(exc, DeadlineExceededError) else None
         raise
     finally:
-        name = request.match_info["model"]
         # Unknown names share one label, so callers cannot grow the metric without bound.
-        label = name if state.dataplane.has(name) else "_unknown"
-        state.metrics.observe(label, status, time.perf_counter() - start)
+        model, version = _metric_labels(state.dataplane, request)
+        state.metrics.observe_request(
+            model, version, status, time.perf_counter() - start, reason=reason
+        )
+
+
+def _metric_labels(dataplane: DataPlane, request: web.Request) -> tuple[str, str]:
+    name = request.match_info["model"]
+    try:
+        info = dataplane.get(name, request.match_info.get("version")).info
+    except FoglineError:
+        return UNKNOWN_MODEL, ""
+    return info.name, info.version
 
 
 @web.middleware
@@ -324,6 +306,10 @@ async def _server_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[V2_STATE].dataplane.server_metadata())
 
 
+async def _model_index(request: web.Request) -> web.Response:
+    return web.json_response({"models": request.app[V2_STATE].dataplane.model_index()})
+
+
 async def _model_metadata(request: web.Request) -> web.Response:
     return web.json_response(request.app[V2_STATE].dataplane.model_metadata(*_model_ref(request)))
 
@@ -349,9 +335,11 @@ async def _infer(request: web.Request) -> web.StreamResponse:
                 len(body), decode_infer_request, body, header, model, version, limits.json
             )
             del body  # binary tensors keep their own view of it; the rest can go
+            _deadline_from_header(request, infer_request)
             with tracing.span(f"infer {model}", attributes={"fogline.model": model}):
                 response = await state.dataplane.infer(infer_request)
                 tracing.annotate_response(response.parameters)
+            _count_served(state, request, response)
         del infer_request
         size = sum(t.data.nbytes for t in response.outputs)
         large = hold.taken >= TRIM_AFTER_BYTES
@@ -403,8 +391,33 @@ def _header_length(request: web.Request) -> int | None:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    state = request.app[V2_STATE]
-    text = state.metrics.render(state.gate, state.budget)
-    return web.Response(
-        body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    body = request.app[V2_STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+_SERVED_BY = frozenset({"edge", "cloud"})
+_REASONS = frozenset({"", "uncertain", "heavy", "busy", "no_local_model"})
+
+
+def _count_served(state: V2State, request: web.Request, response: InferResponse) -> None:
+    """``fogline_requests_served``: by whom, and why escalated (labels from fixed sets)."""
+    params = response.parameters
+    served_by = params.get(SERVED_BY)
+    if not isinstance(served_by, str):
+        return
+    reason = params.get(ESCALATION_REASON, "")
+    model = _metric_labels(state.dataplane, request)[0]
+    state.metrics.observe_served(
+        model,
+        served_by if served_by in _SERVED_BY else "other",
+        reason if isinstance(reason, str) and reason in _REASONS else "other",
     )
+
+
+def _deadline_from_header(request: web.Request, infer_request: InferRequest) -> None:
+    """The ``fogline-deadline-ms`` header, when given, wins over the body's parameter.
+    (Only a batching runtime can honour one: the others answer as soon as they can.)"""
+    value = request.headers.get(DEADLINE_HEADER)
+    if value is not None:
+        infer_request.parameters[DEADLINE_PARAM] = value
+    deadline_ms(infer_request)  # a bad one is a 400 on every server, batched or not

@@ -1,9 +1,9 @@
 """The edge agent: one async context manager that owns every long-lived part.
 
-MQTT link ─ commands ─> CommandGuard ─> Deployer ─> ModelStore (A/B slots)
-    ^                                      │ on activate
+MQTT link ─ commands ─> CommandGuard ─> Deployer ─> ModelLibrary (A/B slots per model)
+    ^                                      │ on activate, remove, set-policy
     └─ outbox <─ events, telemetry         v
-local V2 API ─> DataPlane ─> Router ─> local OnnxRuntime | CloudClient
+local V2 API ─> DataPlane ─> Router per model (ModelServing) ─> OnnxRuntime | CloudClient
 """
 
 from __future__ import annotations
@@ -22,18 +22,24 @@ from aiohttp import web
 from common import keyring, messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
+from common.inference import InferRequest, InferResponse
+from common.manifest import Manifest
 from common.messages import Command
 from common.mqtt import MqttLink, TlsConfig, Will
 from common.onnx_runtime import OnnxRuntime
 from common.request_body import RequestLimits
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
-from edge.cloud_client import CloudClient
 from edge.config import AgentConfig
 from edge.deployment import Deployer
-from edge.model_store import ModelStore, SlotModel
+from edge.hard_examples import HardExampleStore
+from edge.hard_examples import parse_settings as parse_hard_example_settings
+from edge.model_commands import ModelCommands
+from edge.model_library import ModelLibrary
+from edge.model_store import SlotModel
 from edge.outbox import Outbox
-from edge.router import Router, RouterPolicy
+from edge.router import Router
+from edge.serving import ModelServing, merged_stats
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class EdgeAgent:
         self._keyring_file = config.state_dir / "keyring.json"
         self._keyrings: list[dict[str, Any]] = []  # applied on top of the anchors, in order
         self.trust = self._restore_trust()
-        self.store = ModelStore(config.state_dir, self.trust)
+        self.library = ModelLibrary(config.state_dir, self.trust)
         self._seq_file = config.state_dir / "seq.json"
         self._pending_dir = config.state_dir / "pending"  # accepted, unfinished commands
         self.guard = messages.CommandGuard(self._read_seq())
@@ -63,25 +69,16 @@ class EdgeAgent:
             persistent_session=True,  # commands sent while the device is offline wait for it
             tls=_broker_tls(config),
         )
-        remote = None
         if config.cloud_url and not config.cloud_allowed:
             logger.warning(
                 "local API is public without api_token: requests are served locally only, "
                 "never escalated with this device's fallback token"
             )
-        elif config.cloud_url:
-            remote = CloudClient(
-                config.cloud_url,
-                config.model,
-                token=config.cloud_token,
-                timeout_s=config.cloud_timeout_s,
-            )
-        self.router = Router(
-            config.model, remote, policy=RouterPolicy(local_budget_ms=config.local_budget_ms)
-        )
         self.dataplane = DataPlane("fogline-edge", AGENT_VERSION)
-        self.dataplane.register(self.router)
-        self.active: SlotModel | None = None
+        self.serving = ModelServing(config, self.dataplane, config.state_dir / "policies.json")
+        self.hard_examples = _hard_example_store(config)
+        if self.hard_examples is not None:
+            self.serving.on_escalated = self._keep_hard_example
         self._stack = AsyncExitStack()
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox: Outbox | None = None
@@ -121,17 +118,31 @@ class EdgeAgent:
             raise
         return self
 
+    @property
+    def router(self) -> Router:
+        """The router of the config's model (served from the start)."""
+        return self.serving.get(self.config.model).router
+
+    @property
+    def active(self) -> SlotModel | None:
+        """The active slot of the config's model, None while it has no local model."""
+        return self.serving.get(self.config.model).model
+
     async def _start(self) -> None:
-        await asyncio.to_thread(self.store.sweep)
-        active = await asyncio.to_thread(self.store.load_active)
-        if active is not None:
+        await asyncio.to_thread(self.library.migrate_legacy, self.config.model)
+        await asyncio.to_thread(self.library.sweep)
+        self._stack.push_async_callback(self.serving.close)
+        await self.serving.add(self.config.model)
+        for name in await asyncio.to_thread(self.library.names):
+            active = await asyncio.to_thread(self.library.store(name).load_active)
+            if active is None:
+                continue
             try:
                 await self._activate(active, self._runtime_for(active))
             except Exception:
                 # Serve (via the cloud) rather than crash-loop on a model this host can't load.
-                logger.exception("cannot load the active model; serving without a local one")
-        await self.router.load()
-        self._stack.push_async_callback(self.router.unload)
+                logger.exception("cannot load model %s; serving it without a local one", name)
+                await self.serving.add(name)
         await self._start_api()
         await self._stack.enter_async_context(self.link)
         self.outbox = await self._stack.enter_async_context(
@@ -140,9 +151,19 @@ class EdgeAgent:
         self.deployer = Deployer(
             device_id=self.config.device_id,
             link=self.link,
-            store=self.store,
+            library=self.library,
             emit=self._emit_event,
             on_activate=self._activate,
+            default_model=self.config.model,
+            check_budget=self._check_budget,
+            handlers=ModelCommands(
+                self.serving,
+                self.library,
+                device_id=self.config.device_id,
+                main_model=self.config.model,
+                emit=self._emit_event,
+                changed=self._status_changed,
+            ).handlers(),
             chunk_timeout_s=self.config.chunk_timeout_s,
             intra_op_threads=self.config.intra_op_threads,
             transport=self.config.artifact_transport,
@@ -152,6 +173,14 @@ class EdgeAgent:
         await self._resume_pending()  # before new commands: they queue behind these
         self.link.subscribe(self._topic("commands"), self._on_command)
         self._spawn(self._telemetry_loop(), "telemetry")
+        if self.hard_examples is not None:
+            assert self.config.control_url and self.config.cloud_token
+            interval = float(self.config.hard_examples.get("upload_interval_s", 30.0))
+            upload = self.hard_examples.run(
+                self.config.control_url, self.config.cloud_token, interval
+            )
+            self._spawn(upload, "hard-examples")
+            self._stack.callback(self.hard_examples.close)
         self._stack.push_async_callback(self._cancel_tasks)
         logger.info("agent %s serving V2 API on %s", self.config.device_id, self.config.api_url)
 
@@ -203,16 +232,24 @@ class EdgeAgent:
     # -- models -------------------------------------------------------------------
 
     def _runtime_for(self, model: SlotModel) -> OnnxRuntime:
-        return OnnxRuntime(
+        runtime = OnnxRuntime(
             model.model_file, model.signed.manifest, intra_op_threads=self.config.intra_op_threads
         )
+        runtime.metrics = self.dataplane.metrics  # executions, on the agent's /metrics
+        return runtime
 
     async def _activate(self, model: SlotModel, runtime: OnnxRuntime) -> None:
         await runtime.load()
-        self.router.set_local(runtime, model.signed.manifest.routing)
-        self.active = model
+        await self.serving.activate(model, runtime)
+        await self._status_changed()
+
+    async def _status_changed(self) -> None:
         if self.link.connected.is_set():
             await self.publish_status()
+
+    def _check_budget(self, manifest: Manifest) -> None:
+        self.serving.check_memory(manifest, self.config.memory_budget_bytes)
+        self.library.check_disk(manifest, self.config.disk_budget_bytes)
 
     # -- MQTT ---------------------------------------------------------------------
 
@@ -313,31 +350,19 @@ class EdgeAgent:
                 self.config.device_id, cmd.id, messages.TRUSTED, keyring_version=trust.version
             )
         )
-        if self.link.connected.is_set():
-            await self.publish_status()
+        await self._status_changed()
 
     def _status(self, online: bool) -> bytes:
-        models = []
-        if self.active is not None:
-            m = self.active.signed.manifest
-            models.append(
-                {
-                    "name": m.name,
-                    "version": m.version,
-                    "release": m.release,
-                    "precision": m.precision,
-                    "slot": self.active.slot,
-                }
-            )
         return messages.status(
             self.config.device_id,
             online,
             agent_version=AGENT_VERSION,
             hardware={"arch": platform.machine(), "system": platform.system()},
             runtimes=["onnxruntime"],
-            models=models,
+            models=self.serving.status(),
             api_url=self.config.api_url,
             keyring_version=self.trust.version,
+            labels=self.config.labels,
         )
 
     async def publish_status(self) -> None:
@@ -345,16 +370,40 @@ class EdgeAgent:
             return
         await self.link.publish(self._topic("status"), self._status(True), retain=True)
 
+    def _keep_hard_example(
+        self, version: str, request: InferRequest, response: InferResponse, reason: str
+    ) -> None:
+        """Off the request's path: the store writes to disk in a worker thread."""
+        assert self.hard_examples is not None
+        task = asyncio.get_running_loop().run_in_executor(
+            None, self.hard_examples.offer, version, request, response, reason
+        )
+        task.add_done_callback(lambda f: f.exception())  # offer logs its own failures
+
     async def _telemetry_loop(self) -> None:
         assert self.outbox is not None
         while True:
             await asyncio.sleep(self.config.telemetry_interval_s)
+            per_model = self.serving.stats(reset=True)
             doc = {
                 "device_id": self.config.device_id,
-                "model": self.router.name,
-                "router": self.router.stats(reset=True),
+                "model": self.config.model,
+                "router": merged_stats(per_model, self.config.model),
+                "models": per_model,
             }
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
+
+
+def _hard_example_store(config: AgentConfig) -> HardExampleStore | None:
+    """The store of escalations to learn from, when there is somewhere to send them."""
+    settings = parse_hard_example_settings(config.hard_examples)
+    if not (config.control_url and config.cloud_token) or settings.get("sample_rate") == 0:
+        return None
+    return HardExampleStore(
+        config.state_dir / "hard-examples.sqlite",
+        sample_rate=settings.get("sample_rate", 1.0),
+        max_rows=settings.get("max_rows", 2000),
+    )
 
 
 def _broker_tls(config: AgentConfig) -> TlsConfig | None:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
 MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
 MAX_REJECTION_EVENTS = 3  # per download: a flood of forged chunks must not flood the outbox
+PROGRESS_STEP_PCT = 25  # ``on_progress`` each time this much more of the artifact has come
 
 Report = Callable[[str], Awaitable[None]]
 
@@ -42,12 +43,15 @@ class ChunkDownload:
         *,
         chunk_timeout_s: float,
         on_rejected: Report,
+        on_progress: Callable[[int], Awaitable[None]] | None = None,
         keep: bool = True,
     ) -> None:
         self._link, self._device_id, self._digest = link, device_id, digest
         self._asm = Assembler(size, chunk_size, hashes, keep=keep)
         self._timeout_s = chunk_timeout_s
         self._on_rejected = on_rejected
+        self._on_progress = on_progress
+        self._reported = 0  # the percent last reported
         self._progress = asyncio.Event()
         self.rejected = 0
 
@@ -59,11 +63,18 @@ class ChunkDownload:
         try:
             if self._asm.add(chunking.decode(payload)):
                 self._progress.set()
+                await self._report_progress()
         except VerificationError as exc:
             self.rejected += 1
             if self.rejected <= MAX_REJECTION_EVENTS:
                 await self._on_rejected(str(exc))
             logger.debug("chunk refused (%d so far): %s", self.rejected, exc)
+
+    async def _report_progress(self) -> None:
+        percent = 100 * self._asm.received // self._asm.count
+        if self._on_progress is not None and self._reported + PROGRESS_STEP_PCT <= percent < 100:
+            self._reported = percent - percent % PROGRESS_STEP_PCT
+            await self._on_progress(self._reported)
 
     async def run(self, started: Callable[[], Awaitable[None]]) -> bytes:
         """Subscribe, call ``started`` (to report it), collect; unsubscribe in any case."""

@@ -6,13 +6,16 @@ import dataclasses
 import ipaddress
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import FoglineError, InvalidInputError
 from common.keyring import apply_chain
+from common.names import check_name
+from common.policy import MAX_LATENCY_BUDGET_MS, parse_policy
 from common.signing import TrustStore
+from edge.hard_examples import parse_settings as parse_hard_example_settings
 
 ENV_PREFIX = "FOGLINE_AGENT_"
 
@@ -22,7 +25,9 @@ class AgentConfig:
     device_id: str
     state_dir: Path
     trusted_keys: list[str]  # hex Ed25519 public keys of the control plane: the anchors
-    model: str  # the model name this device serves (edge variant locally, cloud variant remote)
+    # The model served from the start (cloud only until a rollout brings a local one);
+    # every model rolled out later is served beside it under its own name.
+    model: str
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     broker_username: str | None = None
@@ -41,6 +46,12 @@ class AgentConfig:
     max_body_bytes: int = 64 << 20  # largest local infer body; 413 past it
     body_timeout_s: float = 30.0  # a body not in within this gets 408
     local_budget_ms: float = 50.0  # local queue wait above this sends requests to the cloud
+    # Per model name: {"cloud_model": NAME, and common.policy.ModelPolicy fields}; a
+    # signed set-policy command overrides the policy fields (kept in the state dir).
+    models: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    memory_budget_bytes: int | None = None  # sum of loaded model files; a deploy past it fails
+    disk_budget_bytes: int | None = None  # bytes of every model's slots; a deploy past it fails
+    cloud_probe_s: float = 5.0  # cloud latency older than this: one request goes to measure it
     telemetry_interval_s: float = 10.0
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
     artifact_transport: str = "mqtt"  # "mqtt" (HTTP as fallback) or "http" (HTTP only)
@@ -48,6 +59,14 @@ class AgentConfig:
     # The fleet's signed keyring at enrollment (cloud.keys.enrollment_trust): the device
     # starts at its version, so an older keyring is never accepted.
     trusted_keyring: dict[str, Any] | None = None
+    # Set at enrollment (site=berlin, ...) and reported in status: staged rollouts pick
+    # devices by them. The control plane trusts its own enrollment record over these.
+    labels: dict[str, str] = field(default_factory=dict)
+    # The control plane's base URL: where hard examples go (with cloud_token, the
+    # device's own token). None: none are kept.
+    control_url: str | None = None
+    # {sample_rate, max_rows, upload_interval_s} for escalations kept as hard examples
+    hard_examples: dict[str, Any] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -117,9 +136,21 @@ class AgentConfig:
             cfg = cls(**{**doc, "state_dir": Path(doc["state_dir"])})
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"agent config: {exc}") from exc
+        if not isinstance(cfg.labels, dict):
+            raise InvalidInputError("agent config: labels must be an object of names")
+        for key, value in cfg.labels.items():
+            check_name(key, "label key")
+            check_name(value, "label value")
         if cfg.artifact_transport not in ("mqtt", "http"):
             raise InvalidInputError("agent config: artifact_transport must be 'mqtt' or 'http'")
         _check_tls_files(cfg)
+        _check_models(cfg)
+        try:
+            parse_hard_example_settings(cfg.hard_examples)
+        except ValueError as exc:
+            raise InvalidInputError(f"agent config: {exc}") from None
+        if cfg.control_url is not None and not cfg.control_url.startswith(("http://", "https://")):
+            raise InvalidInputError("agent config: control_url must be an http(s) URL")
         if not cfg.trusted_keys:
             raise InvalidInputError("agent config: trusted_keys must list at least one key")
         cfg.check_api_exposure()
@@ -172,6 +203,32 @@ class AgentConfig:
         doc = dataclasses.asdict(self)
         doc["state_dir"] = str(self.state_dir)
         return doc
+
+
+def _check_models(cfg: AgentConfig) -> None:
+    """Model names and policies from the file pass the same checks as a signed command's."""
+    check_name(cfg.model, "model name")
+    if not isinstance(cfg.models, dict):
+        raise InvalidInputError("agent config: models must be an object keyed by model name")
+    for name, entry in cfg.models.items():
+        check_name(name, "model name in agent config")
+        if not isinstance(entry, dict):
+            raise InvalidInputError(f"agent config: models.{name} must be an object")
+        policy = {k: v for k, v in entry.items() if k != "cloud_model"}
+        if policy:
+            parse_policy(policy)
+        if "cloud_model" in entry:
+            check_name(entry["cloud_model"], f"models.{name}.cloud_model")
+    for key in ("memory_budget_bytes", "disk_budget_bytes"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise InvalidInputError(f"agent config: {key} must be a positive integer")
+    for key in ("local_budget_ms", "cloud_probe_s"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"agent config: {key} must be a number")
+        if not 0 < value <= MAX_LATENCY_BUDGET_MS:  # NOTE: also false for NaN
+            raise InvalidInputError(f"agent config: {key} must be positive")
 
 
 def _check_tls_files(cfg: AgentConfig) -> None:

@@ -1,4 +1,8 @@
-"""Deploy and rollback commands: download, verify, stage, load, self-test, activate.
+"""Model commands, one at a time: deploy, rollback, remove and set-policy.
+
+A deploy downloads, verifies, stages, loads, self-tests and activates a package
+in the A/B slots of its model's own store (``edge.model_library``); models are
+independent, so a deploy or a failure of one never touches another.
 
 Every step is reported on the device's events topic (through the outbox), and
 any failure leaves the previous model serving.
@@ -24,17 +28,20 @@ import aiohttp
 from common import chunking, golden
 from common.artifact_http import fetch_artifact
 from common.errors import FoglineError, InvalidInputError, VerificationError
-from common.manifest import SignedManifest, artifact_digest, split_artifact
-from common.messages import CHUNK_REJECTED, FAILED, Command, event
+from common.manifest import Manifest, SignedManifest, artifact_digest, split_artifact
+from common.messages import CHUNK_REJECTED, DEPLOY, FAILED, ROLLBACK, Command, event
 from common.mqtt import MqttLink
+from common.names import check_name
 from common.onnx_runtime import OnnxRuntime
 from edge.chunk_download import ChunkDownload
-from edge.model_store import ModelStore, SlotModel
+from edge.model_library import ModelLibrary
+from edge.model_store import SlotModel
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[bytes], Awaitable[None]]
 Activate = Callable[[SlotModel, OnnxRuntime], Awaitable[None]]
+Handler = Callable[[Command], Awaitable[None]]
 
 
 class Deployer:
@@ -45,24 +52,32 @@ class Deployer:
         *,
         device_id: str,
         link: MqttLink,
-        store: ModelStore,
+        library: ModelLibrary,
         emit: Emit,
         on_activate: Activate,
+        default_model: str,
+        check_budget: Callable[[Manifest], None] = lambda m: None,
+        handlers: dict[str, Handler] | None = None,
         chunk_timeout_s: float = 3.0,
         intra_op_threads: int = 1,
         transport: str = "mqtt",
         token: str | None = None,
     ) -> None:
+        """``handlers``: the other command types (remove, set-policy) by type; they run
+        under the same lock and have their failures reported the same way."""
         self.device_id = device_id
         self._link = link
-        self._store = store
+        self._library = library
+        self._default_model = default_model
+        self._check_budget = check_budget
+        self._handlers = handlers or {}
         self._emit_raw = emit
         self._on_activate = on_activate
         self._chunk_timeout_s = chunk_timeout_s
         self._threads = intra_op_threads
         self._transport = transport  # "mqtt" (HTTP only as a fallback) or "http"
         self._token = token  # the device's token: the artifact route asks for it
-        self._downloads = store.root / "downloads"
+        self._downloads = library.state_dir / "downloads"
         self._lock = asyncio.Lock()
 
     async def _emit(self, cmd: Command, stage: str, **fields: Any) -> None:
@@ -72,10 +87,12 @@ class Deployer:
         """Execute a verified command; report failure as an event, never raise."""
         async with self._lock:
             try:
-                if cmd.type == "deploy":
+                if cmd.type == DEPLOY:
                     await self._deploy(cmd)
-                elif cmd.type == "rollback":
+                elif cmd.type == ROLLBACK:
                     await self._rollback(cmd)
+                elif cmd.type in self._handlers:
+                    await self._handlers[cmd.type](cmd)
                 else:
                     raise InvalidInputError(f"command type {cmd.type!r} is not supported yet")
             except Exception as exc:
@@ -101,15 +118,17 @@ class Deployer:
             raise InvalidInputError(f"deploy command body: {exc}") from exc
         m = signed.manifest
         await self._emit(cmd, "received", model=m.name, version=m.version)
-        signed.verify(self._store.trust)  # before a single byte is downloaded
-        self._store.check_release(signed, allow_downgrade=bool(cmd.body.get("allow_downgrade")))
-        self._store.check_space(m.artifact_size)
+        signed.verify(self._library.trust)  # before a single byte is downloaded
+        self._check_budget(m)  # memory and disk budgets: before anything is written
+        store = self._library.store(m.name)
+        store.check_release(signed, allow_downgrade=bool(cmd.body.get("allow_downgrade")))
+        store.check_space(m.artifact_size)
         started = time.monotonic()
         target = _Target(digest, signed, m.chunks.size if m.chunks else legacy_size)
         files = await self._fetch(cmd, target, http_url)
         await self._emit(cmd, "downloaded", seconds=round(time.monotonic() - started, 3))
         await self._emit(cmd, "verified")
-        staged = await asyncio.to_thread(self._store.stage, signed, files)
+        staged = await asyncio.to_thread(store.stage, signed, files)
         await self._emit(cmd, "staged", slot=staged.slot)
         await self._load_and_activate(cmd, staged)
 
@@ -121,15 +140,24 @@ class Deployer:
         await self._emit(cmd, "loaded")
         await self_test(runtime, staged)
         await self._emit(cmd, "self_tested")
-        await asyncio.to_thread(self._store.activate, staged)
+        store = self._library.store(staged.signed.manifest.name)
+        await asyncio.to_thread(store.activate, staged)
         await self._on_activate(staged, runtime)
         m = staged.signed.manifest
         await self._emit(cmd, "activated", model=m.name, version=m.version, slot=staged.slot)
 
     async def _rollback(self, cmd: Command) -> None:
         """Back to the previous slot, through the same load / self-test / switch path."""
-        previous = await asyncio.to_thread(self._store.previous)
+        name = self.model_of(cmd)
+        previous = await asyncio.to_thread(self._library.store(name).previous)
         await self._load_and_activate(cmd, previous)
+
+    def model_of(self, cmd: Command) -> str:
+        """The installed model a command names (``model``; the config's model if absent)."""
+        name = check_name(cmd.body.get("model", self._default_model), "model name")
+        if not self._library.has(name):
+            raise InvalidInputError(f"model {name!r} is not installed on this device")
+        return name
 
     async def _fetch(self, cmd: Command, target: _Target, http_url: str | None) -> dict[str, bytes]:
         """MQTT broadcast first (HTTP when configured); HTTP if MQTT fails verification.
@@ -171,6 +199,8 @@ class Deployer:
             m.chunks.sha256 if m.chunks else None,
             chunk_timeout_s=self._chunk_timeout_s,
             on_rejected=lambda error: self._emit(cmd, CHUNK_REJECTED, error=error),
+            # Operators see "downloading n%" (a staged rollout's per-device state).
+            on_progress=lambda percent: self._emit(cmd, "downloading", progress=percent),
         )
         return await download.run(lambda: self._emit(cmd, "downloading", chunks=download.chunks))
 

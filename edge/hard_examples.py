@@ -6,9 +6,10 @@ A sampled share of them goes into a bounded SQLite store in the state
 directory (so nothing is lost to a restart or an outage; the oldest go first
 when it is full), and an upload task sends them to the control plane
 (`POST /api/hard-examples/{model}?version=V`, with the device's own token) in
-batches, deleting each batch once the control plane has taken it. A batch the
-control plane refuses for its data (400, 404, 413, 422) is dropped, since
-sending it again would not help; anything else keeps it for later.
+batches, deleting each batch once the control plane has taken it. A batch too
+large for the control plane (413) is halved and sent again; one it refuses for
+its data (400, 404, 422, or 413 for a single example) is dropped, since sending
+it again would not help; anything else keeps it for later.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 MAX_EXAMPLE_BYTES = 256 * 1024  # one example as JSON; a bigger one is not kept
 UPLOAD_BATCH = 64  # examples per upload (the control plane takes at most 256)
+# The store on disk: max_rows of up to MAX_EXAMPLE_BYTES each could be 512 MB (2000 rows)
+# of a device's card, and a client sends what sizes it likes.
+MAX_STORE_BYTES = 64 * 1024**2
 SAMPLED_REASONS = frozenset({"uncertain"})
 # The control plane judged the data itself: sending it again cannot help. Anything else
 # (no network, 401/403 until the token is fixed, 429, 5xx) keeps it for later.
@@ -45,6 +49,7 @@ class HardExampleStore:
         *,
         sample_rate: float = 1.0,
         max_rows: int = 2000,
+        max_bytes: int = MAX_STORE_BYTES,
         rng: random.Random | None = None,
     ) -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -55,6 +60,7 @@ class HardExampleStore:
         self._lock = threading.Lock()
         self.sample_rate = sample_rate
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._rng = rng or random.Random()
         self.uploaded = 0
         self.dropped = 0
@@ -96,9 +102,15 @@ class HardExampleStore:
             " LIMIT 1 OFFSET ?)",
             (self.max_rows,),
         )
+        self._run(  # and the oldest past max_bytes, counted from the newest
+            "DELETE FROM examples WHERE id <= (SELECT id FROM (SELECT id, SUM(LENGTH(body))"
+            " OVER (ORDER BY id DESC) AS total FROM examples) WHERE total > ?"
+            " ORDER BY id DESC LIMIT 1)",
+            (self.max_bytes,),
+        )
         return True
 
-    def _batch(self) -> list[tuple[int, str, str, bytes]]:
+    def _batch(self, limit: int = UPLOAD_BATCH) -> list[tuple[int, str, str, bytes]]:
         first = self._run("SELECT model, version FROM examples ORDER BY id LIMIT 1")
         if not first:
             return []
@@ -106,7 +118,7 @@ class HardExampleStore:
         rows = self._run(
             "SELECT id, model, version, body FROM examples WHERE model=? AND version=?"
             " ORDER BY id LIMIT ?",
-            (model, version, UPLOAD_BATCH),
+            (model, version, limit),
         )
         return [(int(i), str(m), str(v), bytes(b)) for i, m, v, b in rows]
 
@@ -115,7 +127,8 @@ class HardExampleStore:
     ) -> int:
         """Send what is stored, a batch at a time; the number of examples taken."""
         sent = 0
-        while batch := await asyncio.to_thread(self._batch):
+        limit = UPLOAD_BATCH
+        while batch := await asyncio.to_thread(self._batch, limit):
             _, model, version, _ = batch[0]
             body = b'{"examples": [' + b",".join(b for *_, b in batch) + b"]}"
             url = f"{control_url.rstrip('/')}/api/hard-examples/{model}"
@@ -128,6 +141,11 @@ class HardExampleStore:
                 status = resp.status
                 detail = (await resp.text())[:200]
             ids = [i for i, *_ in batch]
+            if status == 413 and len(ids) > 1:
+                # Past the control plane's body or row limit: smaller batches, not a drop
+                # (one large example must not take the 63 others in its batch with it).
+                limit = len(ids) // 2
+                continue
             if status == 201:
                 sent += len(ids)
                 self.uploaded += len(ids)

@@ -1,10 +1,13 @@
 """A/B model slots on disk with an atomic switch.
 
-Layout of the state dir::
+Layout of one model's dir (``models/{name}/`` in the state dir, see
+``edge.model_library``)::
 
     slots/a/, slots/b/     each a complete, verified package (manifest.json + files)
     active.json            {"slot": "a", "previous": "b" | null}; replaced atomically
-    releases.json          highest release accepted per model (rollback protection)
+
+and, shared by every model, ``releases.json`` in the state dir: the highest
+release accepted per model name (rollback protection).
 
 NOTE: the invariant that makes a crash at any instant safe: ``active.json``
 only ever names a slot whose files were fully written and fsynced before the
@@ -46,13 +49,15 @@ class SlotModel:
 
 
 class ModelStore:
-    def __init__(self, state_dir: Path, trust: TrustStore) -> None:
-        self.root = state_dir
+    """The A/B slots of one model under ``root``."""
+
+    def __init__(self, root: Path, trust: TrustStore, *, releases: Path | None = None) -> None:
+        self.root = root
         self.trust = trust
-        self.slots_dir = state_dir / "slots"
+        self.slots_dir = root / "slots"
         self.slots_dir.mkdir(parents=True, exist_ok=True)
-        self._pointer = state_dir / "active.json"
-        self._releases = state_dir / "releases.json"
+        self._pointer = root / "active.json"
+        self._releases = releases or root / "releases.json"
 
     # -- reading ---------------------------------------------------------------
 
@@ -65,7 +70,7 @@ class ModelStore:
             # Only written by atomic_write, so this means outside tampering.
             raise StoreError(f"{path} is corrupt: {exc}") from exc
 
-    def _open_slot(self, slot: str | None) -> SlotModel | None:
+    def open_slot(self, slot: str | None) -> SlotModel | None:
         if slot not in SLOTS:
             return None
         path = self.slots_dir / slot
@@ -81,7 +86,7 @@ class ModelStore:
         """The model to serve after a (re)start: the active slot, else the previous one."""
         pointer = self._read_json(self._pointer)
         for slot in (pointer.get("slot"), pointer.get("previous")):
-            model = self._open_slot(slot)
+            model = self.open_slot(slot)
             if model is not None:
                 if slot != pointer.get("slot"):
                     logger.warning("active slot unusable; falling back to slot %s", slot)
@@ -90,6 +95,17 @@ class ModelStore:
 
     def active_slot(self) -> str | None:
         return self._read_json(self._pointer).get("slot")
+
+    def staging_slot(self) -> str:
+        """The slot the next ``stage`` overwrites (without changing anything)."""
+        served = self.load_active()
+        active = served.slot if served is not None else self.active_slot()
+        return "b" if active == "a" else "a"
+
+    def slot_bytes(self, slot: str | None = None) -> int:
+        """Bytes on disk under one slot, or under the whole model dir."""
+        base = self.root if slot is None else self.slots_dir / slot
+        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
 
     # -- rollback protection ------------------------------------------------------
 
@@ -132,7 +148,7 @@ class ModelStore:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"cannot stage {signed.manifest.name}: {exc}") from exc
-        staged = self._open_slot(target)
+        staged = self.open_slot(target)
         if staged is None:
             raise StoreError(f"staged slot {target} failed verification")
         return staged
@@ -172,7 +188,7 @@ class ModelStore:
     def previous(self) -> SlotModel:
         """The rollback target: the slot that was active before the current one."""
         pointer = self._read_json(self._pointer)
-        previous = self._open_slot(pointer.get("previous"))
+        previous = self.open_slot(pointer.get("previous"))
         if previous is None:
             raise StoreError("no previous model to roll back to")
         return previous

@@ -2,10 +2,13 @@
 
 Per request (DESIGN.md "Router"): ``fogline.route`` = local | cloud forces a
 path; otherwise no healthy local model → cloud, too many rows (or tokens) → cloud, local
-queue over its latency budget → cloud, else run locally and escalate when the
-result is too uncertain. A cloud that fails (or whose circuit is open) gets
-the local answer marked ``fogline.degraded``; with no local model either, the
-caller gets ``CloudUnavailableError`` (502).
+queue over its latency budget → cloud (reason ``load``, only while the cloud
+answers faster than the queue would: its recent latency is tracked, and
+measured again by one request when it is older than ``cloud_probe_s``), else
+run locally and escalate when the result is too uncertain. A cloud that
+fails (or whose circuit is open) gets the local answer marked
+``fogline.degraded``; with no local model either, the caller gets
+``CloudUnavailableError`` (502).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from common.runtime import ModelInfo, Runtime
 from common.text import SequenceTooLongError
 from edge.circuit_breaker import CircuitBreaker
 from edge.cloud_client import CloudConnectError, CloudTooLargeError
+from edge.load_gauge import LoadGauge
 from kernels import uncertainty
 
 logger = logging.getLogger(__name__)
@@ -48,11 +52,14 @@ ROUTES = ("auto", "local", "cloud")
 
 @dataclass(frozen=True)
 class RouterPolicy:
-    local_budget_ms: float = 100.0  # expected local queueing past this → cloud ("busy")
+    local_budget_ms: float = 100.0  # expected local queueing past this → cloud ("load")
+    uncertainty_threshold: float | None = None  # None: the package's routing hint
+    max_local_batch: int | None = None  # None: the package's routing hint
+    cloud_probe_s: float = 5.0  # cloud latency older than this is measured again
     breaker_failures: int = 5  # consecutive cloud failures that open the circuit
     breaker_cooldown_s: float = 30.0  # open → half-open (one trial request) after this
     retry_backoff_s: float = 0.05  # base delay of the one retry on a connection error
-    ewma_alpha: float = 0.2  # weight of the newest local latency in its moving average
+    ewma_alpha: float = 0.2  # weight of the newest latency in its moving average
 
 
 # Upper bounds (ms) of the latency histogram in telemetry; one more bucket for the rest.
@@ -98,6 +105,7 @@ class RouterStats:
     degraded: int = 0
     cloud_errors: int = 0
     circuit_rejections: int = 0
+    errors: int = 0  # requests that ended in an error (the rollout gates' error rate)
     latency: dict[str, LatencyWindow] = field(
         default_factory=lambda: {k: LatencyWindow() for k in ("total", "local", "cloud")}
     )
@@ -130,6 +138,9 @@ class Router:
         self.name = name
         self.remote = remote
         self.policy = policy or RouterPolicy()
+        # Told of each escalation the cloud answered: (local version, request, the cloud's
+        # answer, reason); the agent keeps some as hard examples. Must not block or raise.
+        self.on_escalated: Callable[[str, InferRequest, InferResponse, str], None] | None = None
         self.breaker = CircuitBreaker(
             failures=self.policy.breaker_failures,
             cooldown_s=self.policy.breaker_cooldown_s,
@@ -139,9 +150,13 @@ class Router:
         self._rng = rng or random.Random()
         self._local: _Local | None = None
         self._last_info: ModelInfo | None = None
-        self._local_inflight = 0
-        self._ewma_ms: float | None = None
+        self.gauge = LoadGauge(clock, self.policy.ewma_alpha)
         self._stats = RouterStats()
+
+    def set_policy(self, policy: RouterPolicy) -> None:
+        """Replace the policy (a signed set-policy command); the next request uses it."""
+        self.policy = policy
+        logger.info("router %s: policy is now %s", self.name, policy)
 
     # --- the model store's side -------------------------------------------------------
 
@@ -152,7 +167,7 @@ class Router:
         if hints.uncertainty_metric not in known:
             raise InvalidInputError(f"unknown uncertainty metric {hints.uncertainty_metric!r}")
         self._local = _Local(runtime, hints) if runtime is not None else None
-        self._ewma_ms = None  # a new model has its own speed
+        self.gauge.new_local_model()
         if runtime is not None:
             self._last_info = runtime.info
         logger.info("router %s: local model is now %s", self.name, self.local_version)
@@ -194,12 +209,18 @@ class Router:
         self._stats.requests += 1
         route = _route_of(request)
         local = self._local  # one snapshot per request: a swap never splits a request
-        if route == "local":
-            response = await self._forced_local(request, local)
-        elif route == "cloud":
-            response = await self._escalate(request, local, "forced")
-        else:
-            response = await self._auto(request, local)
+        try:
+            if route == "local":
+                response = await self._forced_local(request, local)
+            elif route == "cloud":
+                response = await self._escalate(request, local, "forced")
+            else:
+                response = await self._auto(request, local)
+        except InvalidInputError:
+            raise  # the caller's fault, not the model's
+        except Exception:
+            self._stats.errors += 1
+            raise
         self._stats.latency["total"].add((time.perf_counter() - start) * 1000)
         return response
 
@@ -214,8 +235,12 @@ class Router:
             "degraded": s.degraded,
             "cloud_errors": s.cloud_errors,
             "circuit_rejections": s.circuit_rejections,
+            "errors": s.errors,
+            "model": self.name,
             "circuit": self.breaker.state,
             "local_version": self.local_version,
+            "expected_wait_ms": self.gauge.expected_wait_ms(),
+            "cloud_latency_ms": self.gauge.cloud_latency_ms(),
             "latency_ms": {k: w.summary() for k, w in s.latency.items()},
         }
         if reset:
@@ -237,19 +262,26 @@ class Router:
             # Longer than the local model serves (known once tokenised): the cloud's
             # variant takes longer texts; no local answer to fall back on.
             return await self._escalate(request, None, "heavy")
-        if score is not None and score > local.hints.uncertainty_threshold:
+        if score is not None and score > self._threshold(local):
             return await self._escalate(request, local, "uncertain", response, score)
         return self._served_local(response, local, score)
 
     def _pre_route(self, request: InferRequest, local: _Local | None) -> str | None:
         if local is None or not local.runtime.ready:
             return "no_local_model"
-        if _rows(request) > local.hints.max_local_batch:
+        limit = self.policy.max_local_batch
+        if _rows(request) > (local.hints.max_local_batch if limit is None else limit):
             return "heavy"
-        ewma = self._ewma_ms
-        if ewma is not None and self._local_inflight * ewma > self.policy.local_budget_ms:
-            return "busy"
+        policy = self.policy
+        if self.remote is not None and self.gauge.offload(
+            policy.local_budget_ms, policy.cloud_probe_s
+        ):
+            return "load"
         return None
+
+    def _threshold(self, local: _Local) -> float:
+        threshold = self.policy.uncertainty_threshold
+        return local.hints.uncertainty_threshold if threshold is None else threshold
 
     async def _forced_local(self, request: InferRequest, local: _Local | None) -> InferResponse:
         if local is None or not local.runtime.ready:
@@ -279,6 +311,8 @@ class Router:
             logger.warning("cloud refused a request the local model served: %s", exc)
             return await self._degrade(request, local, reason, local_response, score, exc)
         self._stats.served_cloud += 1
+        if self.on_escalated is not None and local is not None:
+            self.on_escalated(local.runtime.info.version, request, response, reason)
         version = response.parameters.get(MODEL_VERSION) or response.version or ""
         return self._tag(response, "cloud", str(version), reason=reason, score=score)
 
@@ -337,16 +371,13 @@ class Router:
     async def _run_local(
         self, local: _Local, request: InferRequest
     ) -> tuple[InferResponse, float | None]:
-        self._local_inflight += 1
-        start = time.perf_counter()
+        started = self.gauge.local_started()
         try:
             response = await local.runtime.infer(request)
-        finally:
-            self._local_inflight -= 1
-        ms = (time.perf_counter() - start) * 1000
-        self._stats.latency["local"].add(ms)
-        a = self.policy.ewma_alpha
-        self._ewma_ms = ms if self._ewma_ms is None else a * ms + (1 - a) * self._ewma_ms
+        except BaseException:
+            self.gauge.local_ended(started, ok=False)
+            raise
+        self._stats.latency["local"].add(self.gauge.local_ended(started))
         return response, _uncertainty(response, local.hints.uncertainty_metric)
 
     async def _call_cloud(self, request: InferRequest) -> InferResponse:
@@ -355,21 +386,24 @@ class Router:
         if not self.breaker.allow():
             self._stats.circuit_rejections += 1
             raise CloudUnavailableError("the cloud circuit is open after repeated failures")
-        start = time.perf_counter()
+        call = self.gauge.cloud_started()
         try:
             response = await self._call_with_retry(self.remote, request)
         except CloudUnavailableError:
+            self.gauge.cloud_ended(call, ok=False)
             self._stats.cloud_errors += 1
             self.breaker.failure()
             raise
         except InvalidInputError:
+            self.gauge.cloud_ended(call, ok=False)
             self.breaker.success()  # it answered: the cloud is up, the request was bad
             raise
         except BaseException:
+            self.gauge.cloud_ended(call, ok=False)
             self.breaker.release()
             raise
         self.breaker.success()
-        self._stats.latency["cloud"].add((time.perf_counter() - start) * 1000)
+        self._stats.latency["cloud"].add(self.gauge.cloud_ended(call, ok=True))
         return response
 
     async def _call_with_retry(self, remote: Runtime, request: InferRequest) -> InferResponse:

@@ -26,6 +26,8 @@ NEEDS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("model", "train"): ("torch", "onnx"),
     ("model", "compress"): ("onnx",),
     ("model", "package"): ("onnx",),
+    ("model", "prune"): ("torch", "onnx"),
+    ("model", "distill"): ("torch", "onnx"),
 }
 INSTALL_CLOUD = "pip install 'fogline[cloud]' (from a checkout: pip install '.[cloud]')"
 
@@ -37,6 +39,11 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [],
     ),
     "control": ("the control plane", [("cloud.control_cli", "register_control")]),
+    "rollout": (
+        "staged, gated rollouts: create, watch, pause, resume, abort, roll back",
+        [("cloud.rollout_cli", "register")],
+    ),
+    "audit": ("who created, paused, resumed, aborted or rolled back what, and why", []),
     "fallback": ("the cloud fallback inference server", [("cloud.fallback", "register_cli")]),
     "edge": ("the edge agent", [("edge.cli", "register")]),
     "model": (
@@ -44,7 +51,10 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [
             ("cloud.pipeline.cli", "register"),
             ("cloud.control_cli", "register_operator"),
+            ("cloud.registry_cli", "register"),
+            ("cloud.pipeline.derive_cli", "register"),
             ("cloud.keys_cli", "register_model_sign"),
+            ("cloud.device_cli", "register"),
         ],
     ),
     "keys": (
@@ -124,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
             from fogline.demo import register
 
             register(group)
+            continue
+        if name == "audit":
+            from cloud.rollout_cli import register_audit
+
+            register_audit(group)
             continue
         sub = group.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
         for module, function in registrars:

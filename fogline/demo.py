@@ -185,6 +185,7 @@ class Demo:
                 model=self.model,
                 state_dir=str(self.wd / "agents" / device_id),
                 fallback_url=self.fallback_url,
+                control_url=self.control_url,
             )
             configs.append(enroll_device(self.control_workdir, device_id, settings))
         return configs

@@ -69,6 +69,61 @@ def onnx_model_bytes(seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def slow_model_bytes(layers: int, width: int = 512, seed: int = 0) -> bytes:
+    """The toy's input and output with ``layers`` MatMul+Tanh steps of ``width`` between,
+    as one ONNX Loop: genuinely slow in proportion to ``layers``, one weight in memory."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, rows: int, cols: int) -> onnx.TensorProto:
+        w = (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+        return numpy_helper.from_array(w, name)
+
+    float_h = ["batch", width]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["h_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, float_h),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, float_h),
+        ],
+    )
+    trips = numpy_helper.from_array(np.array(layers, dtype=np.int64), "trips")
+    go = numpy_helper.from_array(np.array(True), "go")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w_in"], ["h0"]),
+            helper.make_node("Loop", ["trips", "go", "h0"], ["h"], body=body),
+            helper.make_node("MatMul", ["h", "w_out"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", IN_FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
+        [
+            weight("w_in", IN_FEATURES, width),
+            weight("w", width, width),
+            weight("w_out", width, CLASSES),
+            trips,
+            go,
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def toy_input(rows: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, IN_FEATURES)).astype(np.float32)
 
@@ -90,12 +145,16 @@ def make_package(
     seed: int = 0,
     routing: RoutingHints | None = None,
     signer: Signer | None = None,
+    model_bytes: bytes | None = None,
 ) -> Package:
-    """Write a signed package (model.onnx, golden.npz, manifest.json) into ``directory``."""
+    """Write a signed package (model.onnx, golden.npz, manifest.json) into ``directory``.
+
+    ``model_bytes``: another ONNX model with the toy's input and output (default: the toy).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     signer = signer or Signer.generate()
     model_path = directory / MODEL_FILE
-    model_path.write_bytes(onnx_model_bytes(seed))
+    model_path.write_bytes(model_bytes or onnx_model_bytes(seed))
     x = toy_input(4)
     save_golden(
         directory / GOLDEN_FILE, {"input": x}, {"probabilities": reference_output(model_path, x)}

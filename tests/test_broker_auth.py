@@ -373,3 +373,21 @@ def test_a_packet_over_the_size_limit_is_refused_on_both_brokers(secured, opened
     first = control.receive()
     sizes = [len(first.payload), *(len(payload) for _topic, payload in control.drain())]
     assert max(sizes) <= MAX_PACKET_SIZE, sizes
+
+
+def test_shared_subscriptions_follow_the_acl(secured, opened) -> None:
+    """Replicas subscribe as ``$share/GROUP/...``: the control login reads device events
+    that way; a device's login gets no one else's events through a share group."""
+    broker, logins = secured
+    if broker.kind != "mosquitto":
+        pytest.skip("amqtt has no shared subscriptions; replicas need Mosquitto")
+    shared = topics.shared(topics.all_devices_filter("events"), "control")
+    control = _client(opened, broker, "control", logins.control).connected()
+    assert control.subscribe(shared)
+    spy = _client(opened, broker, "spy", logins.devices["device-1"]).connected()
+    spy.subscribe(topics.shared(topics.all_devices_filter("events"), "spies"))
+    device = _client(opened, broker, "device", logins.devices["device-2"]).connected()
+    device.publish(topics.device_topic("device-2", "events"), b"an event")
+    got = control.receive()
+    assert (got.topic, got.payload) == (topics.device_topic("device-2", "events"), b"an event")
+    assert spy.drain() == []

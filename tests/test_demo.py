@@ -123,7 +123,7 @@ def test_demo_help_explains_itself() -> None:
     assert "--keep-running" in out.stdout and "--json" in out.stdout
 
 
-@pytest.mark.parametrize("group", ["control", "fallback", "edge", "model"])
+@pytest.mark.parametrize("group", ["control", "fallback", "edge", "model", "rollout", "audit"])
 def test_every_command_group_has_help(group: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "fogline", group, "--help"],

@@ -198,3 +198,15 @@ with tracing.span("hello", attributes={"fogline.model": "toy", "skipped": None})
     span = json.loads(result.stderr[result.stderr.index("{") :])
     assert span["name"] == "hello" and span["attributes"] == {"fogline.model": "toy"}
     assert span["resource"]["attributes"]["service.name"] == "fogline-test"
+
+
+def test_huge_attribute_values_are_cut(exporter: InMemorySpanExporter) -> None:
+    """A model name in the URL (~8 KB) or the fallback's answer (a 1 MB model_version)
+    becomes a span attribute; the SDK holds every span until export at any size."""
+    with tracing.span("infer", attributes={"fogline.model": "m" * 8000}):
+        tracing.annotate_response({MODEL_VERSION: "v" * 1_000_000, SERVED_BY: "cloud"})
+    (span,) = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert attributes[SERVED_BY] == "cloud"
+    assert 0 < len(attributes["fogline.model"]) <= 256  # tracing.MAX_ATTRIBUTE_CHARS
+    assert 0 < len(attributes[MODEL_VERSION]) <= 256  # tracing.MAX_ATTRIBUTE_CHARS

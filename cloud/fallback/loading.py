@@ -17,6 +17,8 @@ from aiohttp import web
 
 from cloud.fallback.settings import FallbackSettings
 from cloud.package_cache import fetch_keyrings
+from common.batch_settings import BatchSettings
+from common.batcher import with_batching
 from common.errors import AuthError, CloudUnavailableError, FoglineError, InvalidInputError
 from common.golden import self_test
 from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferResponse
@@ -24,6 +26,7 @@ from common.keyring import apply_chain
 from common.manifest import Manifest, read_package
 from common.onnx_runtime import OnnxRuntime
 from common.runtime import ModelInfo, Runtime
+from common.serving_metrics import ServingMetrics
 from common.signing import TrustStore
 
 logger = logging.getLogger(__name__)
@@ -80,16 +83,24 @@ class CloudServed:
         await self.inner.unload()
 
 
-def serving_runtime(runtime: Runtime, manifest: Manifest) -> CloudServed:
-    """Wrap a loaded model for serving.
+def serving_runtime(
+    runtime: OnnxRuntime,
+    manifest: Manifest,
+    batching: BatchSettings | None = None,
+    metrics: ServingMetrics | None = None,
+) -> CloudServed:
+    """Wrap a loaded model for serving: batched unless ``batching`` is None (``load()``
+    the result: a batched model calibrates there); executions counted in ``metrics``."""
+    return CloudServed(with_batching(runtime, batching, metrics or ServingMetrics()), manifest)
 
-    NOTE: dynamic batching goes here, as a Runtime around the model:
-    ``CloudServed(Batcher(runtime, ...), manifest)``. Nothing else needs to change.
-    """
-    return CloudServed(runtime, manifest)
 
-
-async def load_package(directory: Path, trust: TrustStore | None, threads: int) -> CloudServed:
+async def load_package(
+    directory: Path,
+    trust: TrustStore | None,
+    threads: int,
+    batching: BatchSettings | None = None,
+    metrics: ServingMetrics | None = None,
+) -> CloudServed:
     """Verify one package (signature if ``trust``, every file's digest), load its model
     and run its golden self-test; the model is unloaded again if any step fails."""
     # "installed": a cached package signed by a key retired since still loads (the cache
@@ -112,7 +123,9 @@ async def load_package(directory: Path, trust: TrustStore | None, threads: int) 
     except BaseException:
         await runtime.unload()
         raise
-    return serving_runtime(runtime, manifest)
+    served = serving_runtime(runtime, manifest, batching, metrics)
+    await served.load()  # batched: the calibration (the model itself is loaded)
+    return served
 
 
 async def trusted_keys(settings: FallbackSettings) -> TrustStore | None:

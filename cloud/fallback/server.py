@@ -54,7 +54,13 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     repository = ModelRepository(
         dataplane, keep=settings.keep_versions, retire_timeout_s=settings.drain_timeout_s
     )
-    loader = functools.partial(load_package, trust=trust, threads=settings.intra_op_threads)
+    loader = functools.partial(
+        load_package,
+        trust=trust,
+        threads=settings.intra_op_threads,
+        batching=settings.batching,
+        metrics=dataplane.metrics,
+    )
     follower = Follower(repository, make_source(settings, trust), loader, poll_s=settings.poll_s)
     try:
         await follower.sync(strict=not settings.following)

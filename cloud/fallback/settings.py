@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.batch_cli import add_batching_flags, batch_settings_from_args
+from common.batch_settings import BatchSettings
 from common.errors import InvalidInputError
 from common.request_body import DEFAULT_MAX_BODY
 
@@ -53,6 +55,8 @@ class FallbackSettings:
     admin_tokens: set[str] = field(default_factory=set)  # may load/unload without a control
     operator_cache_s: float = 30.0  # how long a control plane's word on a token is kept
     drain_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
+    # Dynamic batching; max_batch 0: from the package's hints. None: every request alone.
+    batching: BatchSettings | None = field(default_factory=lambda: BatchSettings(max_batch=0))
 
     @property
     def following(self) -> bool:
@@ -207,6 +211,7 @@ def _limits(p: argparse.ArgumentParser) -> None:
         default=0,
         help="ONNX Runtime intra-op threads per model (0: one per core)",
     )
+    add_batching_flags(p)
     p.add_argument(
         "--drain-timeout-s",
         type=float,
@@ -284,6 +289,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         admin_tokens=set(args.admin_tokens),
         operator_cache_s=args.operator_cache_s,
         drain_timeout_s=args.drain_timeout_s,
+        batching=batch_settings_from_args(args),
     )
 
 

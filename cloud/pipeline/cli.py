@@ -17,19 +17,19 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud.pipeline.compress_cli import add_compress
+from cloud.pipeline.engine_cli import add_build_engine
 from cloud.pipeline.train_cli import add_train
 from common.cli_errors import one_line_errors
 from common.errors import InvalidInputError
 from common.manifest import ACCURACY, UNSIGNED_MANIFEST_FILE, write_unsigned
 
 if TYPE_CHECKING:
-    from cloud.pipeline.compress import CompressionReport
     from cloud.pipeline.data import Split
     from cloud.pipeline.model_data import ModelData
     from common.manifest import RoutingHints
@@ -57,22 +57,6 @@ def _split() -> Split:
     return load_digits_split(DATA_SEED)
 
 
-def format_report(report: CompressionReport) -> str:
-    """A small fp32-vs-int8 table for humans."""
-    label = "test accuracy" if report.metric == "accuracy" else report.metric.replace("_", " ")
-    rows = [
-        ("", "fp32", "int8"),
-        (label, f"{report.fp32_accuracy:.2%}", f"{report.int8_accuracy:.2%}"),
-        ("bytes", str(report.fp32_bytes), str(report.int8_bytes)),
-    ]
-    lines = [f"{a:<14} {b:>10} {c:>10}" for a, b, c in rows]
-    lines.append(
-        f"{report.metric.replace('_', ' ')} drop {report.drop_points:+.2f} points, "
-        f"size ratio {report.size_ratio:.2f}x"
-    )
-    return "\n".join(lines)
-
-
 def _load_data(model: Path, data: Path) -> ModelData:
     """Check that the model loads and ``data`` fits its inputs, before anything is written."""
     from cloud.pipeline.model_data import load_model_data
@@ -96,28 +80,6 @@ def _check_digits_model(model: Path) -> None:
             f"{model} takes {[(i.name, i.datatype, i.shape) for i in inputs]}, not digits "
             "(one FP32 [N, 64] input): give its rows with --data D.npz"
         )
-
-
-def cmd_compress(args: argparse.Namespace) -> int:
-    """Quantize to int8; exit 1 if quality drops more than --max-drop points."""
-    from cloud.pipeline.compress import AccuracyDropError, compress
-
-    try:
-        if args.data is not None:
-            from cloud.pipeline.quality import compress_with_data
-
-            data = _load_data(args.fp32, args.data)
-            report = compress_with_data(args.fp32, args.out, data, max_drop_points=args.max_drop)
-        else:
-            _check_digits_model(args.fp32)
-            report = compress(args.fp32, args.out, _split(), max_drop_points=args.max_drop)
-    except AccuracyDropError as exc:
-        print(format_report(exc.report))
-        print(f"error: int8 model rejected: {exc}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    print(f"wrote {args.out}")
-    return 0
 
 
 PackageInputs = tuple[Any, dict[str, float], "RoutingHints", str]
@@ -187,13 +149,17 @@ def _staged(out: Path) -> Iterator[Path]:
 
 def cmd_package(args: argparse.Namespace) -> int:
     """Build the package dir and write its unsigned manifest beside the files."""
-    from cloud.pipeline.package import build_package
+    from cloud.pipeline.package import build_package, package_lineage, version_figures
+    from cloud.pipeline.sidecar import read_sidecar
 
+    sidecar = read_sidecar(args.model)
+    lineage = package_lineage(args.parent, args.method, sidecar)  # checked before any work
     if args.data is not None:
         golden, evaluation, routing, task = _data_package_inputs(args)
     else:
         _check_digits_model(args.model)
         golden, evaluation, routing, task = _digits_package_inputs(args)
+    evaluation = {**evaluation, **version_figures(args.model, golden, sidecar)}
     out = Path(args.out)
     with _staged(out) as stage:
         manifest = build_package(
@@ -207,7 +173,7 @@ def cmd_package(args: argparse.Namespace) -> int:
             golden_rows=golden,
             evaluation=evaluation,
             routing=routing,
-            parent=args.parent,
+            lineage=lineage,
             task=task,
         )
         write_unsigned(stage, manifest)
@@ -220,29 +186,6 @@ def cmd_package(args: argparse.Namespace) -> int:
         f"{out / UNSIGNED_MANIFEST_FILE}"
     )
     return 0
-
-
-def _add_compress(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "compress",
-        help="quantize an fp32 ONNX model to int8 and compare them",
-        description="Static int8 quantization (QDQ, per-channel weights). With --data D.npz "
-        "(one array per model input, keyed by input name, plus optional 'labels' or "
-        "'reference') it is calibrated and judged on those rows: accuracy with labels, mean "
-        "cosine to the reference, else mean cosine of int8 to fp32 outputs. Without --data: "
-        "the digits train split calibrates and its test split judges. Prints fp32 vs int8 "
-        "quality and file size; exits 1 if int8 loses more than --max-drop points.",
-    )
-    p.add_argument("--fp32", type=_existing_file, required=True, help="fp32 ONNX model")
-    p.add_argument("--data", type=_existing_file, default=None, metavar="D.npz", help=_DATA_HELP)
-    p.add_argument("--out", type=Path, required=True, help="int8 ONNX file to write")
-    p.add_argument(
-        "--max-drop",
-        type=float,
-        default=1.0,
-        help="largest accepted accuracy drop in percentage points (default 1.0)",
-    )
-    p.set_defaults(func=one_line_errors(cmd_compress))
 
 
 def _add_package(subparsers: argparse._SubParsersAction) -> None:
@@ -270,7 +213,20 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision", choices=["int8", "fp32", "fp16"], required=True, help="weight precision"
     )
-    p.add_argument("--parent", default=None, help="version this one derives from")
+    p.add_argument(
+        "--parent",
+        default=None,
+        metavar="NAME:VERSION",
+        help="the published version this one was made from (it must be in the registry "
+        "at publish); default: none, a model trained from scratch",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help="how it was made from the parent, e.g. train, int8-static-qdq, "
+        "prune-structured-30%%, distill (default: from MODEL.compression.json beside the "
+        "model if present, else train)",
+    )
     p.add_argument(
         "--metric",
         choices=["max_prob", "margin", "entropy"],
@@ -300,7 +256,8 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``compress`` and ``package`` to the ``fogline model`` group."""
+    """Add ``train``, ``compress``, ``build-engine`` and ``package`` to ``fogline model``."""
     add_train(subparsers)
-    _add_compress(subparsers)
+    add_compress(subparsers)
+    add_build_engine(subparsers)
     _add_package(subparsers)

@@ -9,22 +9,18 @@ never reaches the fleet.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cloud.pipeline.data import Split
 from cloud.pipeline.onnx_model import input_name, predict
-from common.errors import FoglineError, InvalidInputError
+from cloud.pipeline.quantize import QuantConfig, quantize
+from common.errors import FoglineError
 
 logger = logging.getLogger(__name__)
 
-# Ops whose weights carry the size. Softmax itself is not quantized, so the
-# probabilities (and the uncertainty scores made from them) stay FP32 math.
-_QUANTIZED_OPS = ["Gemm", "MatMul", "Conv"]
 _CALIBRATION_BATCH = 64
 
 
@@ -72,62 +68,24 @@ def evaluate(model_path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict(model_path, x).argmax(axis=-1) == y).mean())
 
 
-def _calibration_reader(feeds: dict[str, np.ndarray], batch: int) -> Any:
-    from onnxruntime.quantization import CalibrationDataReader
-
-    rows = len(next(iter(feeds.values())))
-
-    class RowsReader(CalibrationDataReader):
-        """Feeds the calibration rows (every input) in batches, once."""
-
-        def __init__(self) -> None:
-            self._batches = iter(range(0, rows, batch))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            start = next(self._batches, None)
-            if start is None:
-                return None
-            return {k: v[start : start + batch] for k, v in feeds.items()}
-
-    return RowsReader()
-
-
 def quantize_int8(
     fp32_path: Path,
     int8_path: Path,
     calibration: np.ndarray | dict[str, np.ndarray],
     *,
     batch: int = _CALIBRATION_BATCH,
+    config: QuantConfig | None = None,
 ) -> Path:
-    """Static INT8 quantization (QDQ, per-channel int8 weights) calibrated on ``calibration``.
+    """INT8 quantization (default: static QDQ, per-channel int8 weights) calibrated on rows.
 
     ``calibration`` is rows for a single-input model, or one array per input name.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if isinstance(calibration, np.ndarray):
         name = input_name(Path(fp32_path))
         calibration = {name: np.ascontiguousarray(calibration, dtype=np.float32)}
-    if not calibration or len(next(iter(calibration.values()))) == 0:
-        raise InvalidInputError("quantization needs at least one calibration row")
-    int8_path = Path(int8_path)
-    int8_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fogline-quant-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            _calibration_reader(calibration, batch),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=_QUANTIZED_OPS,
-        )
-    logger.info("quantized %s -> %s (%d bytes)", fp32_path, int8_path, int8_path.stat().st_size)
-    return int8_path
+    return quantize(
+        Path(fp32_path), Path(int8_path), config or QuantConfig(), calibration, batch=batch
+    )
 
 
 def compress(

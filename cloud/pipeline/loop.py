@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ from cloud.pipeline.recipe import Recipe
 logger = logging.getLogger(__name__)
 
 _VAL_BATCH = 512
+
+# A training loss other than the dataset's own: (model output, targets, the rows' indices
+# in the train split) -> loss. Distillation uses it to add the teacher's soft targets.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,10 @@ class _Trainer:
         *,
         seed: int,
         amp: bool,
+        loss: LossFn | None = None,
     ) -> None:
         self.model, self.data, self.recipe, self.ctx, self.seed = model, data, recipe, ctx, seed
+        self.loss = loss
         self.device = ctx.device
         model.to(self.device)
         view: nn.Module = _TrainView(model)
@@ -227,7 +234,8 @@ class _Trainer:
             torch.autocast("cuda", dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
         )
         with autocast:
-            loss = _loss(data, self.view(*xb.values()), yb)
+            out = self.view(*xb.values())
+            loss = self.loss(out, yb, idx) if self.loss else _loss(data, out, yb)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -251,10 +259,14 @@ def fit(
     checkpoints: CheckpointPlan | None = None,
     progress: Progress | None = None,
     amp: bool = True,
+    loss: LossFn | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``data``; resume from ``checkpoints`` if asked and one exists."""
+    """Train ``model`` on ``data``; resume from ``checkpoints`` if asked and one exists.
+
+    ``loss`` replaces the dataset's training loss (validation keeps the dataset's).
+    """
     ctx = ctx or DistContext()
-    trainer = _Trainer(model, data, recipe, ctx, seed=seed, amp=amp)
+    trainer = _Trainer(model, data, recipe, ctx, seed=seed, amp=amp, loss=loss)
     if checkpoints is not None and checkpoints.resume:
         saved = load_latest(checkpoints.directory)
         if saved is not None:

@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cloud.pipeline.model_data import fixed_batch
 from cloud.pipeline.onnx_model import has_external_data, predict, run_outputs
+from cloud.pipeline.sidecar import Sidecar
+from cloud.pipeline.speed import measure_speed
 from common.errors import InvalidInputError
 from common.golden import GOLDEN_FILE, save_golden
+from common.lineage import LATENCY_P50_MS_B1, SIZE_BYTES, THROUGHPUT_B32, Lineage, parse_ref
 from common.manifest import Manifest, RoutingHints, Target, file_entry
 from common.onnx_runtime import describe_onnx_io
 from common.text import TOKENIZER_FILE, TOKENIZER_ROLE
@@ -87,6 +91,7 @@ def build_package(
     routing: RoutingHints,
     parent: str | None = None,
     task: str = TASK,
+    lineage: Lineage | None = None,
     tokenizer: Path | None = None,
 ) -> Manifest:
     """Write ``model.onnx`` and ``golden.npz`` into ``out_dir``; return the unsigned manifest.
@@ -120,10 +125,58 @@ def build_package(
         evaluation={k: float(v) for k, v in evaluation.items()},
         parent=parent,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        lineage=lineage,
     )
     manifest.validate()
     logger.info("packaged %s %s (%s, %s) in %s", name, version, variant, precision, out_dir)
     return manifest
+
+
+def package_lineage(parent: str | None, method: str | None, sidecar: Sidecar | None) -> Lineage:
+    """The manifest's lineage from ``--parent``/``--method`` and the sidecar (flags win).
+
+    A model with a compression sidecar was made from a parent: packaging it without
+    naming that parent would record a lie, so it is refused.
+    """
+    if parent is not None:
+        parse_ref(parent, "--parent")
+    if sidecar is not None and parent is None:
+        raise InvalidInputError(
+            f"the model's compression sidecar says it was made by {sidecar.method!r} from a "
+            "parent model: name the parent with --parent NAME:VERSION"
+        )
+    chosen = method or (sidecar.method if sidecar else None)
+    if chosen is None:
+        if parent is not None:
+            raise InvalidInputError("--parent needs --method (how this was made from it)")
+        chosen = "train"
+    lineage = Lineage(
+        method=chosen,
+        parent=parent,
+        params=sidecar.params if sidecar else {},
+        parent_sha256=sidecar.parent_sha256 if sidecar else None,
+    )
+    lineage.validate()
+    return lineage
+
+
+def version_figures(
+    model_path: Path, rows: np.ndarray | dict[str, np.ndarray], sidecar: Sidecar | None
+) -> dict[str, float]:
+    """Size, latency p50 at batch 1 and throughput at batch 32 for the manifest.
+
+    The sidecar's speed figures are kept when it has them (measured by the compression
+    step beside its parent's); otherwise they are measured here, unless the model
+    insists on a fixed batch size.
+    """
+    figures: dict[str, float] = {SIZE_BYTES: float(Path(model_path).stat().st_size)}
+    if sidecar is not None:
+        figures.update(sidecar.evaluation())
+    specs, _ = describe_onnx_io(Path(model_path))
+    if not {LATENCY_P50_MS_B1, THROUGHPUT_B32} <= set(figures) and fixed_batch(specs) is None:
+        feeds = rows if isinstance(rows, dict) else {specs[0].name: rows}
+        figures = {**measure_speed(Path(model_path), feeds), **figures}
+    return figures
 
 
 def calibrate_routing(

@@ -7,8 +7,7 @@
 - neither: quality is judged relative to a baseline model's outputs (int8 vs
   its own fp32), the same way; the baseline scores 1.0 by definition.
 
-``compress_with_data`` is the user-model form of ``compress``: the same
-quantizer and the same gate, calibrated and judged on the operator's rows.
+``cloud.pipeline.compressor`` judges every compressed model with these.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.pipeline.compress import AccuracyDropError, CompressionReport, quantize_int8
 from cloud.pipeline.model_data import ModelData, fixed_batch
 from cloud.pipeline.onnx_model import run_outputs
 from common.errors import InvalidInputError
@@ -80,31 +78,3 @@ def score_outputs(
     if baseline is None:
         return _closeness(out, out)[0], 1.0
     return _closeness(out, baseline)
-
-
-def compress_with_data(
-    fp32_path: Path, int8_path: Path, data: ModelData, *, max_drop_points: float = 1.0
-) -> CompressionReport:
-    """Quantize calibrated on ``data``, then gate int8 against fp32 on the same rows.
-
-    NOTE: calibration only sets activation ranges, so judging on the rows it
-    saw is fair for the gate; hold rows out of ``D.npz`` for an unbiased figure.
-    """
-    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    inputs, _ = describe_onnx_io(fp32_path)
-    quantize_int8(fp32_path, int8_path, data.inputs, batch=fixed_batch(inputs) or 64)
-    fp32_out = first_output(fp32_path, data)
-    metric, fp32_q = score_outputs(fp32_out, data)
-    _, int8_q = score_outputs(first_output(int8_path, data), data, baseline=fp32_out)
-    report = CompressionReport(
-        fp32_accuracy=fp32_q,
-        int8_accuracy=int8_q,
-        fp32_bytes=fp32_path.stat().st_size,
-        int8_bytes=int8_path.stat().st_size,
-        drop_points=(fp32_q - int8_q) * 100.0,
-        metric=metric,
-    )
-    logger.info("compression on %d rows: %s", data.rows, report)
-    if report.drop_points > max_drop_points:
-        raise AccuracyDropError(report, max_drop_points)
-    return report

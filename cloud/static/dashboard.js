@@ -95,54 +95,91 @@ async function refreshFleet() {
 // -- rollouts -----------------------------------------------------------------------
 
 async function refreshRollouts() {
-  const list = (await api("/api/rollouts")).rollouts;
-  fogline.data.rollouts = list;
-  fill("rollouts", list.map((r) => {
-    const link = el("a", r.id);
-    link.href = `#rollout/${encodeURIComponent(r.id)}`;
+  const [plain, staged] = await Promise.all([api("/api/rollouts"), api("/api/staged-rollouts")]);
+  fogline.data.rollouts = plain.rollouts;
+  fogline.data.staged = staged.rollouts;
+  const link = (kind, id) => {
+    const a = el("a", id);
+    a.href = `#${kind}/${encodeURIComponent(id)}`;
+    return a;
+  };
+  const rows = staged.rollouts.map((r) => [link("staged", r.id), "staged", r.model, r.version,
+    el("span", r.state, r.state), `${r.stage + 1}/${r.spec.stages.length} (${r.phase})`,
+    Math.round((r.finished_at ?? Date.now() / 1000) - r.created_at),
+    `${r.counts.active ?? 0}/${r.devices.length}`]);
+  for (const r of plain.rollouts) {
     const devices = Object.values(r.devices);
     const ok = devices.filter((d) => d.stage === "activated").length;
-    const stage = r.stages ? `${(r.current_stage ?? 0) + 1}/${r.stages.length}` : "";
-    return [link, r.model, r.version, el("span", r.state, r.state), stage, r.seconds, `${ok}/${devices.length}`];
-  }));
+    rows.push([link("rollout", r.id), "all at once", r.model, r.version, el("span", r.state, r.state),
+      "", r.seconds, `${ok}/${devices.length}`]);
+  }
+  fill("rollouts", rows);
 }
 
-function gateRows(gates) {
-  return Object.entries(gates || {}).map(([metric, g]) => {
-    const value = g && typeof g === "object" ? g.value : g;
-    const limit = g && typeof g === "object" ? g.threshold : undefined;
-    const line = el("div", null, g && g.breached ? "gate breached" : "gate");
-    line.append(el("span", metric), el("span", `${value ?? "–"}${limit != null ? " / " + limit : ""}`));
-    return line;
+function fmt(x) {
+  return x == null ? "–" : typeof x === "number" ? String(Math.round(x * 1000) / 1000) : String(x);
+}
+
+function checkLine(c) {
+  // One gate: the new version's value against the previous version's, and the limit.
+  const line = el("div", null, c.breached ? "gate breached" : "gate");
+  const verdict = !c.judged ? "not judged" : c.breached ? "BREACHED" : "ok";
+  line.append(el("span", c.metric), el("span", `${fmt(c.value)} vs ${fmt(c.baseline)} (max +${fmt(c.threshold)}) ${verdict}`));
+  return line;
+}
+
+function showActions(kinds) {
+  for (const b of document.querySelectorAll("[data-action]")) b.hidden = !kinds.includes(b.dataset.action);
+}
+
+async function refreshStaged(id) {
+  const r = await api(`/api/staged-rollouts/${encodeURIComponent(id)}`);
+  fogline.data.rollout = r;
+  showActions(["pause", "resume", "abort", "rollback"]);
+  document.getElementById("rollout-title").textContent =
+    `Staged rollout ${r.id}: ${r.model} ${r.version} (${r.state}, ${r.phase})`;
+  const halt = document.getElementById("rollout-halt");
+  const h = r.halt_reason;
+  halt.hidden = !h;
+  halt.textContent = h ? `Halted at stage ${h.stage + 1}: ${h.metric} ${fmt(h.value)} against ${fmt(h.baseline)}, limit +${fmt(h.threshold)}` : "";
+  const now = Date.now() / 1000;
+  const cards = r.spec.stages.map((percent, i) => {
+    const report = r.reports.find((x) => x.stage === i);
+    const breached = h && h.stage === i;
+    const card = el("div", null, breached ? "card breached" : "card");
+    card.dataset.stage = String(i);
+    const state = i < r.stage || (r.finished && i === r.stage) ? "done" : i === r.stage ? r.phase : "waiting";
+    card.append(el("h3", `Stage ${i + 1}: ${percent}%`));
+    const devices = r.devices.filter((d) => d.stage === i).length;
+    card.append(el("div", `${breached ? "halted" : state} · ${devices} devices`, "muted"));
+    if (i === r.stage && r.phase === "soaking" && r.soak_until) {
+      card.append(el("div", `soak: ${Math.max(0, Math.round(r.soak_until - now))} s left`));
+    }
+    card.append(...(report ? report.checks.map(checkLine) : [el("div", "gates not judged yet", "muted")]));
+    return card;
   });
+  document.getElementById("stages").replaceChildren(...cards);
+  fill("rollout-devices", r.devices.map((d) => [d.device_id, d.stage + 1, d.state, d.reason ?? ""]));
 }
 
 async function refreshRollout(id) {
   const r = await api(`/api/rollouts/${encodeURIComponent(id)}`);
   fogline.data.rollout = r;
+  showActions(["abort"]);
   document.getElementById("rollout-title").textContent = `Rollout ${r.id}: ${r.model} ${r.version} (${r.state})`;
-  const halt = document.getElementById("rollout-halt");
-  halt.hidden = !r.halt_reason;
-  halt.textContent = r.halt_reason ? `Halted: ${typeof r.halt_reason === "string" ? r.halt_reason : JSON.stringify(r.halt_reason)}` : "";
-  const cards = (r.stages || []).map((s, i) => {
-    const card = el("div", null, s.breached || s.state === "halted" ? "card breached" : "card");
-    card.append(el("h3", `Stage ${i + 1}: ${s.percent ?? s.size ?? ""}${s.percent != null ? "%" : ""}`));
-    card.append(el("div", `${s.state ?? ""} · ${(s.devices || []).length} devices`, "muted"));
-    if (s.soak_remaining_s != null) card.append(el("div", `soak: ${Math.round(s.soak_remaining_s)} s left`));
-    card.append(...gateRows(s.gates));
-    return card;
-  });
-  document.getElementById("stages").replaceChildren(...(cards.length ? cards : [el("p", "one stage: every target at once", "muted")]));
-  fill("rollout-devices", Object.entries(r.devices).map(([d, s]) => [d, s.stage, s.state ?? "", s.error ?? ""]));
+  document.getElementById("rollout-halt").hidden = true;
+  document.getElementById("stages").replaceChildren(el("p", "one stage: every target at once", "muted"));
+  fill("rollout-devices", Object.entries(r.devices).map(([d, s]) => [d, 1, s.stage, s.error ?? ""]));
 }
 
 async function act(action) {
-  const id = location.hash.split("/")[1];
+  const [kind, id] = location.hash.slice(1).split("/");
+  const base = kind === "staged" ? "/api/staged-rollouts" : "/api/rollouts";
   const out = document.getElementById("action-result");
   try {
-    const reason = `from the dashboard`;
-    await api(`/api/rollouts/${id}/${action}`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ reason }),
+    await api(`${base}/${id}/${action}`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ reason: "from the dashboard" }),
     });
     out.textContent = `${action}: done`;
   } catch (err) {
@@ -221,7 +258,7 @@ async function refreshServing() {
 
 function route() {
   const [view, id] = (location.hash.slice(1) || "fleet").split("/");
-  const shown = view === "rollout" ? "rollout" : ["fleet", "rollouts", "serving"].includes(view) ? view : "fleet";
+  const shown = ["rollout", "staged"].includes(view) ? "rollout" : ["fleet", "rollouts", "serving"].includes(view) ? view : "fleet";
   for (const name of ["fleet", "rollouts", "rollout", "serving"]) {
     document.getElementById(`view-${name}`).hidden = name !== shown;
   }
@@ -236,6 +273,7 @@ async function refresh() {
   try {
     if (view === "fleet") await refreshFleet();
     else if (view === "rollouts") await refreshRollouts();
+    else if (view === "rollout" && location.hash.startsWith("#staged/")) await refreshStaged(id);
     else if (view === "rollout") await refreshRollout(id);
     else await refreshServing();
     fogline.refreshes += 1;

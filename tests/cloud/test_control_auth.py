@@ -32,18 +32,31 @@ NEEDS = {
     ("GET", "/api/models"): "viewer",
     ("POST", "/api/models"): "operator",
     ("GET", "/api/models/{name}/versions/{version}"): "viewer",
+    ("GET", "/api/models/{name}"): "viewer",
+    ("GET", "/api/models/{name}/lineage"): "viewer",
     ("GET", "/api/artifacts/{digest}"): "viewer",
     ("POST", "/api/rollouts"): "operator",
     ("GET", "/api/rollouts"): "viewer",
     ("GET", "/api/rollouts/{id}"): "viewer",
     ("POST", "/api/rollouts/{id}/abort"): "operator",
     ("GET", "/api/events"): "viewer",
+    ("POST", "/api/staged-rollouts"): "operator",
+    ("GET", "/api/staged-rollouts"): "viewer",
+    ("GET", "/api/staged-rollouts/{id}"): "viewer",
+    ("POST", "/api/staged-rollouts/{id}/pause"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/resume"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/abort"): "operator",
+    ("POST", "/api/staged-rollouts/{id}/rollback"): "operator",
+    ("GET", "/api/audit"): "operator",
     ("GET", "/api/dashboard/fleet"): "viewer",
     ("GET", "/api/dashboard/serving"): "viewer",
     ("GET", "/api/hard-examples"): "viewer",
     ("POST", "/api/hard-examples/{name}"): "device",  # a device's own token, no operator's
     ("GET", "/api/hard-examples/{name}"): "viewer",
     ("GET", "/metrics"): "metrics",  # a scrape-only token: aggregates, no device ids
+    ("POST", "/api/devices/{device_id}/policy"): "operator",
+    ("POST", "/api/models/{name}/policy"): "operator",
+    ("DELETE", "/api/devices/{device_id}/models/{name}"): "operator",
 }
 
 

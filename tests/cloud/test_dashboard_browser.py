@@ -20,6 +20,7 @@ import pytest
 from common.manifest import RoutingHints
 from edge.agent import EdgeAgent
 from tests.edge.agent_harness import ControlPlane, agent_config
+from tests.edge.staged_harness import Traffic, api, wait_baseline, wait_finished
 from tests.model_fixtures import make_package, v2_infer_body
 from tests.server_processes import start_fallback
 
@@ -81,10 +82,59 @@ async def test_dashboard_shows_the_fleet_rollout_and_edge_cloud_split(mosquitto,
                 rollout = await cp.roll_out("toy", "1", ids)
                 assert rollout["state"] == "succeeded", rollout
                 await asyncio.gather(_traffic(a0, 30, 5), _traffic(a1, 20, 5))
-                await asyncio.sleep(2.5)  # two telemetry reports reach the control plane
+                await wait_baseline(cp, "toy", "1", ids)
+                await asyncio.sleep(1.5)  # and the serving history has every report
                 await _check_in_browser(playwright_api, cp, ids, rollout["id"], fallback.url)
+                staged = await _staged_rollout(cp, tmp_path, ids, [a0, a1])
+                await _check_staged_page(playwright_api, cp, ids, staged)
     finally:
         fallback.stop()
+
+
+async def _staged_rollout(cp, tmp_path, ids, agents) -> str:  # type: ignore[no-untyped-def]
+    """Version 2 in two stages under steady traffic, so each stage's gates are judged."""
+    v2 = make_package(
+        tmp_path / "edge-pkg-2",
+        version="2",
+        release=2,
+        routing=RoutingHints(max_local_batch=2),
+        signer=cp.signer,
+        seed=1,
+    )
+    cp.registry.publish(v2.directory, v2.manifest, cp.signer)
+    async with Traffic(agents):
+        body = {"model": "toy", "version": "2", "to": "all", "stages": "50%,100%", "soak": "1s"}
+        body["max_latency_increase"] = 50.0  # a busy machine's p95 is noise, not a regression
+        status, doc = await api(cp, "POST", "/api/staged-rollouts", body)
+        assert status == 201, doc
+        done = await wait_finished(cp, doc["id"], timeout=120)
+    assert done["state"] == "succeeded" and len(done["reports"]) == 2, done["halt_reason"]
+    return doc["id"]
+
+
+async def _check_staged_page(playwright_api, cp, ids, rollout_id) -> None:  # type: ignore[no-untyped-def]
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1300, "height": 900})
+            await page.goto(f"{cp.url}/#token={cp.tokens['viewer']}")
+            await page.click("#nav-rollouts")
+            await page.click(f"#rollouts a:text('{rollout_id}')")
+            await page.wait_for_selector("#stages .card[data-stage='1']")
+            cards = await page.locator("#stages .card").all_inner_texts()
+            assert [c.splitlines()[0] for c in cards] == ["Stage 1: 50%", "Stage 2: 100%"]
+            assert all("escalation_rate" in c and "latency_p95_ms" in c for c in cards), cards
+            assert not any("BREACHED" in c for c in cards)
+            devices = await page.inner_text("#rollout-devices")
+            assert all(d in devices for d in ids) and devices.count("active") == 2
+            await page.click("button[data-action=pause]")
+            await page.wait_for_function(
+                "document.getElementById('action-result').textContent.startsWith('pause:')"
+            )
+            assert "operator" in await page.inner_text("#action-result")
+            await page.screenshot(path=ARTIFACTS / "dashboard-staged.png", full_page=True)
+        finally:
+            await browser.close()
 
 
 async def _check_in_browser(playwright_api, cp, ids, rollout_id, fallback_url) -> None:  # type: ignore[no-untyped-def]

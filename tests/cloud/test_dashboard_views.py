@@ -4,6 +4,7 @@ the serving history (fed hostile reports), and the fallback scrape parser."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from cloud import serving_history
 from cloud.dashboard import fleet_view
 from cloud.fallback_metrics import MAX_BYTES, FallbackScrape, FallbackScraper, parse_metrics
 from cloud.serving_history import LATENCY_BUCKETS_MS, MAX_REASONS, MAX_SERIES, ServingHistory
@@ -85,8 +87,11 @@ def test_versions_by_label_compare_what_rollouts_asked_for_with_what_runs() -> N
 def test_history_splits_edge_and_cloud_and_keeps_histograms_per_model_version() -> None:
     history = ServingHistory(bucket_s=60)
     hist = [1] * (len(LATENCY_BUCKETS_MS) + 1)
-    history.add("d1", _report(10, 3, {"heavy": 2, "uncertain": 1}, hist, p95=1.5), "m:1")
-    history.add("d2", _report(5, 0, {}, hist, p95=2.5), "m:1")
+    for device, report in (
+        ("d1", _report(10, 3, {"heavy": 2, "uncertain": 1}, hist, p95=1.5)),
+        ("d2", _report(5, 0, {}, hist, p95=2.5)),
+    ):
+        history.add(device, report, [("m:1", report["router"])])
     view = history.to_dict()
     assert sum(view["series"]["edge"]) == 15 and sum(view["series"]["cloud"]) == 3
     assert view["escalation_reasons"] == {"heavy": 2, "uncertain": 1}
@@ -107,7 +112,7 @@ def test_history_splits_edge_and_cloud_and_keeps_histograms_per_model_version() 
 )
 def test_hostile_reports_add_nothing_that_is_not_a_plausible_count(router) -> None:
     history = ServingHistory()
-    history.add("d1", {"router": router}, "m:1")
+    history.add("d1", {"router": router}, [("m:1", router)])
     view = history.to_dict()
     assert sum(view["series"]["edge"]) == 0 and sum(view["series"]["cloud"]) == 0
     assert view["escalation_reasons"] == {}
@@ -117,9 +122,10 @@ def test_hostile_reports_add_nothing_that_is_not_a_plausible_count(router) -> No
 def test_made_up_reasons_and_model_versions_stay_bounded() -> None:
     history = ServingHistory()
     for i in range(200):
-        history.add("d1", _report(escalated={f"r{i}": 1}), f"m{i}:1")
+        history.add("d1", _report(escalated={f"r{i}": 1}), [])
         hist = [1] * (len(LATENCY_BUCKETS_MS) + 1)
-        history.add("d1", _report(1, hist=hist), f"m{i}:1")
+        report = _report(1, hist=hist)
+        history.add("d1", report, [(f"m{i}:1", report["router"])])
     view = history.to_dict()
     assert len(view["escalation_reasons"]) <= MAX_REASONS
     assert len(history.reasons_by_device["d1"]) <= MAX_REASONS
@@ -190,3 +196,90 @@ async def test_a_broken_or_hostile_fallback_is_reported_not_raised() -> None:
         assert "500" in errors["a"] and "bytes" in errors["c"]
     finally:
         await runner.cleanup()
+
+
+# -- red team: what a device or a fallback writes must not break a view for everyone --
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        [{"version": "1"}, {"name": "m", "version": "1"}],  # no name: None sorts with no str
+        [{"name": ["m"], "version": "1"}],  # unhashable name
+        [{"name": {"a": 1}, "version": {"b": 2}}],
+        7,  # not a list at all
+    ],
+)
+def test_a_device_status_with_hostile_models_does_not_break_the_fleet_view(models) -> None:
+    devices = [_device("evil", models=models), _device("ok", models=[{"name": "m", "version": 1}])]
+    view = fleet_view(devices, [], ServingHistory(), now=100.0, stale_after_s=10)
+    rows = {r["device_id"]: r for r in view["devices"]}
+    assert rows["ok"]["models"] == [{"name": "m", "version": "1"}]
+    assert all(isinstance(m["name"], str) for m in rows["evil"]["models"])
+    table = {(v["label"], v["model"]): v["running"] for v in view["versions_by_label"]}
+    assert table[("all", "m")]["1"] >= 1
+
+
+def test_a_denormal_request_count_makes_no_infinite_escalation_rate() -> None:
+    telemetry = {"totals": {"requests": 5e-324, "escalated": 1e6}}
+    view = fleet_view(
+        [_device("evil", telemetry=telemetry)], [], ServingHistory(), now=100.0, stale_after_s=10
+    )
+    json.dumps(view, allow_nan=False)  # the page's JSON.parse reads no Infinity
+    assert view["devices"][0]["escalation_rate"] == 1.0
+
+
+def test_a_hostile_fallback_makes_no_infinite_figures() -> None:
+    text = "\n".join(
+        [
+            'nv_inference_request_success{model="m",version="1"} 1e-320',
+            'nv_inference_queue_duration_us{model="m",version="1"} 1e300',
+            'nv_inference_compute_infer_duration_us{model="m",version="1",gpu="0"} 1.7e308',
+            'nv_inference_compute_infer_duration_us{model="m",version="1",gpu="1"} 1.7e308',
+            'nv_inference_exec_count{model="m",version="1"} 1e-320',
+            'nv_inference_count_total{model="m",version="1"} 1e300',
+            "",
+        ]
+    )
+    scrape = FallbackScrape("http://x")
+    scrape.update({"m:1": {"success": 0.0}}, 1.0)
+    scrape.update(parse_metrics(text), 2.0)
+    json.dumps(scrape.to_dict(), allow_nan=False)  # ValueError on inf: the serving view's JSON
+
+
+def test_telemetry_under_made_up_device_ids_keeps_per_device_figures_bounded(monkeypatch) -> None:
+    """A broker without an ACL lets anyone report under any id, known to the plane or not."""
+    monkeypatch.setattr(serving_history, "MAX_DEVICES", 10)
+    history = ServingHistory()
+    for i in range(50):
+        history.add(f"made-up-{i}", _report(1, escalated={"uncertain": 1}, p95=2.0), [])
+    assert len(history.reasons_by_device) == 10 and len(history.local_p95_by_device) == 10
+    assert history.to_dict()["escalation_reasons"] == {"uncertain": 50}  # still counted
+
+
+def test_a_fallback_with_endless_histogram_buckets_stays_bounded() -> None:
+    """1 MiB of `le` values is ~30,000 buckets: an SVG bar each, redrawn every 3 s."""
+    lines = [
+        f'nv_inference_batch_size_bucket{{model="m",version="1",le="{i}"}} {i}' for i in range(5000)
+    ]
+    (entry,) = parse_metrics("\n".join([*lines, ""])).values()
+    assert 0 < len(entry["batch_size"]) <= 64
+
+
+def test_made_up_reasons_sent_first_do_not_hide_the_fleets_real_escalations() -> None:
+    history = ServingHistory(bucket_s=3600)
+    history.add("evil", _report(escalated={f"junk{i}": 1 for i in range(MAX_REASONS)}), [])
+    history.add("honest", _report(escalated={"uncertain": 3, "heavy": 2}), [])
+    reasons = history.to_dict()["escalation_reasons"]
+    assert reasons["uncertain"] == 3 and reasons["heavy"] == 2
+
+
+def test_triton_counters_named_without_total_are_read() -> None:
+    """Triton itself exports `nv_inference_count 12` (no `_total`): a name ending in _count."""
+    text = (
+        "# TYPE nv_inference_count counter\n"
+        'nv_inference_count{model="m",version="1"} 12\n'
+        "# TYPE nv_inference_exec_count counter\n"
+        'nv_inference_exec_count{model="m",version="1"} 3\n'
+    )
+    assert parse_metrics(text)["m:1"]["mean_batch"] == 4

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import numpy as np
 import pytest
 
-from cloud.hard_examples import HARD_EXAMPLES, MAX_UPLOAD_EXAMPLES
+from cloud.hard_examples import (
+    HARD_EXAMPLES,
+    MAX_UPLOAD_EXAMPLES,
+    HardExampleStore,
+    parse_upload,
+)
 from cloud.pipeline.model_data import load_model_data
 from common.device_token import issue_token
 from common.inference import InferRequest, InferResponse, Tensor
+from common.manifest import TensorSpec
 from common.signing import Signer
 from edge.hard_examples import HardExampleStore as DeviceStore
 from fogline.cli import main
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
-from tests.model_fixtures import CLASSES, IN_FEATURES, toy_input
+from tests.model_fixtures import CLASSES, IN_FEATURES, make_package, toy_input
 
 
 def _tensor(name: str, x: np.ndarray) -> dict:
@@ -77,6 +85,7 @@ def _bad_bodies() -> dict[str, tuple[dict | bytes, int]]:
         "wrong dtype": ({"examples": [_example(x=toy_input(2).astype(np.float64))]}, 400),
         "wrong width": ({"examples": [_example(x=np.zeros((2, 3), np.float32))]}, 400),
         "NaN input": ({"examples": [_example(1, x=nan)]}, 400),
+        "no rows": ({"examples": [_example(0)]}, 400),  # was a 500: argmax of no rows
         "rows disagree": ({"examples": [_example(2, probs=np.eye(CLASSES, dtype="f4"))]}, 400),
         "too many": ({"examples": [_example(1)] * (MAX_UPLOAD_EXAMPLES + 1)}, 413),
         "2 MiB": ({"examples": [_example(1)], "pad": "x" * (2 << 20)}, 413),
@@ -126,6 +135,72 @@ async def test_the_store_keeps_the_newest_rows_within_its_bound(mosquitto, tmp_p
             with np.load(io.BytesIO(await r.read())) as npz:
                 kept = npz["input"][:, 0]
         assert sorted(set(kept.tolist())) == [2.0, 3.0]  # the two newest uploads, 8 rows
+
+
+async def test_one_device_flooding_the_store_pushes_out_only_its_own_examples(
+    mosquitto, tmp_path
+) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        store = cp.app[HARD_EXAMPLES]
+        store.max_rows = 12
+        honest = np.full((4, IN_FEATURES), 7.0, np.float32)
+        body = {"examples": [_example(4, x=honest)]}
+        assert (await _post(s, cp, body, issue_token(cp.signer, "honest")))[0] == 201
+        flood = issue_token(cp.signer, "evil")
+        for _ in range(6):
+            assert (await _post(s, cp, {"examples": [_example(4)]}, flood))[0] == 201
+        assert store.summary() == [{"model": "toy", "rows": 12, "uploads": 3, "devices": 2}]
+        async with s.get(f"{cp.url}/api/hard-examples/toy", headers=cp.auth("viewer")) as r:
+            with np.load(io.BytesIO(await r.read())) as npz:
+                assert (npz["input"][:, 0] == 7.0).sum() == 4  # the honest device's rows
+
+
+def test_concurrent_uploads_and_reads_never_fail(tmp_path) -> None:
+    """The routes run the store in threads: a trim deleted files that a concurrent listing
+    or download had just globbed (FileNotFoundError: a 500 for the reader)."""
+    manifest = make_package(tmp_path / "pkg").manifest
+    store = HardExampleStore(tmp_path / "store", registry=None, max_rows=4)  # type: ignore[arg-type]
+    arrays = parse_upload(json.dumps({"examples": [_example(4)]}).encode(), manifest)[0]
+    store.add("toy", "dev-a", arrays)
+
+    def upload() -> None:
+        store.add("toy", "dev-a", arrays)  # each one trims the one before
+
+    def read() -> None:
+        store.summary()
+        store.dataset("toy", manifest)
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(f) for _ in range(150) for f in (upload, read)]:
+            future.result()  # raises what the thread raised
+
+
+def test_uploads_that_do_not_stack_leave_the_data_set_readable(tmp_path) -> None:
+    """A dynamic dimension (a text model's sequence length) differs between uploads:
+    the download was a 500 (np.concatenate) for every reader; the odd ones are left out."""
+    manifest = make_package(tmp_path / "pkg").manifest
+    manifest = dataclasses.replace(manifest, inputs=[TensorSpec("input", "FP32", [-1, -1])])
+    store = HardExampleStore(tmp_path / "store", registry=None)  # type: ignore[arg-type]
+    for width in (IN_FEATURES, 3, IN_FEATURES):
+        x = np.ones((2, width), np.float32)
+        body = json.dumps({"examples": [_example(2, x=x)]}).encode()
+        store.add("toy", "dev-a", parse_upload(body, manifest)[0])
+    with np.load(io.BytesIO(store.dataset("toy", manifest))) as npz:
+        assert npz["input"].shape == (4, IN_FEATURES) and len(npz["labels"]) == 4
+
+
+def test_rows_of_a_dynamic_dimension_are_bounded_on_disk_too(tmp_path) -> None:
+    """50k rows were the only bound: with a sequence axis one row can be megabytes."""
+    manifest = make_package(tmp_path / "pkg").manifest
+    manifest = dataclasses.replace(manifest, inputs=[TensorSpec("input", "FP32", [-1, -1])])
+    store = HardExampleStore(tmp_path / "store", registry=None)  # type: ignore[arg-type]
+    store.max_bytes = 200_000
+    for _ in range(5):
+        body = json.dumps({"examples": [_example(1, x=np.ones((1, 20_000), np.float32))]})
+        store.add("toy", "dev-a", parse_upload(body.encode(), manifest)[0])
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "store" / "toy").glob("*.npz"))
+    assert 0 < on_disk <= 200_000
 
 
 def _train_steps(tmp_path, *extra: str) -> int:  # type: ignore[no-untyped-def]
@@ -203,4 +278,31 @@ async def test_the_device_store_samples_keeps_and_uploads(mosquitto, tmp_path) -
             store.offer("0", *_escalation(2), "uncertain")  # a version never published
             assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 0
             assert store.stats()["dropped"] == 1 and store.pending() == 0  # 404: dropped
+    store.close()
+
+
+def test_the_device_store_is_bounded_in_bytes(tmp_path) -> None:
+    """2,000 rows of up to 256 KB each (a client picks the size) was the only bound."""
+    store = DeviceStore(tmp_path / "hard.sqlite", sample_rate=1.0, max_bytes=200_000)
+    for seed in range(20):
+        assert store.offer("1", *_escalation(20, seed), "uncertain")  # ~25 KB each
+    ((total, newest),) = store._run("SELECT SUM(LENGTH(body)), MAX(id) FROM examples")
+    assert 0 < total <= 200_000 and newest == 20 and store.pending() < 20
+    store.close()
+
+
+async def test_a_batch_too_large_for_the_control_plane_is_split_not_dropped(
+    mosquitto, tmp_path
+) -> None:
+    """64 examples of 40 rows are 2,560 rows (> 1,024 per upload) and ~3 MB (> 1 MiB):
+    a 413 dropped every example in the batch; one large escalation (a client's request)
+    took the honest ones with it."""
+    store = DeviceStore(tmp_path / "hard.sqlite", sample_rate=1.0)
+    for seed in range(30):
+        assert store.offer("1", *_escalation(40, seed), "uncertain")
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp, aiohttp.ClientSession() as s:
+        cp.publish_toy(tmp_path, "1")
+        assert await store.upload_once(s, cp.url, issue_token(cp.signer, "dev-a")) == 30
+        assert store.stats() == {"pending": 0, "uploaded": 30, "dropped": 0}
+        assert cp.app[HARD_EXAMPLES].summary()[0]["rows"] == 1200
     store.close()

@@ -234,10 +234,11 @@ def test_cli_compress_rejects_an_accuracy_drop(
     trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["compress", "--fp32", str(trained.fp32), "--out", str(tmp_path / "x.onnx")]
-    assert _run([*argv, "--max-drop", "-100"]) == 1
-    captured = capsys.readouterr()
-    assert "int8 model rejected" in captured.err
-    assert "test accuracy" in captured.out  # the figures are still shown
+    assert _run([*argv, "--max-drop", "-100"]) == 1  # demands a 100-point gain
+    err = capsys.readouterr().err
+    assert "error: int8-static-qdq model rejected: accuracy" in err
+    assert "is a drop of" in err and "more than the -100 allowed" in err  # by how much
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_cli_help_and_missing_file(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,7 @@ from common.errors import ModelNotFoundError
 from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
 from common.onnx_runtime import OnnxRuntime
 from common.runtime import ModelInfo
+from common.serving_metrics import parse
 from common.v2_server import BINARY_HEADER, V2_STATE, DataPlane, build_v2_app
 from tests.model_fixtures import Package, reference_output, toy_input, v2_infer_body
 
@@ -310,12 +311,16 @@ async def test_metrics(client: TestClient) -> None:
     await client.post("/v2/models/ghost/infer", json=GOOD_BODY)
     resp = await client.get("/metrics")
     assert resp.status == 200 and resp.content_type == "text/plain"
-    text = await resp.text()
-    assert 'fogline_v2_requests_total{model="toy",status="200"} 2' in text
-    assert 'fogline_v2_requests_total{model="toy",status="400"} 1' in text
-    assert 'fogline_v2_requests_total{model="_unknown",status="404"} 1' in text
-    assert 'fogline_v2_request_seconds_count{model="toy"} 3' in text
-    assert "fogline_v2_inflight 0" in text
+    m = parse(await resp.text())
+    toy = {"model": "toy", "version": "1"}
+    assert m["nv_inference_request_success_total"] == [(toy, 2.0)]
+    assert sorted(m["nv_inference_request_failure_total"], key=str) == sorted(
+        [({"model": "_unknown", "version": "", "reason": "404"}, 1.0),
+         ({**toy, "reason": "400"}, 1.0)], key=str
+    )  # fmt: skip
+    assert (toy, 3.0) in m["fogline_inference_request_seconds_count"]
+    assert m["fogline_model_loaded"] == [(toy, 1.0)]
+    assert m["fogline_v2_inflight"] == [({}, 0.0)]
     assert client.server.app[V2_STATE].gate.inflight == 0
 
 

@@ -18,12 +18,16 @@ from cloud.keys_api import KEYS
 from cloud.operator_tokens import ROLES
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
+from cloud.staged_api import STAGED
+from cloud.staged_rollout import StagedRollouts
 from common import topics
 from common.messages import Command, sign_command
 from common.signing import Signer
 from edge.config import AgentConfig
 from tests.conftest import free_port
 from tests.model_fixtures import make_package
+
+FINAL_STAGES = ("activated", "failed", "rejected", "removed", "policy_set")
 
 
 class ControlPlane:
@@ -80,6 +84,10 @@ class ControlPlane:
         return self.app[ROLLOUTS]
 
     @property
+    def staged(self) -> StagedRollouts:
+        return self.app[STAGED]
+
+    @property
     def keys(self) -> KeyService:
         return self.app[KEYS]
 
@@ -87,13 +95,16 @@ class ControlPlane:
     def signer(self) -> Signer:
         return self.app[KEYS].signer
 
-    def publish_toy(self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy"):
+    def publish_toy(
+        self, tmp: Path, version: str, *, seed: int = 0, name: str = "toy", **package: Any
+    ):
         pkg = make_package(
             tmp / f"pkg-{name}-{version}",
             name=name,
             version=version,
             release=int(version),
             seed=seed,
+            **package,
         )
         return self.registry.publish(pkg.directory, pkg.manifest, self.signer)
 
@@ -139,15 +150,11 @@ class ControlPlane:
         return cmd.id
 
     async def final_event(self, device_id: str, command_id: str, timeout: float = 20) -> dict:
-        """The command's activated / failed / rejected event, when it comes."""
+        """The command's last event (``FINAL_STAGES``), when it comes."""
         async with asyncio.timeout(timeout):
             while True:
                 for ev in self.registry.events(device_id, limit=500):
-                    if ev.get("command_id") == command_id and ev["stage"] in (
-                        "activated",
-                        "failed",
-                        "rejected",
-                    ):
+                    if ev.get("command_id") == command_id and ev["stage"] in FINAL_STAGES:
                         return ev
                 await asyncio.sleep(0.05)
 

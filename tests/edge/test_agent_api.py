@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from common.errors import InvalidInputError
 from common.inference import DEGRADED, ROUTE, SERVED_BY
+from common.serving_metrics import parse
 from edge.config import AgentConfig
 from tests.model_fixtures import Package, make_package, v2_infer_body
 from tests.server_processes import ROOT, ServerProcess, start_agent
@@ -135,6 +136,15 @@ async def test_api_token_is_required(
     assert status == 200 and doc["parameters"][SERVED_BY] == "edge"
     async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/v2/health/live") as resp:
         assert resp.status == 200  # health stays open, for probes
+    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/metrics") as resp:
+        m = parse(await resp.text())  # open too: Prometheus scrapes without a token
+    toy = {"model": "toy", "version": "1"}
+    assert m["nv_inference_request_success_total"] == [(toy, 1.0)]
+    assert m["nv_inference_request_failure_total"] == [({**toy, "reason": "401"}, 2.0)]
+    served = {"model": "toy", "served_by": "edge", "reason": ""}
+    assert m["fogline_requests_served_total"] == [(served, 1.0)]
+    assert m["nv_inference_exec_count_total"] == [(toy, 1.0)]  # the local model ran once
+    assert m["fogline_model_loaded"] == [(toy, 1.0)]
 
 
 async def test_public_unauthenticated_api_never_uses_the_device_token(

@@ -29,13 +29,13 @@ def start_agent(config_path, log) -> subprocess.Popen:
     )
 
 
-async def served_version(url: str, timeout: float = 30) -> str:
+async def served_version(url: str, timeout: float = 30, model: str = "toy") -> str:
     body = v2_infer_body(1, **{"fogline.route": "local"})
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             try:
-                async with s.post(f"{url}/v2/models/toy/infer", json=body) as resp:
+                async with s.post(f"{url}/v2/models/{model}/infer", json=body) as resp:
                     if resp.status == 200:
                         return (await resp.json())["parameters"]["fogline.model_version"]
             except aiohttp.ClientError:
@@ -146,6 +146,36 @@ async def test_sigkill_mid_download_then_restart_resumes_the_deploy(mosquitto, t
             assert cp.registry.rollout(rollout_id)["state"] == "succeeded"
             assert await served_version(cfg.api_url) == "1"
             assert not list((cfg.state_dir / "pending").glob("*.json"))  # done: forgotten
+        finally:
+            proc.kill()
+            proc.wait()
+            log.close()
+
+
+async def test_sigkill_while_one_model_updates_restarts_serving_both(mosquitto, tmp_path):
+    """Two models on one agent process; SIGKILL while the second one's update is staged:
+    the restarted agent serves both, each complete (the updated one old or new)."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        cfg = agent_config(tmp_path, "dev-k2", mosquitto, cp.signer.public_key_hex)
+        config_path = tmp_path / "agent.json"
+        config_path.write_text(json.dumps(cfg.to_dict()))
+        log = (tmp_path / "agent.log").open("ab")
+        cp.publish_toy(tmp_path, "1")
+        cp.publish_toy(tmp_path, "1", name="beta", seed=2)
+        cp.publish_toy(tmp_path, "2", name="beta", seed=3)
+        proc = start_agent(config_path, log)
+        try:
+            await cp.wait_online([cfg.device_id], timeout=30)
+            for name in ("toy", "beta"):
+                state = await cp.roll_out(name, "1", [cfg.device_id])
+                assert state["state"] == "succeeded", state
+            await cp.rollouts.start("beta", "2", [cfg.device_id])
+            await wait_stage(cp, cfg.device_id, "staged", since_version="2")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            proc = start_agent(config_path, log)
+            assert await served_version(cfg.api_url) == "1"
+            assert await served_version(cfg.api_url, model="beta") in {"1", "2"}
         finally:
             proc.kill()
             proc.wait()

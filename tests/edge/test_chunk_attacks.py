@@ -162,7 +162,9 @@ async def test_http_fallback_after_mqtt_digest_failure(mosquitto, tmp_path) -> N
             done = await cp.final_event(cfg.device_id, cid)
             assert done["stage"] == "activated", done
             transports = [
-                e.get("transport") for e in command_events(cp, cfg.device_id, cid, "downloading")
+                e.get("transport")
+                for e in command_events(cp, cfg.device_id, cid, "downloading")
+                if "progress" not in e  # the start of each transfer, not its progress
             ]
             assert transports == ["http", None]  # newest first: MQTT, then HTTP
             assert await local_version(agent) == "1"
@@ -251,7 +253,9 @@ async def test_http_is_the_fallback_when_repairs_are_refused(mosquitto, tmp_path
             done = await cp.final_event(cfg.device_id, cid)
             assert done["stage"] == "activated", done
             transports = [
-                e.get("transport") for e in command_events(cp, cfg.device_id, cid, "downloading")
+                e.get("transport")
+                for e in command_events(cp, cfg.device_id, cid, "downloading")
+                if "progress" not in e  # the start of each transfer, not its progress
             ]
             assert transports == ["http", None]
             assert cp.rollouts.stats["repair_requests_limited"] >= 1

@@ -37,6 +37,12 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path) -> None:
         ({k: v for k, v in BASE.items() if k != "model"}, "missing required keys: model$"),
         ({}, "missing required keys: device_id, state_dir, trusted_keys, model$"),
         ({**BASE, "trusted_keys": []}, "trusted_keys"),
+        ({**BASE, "models": {"../x": {}}}, "invalid model name"),
+        ({**BASE, "models": {"m": {"uncertainty_threshold": 2}}}, "0..1"),
+        ({**BASE, "models": {"m": {"cloud_model": "a/b"}}}, "cloud_model"),
+        ({**BASE, "memory_budget_bytes": -1}, "memory_budget_bytes"),
+        ({**BASE, "local_budget_ms": float("nan")}, "local_budget_ms"),
+        ({**BASE, "cloud_probe_s": 0}, "cloud_probe_s"),
     ],
 )
 def test_bad_config_files_say_what_is_wrong(tmp_path, doc, match) -> None:
