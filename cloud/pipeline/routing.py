@@ -113,3 +113,28 @@ def calibrate_for_data(
         uncertainty_threshold=threshold,
         max_local_batch=max_local_batch,
     )
+
+
+def threshold_for_gap(
+    scores: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, max_gap: float
+) -> float:
+    """The highest threshold (fewest rows escalated) whose cascade on these rows is within
+    ``max_gap`` (a fraction, 0.001 = 0.1 point) of sending every row to the cloud.
+
+    Rows whose score is over the threshold are escalated. Only cut points between
+    distinct scores are considered, so tied rows are escalated together.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    edge_ok = np.asarray(edge_correct, dtype=np.float64)
+    cloud_ok = np.asarray(cloud_correct, dtype=np.float64)
+    if not (len(scores) == len(edge_ok) == len(cloud_ok) > 0) or max_gap < 0:
+        raise InvalidInputError("need as many scores as correctness flags, and max_gap >= 0")
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    gain = np.concatenate([[0.0], np.cumsum(cloud_ok[order] - edge_ok[order])])
+    need = (cloud_ok.sum() - max_gap * len(scores)) - edge_ok.sum()  # gain[k] >= need
+    for k in range(len(scores) + 1):  # escalate the k highest scores
+        cut = k == len(scores) or k == 0 or ranked[k - 1] > ranked[k]
+        if cut and gain[k] >= need - 1e-9:
+            return 1.0 if k == 0 else float(ranked[k]) if k < len(scores) else -1.0
+    return -1.0  # unreachable: escalating every row meets any gap >= 0
