@@ -135,16 +135,12 @@ def build_package(
 def package_lineage(parent: str | None, method: str | None, sidecar: Sidecar | None) -> Lineage:
     """The manifest's lineage from ``--parent``/``--method`` and the sidecar (flags win).
 
-    A model with a compression sidecar was made from a parent: packaging it without
-    naming that parent would record a lie, so it is refused.
+    A model with a compression sidecar was made from a parent. Without ``--parent``
+    (the parent was never published: an operator's own fp32 model, say) the lineage
+    records the method and the parent's file digest, and no registry version.
     """
     if parent is not None:
         parse_ref(parent, "--parent")
-    if sidecar is not None and parent is None:
-        raise InvalidInputError(
-            f"the model's compression sidecar says it was made by {sidecar.method!r} from a "
-            "parent model: name the parent with --parent NAME:VERSION"
-        )
     chosen = method or (sidecar.method if sidecar else None)
     if chosen is None:
         if parent is not None:

@@ -65,9 +65,13 @@ async def test_package_publish_and_read_back_lineage(mosquitto, tmp_path) -> Non
     )
     write_sidecar(child, sidecar)
 
-    # a sidecar says the model has a parent: packaging it without one is refused
-    one_line(await run(*_package_args(child, data, tmp_path / "bad", "2")), "--parent")
-    assert not (tmp_path / "bad").exists()
+    # A parent never published: the method and the parent's file digest, no version.
+    unpublished = await run(*_package_args(child, data, tmp_path / "loose", "2"))
+    assert unpublished.returncode == 0, unpublished.stderr
+    doc = json.loads((tmp_path / "loose" / UNSIGNED_MANIFEST_FILE).read_text())
+    assert doc["lineage"]["parent"] is None
+    assert doc["lineage"]["method"] == "prune-structured-30%"
+    assert doc["lineage"]["parent_sha256"] == sha256_file(parent)
 
     assert (await run(*_package_args(parent, data, tmp_path / "p1", "1"))).returncode == 0
     made = await run(*_package_args(child, data, tmp_path / "p2", "2", "--parent", "toy:1"))
