@@ -230,10 +230,13 @@ class BatchingRuntime:
                 continue
             if self._last_rows > 1 and self.delay_s > 0:
                 await self._gather(wake)
-            batch = self._take()
-            batch = self._drop_late(batch)
+            batch = self._drop_late(self._take())
             if batch:
                 await self._run(batch)
+            # NOTE: let go of the requests (their inputs and answers) while idle: a large
+            # request's memory is given back after its answer (common.memory) only once
+            # nothing holds it.
+            del batch
 
     async def _gather(self, wake: asyncio.Event) -> None:
         """Wait up to the queue delay for a preferred batch of the first request's shape."""
