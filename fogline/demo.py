@@ -338,11 +338,13 @@ class Demo:
             x, y = x[: self.opts.samples], y[: self.opts.samples]
         self.app_token = self._token_for("demo-client")  # a device token, for an app
         cloud = [Target("cloud", self.fallback_url, token=self.app_token)]
+        heavy = min(48, len(x)) // 16 * 16
         return {
             "edge": await run_phase(agents, MODEL, x, y, route="local"),
             "cloud": await run_phase(cloud, MODEL, x, y, route="auto"),
             "hybrid": await run_phase(agents, MODEL, x, y, route="auto"),
-            "heavy": await run_phase(agents, MODEL, x[:48], y[:48], route="auto", batch=16),
+            # Whole batches of 16 only: a short last batch would fit locally, not be heavy.
+            "heavy": await run_phase(agents, MODEL, x[:heavy], y[:heavy], route="auto", batch=16),
         }
 
     def _report(

@@ -29,7 +29,7 @@ from common.inference import (
     request_to_rest,
     response_from_rest,
 )
-from fogline.report import pct
+from fogline.report import pct, where_lines
 from fogline.traffic import PhaseResult, Target
 
 logger = logging.getLogger(__name__)
@@ -265,11 +265,6 @@ def render_text_table(r: dict[str, Any]) -> str:
         f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
         f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
         "",
-        "agents:",
-        *[f"  {a['device_id']:<10} {a['model']} v{a['version']}  {a['url']}" for a in r["agents"]],
-        f"control plane     {r['endpoints']['control']}",
-        f"cloud fallback    {r['endpoints']['fallback']}",
-        *[f"{k + ' token':<18}{v}" for k, v in (r.get("tokens") or {}).items()],
-        f"result            {'OK' if r['ok'] else 'FAILED'}",
+        *where_lines(r),
     ]
     return "\n".join(lines)

@@ -108,6 +108,14 @@ def render_table(r: dict[str, Any]) -> str:
         f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
         f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
         "",
+        *where_lines(r),
+    ]
+    return "\n".join(lines)
+
+
+def where_lines(r: dict[str, Any]) -> list[str]:
+    """The end of every demo's report: the agents, the endpoints, the tokens, the result."""
+    return [
         "agents:",
         *[f"  {a['device_id']:<10} {a['model']} v{a['version']}  {a['url']}" for a in r["agents"]],
         f"control plane     {r['endpoints']['control']}",
@@ -115,4 +123,3 @@ def render_table(r: dict[str, Any]) -> str:
         *[f"{k + ' token':<18}{v}" for k, v in (r.get("tokens") or {}).items()],
         f"result            {'OK' if r['ok'] else 'FAILED'}",
     ]
-    return "\n".join(lines)
