@@ -211,13 +211,17 @@ async def test_repository_api_load_unload_and_its_attacks(plane: ControlPlane, t
         resp = await client.post(load, headers=operator)
         assert resp.status == 400 and "digest" in (await resp.json())["error"], await resp.text()
         assert await version_served(client, device) == "2"
+        # The index is for callers of the V2 API: without a token, 401 (GET and POST).
+        assert (await client.get("/v2/repository/index")).status == 401
+        assert (await client.post("/v2/repository/index", json={})).status == 401
         index = await (await client.get("/v2/repository/index", headers=device)).json()
         assert {"name": "toy", "version": "3", "state": "UNAVAILABLE"}.items() <= {
             **next(e for e in index if e.get("version") == "3")
         }.items()
         # Unload: gone until loaded again (the poll does not bring it back).
-        resp = await client.post("/v2/repository/models/toy/unload", headers=device)
-        assert resp.status == 403
+        for headers in ({}, device, bearer(cp.tokens["viewer"])):  # 401, 403, 403
+            resp = await client.post("/v2/repository/models/toy/unload", headers=headers)
+            assert resp.status == (401 if not headers else 403)
         resp = await client.post("/v2/repository/models/toy/unload", headers=operator)
         assert resp.status == 200
         resp = await client.post("/v2/models/toy/infer", json=v2_infer_body(1), headers=device)

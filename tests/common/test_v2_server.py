@@ -266,7 +266,7 @@ async def auth_client(dataplane: DataPlane) -> AsyncIterator[TestClient]:
     await c.close()
 
 
-@pytest.mark.parametrize("path", ["/v2", "/v2/models/toy", "/v2/models/toy/ready"])
+@pytest.mark.parametrize("path", ["/v2", "/v2/models", "/v2/models/toy", "/v2/models/toy/ready"])
 @pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic t0ken", "Bearer "])
 async def test_auth_required(auth_client: TestClient, path: str, header: str | None) -> None:
     headers = {"Authorization": header} if header else {}
@@ -282,6 +282,7 @@ async def test_auth_accepts_token_and_spares_health(auth_client: TestClient) -> 
     headers = {"Authorization": "Bearer t0ken"}
     resp = await auth_client.post("/v2/models/toy/infer", json=GOOD_BODY, headers=headers)
     assert resp.status == 200
+    assert (await auth_client.get("/v2/models", headers=headers)).status == 200
 
 
 async def test_load_shedding(runtime: OnnxRuntime) -> None:
