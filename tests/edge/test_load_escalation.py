@@ -103,7 +103,12 @@ async def test_load_escalations_come_under_concurrency_and_stop_when_the_cloud_i
             assert fast["load"] > 0, fast  # the queue was past the budget, the cloud faster
             await fallback.cleanup()
             fallback = await start_fallback(slow_cloud, port)
-            learning = await burst(url, 4)  # the first go to the slow cloud, and teach it
+            # The first go to the slow cloud and teach it; on a busy machine that can take
+            # more than one burst (its latency is a moving average): at most five.
+            for _ in range(5):
+                learning = await burst(url, 4)
+                if learning["load"] == 0:
+                    break
             slow = await burst(url, 8)
             stats = agent.router.stats()
         assert slow["load"] == 0, (fast, learning, slow, stats)
