@@ -32,9 +32,10 @@ from bench.edge_minilm import build_edge_package, token_feeds
 from bench.edge_swap import hot_swap
 from cloud.pipeline.compress import quantize_int8
 from cloud.pipeline.data import Split, load_digits_split
+from cloud.pipeline.edge_student import shipped_routing, train_student
 from cloud.pipeline.export import export_onnx
 from cloud.pipeline.minilm import EDGE_MAX_TOKENS
-from cloud.pipeline.package import build_package, calibrate_routing
+from cloud.pipeline.package import build_package
 from cloud.pipeline.train import train_model
 from common.manifest import Manifest, RoutingHints, SignedManifest, artifact_bytes, split_artifact
 from common.onnx_runtime import open_session
@@ -73,11 +74,13 @@ def stage(pkg: Path, manifest: Manifest, signer: Signer, state: Path) -> None:
 
 
 def provision(workdir: Path) -> Digits:
-    """Train, quantize and package the edge model (as versions 1 and 2: the hot swap's)."""
+    """Train, quantize and package the shipped edge model (``fogline demo``'s: distilled
+    from the cloud CNN, with its calibrated threshold) as versions 1 and 2 (the hot swap's)."""
     split = load_digits_split(0)
-    fp32 = export_onnx(train_model("edge", split), workdir / "fp32.onnx")
+    cloud = export_onnx(train_model("cloud", split), workdir / "cloud-fp32.onnx")
+    fp32 = export_onnx(train_student(split, cloud), workdir / "fp32.onnx")
     int8 = quantize_int8(fp32, workdir / "int8.onnx", split.x_train)
-    hints = calibrate_routing(int8, split.x_val)  # the shipped calibration (fogline demo's)
+    hints = shipped_routing(int8, cloud, split)
     packages = {
         version: (
             workdir / f"pkg-{version}",
@@ -96,7 +99,7 @@ def provision(workdir: Path) -> Digits:
         )
         for version in ("1", "2")
     }
-    return Digits(int8, split, hints, packages)
+    return Digits(int8, split, hints, packages, cloud)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Digits:
     split: Split
     hints: RoutingHints
     packages: dict[str, tuple[Path, Manifest]]
+    cloud: Path
 
 
 class Agent:
@@ -201,7 +205,7 @@ def run(p: Params, workdir: Path) -> dict[str, Any]:
             agent.proc.stop()
         echo.terminate()
         echo.wait(10)
-    cascade = cascade_figures(digits.model, digits.hints, digits.split, workdir)
+    cascade = cascade_figures(digits.model, digits.cloud, digits.hints, digits.split)
     swap = hot_swap(
         workdir / "swap",
         digits.packages,

@@ -20,12 +20,15 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import FoglineError
 from fogline.processes import ManagedProcess, ProcessError
 from fogline.report import render_table
 from fogline.traffic import Target, run_phase
+
+if TYPE_CHECKING:
+    from fogline.broker import BrokerKind
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +38,21 @@ CORE_PROCESSES = ("control",)  # and the broker, which is not a ManagedProcess
 MAX_RESTARTS = 3
 MODEL = "digits"
 MODELS = ("digits", "minilm")
-VERSION = "1"  # the demo publishes one version of each variant
+VERSION = "1"  # the demo publishes one version of each variant ...
+NEXT_VERSION = "2"  # ... and the digits edge model again after the hard-example turn
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     workdir: Path
     agents: int = 3
-    broker: str = "auto"
+    broker: BrokerKind = "auto"
     samples: int | None = None  # None: every held-out digit
     json: bool = False
     keep_running: bool = False
     seed: int = 0
     model: str = MODEL
+    hard_example_turn: bool = True  # digits only
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +78,14 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--workdir", type=Path, help="keep state here (default: a temp dir, removed at exit)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-hard-example-turn",
+        dest="hard_example_turn",
+        action="store_false",
+        help="digits: stop after the first traffic instead of retraining the edge model on "
+        "the hard examples the agents uploaded, rolling it out in stages and sending the "
+        "same traffic again (the turn adds about 10-20 s)",
+    )
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -118,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             keep_running=args.keep_running,
             seed=args.seed,
             model=args.model,
+            hard_example_turn=args.hard_example_turn,
         )
         try:
             report = Demo(opts).run()
@@ -151,7 +165,8 @@ class Demo:
             self._start_fallback(f"{self.model}:{VERSION}")
             rollout = self._roll_out(len(agents))
             results = asyncio.run(self._send_traffic(agents))
-            report = self._report(broker, agents, compression, rollout, results)
+            turn = self._hard_example_turn(agents, results) if self._turn_enabled else None
+            report = self._report(broker, agents, compression, rollout, results, turn)
             self._print(report)
             if self.opts.keep_running:
                 self._wait_for_ctrl_c(broker)
@@ -169,6 +184,10 @@ class Demo:
     def _stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+    @property
+    def _turn_enabled(self) -> bool:
+        return self.model == MODEL and self.opts.hard_example_turn
 
     @property
     def control_workdir(self) -> Path:
@@ -248,8 +267,10 @@ class Demo:
                 **enrolled,
                 "broker_port": broker_port,
                 "api_port": port,
-                "telemetry_interval_s": 5.0,
+                # Often enough for a staged rollout's gates to judge within seconds.
+                "telemetry_interval_s": 1.0 if self._turn_enabled else 5.0,
                 "chunk_timeout_s": 2.0,
+                "hard_examples": {"upload_interval_s": 1.0},
             }
             path = self.wd / "agents" / f"{device_id}.json"
             write_agent_config(path, config)
@@ -333,9 +354,7 @@ class Demo:
             self.app_token = self._token_for("demo-client")
             cloud_target = Target("cloud", self.fallback_url, token=self.app_token)
             return dict(await send_traffic(agents, cloud_target, self.corpus, EDGE_MAX_TOKENS))
-        x, y = self.split.x_test, self.split.y_test
-        if self.opts.samples:
-            x, y = x[: self.opts.samples], y[: self.opts.samples]
+        x, y = self._traffic_rows()
         self.app_token = self._token_for("demo-client")  # a device token, for an app
         cloud = [Target("cloud", self.fallback_url, token=self.app_token)]
         heavy = min(48, len(x)) // 16 * 16
@@ -347,6 +366,30 @@ class Demo:
             "heavy": await run_phase(agents, MODEL, x[:heavy], y[:heavy], route="auto", batch=16),
         }
 
+    def _hard_example_turn(self, agents: list[Target], results: dict[str, Any]) -> dict[str, Any]:
+        from fogline.hard_example_turn import run_turn
+
+        x, y = self._traffic_rows()
+        return run_turn(
+            self.control,
+            agents,
+            model=MODEL,
+            version=VERSION,
+            next_version=NEXT_VERSION,
+            workdir=self.wd / "models",
+            split=self.split,
+            seed=self.opts.seed,
+            x=x,
+            y=y,
+            before=results["hybrid"],
+        )
+
+    def _traffic_rows(self) -> tuple[Any, Any]:
+        x, y = self.split.x_test, self.split.y_test
+        if self.opts.samples:
+            x, y = x[: self.opts.samples], y[: self.opts.samples]
+        return x, y
+
     def _report(
         self,
         broker: Any,
@@ -354,6 +397,7 @@ class Demo:
         compression: dict[str, Any],
         rollout: dict[str, Any],
         results: dict[str, Any],
+        turn: dict[str, Any] | None,
     ) -> dict[str, Any]:
         from fogline.report import build_report
 
@@ -387,6 +431,7 @@ class Demo:
             broker=broker,
             endpoints=endpoints,
             timings=self.timings,
+            turn=turn,
         )
         # Printed once, like a notebook's login token: what the operator and an app use.
         report["tokens"] = {"operator": self.tokens["operator"], "app": self.app_token}

@@ -21,6 +21,7 @@ def build_report(
     broker: Any,
     endpoints: dict[str, str],
     timings: dict[str, float],
+    turn: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     edge, cloud, hybrid, heavy = (results[k] for k in ("edge", "cloud", "hybrid", "heavy"))
     agent_rows = []
@@ -74,11 +75,15 @@ def build_report(
         "broker": {"kind": broker.kind, "url": broker.url},
         "build_seconds": round(timings.get("build_seconds", 0.0), 2),
     }
-    report["ok"] = (
-        rollout["state"] == "succeeded"
-        and report["errors"] == 0
-        and all(a["version"] == rollout["version"] for a in agent_rows)
-    )
+    serving = rollout["version"]
+    report["ok"] = rollout["state"] == "succeeded" and report["errors"] == 0
+    if turn is not None:
+        report["hard_example_turn"] = turn
+        if "rollout" in turn:
+            serving = turn["retrained"]["version"]
+            report["ok"] = report["ok"] and turn["rollout"]["state"] == "succeeded"
+            report["ok"] = report["ok"] and turn["after"]["errors"] == 0
+    report["ok"] = report["ok"] and all(a["version"] == serving for a in agent_rows)
     return report
 
 
@@ -108,9 +113,38 @@ def render_table(r: dict[str, Any]) -> str:
         f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
         f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
         "",
+        *turn_lines(r.get("hard_example_turn")),
         *where_lines(r),
     ]
     return "\n".join(lines)
+
+
+def turn_lines(turn: dict[str, Any] | None) -> list[str]:
+    """The hard-example turn: what came back from the fleet, what shipped, what changed."""
+    if turn is None:
+        return []
+    hard, before = turn["hard_examples"], turn["before"]
+    head = (
+        f"hard examples     {hard['rows']} uploaded by {hard['devices']} agents "
+        f"(of {hard['escalated_uncertain']} uncertain escalations)"
+    )
+    if "skipped" in turn:
+        return [head, f"retrained         no: {turn['skipped']}", ""]
+    new, roll, after = turn["retrained"], turn["rollout"], turn["after"]
+    return [
+        head,
+        f"retrained         v{new['version']} on {new['training_rows']} rows in "
+        f"{new['train_seconds']:.1f} s (int8 test accuracy {new['int8_accuracy']:.2%})",
+        f"staged rollout    {roll['state']} in {roll['seconds']:.1f} s "
+        f"({roll['stages']} stages, {roll['soak_s']:g} s soak, traffic flowing)",
+        f"{'same traffic':<18}{'escalated':>12}{'hybrid acc':>12}",
+        f"{'  before v' + before['version']:<18}{before['escalated_fraction']:>12.1%}"
+        f"{before['hybrid_accuracy']:>12.2%}",
+        f"{'  after v' + after['version']:<18}{after['escalated_fraction']:>12.1%}"
+        f"{after['hybrid_accuracy']:>12.2%}",
+        f"turn took         {turn['seconds']:.1f} s",
+        "",
+    ]
 
 
 def where_lines(r: dict[str, Any]) -> list[str]:

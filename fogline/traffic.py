@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +56,15 @@ async def run_phase(
     *,
     route: str,
     batch: int = 1,
+    stop: asyncio.Event | None = None,
 ) -> PhaseResult:
-    """One request at a time (so latency is not queueing), round-robin over targets."""
+    """One request at a time (so latency is not queueing), round-robin over targets;
+    ``stop``: end early once it is set."""
     result = PhaseResult()
     async with aiohttp.ClientSession() as session:
         for i, start in enumerate(range(0, len(x), batch)):
+            if stop is not None and stop.is_set():
+                break
             target = targets[i % len(targets)]
             rows, labels = x[start : start + batch], y[start : start + batch]
             await _one(session, target, model, rows, labels, route, result)

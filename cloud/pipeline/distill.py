@@ -27,6 +27,7 @@ from torch import nn
 from cloud.pipeline.factory import TrainingData
 from cloud.pipeline.loop import LossFn, TrainResult, fit
 from cloud.pipeline.onnx_model import run_outputs
+from cloud.pipeline.progress import Progress
 from cloud.pipeline.recipe import Recipe
 from cloud.pipeline.train import training_context
 from common.errors import InvalidInputError
@@ -89,6 +90,7 @@ def distill(
     *,
     settings: DistillSettings | None = None,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Train a student made by ``make_student`` (seeded) on ``data`` against the teacher."""
     settings = settings or DistillSettings()
@@ -100,6 +102,13 @@ def distill(
         raise InvalidInputError("the teacher gave a different number of rows than it was fed")
     with training_context(seed):
         student = make_student()
-        result = fit(student, data, recipe, seed=seed, loss=distillation_loss(teacher, settings))
+        result = fit(
+            student,
+            data,
+            recipe,
+            seed=seed,
+            loss=distillation_loss(teacher, settings),
+            progress=progress,
+        )
     logger.info("distilled student: %s", result.metrics())
     return result
