@@ -80,7 +80,7 @@ def provision(workdir: Path) -> Digits:
     cloud = export_onnx(train_model("cloud", split), workdir / "cloud-fp32.onnx")
     fp32 = export_onnx(train_student(split, cloud), workdir / "fp32.onnx")
     int8 = quantize_int8(fp32, workdir / "int8.onnx", split.x_train)
-    hints = shipped_routing(int8, cloud, split)
+    hints = shipped_routing(int8, split)
     packages = {
         version: (
             workdir / f"pkg-{version}",

@@ -1,8 +1,7 @@
 """The demo's model work: train both variants, compress the edge one, package, publish.
 
 The edge model is the shipped one (``cloud.pipeline.edge_student``): the digits
-MLP distilled from the cloud CNN, with the threshold that keeps the cascade
-within its gap of the cloud on the validation rows. ``publish_retrained`` is the
+MLP distilled from the cloud CNN, with its calibrated threshold. ``publish_retrained`` is the
 hard-example turn's half: the same student trained again with the fleet's hard
 examples added, published as the next version.
 """
@@ -87,7 +86,7 @@ def _publish_edge(
 
     int8 = fp32.with_name(fp32.stem.replace("fp32", "int8") + ".onnx")
     report = compress(fp32, int8, split, max_drop_points=1.0)  # raises past 1 point
-    routing = shipped_routing(int8, workdir / CLOUD_FILE, split)
+    routing = shipped_routing(int8, split)
     directory = workdir / f"pkg-edge-{version}"
     manifest = build_package(
         int8,

@@ -5,10 +5,13 @@ the benchmark measures what the demo rolls out. The student is the zoo's
 digits MLP trained against the published cloud model's answers
 (``cloud.pipeline.distill``): for the same hybrid accuracy it escalates far
 fewer requests than the same MLP trained on the labels alone
-(``python -m bench.compression_distill``). Its routing threshold is not a fixed
-share of requests but the highest one whose cascade on the validation rows stays
-within ``SHIPPED_GAP_PT`` of sending every row to the cloud
-(``cloud.pipeline.routing.threshold_for_gap``): a better student escalates less.
+(``python -m bench.compression_distill``). Its routing threshold escalates
+``SHIPPED_FRACTION`` of the validation rows (max-prob), down from the 15% the
+plainly trained MLP needed: on the 360 test rows (seed 0) that is 9.2%
+escalated at 0.0 points under cloud-only accuracy, where the threshold
+calibrated on the same validation rows for the smallest gap
+(``cloud.pipeline.routing.threshold_for_gap``) escalates 5.3% but loses 0.28
+points: 359 validation rows are too few to place a threshold by the gap alone.
 
 Hard examples from the fleet (``hard-examples:MODEL``, rows with the cloud's
 answers as labels) join the training rows when given; the validation rows, on
@@ -26,15 +29,13 @@ from cloud.pipeline import digits
 from cloud.pipeline.data import Split
 from cloud.pipeline.distill import distill
 from cloud.pipeline.factory import with_extra_rows
-from cloud.pipeline.onnx_model import predict
+from cloud.pipeline.package import calibrate_routing
 from cloud.pipeline.progress import Progress
-from cloud.pipeline.routing import threshold_for_gap
 from cloud.pipeline.zoo import entry
 from common.manifest import RoutingHints
-from kernels.uncertainty import score
 
-# Calibrated on the validation rows for this gap (points); see the module docstring.
-SHIPPED_GAP_PT = 0.0
+# The share of validation rows escalated (see the module docstring for why not a gap).
+SHIPPED_FRACTION = 0.10
 METRIC = "max_prob"
 MAX_LOCAL_BATCH = 8  # larger batches are "heavy" and go to the cloud
 
@@ -59,17 +60,12 @@ def train_student(
     ).model
 
 
-def shipped_routing(
-    edge_onnx: Path, teacher_onnx: Path, split: Split, *, gap_pt: float = SHIPPED_GAP_PT
-) -> RoutingHints:
-    """The threshold that keeps the cascade within ``gap_pt`` of the cloud on val rows."""
-    edge = predict(edge_onnx, split.x_val)
-    cloud_ok = predict(teacher_onnx, split.x_val).argmax(axis=-1) == split.y_val
-    threshold = threshold_for_gap(
-        score(METRIC, edge), edge.argmax(axis=-1) == split.y_val, cloud_ok, gap_pt / 100.0
-    )
-    return RoutingHints(
-        uncertainty_metric=METRIC,
-        uncertainty_threshold=threshold,
+def shipped_routing(edge_onnx: Path, split: Split) -> RoutingHints:
+    """The threshold that escalates ``SHIPPED_FRACTION`` of the validation rows."""
+    return calibrate_routing(
+        edge_onnx,
+        split.x_val,
+        metric=METRIC,
+        escalate_fraction=SHIPPED_FRACTION,
         max_local_batch=MAX_LOCAL_BATCH,
     )
