@@ -4,7 +4,7 @@ After the first traffic, the agents have sampled what they escalated as
 uncertain, with the cloud's answers, and uploaded it (``edge.hard_examples``).
 The turn waits for those uploads, fetches the data set the control plane keeps
 (``GET /api/hard-examples/{model}``, what ``fogline model train --extra-data
-hard-examples:MODEL`` reads), trains the edge student again with it, publishes
+hard-examples:MODEL`` reads), fine-tunes the shipped edge student with it, publishes
 the next version, rolls it out in stages (a canary first) while traffic keeps
 flowing, so that each stage's gates have telemetry from the new version to
 judge, and then sends the same requests again.

@@ -2,8 +2,8 @@
 
 The edge model is the shipped one (``cloud.pipeline.edge_student``): the digits
 MLP distilled from the cloud CNN, with its calibrated threshold. ``publish_retrained`` is the
-hard-example turn's half: the same student trained again with the fleet's hard
-examples added, published as the next version.
+hard-example turn's half: the same student fine-tuned with the fleet's hard
+examples added to its training rows, published as the next version.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cloud.control_cli import ControlClient
 logger = logging.getLogger(__name__)
 
 CLOUD_FILE = "cloud-fp32.onnx"
+STUDENT_FILE = "edge-student.pt"
 
 
 def build_and_publish(
@@ -29,7 +30,7 @@ def build_and_publish(
     """Publish both variants as ``version``; return (compression figures, the data split)."""
     from cloud.pipeline.compress import evaluate
     from cloud.pipeline.data import load_digits_split
-    from cloud.pipeline.edge_student import train_student
+    from cloud.pipeline.edge_student import save_student, train_student
     from cloud.pipeline.export import export_onnx
     from cloud.pipeline.package import build_package
     from cloud.pipeline.train import default_progress, train_model
@@ -41,9 +42,9 @@ def build_and_publish(
     logger.info("training the cloud model (larger CNN)")
     cloud = export_onnx(train_model("cloud", split, seed=seed, progress=show), workdir / CLOUD_FILE)
     logger.info("training the edge model (small MLP, distilled from the cloud model)")
-    edge = export_onnx(
-        train_student(split, cloud, seed=seed, progress=show), workdir / "edge-fp32.onnx"
-    )
+    student = train_student(split, cloud, seed=seed, progress=show)
+    save_student(student, workdir / STUDENT_FILE)  # what the hard-example turn fine-tunes
+    edge = export_onnx(student, workdir / "edge-fp32.onnx")
     report = _publish_edge(edge, workdir, control, name, version, 1, None, split)
     cloud_acc = evaluate(cloud, split.x_test, split.y_test)
     cloud_manifest = build_package(
@@ -125,13 +126,18 @@ def publish_retrained(
     hard: dict[str, np.ndarray],
     seed: int,
 ) -> dict[str, Any]:
-    """Train the student again with ``hard`` added, publish it as ``version``."""
+    """Fine-tune the shipped student with ``hard`` added, publish it as ``version``."""
     from cloud.pipeline.edge_student import train_student
     from cloud.pipeline.export import export_onnx
 
     started = time.monotonic()
     model = train_student(
-        split, workdir / CLOUD_FILE, seed=seed, extra=hard, source=f"hard-examples:{name}"
+        split,
+        workdir / CLOUD_FILE,
+        seed=seed,
+        extra=hard,
+        source=f"hard-examples:{name}",
+        start_from=workdir / STUDENT_FILE,
     )
     fp32 = export_onnx(model, workdir / f"edge-{version}-fp32.onnx")
     train_s = time.monotonic() - started
