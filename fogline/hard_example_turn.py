@@ -129,8 +129,9 @@ def run_turn(
     started = time.monotonic()
     expected = before.reasons.get("uncertain", 0)
     uploaded = wait_for_uploads(control, model, expected)
+    waited = round(time.monotonic() - started, 2)
     turn: dict[str, Any] = {
-        "hard_examples": {**uploaded, "escalated_uncertain": expected},
+        "hard_examples": {**uploaded, "escalated_uncertain": expected, "wait_seconds": waited},
         "before": {**_phase(before), "version": version},
     }
     if not uploaded["rows"]:
@@ -155,6 +156,7 @@ def run_turn(
     }
     turn["rollout"] = asyncio.run(_staged_rollout(control, agents, model, next_version, x))
     after = asyncio.run(run_phase(agents, model, x, y, route="auto"))
-    turn["after"] = {**_phase(after), "version": next_version}
+    served = next_version if turn["rollout"]["state"] == "succeeded" else version
+    turn["after"] = {**_phase(after), "version": served}
     turn["seconds"] = round(time.monotonic() - started, 2)
     return turn
