@@ -6,7 +6,7 @@ set -euo pipefail
 WORK=${1:-$(mktemp -d)}
 mkdir -p "$WORK" && cd "$WORK"
 echo "working in $WORK (demo logs in $WORK/demo.log)" >&2
-fogline demo --json --keep-running --samples 60 --workdir "$WORK/demo" > report.json 2> demo.log &
+fogline demo --json --keep-running --no-hard-example-turn --samples 60 --workdir "$WORK/demo" > report.json 2> demo.log &
 DEMO=$!
 trap 'kill -INT $DEMO; wait $DEMO || true' EXIT
 for i in $(seq 1 600); do [[ -s report.json ]] && break; sleep 1; done
