@@ -191,13 +191,33 @@ class BrokerCredentials:
     password: str
 
 
-def control_credentials(workdir: Path, *, rotate: bool = False) -> BrokerCredentials:
-    """The control plane's broker login, created on first use (``rotate``: a new password)."""
-    path = workdir / CONTROL_CREDENTIALS_FILE
+MAX_CONTROL_REPLICAS = 64
+
+
+def control_login_name(replica: int = 1) -> tuple[str, str]:
+    """(broker username, credentials file name) of control-plane replica ``replica``.
+
+    Each replica needs its own login: the broker forces client id = username, so two
+    replicas sharing one would take each other's session over and over. Replica 1
+    keeps the names a single control plane has always had.
+    """
+    if not 1 <= replica <= MAX_CONTROL_REPLICAS:
+        raise InvalidInputError(f"replica {replica} is not in 1..{MAX_CONTROL_REPLICAS}")
+    if replica == 1:
+        return CONTROL_USERNAME, CONTROL_CREDENTIALS_FILE
+    return f"{CONTROL_USERNAME}-{replica}", f"broker-control-{replica}.json"
+
+
+def control_credentials(
+    workdir: Path, *, replica: int = 1, rotate: bool = False
+) -> BrokerCredentials:
+    """Replica ``replica``'s broker login, created on first use (``rotate``: a new password)."""
+    username, filename = control_login_name(replica)
+    path = workdir / filename
     with _locked(workdir):
         if path.exists() and not rotate:
             return read_control_credentials(path)
-        creds = BrokerCredentials(CONTROL_USERNAME, broker_auth.new_password())
+        creds = BrokerCredentials(username, broker_auth.new_password())
         write_private(path, json.dumps(asdict(creds), indent=2).encode())
     return creds
 
@@ -226,18 +246,25 @@ def write_broker_config(
     host: str | None = None,
     tls: TlsFiles | None = None,
     run_as: str | None = None,
+    control_replicas: int = 1,
 ) -> BrokerFiles:
-    """``mosquitto.conf``, ``passwd`` (0600) and ``acl`` in ``out`` for every enrolled device."""
+    """``mosquitto.conf``, ``passwd`` (0600) and ``acl`` in ``out`` for every enrolled device
+    and ``control_replicas`` control-plane logins (see ``control_login_name``)."""
     if tls is not None:
         for f in (tls.cert, tls.key, *([tls.ca] if tls.ca else [])):
             if not f.is_file():
                 raise InvalidInputError(f"TLS file {f} does not exist")
-    control = control_credentials(workdir)
+    if not 1 <= control_replicas <= MAX_CONTROL_REPLICAS:
+        raise InvalidInputError(
+            f"--control-replicas {control_replicas} is not in 1..{MAX_CONTROL_REPLICAS}"
+        )
+    controls = [control_credentials(workdir, replica=r) for r in range(1, control_replicas + 1)]
     enrollments = load_enrollments(workdir)
     hashes = {d: e.password_hash for d, e in enrollments.items()}
-    hashes[control.username] = broker_auth.hash_password(control.password)
     grants = {d: broker_auth.device_grants(d) for d in enrollments}
-    grants[control.username] = broker_auth.control_grants()
+    for control in controls:
+        hashes[control.username] = broker_auth.hash_password(control.password)
+        grants[control.username] = broker_auth.control_grants()
     files = BrokerFiles(out / "mosquitto.conf", out / "passwd", out / "acl", out / "data")
     files.persistence_dir.mkdir(parents=True, exist_ok=True)
     write_private(files.password_file, broker_auth.render_password_file(hashes).encode())
