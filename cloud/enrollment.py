@@ -31,8 +31,10 @@ from common.device_token import DEFAULT_LIFETIME_S, issue_token
 from common.errors import InvalidInputError
 from common.fsutil import write_private
 from common.names import check_name
+from common.revocations import Revocations
 
 ENROLLMENTS_FILE = "enrollments.json"
+REVOCATIONS_FILE = "revocations.json"  # devices whose tokens no verifier may accept
 CONTROL_CREDENTIALS_FILE = "broker-control.json"
 
 
@@ -174,12 +176,52 @@ def write_agent_config(path: Path, config: dict[str, Any]) -> None:
 
 
 def revoke_device(workdir: Path, device_id: str) -> None:
-    """Forget a device; it loses broker access when the broker config is regenerated."""
+    """Forget a device and revoke the tokens it holds.
+
+    Its broker login goes when the broker config is regenerated; its fallback
+    tokens at once on the control plane, and on each fallback at its next refresh
+    (``--key-refresh-s``), through the revocation list.
+    """
     with _locked(workdir):
         enrollments = load_enrollments(workdir)
         if enrollments.pop(check_name(device_id, "device id"), None) is None:
             raise InvalidInputError(f"device {device_id!r} is not enrolled")
+        revoked = load_revocations(workdir).with_device(device_id, time.time())
+        # The list first: a crash in between leaves a device revoked but still
+        # enrolled (revoke again), never forgotten but with working tokens.
+        write_private(workdir / REVOCATIONS_FILE, json.dumps(revoked.to_doc()).encode())
         _save_enrollments(workdir, enrollments)
+
+
+def load_revocations(workdir: Path) -> Revocations:
+    """The revoked devices (unsigned on the host; the control plane signs what it serves)."""
+    path = workdir / REVOCATIONS_FILE
+    try:
+        return Revocations.from_doc(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return Revocations()
+    except (OSError, ValueError) as exc:  # InvalidInputError is a ValueError
+        raise InvalidInputError(f"cannot read {path}: {exc}") from exc
+
+
+class RevokedDevices:
+    """The control plane's view of ``revocations.json``, read again when it changes."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._path = workdir / REVOCATIONS_FILE
+        self._stamp: tuple[int, int] | None = None
+        self._current = Revocations()
+
+    def current(self) -> Revocations:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return Revocations()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._current = load_revocations(self._path.parent)
+            self._stamp = stamp
+        return self._current
 
 
 # -- the control plane's broker identity and the broker's files -----------------------
