@@ -20,6 +20,7 @@ which the threshold is chosen, never change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def train_student(
     if extra is not None:
         data = with_extra_rows(data, extra, source)
     recipe = entry("digits-edge").recipe
-    make = digits.edge_model
+    make: Callable[[], nn.Module] = digits.edge_model
     if start_from is not None:
         recipe = recipe.override(epochs=FINE_TUNE_EPOCHS, lr=FINE_TUNE_LR)
         make = partial(_load_student, start_from)
