@@ -118,11 +118,16 @@ class OnnxRuntime:
         self._ewma_us: float | None = None  # typical session.run time, measured
         # Where ``infer`` records each execution (a BatchingRuntime records its own).
         self.metrics: ServingMetrics | None = None
+        self._info: tuple[Manifest, ModelInfo] | None = None
 
     @property
     def info(self) -> ModelInfo:
+        # Built once per manifest: every request reads it (metric labels, the answer).
+        cached = self._info
+        if cached is not None and cached[0] is self.manifest:
+            return cached[1]
         m = self.manifest
-        return ModelInfo(
+        info = ModelInfo(
             name=m.name,
             version=m.version,
             platform=self.platform,
@@ -130,6 +135,8 @@ class OnnxRuntime:
             outputs=m.outputs,
             parameters=self._parameters(),
         )
+        self._info = (m, info)
+        return info
 
     def _parameters(self) -> dict[str, Any]:
         m = self.manifest

@@ -70,7 +70,7 @@ class CloudServed:
             if self.inflight == 0:
                 self._idle.set()
         response.parameters[SERVED_BY] = "cloud"
-        response.parameters[MODEL_VERSION] = self.inner.info.version
+        response.parameters[MODEL_VERSION] = self.manifest.version
         return response
 
     async def retire(self, timeout_s: float) -> None:
