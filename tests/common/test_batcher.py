@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -304,3 +305,36 @@ async def test_texts_of_different_lengths_are_tokenized_padded_and_batched(
     finally:
         await batched.unload()
         await alone.unload()
+
+
+class SlowHeldRuntime(HeldRuntime):
+    """Held, and never fast enough to be run inline on the event loop."""
+
+    def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
+        time.sleep(0.002)
+        return super().infer_sync(feeds, outputs)
+
+
+async def test_a_worker_whose_batch_mates_were_taken_keeps_serving(package: Package) -> None:
+    """Both workers wait for batch-mates of one request; the one that loses it must go on
+    waiting, not die (a dead worker made the next request restart both, cancelling the
+    run in flight: its requests got 503)."""
+    held = SlowHeldRuntime(package.model_path, package.manifest)
+    rt = BatchingRuntime(held, BatchSettings(max_batch=32, max_delay_us=50_000, calibrate=False))
+    await rt.load()
+    try:
+        held.release.set()
+        await rt.infer(InferRequest("toy", [Tensor("input", toy_input(2))]))  # batches now wait
+        assert await asyncio.to_thread(held.started.acquire, True, 30)
+        held.release.clear()
+        first = asyncio.create_task(rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))])))
+        assert await asyncio.to_thread(held.started.acquire, True, 30)  # one worker runs it
+        await asyncio.sleep(0.2)  # the other's wait for batch-mates ends: nothing is left
+        second = asyncio.create_task(rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))])))
+        await asyncio.sleep(0.2)
+        held.release.set()
+        for task in (first, second):
+            assert (await task).output("probabilities").data.shape[0] == 1
+    finally:
+        held.release.set()
+        await rt.unload()
