@@ -96,7 +96,7 @@ def _fromstring(flat: bytes, dtype: np.dtype) -> np.ndarray:
 
 def parse_infer_json(data: bytes, limits: JsonLimits, what: str = "body") -> dict[str, Any]:
     """Parse a V2 body; large numeric ``data`` arrays come back as ``NumericText``."""
-    nonce = f"\x00fogline-tensor-{secrets.token_hex(8)}-"
+    nonce = ""  # drawn at the first cut: os.urandom is a syscall, most bodies cut nothing
     arrays: dict[str, NumericText] = {}
     pieces: list[bytes] = []
     last = 0
@@ -107,6 +107,7 @@ def parse_infer_json(data: bytes, limits: JsonLimits, what: str = "body") -> dic
         text = _checked_array(data, start, limits)
         if text is None:
             continue
+        nonce = nonce or f"\x00fogline-tensor-{secrets.token_hex(8)}-"
         key = nonce + str(len(arrays))
         arrays[key] = NumericText(text)
         pieces += [data[last:start], json.dumps(key).encode()]
@@ -180,12 +181,15 @@ def dumps_v2(doc: dict[str, Any]) -> bytes:
     Python numbers exist at once (``tolist()`` of a whole answer once held
     millions). ValueError if any number is NaN or infinite: JSON has neither.
     """
-    nonce = f"\x00fogline-tensor-{secrets.token_hex(8)}-"
+    nonce = ""  # drawn only when an array is large enough to be written in slices
     arrays: dict[bytes, np.ndarray] = {}
     for field in ("inputs", "outputs"):
         for tensor in doc.get(field) or []:
             data = tensor.get("data")
-            if isinstance(data, np.ndarray):
+            if isinstance(data, np.ndarray) and data.size <= _DUMP_CHUNK:
+                tensor["data"] = data.reshape(-1).tolist()  # small: Python numbers at once
+            elif isinstance(data, np.ndarray):
+                nonce = nonce or f"\x00fogline-tensor-{secrets.token_hex(8)}-"
                 stand_in = nonce + str(len(arrays))
                 arrays[json.dumps(stand_in).encode()] = data.reshape(-1)
                 tensor["data"] = stand_in
