@@ -1,0 +1,158 @@
+"""Red team: the device revocation list on the cloud fallback, attacked from the network.
+
+A man in the middle (or a hostile control plane) on the fallback's link to the
+control plane may replay answers it saw earlier, or answer slowly for ever.
+Real servers on loopback: the control plane (``ControlPlane``), the fallback
+(``build_fallback_app``) and, between them, a small aiohttp server that plays
+the man in the middle with documents the real control plane signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from cloud import package_cache
+from cloud.enrollment import AgentSettings, enroll_device, revoke_device
+from cloud.fallback import FallbackSettings, build_fallback_app
+from tests.conftest import free_port
+from tests.edge.agent_harness import ControlPlane
+from tests.model_fixtures import make_package, v2_infer_body
+
+KEYS_PATH = "/api/keys"
+REVOCATIONS_PATH = "/api/device-revocations"
+
+
+async def _get(cp: ControlPlane, path: str) -> Any:
+    async with (
+        aiohttp.ClientSession(headers=cp.auth("viewer")) as s,
+        s.get(f"{cp.url}{path}") as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+@asynccontextmanager
+async def _man_in_the_middle(
+    answers: dict[str, Any], stall_first: bool = False
+) -> AsyncIterator[tuple[str, Counter[str]]]:
+    """Serves ``answers`` (path -> JSON) on loopback; with ``stall_first``, the first
+    request to each path gets headers and then a byte now and then, for ever."""
+    seen: Counter[str] = Counter()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen[request.path] += 1
+        if stall_first and seen[request.path] == 1:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            with suppress(ConnectionResetError):
+                while True:  # until the client gives up and closes
+                    await resp.write(b" ")
+                    await asyncio.sleep(0.05)
+            return resp
+        return web.json_response(answers[request.path])
+
+    app = web.Application()
+    for path in answers:
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def _infer(client: TestClient, token: str) -> int:
+    headers = {"Authorization": f"Bearer {token}"}
+    resp = await client.post("/v2/models/toy/infer", json=v2_infer_body(1), headers=headers)
+    return resp.status
+
+
+def _settings(cp: ControlPlane, package: Path, control_url: str, cache: Path) -> FallbackSettings:
+    return FallbackSettings(
+        packages=[package],
+        trusted_keys=[cp.signer.public_key_hex],
+        control_url=control_url,
+        control_token=cp.tokens["viewer"],
+        device_tokens=True,
+        key_refresh_s=0.05,
+        cache_dir=cache,
+    )
+
+
+async def test_a_restarted_fallback_keeps_the_revocations_it_verified(
+    mosquitto, tmp_path: Path
+) -> None:
+    """Red team: a fallback held the revocation list only in memory. Restarted while
+    the control plane was out of reach, or behind a man in the middle replaying the
+    list signed before the revocation (a valid signature, an older version), it
+    served the revoked device again: nothing older than the held list was held."""
+    workdir = tmp_path / "control"
+    async with ControlPlane(workdir, mosquitto) as cp:
+        package = make_package(tmp_path / "cloud", variant="cloud", signer=cp.signer).directory
+        tokens = {d: enroll_device(workdir, d, AgentSettings())["cloud_token"] for d in "ab"}
+        before = {
+            KEYS_PATH: await _get(cp, KEYS_PATH),
+            REVOCATIONS_PATH: await _get(cp, REVOCATIONS_PATH),
+        }
+        await asyncio.to_thread(revoke_device, workdir, "a")
+        cache = tmp_path / "fallback-cache"
+        app = await build_fallback_app(_settings(cp, package, cp.url, cache))
+        async with TestClient(TestServer(app)) as fallback:
+            assert await _infer(fallback, tokens["a"]) == 401
+            assert await _infer(fallback, tokens["b"]) == 200
+    # The control plane is gone; the fallback restarts behind a replaying man in the middle.
+    async with _man_in_the_middle(before) as (url, seen):
+        app = await build_fallback_app(_settings(cp, package, url, cache))
+        async with TestClient(TestServer(app)) as fallback:
+            async with asyncio.timeout(20):
+                while seen[REVOCATIONS_PATH] < 3:  # the replay was offered, more than once
+                    await asyncio.sleep(0.05)
+            assert await _infer(fallback, tokens["a"]) == 401
+            assert await _infer(fallback, tokens["b"]) == 200
+    # And with no control plane at all.
+    app = await build_fallback_app(_settings(cp, package, f"http://127.0.0.1:{free_port()}", cache))
+    async with TestClient(TestServer(app)) as fallback:
+        assert await _infer(fallback, tokens["a"]) == 401
+        assert await _infer(fallback, tokens["b"]) == 200
+
+
+async def test_a_stalling_control_plane_neither_stops_the_fallback_nor_its_refresher(
+    mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team: a control plane (or a man in the middle) that sends headers and then a
+    byte now and then made the fallback's fetch end in a bare TimeoutError (aiohttp's
+    total timeout is no ClientError): at start it stopped the fallback from starting,
+    and while serving it ended the refresh task for good, so no revocation was ever
+    learnt again. The deadline is shortened here so the test does not wait minutes."""
+    monkeypatch.setattr(package_cache, "CONTROL_TIMEOUT", aiohttp.ClientTimeout(total=0.5))
+    workdir = tmp_path / "control"
+    async with ControlPlane(workdir, mosquitto) as cp:
+        package = make_package(tmp_path / "cloud", variant="cloud", signer=cp.signer).directory
+        tokens = {d: enroll_device(workdir, d, AgentSettings())["cloud_token"] for d in "ab"}
+        await asyncio.to_thread(revoke_device, workdir, "a")
+        after = {
+            KEYS_PATH: await _get(cp, KEYS_PATH),
+            REVOCATIONS_PATH: await _get(cp, REVOCATIONS_PATH),
+        }
+    async with _man_in_the_middle(after, stall_first=True) as (url, seen):
+        async with asyncio.timeout(60):  # a hang guard, far past the shortened deadline
+            app = await build_fallback_app(_settings(cp, package, url, tmp_path / "cache"))
+            async with TestClient(TestServer(app)) as fallback:
+                assert await _infer(fallback, tokens["b"]) == 200
+                while await _infer(fallback, tokens["a"]) == 200:
+                    await asyncio.sleep(0.05)
+                assert await _infer(fallback, tokens["a"]) == 401
+    assert seen[REVOCATIONS_PATH] >= 2 and seen[KEYS_PATH] >= 2
