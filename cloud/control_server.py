@@ -168,12 +168,14 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         link = _mqtt_link(settings)
         app[CONTROL_METRICS].watch(registry, link)
         history = ServingHistory()
+        revoked = RevokedDevices(settings.workdir)
         fleet = FleetMonitor(
             registry,
             link,
             telemetry_interval_s=settings.telemetry_interval_s,
             history=history,
             share_group=settings.share_group,
+            gone=revoked.gone,
         )
         scraper = FallbackScraper(list(settings.fallback_metrics_urls))
         rollouts = RolloutController(
@@ -210,7 +212,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
-            app[REVOKED] = RevokedDevices(settings.workdir)
+            app[REVOKED] = revoked
             yield
         registry.close()
         lock.close()

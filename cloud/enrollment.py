@@ -204,24 +204,45 @@ def load_revocations(workdir: Path) -> Revocations:
         raise InvalidInputError(f"cannot read {path}: {exc}") from exc
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (``write_private`` renames a new inode in)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class RevokedDevices:
     """The control plane's view of ``revocations.json``, read again when it changes."""
 
     def __init__(self, workdir: Path) -> None:
         self._path = workdir / REVOCATIONS_FILE
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._current = Revocations()
+        self._gone_stamp: tuple[object, object] | None = None
+        self._gone: frozenset[str] = frozenset()
 
     def current(self) -> Revocations:
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
+        stamp = _file_stamp(self._path)
+        if stamp is None:
             return Revocations()
-        stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._current = load_revocations(self._path.parent)
             self._stamp = stamp
         return self._current
+
+    def gone(self) -> frozenset[str]:
+        """Devices revoked and not enrolled since: the fleet forgets them. (Their broker
+        login may work until the broker is reloaded, and the broker keeps their retained
+        "online" status: once the login is gone, not even their will may replace it.)"""
+        workdir = self._path.parent
+        stamp = (_file_stamp(self._path), _file_stamp(workdir / ENROLLMENTS_FILE))
+        if stamp != self._gone_stamp:
+            revoked, enrolled = self.current().revoked, load_enrollments(workdir)
+            self._gone = frozenset(d for d in revoked if d not in enrolled)
+            self._gone_stamp = stamp
+        return self._gone
 
 
 # -- the control plane's broker identity and the broker's files -----------------------

@@ -10,6 +10,7 @@ the man in the middle with documents the real control plane signed.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -24,6 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from cloud import package_cache
 from cloud.enrollment import AgentSettings, enroll_device, revoke_device
 from cloud.fallback import FallbackSettings, build_fallback_app
+from common import topics
+from common.mqtt import MqttLink
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import make_package, v2_infer_body
@@ -156,3 +159,45 @@ async def test_a_stalling_control_plane_neither_stops_the_fallback_nor_its_refre
                     await asyncio.sleep(0.05)
                 assert await _infer(fallback, tokens["a"]) == 401
     assert seen[REVOCATIONS_PATH] >= 2 and seen[KEYS_PATH] >= 2
+
+
+async def test_a_revoked_device_leaves_the_fleet_and_is_not_heard_any_more(
+    private_mosquitto, tmp_path: Path
+) -> None:
+    """Red team: revoking a device left it "online" for good. The broker keeps its
+    retained online status (once its login is gone, its will may not be published), so
+    every rollout to "all online devices" went on targeting it; and until the broker
+    was reloaded, the events, telemetry and status its login still sent were taken."""
+    workdir = tmp_path / "control"
+    for device_id in ("gone", "kept"):
+        enroll_device(workdir, device_id, AgentSettings())
+    broker = private_mosquitto
+    async with (
+        ControlPlane(workdir, broker) as cp,
+        MqttLink(client_id="devices", host=broker.host, port=broker.port) as link,
+    ):
+        await link.wait_connected(10)
+        online = json.dumps({"state": "online"}).encode()
+        for device_id in ("gone", "kept"):
+            await link.publish(topics.device_topic(device_id, "status"), online, retain=True)
+        await cp.wait_online(["gone", "kept"])
+        await asyncio.to_thread(revoke_device, workdir, "gone")
+        async with asyncio.timeout(20):
+            while "gone" in cp.rollouts.online_devices():
+                await asyncio.sleep(0.05)
+        # Its login works until the broker is reloaded: nothing it says is taken.
+        event = {"stage": "failed", "command_id": "x" * 32, "error": "spoof"}
+        await link.publish(topics.device_topic("gone", "status"), online, retain=True)
+        await link.publish(topics.device_topic("gone", "events"), json.dumps(event).encode())
+        marker = {"stage": "failed", "command_id": "y" * 32, "error": "marker"}
+        await link.publish(topics.device_topic("kept", "events"), json.dumps(marker).encode())
+        async with asyncio.timeout(20):
+            while not cp.registry.events("kept"):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # what "gone" sent first has had its chance
+        assert cp.registry.events("gone") == []
+        assert cp.rollouts.online_devices() == ["kept"]
+        # Enrolled again, it is a device like any other.
+        await asyncio.to_thread(enroll_device, workdir, "gone", AgentSettings())
+        await link.publish(topics.device_topic("gone", "status"), online, retain=True)
+        await cp.wait_online(["gone", "kept"])
