@@ -168,7 +168,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         link = _mqtt_link(settings)
         app[CONTROL_METRICS].watch(registry, link)
         history = ServingHistory()
-        revoked = RevokedDevices(settings.workdir)
+        revoked = RevokedDevices(settings.workdir, registry.revocations)
         fleet = FleetMonitor(
             registry,
             link,
@@ -275,7 +275,7 @@ async def device_token(request: web.Request) -> web.Response:
 async def device_revocations(request: web.Request) -> web.Response:
     """The revoked devices, signed now by the active control key (a fallback follows it
     with its keyrings and refuses those devices' tokens)."""
-    revoked = request.app[REVOKED].current()
+    revoked = await asyncio.to_thread(request.app[REVOKED].current)
     return web.json_response(sign_revocations(request.app[KEYS].signer, revoked))
 
 

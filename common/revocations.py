@@ -50,6 +50,17 @@ class Revocations:
         revoked = {**self.revoked, check_name(device_id, "device id"): round(at, 3)}
         return Revocations(self.version + 1, revoked)
 
+    def merged(self, other: Revocations) -> Revocations:
+        """Every device of both, at its later revocation; a version above both unless
+        one of them already holds it all (replicas merging their lists agree on it)."""
+        revoked = dict(self.revoked)
+        for device_id, at in other.revoked.items():
+            revoked[device_id] = max(at, revoked.get(device_id, at))
+        for held in sorted((self, other), key=lambda r: -r.version):
+            if dict(held.revoked) == revoked:
+                return held
+        return Revocations(max(self.version, other.version) + 1, revoked)
+
     def to_doc(self) -> dict[str, Any]:
         return {"version": self.version, "revoked": dict(sorted(self.revoked.items()))}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -27,6 +28,7 @@ from cloud.enrollment import AgentSettings, enroll_device, revoke_device
 from cloud.fallback import FallbackSettings, build_fallback_app
 from common import topics
 from common.mqtt import MqttLink
+from common.revocations import Revocations, verify_revocations
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import make_package, v2_infer_body
@@ -201,3 +203,50 @@ async def test_a_revoked_device_leaves_the_fleet_and_is_not_heard_any_more(
         await asyncio.to_thread(enroll_device, workdir, "gone", AgentSettings())
         await link.publish(topics.device_topic("gone", "status"), online, retain=True)
         await cp.wait_online(["gone", "kept"])
+
+
+async def test_a_device_revoked_on_one_replica_is_refused_by_every_replica(
+    mosquitto, tmp_path: Path, postgres_url: str
+) -> None:
+    """Red team: replicas on one PostgreSQL each run on a WORKDIR of their own (the key
+    lock is exclusive), and the revocation list was a file in one of them: a device
+    revoked there kept downloading artifacts from the other replica, which also served
+    fallbacks the list without it."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    shared = {"database": postgres_url, "share_group": "control"}
+    async with ControlPlane(first, mosquitto, **shared) as a:
+        digest = a.publish_toy(tmp_path, "1").artifact_digest
+        (second).mkdir()
+        shutil.copytree(first / "keys", second / "keys")
+        (second / "store").symlink_to(first / "store")
+        token = enroll_device(first, "dev-r", AgentSettings())["cloud_token"]
+        async with ControlPlane(second, mosquitto, **shared) as b:
+            b.tokens = a.tokens  # one database: one set of operator tokens
+            assert await _artifact(b, digest, token) == 200
+            await asyncio.to_thread(revoke_device, first, "dev-r")
+            assert await _artifact(a, digest, token) == 401
+            async with asyncio.timeout(20):
+                while await _artifact(b, digest, token) != 401:
+                    await asyncio.sleep(0.1)
+            served = verify_revocations(b.keys.trust, await _get(b, REVOCATIONS_PATH))
+            assert served.revoked.keys() == {"dev-r"}
+            assert served.version >= 1
+
+
+async def _artifact(cp: ControlPlane, digest: str, token: str) -> int:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as s,
+        s.get(f"{cp.url}/api/artifacts/{digest}") as resp,
+    ):
+        return resp.status
+
+
+def test_replicas_merging_their_lists_agree_and_never_go_back() -> None:
+    one = Revocations().with_device("x", 10.0)  # version 1 on one replica's host
+    other = Revocations().with_device("y", 20.0)  # version 1 on another's
+    both = one.merged(other)
+    assert both.version == 2 and both.revoked == {"x": 10.0, "y": 20.0}
+    assert both.merged(one) is both and one.merged(both) is both  # nothing new: no new version
+    again = one.with_device("x", 30.0)  # revoked again, later (after a re-enrollment)
+    assert both.merged(again) == Revocations(3, {"x": 30.0, "y": 20.0})
