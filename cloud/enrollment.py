@@ -253,13 +253,17 @@ class RevokedDevices:
     def gone(self) -> frozenset[str]:
         """Devices revoked and not enrolled since: the fleet forgets them. (Their broker
         login may work until the broker is reloaded, and the broker keeps their retained
-        "online" status: once the login is gone, not even their will may replace it.)"""
+        "online" status: once the login is gone, not even their will may replace it.)
+
+        NOTE: this WORKDIR's list only, not the replicas' merge: enrollments are per
+        WORKDIR too, and a device enrolled again elsewhere must not be dropped here.
+        """
         workdir = self._path.parent
-        current = self.current()
-        stamp = (current.version, current.revoked, _file_stamp(workdir / ENROLLMENTS_FILE))
+        self.current()  # reads the file again if it changed
+        stamp = (self._stamp, _file_stamp(workdir / ENROLLMENTS_FILE))
         if stamp != self._gone_stamp:
-            enrolled = load_enrollments(workdir)
-            self._gone = frozenset(d for d in current.revoked if d not in enrolled)
+            revoked, enrolled = self._local.revoked, load_enrollments(workdir)
+            self._gone = frozenset(d for d in revoked if d not in enrolled)
             self._gone_stamp = stamp
         return self._gone
 
