@@ -138,8 +138,11 @@ class RevocationHolder:
         changed = new != self.current
         self.current = new
         if changed and self._path is not None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self._path, json.dumps(signed).encode())
+            try:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self._path, json.dumps(signed).encode())
+            except OSError as exc:  # held in memory all the same; a full disk must not stop it
+                logger.warning("device revocation list not kept in %s: %s", self._path, exc)
         return changed
 
     def refuses(self, claims: DeviceClaims) -> bool:
