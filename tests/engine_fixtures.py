@@ -14,8 +14,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from common.manifest import Manifest, Target, file_entry
 from common.golden import GOLDEN_FILE
+from common.manifest import Manifest, Target, file_entry
 
 STAND_IN = b"FOGLINE TEST STAND-IN, NOT A TENSORRT ENGINE\n"
 

@@ -38,7 +38,7 @@ def test_a_version_holds_its_onnx_package_and_one_engine_per_target(registry, tm
     m = pkg.manifest
     # An engine before its version's ONNX package: refused (every device needs a fallback).
     early = engine_manifest(pkg.directory, m, tmp_path / "e0", "8.7", "10.3.0")
-    with pytest.raises(InvalidInputError, match="ONNX edge package .* before its engines"):
+    with pytest.raises(InvalidInputError, match=r"ONNX edge package .* before its engines"):
         registry.publish(tmp_path / "e0", early, signer)
     onnx = registry.publish(pkg.directory, m, signer)
     orin = registry.publish(tmp_path / "e0", early, signer)
@@ -61,7 +61,7 @@ def test_a_version_holds_its_onnx_package_and_one_engine_per_target(registry, tm
     assert registry.version("toy", "1").artifact_digest == onnx.artifact_digest
 
     # Refused: a twin, another release, another input, no GPU target, no such version.
-    with pytest.raises(AlreadyExistsError, match="trt-cc8.7-10.3 already exists"):
+    with pytest.raises(AlreadyExistsError, match=r"trt-cc8\.7-10\.3 already exists"):
         registry.publish(tmp_path / "e0", early, signer)
     twin = engine_manifest(pkg.directory, m, tmp_path / "e2", "8.7", "10.3.9")
     with pytest.raises(AlreadyExistsError):  # the same major.minor is the same engine key
