@@ -9,13 +9,17 @@ import pytest
 
 from cloud.database import Database
 from cloud.migrations import BASE_SCHEMA
+from cloud.pipeline.engine import Gpu, build
+from cloud.pipeline.engine_package import package_engine
 from cloud.registry import Registry
 from common import messages
 from common.errors import AlreadyExistsError, InvalidInputError, ModelNotFoundError
-from common.manifest import SignedManifest, Target, split_artifact
+from common.manifest import SignedManifest, Target, read_unsigned, split_artifact
 from common.signing import Signer, TrustStore
+from tests.cloud.test_engine import FakeTensorRT
 from tests.engine_fixtures import STAND_IN, engine_manifest
-from tests.model_fixtures import make_package
+from tests.fogline_cli import fogline
+from tests.model_fixtures import make_package, onnx_model_bytes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -159,3 +163,35 @@ def test_a_registry_from_before_engines_upgrades_in_place(database, tmp_path) ->
         assert registry.rollout_packages("r1") == {"onnx"}
     finally:
         registry.close()
+
+
+def test_a_built_engine_becomes_a_package_beside_its_onnx_one(registry, tmp_path) -> None:
+    """``build-engine`` (against the stand-in tensorrt), ``package-engine``, publish."""
+    signer = Signer.generate()
+    pkg = make_package(tmp_path / "onnx", version="1")
+    registry.publish(pkg.directory, pkg.manifest, signer)
+    model = pkg.directory / pkg.manifest.file("model").name
+    build(FakeTensorRT(), Gpu("Jetson AGX Orin", "8.7"), model, tmp_path / "eng", "fp16")  # type: ignore[arg-type]
+
+    manifest = package_engine(pkg.directory, tmp_path / "eng", tmp_path / "trt", arch="aarch64")
+    assert manifest.format == "tensorrt" and manifest.precision == "fp16"
+    assert manifest.target == Target("aarch64", "cuda", "10.3.0", "8.7")
+    assert (manifest.release, manifest.inputs) == (pkg.manifest.release, pkg.manifest.inputs)
+    record = registry.publish(tmp_path / "trt", read_unsigned(tmp_path / "trt"), signer)
+    assert registry.packages("toy", "1")["trt-cc8.7-10.3"] == record
+
+    # An engine built from another model is not this version's engine.
+    other = tmp_path / "other.onnx"
+    other.write_bytes(onnx_model_bytes(seed=5))
+    build(FakeTensorRT(), Gpu("Jetson AGX Orin", "8.7"), other, tmp_path / "eng2", "fp16")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="built from another model"):
+        package_engine(pkg.directory, tmp_path / "eng2", tmp_path / "trt2")
+    assert not (tmp_path / "trt2").exists()
+    # The command line: the same package, and its id on stdout.
+    done = fogline(
+        "model", "package-engine", "--package", str(pkg.directory),
+        "--engine", str(tmp_path / "eng"), "--out", str(tmp_path / "cli"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "engine package trt-cc8.7-10.3" in done.stdout
+    assert read_unsigned(tmp_path / "cli").target.compute_capability == "8.7"
