@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class VersionRecord:
             "evaluation": m.evaluation,
             "files": [{"name": f.name, "size": f.size, "role": f.role} for f in m.files],
             **(self.lineage or {}),
+            **({"target": asdict(m.target)} if is_engine(m) else {}),  # the GPU it is for
         }
 
 
