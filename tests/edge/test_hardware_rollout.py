@@ -15,11 +15,12 @@ operator. Once its status is true again, the next rollout sends it ONNX.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 
 from bench.sim_agent import SimAgent
-from common import messages, topics
+from common import chunking, messages, topics
 from common.hardware import TENSORRT, parse_hardware
 from common.mqtt import MqttLink
 from common.signing import TrustStore
@@ -169,3 +170,46 @@ async def test_a_device_claiming_a_gpu_it_lacks_refuses_the_engine(mosquitto, tm
             assert state["state"] == "succeeded", state
             assert state["devices"][liar]["package"] == "onnx"
             assert await served_version(agent) == "2"
+
+
+async def test_a_restarted_control_plane_broadcasts_each_device_its_package(
+    mosquitto, tmp_path
+) -> None:
+    """The control plane stops right after sending the commands; the next one (same
+    database, same persistent MQTT session) resumes the rollout and broadcasts exactly
+    the packages its devices were sent: here two engines, and not the ONNX package."""
+    tag = uuid.uuid4().hex[:6]
+    workdir, session = tmp_path / "control", f"control-{tag}"
+    async with contextlib.AsyncExitStack() as stack:
+        cp = ControlPlane(workdir, mosquitto, mqtt_client_id=session)
+        await cp.__aenter__()
+        try:
+            _publish(cp, tmp_path, "1", [("8.7", "10.3.0"), ("7.2", "8.5.2")])
+            packages = cp.registry.packages("toy", "1")
+            sims = [
+                _sim(cp, mosquitto, tmp_path, f"orin-{tag}", ORIN, gpu=True),
+                _sim(cp, mosquitto, tmp_path, f"xavier-{tag}", XAVIER, gpu=True),
+            ]
+            for sim in sims:
+                sim.chunk_timeout_s = 2.0  # patient enough to outlast the restart
+                await stack.enter_async_context(sim)
+            ids = [s.device_id for s in sims]
+            await cp.wait_online(ids)
+            rollout_id = await cp.rollouts.start("toy", "1", ids)
+        finally:
+            await cp.__aexit__(None, None, None)  # gone before any chunk went out
+        async with ControlPlane(workdir, mosquitto, mqtt_client_id=session) as cp2:
+            async with asyncio.timeout(60):
+                while cp2.registry.rollout(rollout_id)["state"] == "running":
+                    await asyncio.sleep(0.1)
+            state = cp2.registry.rollout(rollout_id)
+            assert state["state"] == "succeeded", state
+            got = {d.split("-")[0]: s["package"] for d, s in state["devices"].items()}
+            assert got == {"orin": "trt-cc8.7-10.3", "xavier": "trt-cc7.2-8.5"}
+            engines = [packages["trt-cc8.7-10.3"], packages["trt-cc7.2-8.5"]]
+            expected = sum(
+                chunking.chunk_count(r.artifact_size, cp2.rollouts.chunk_size(r)) for r in engines
+            )
+            assert cp2.rollouts.stats["chunks_broadcast"] == expected
+            assert sims[0].stats.activated.keys() == {engines[0].artifact_digest}
+            assert sims[1].stats.activated.keys() == {engines[1].artifact_digest}
