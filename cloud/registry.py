@@ -220,6 +220,17 @@ class Registry(FleetRecords):
         onnx = self.version(name, version, "edge")
         return {ONNX_PACKAGE: onnx, **self._engine_records("name=? AND version=?", (name, version))}
 
+    def engines(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
+        """Summaries of a model's engine packages (of one version), each with its ``package``."""
+        check_name(name, "model name")
+        if version is None:
+            found = self._engine_records("name=?", (name,))
+        else:
+            found = self._engine_records(
+                "name=? AND version=?", (name, check_name(version, "version"))
+            )
+        return [{**r.summary(), "package": p} for p, r in sorted(found.items())]
+
     def with_chunks(self, source_dir: Path, manifest: Manifest) -> Manifest:
         """``manifest`` with the chunk list of its files in ``source_dir``: call before signing.
 

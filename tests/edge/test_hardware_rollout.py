@@ -111,6 +111,13 @@ async def test_each_device_gets_the_package_its_hardware_runs(mosquitto, tmp_pat
             assert "PACKAGE" in shown.stdout
             assert rows[f"xavier-{tag}"] == ["1", "active", "trt-cc7.2-8.5"]
             assert rows[f"box-{tag}"] == ["1", "active", "onnx"]
+            shown = await asyncio.to_thread(fogline, "model", "show", "toy:1", env=env)
+            assert shown.returncode == 0, shown.stderr
+            engines = shown.stdout.split("TensorRT engines")[1].splitlines()[2:]
+            assert [line.split()[:4] for line in engines] == [
+                ["1", "trt-cc8.7-10.3", "fp16", "any"],
+                ["1", "trt-cc8.9-10.3", "fp16", "any"],
+            ]
             child = cp.registry.staged.get(created["id"])["child_id"]
             plain = await asyncio.to_thread(
                 fogline, "control", "rollout", child, "--control", cp.url, env=env
