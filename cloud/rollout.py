@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any
 
+from cloud.engine_records import is_engine
 from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
 from cloud.repair import RepairLimiter, RepairPolicy, parse_request
@@ -168,7 +169,7 @@ class RolloutController:
         engines = {}
         for package, record in packages.items():
             t = record.manifest.target
-            if record.manifest.format == "tensorrt" and t.compute_capability and t.tensorrt_version:
+            if is_engine(record.manifest) and t.compute_capability and t.tensorrt_version:
                 engines[(t.compute_capability, trt_major_minor(t.tensorrt_version))] = package
         statuses = {d["device_id"]: d for d in self.registry.devices()}
         chosen = {}
