@@ -299,10 +299,15 @@ async def model_version(request: web.Request) -> web.Response:
 
 
 async def model_detail(request: web.Request) -> web.Response:
-    """Every variant of every version of one model (``?version=V``: of that version)."""
+    """Every variant of every version of one model (``?version=V``: of that version), and
+    the TensorRT engine packages beside their ONNX packages."""
     name, version = request.match_info["name"], request.query.get("version")
-    records = await asyncio.to_thread(request.app[REGISTRY].model_versions, name, version)
-    return web.json_response({"name": name, "versions": [r.summary() for r in records]})
+    registry = request.app[REGISTRY]
+    records = await asyncio.to_thread(registry.model_versions, name, version)
+    engines = await asyncio.to_thread(registry.engines, name, version)
+    return web.json_response(
+        {"name": name, "versions": [r.summary() for r in records], "engines": engines}
+    )
 
 
 async def model_lineage(request: web.Request) -> web.Response:
