@@ -8,6 +8,7 @@ first, then the bytes, bounded by the signed size.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import uuid
@@ -164,7 +165,9 @@ async def _get_json_etag(
         # it ended the fallback's key refresher for good (no revocation learnt again).
         raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc!r}") from exc
     try:  # bounded depth, finite numbers: a RecursionError would kill the key refresher
-        return load_json(body, f"answer of {url}"), new_etag
+        # In a thread: 32 MiB of JSON from a hostile answer is seconds of parsing, and a
+        # fallback's event loop serves inference meanwhile.
+        return await asyncio.to_thread(load_json, body, f"answer of {url}"), new_etag
     except InvalidInputError as exc:
         raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
 

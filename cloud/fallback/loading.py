@@ -155,7 +155,7 @@ async def refresh_revocations(settings: FallbackSettings, revoked: RevocationHol
     """Adopt the control plane's list of revoked devices; keep the one held on failure."""
     try:
         signed = await fetch_revocations(settings.control_url or "", settings.control_token)
-        if revoked.offer(signed):
+        if await asyncio.to_thread(revoked.offer, signed):  # verifying a big list takes time
             logger.info(
                 "revocation list %d: refusing %d devices' tokens",
                 revoked.current.version,
