@@ -238,17 +238,22 @@ class RevokedDevices:
 
     def current(self) -> Revocations:
         with self._lock:
-            stamp = _file_stamp(self._path)
-            changed = stamp != self._stamp
-            if changed:
-                self._local = load_revocations(self._path.parent) if stamp else Revocations()
-                self._stamp = stamp
+            changed = self._read_local()
             if self._shared is None:
                 return self._local
             if changed or time.monotonic() - self._merged_at >= self._poll_s:
                 self._current = self._shared.merge(self._local)
                 self._merged_at = time.monotonic()
             return self._current
+
+    def _read_local(self) -> bool:
+        """Read this WORKDIR's file again if it changed (True then); no database."""
+        stamp = _file_stamp(self._path)
+        if stamp == self._stamp:
+            return False
+        self._local = load_revocations(self._path.parent) if stamp else Revocations()
+        self._stamp = stamp
+        return True
 
     def gone(self) -> frozenset[str]:
         """Devices revoked and not enrolled since: the fleet forgets them. (Their broker
@@ -259,7 +264,8 @@ class RevokedDevices:
         WORKDIR too, and a device enrolled again elsewhere must not be dropped here.
         """
         workdir = self._path.parent
-        self.current()  # reads the file again if it changed
+        with self._lock:
+            self._read_local()  # NOTE: no database: called on the event loop too
         stamp = (self._stamp, _file_stamp(workdir / ENROLLMENTS_FILE))
         if stamp != self._gone_stamp:
             revoked, enrolled = self._local.revoked, load_enrollments(workdir)
