@@ -141,7 +141,7 @@ def run_turn(
     turn["retrained"] = {
         "version": next_version,
         "parent": version,
-        "training_rows": len(split.y_train) + len(hard["labels"]),
+        "training_rows": len(split.y_train) + len(next(iter(hard.values()))),
         **publish_retrained(
             workdir,
             control,
