@@ -176,6 +176,18 @@ def test_concurrent_uploads_and_reads_never_fail(tmp_path) -> None:
             future.result()  # raises what the thread raised
 
 
+@pytest.mark.parametrize("task", ["classification", "image-classification"])
+def test_a_classifiers_examples_are_labelled_with_the_clouds_argmax(tmp_path, task) -> None:
+    """The digits pipeline packages with task "image-classification": its hard examples
+    were kept as reference outputs, and training on them (fogline demo's turn) failed."""
+    manifest = dataclasses.replace(make_package(tmp_path / "pkg").manifest, task=task)
+    probs = np.eye(CLASSES, dtype=np.float32)[[3, 1, 2]]
+    body = json.dumps({"examples": [_example(3, probs=probs)]}).encode()
+    arrays, rows = parse_upload(body, manifest)
+    assert rows == 3 and "reference" not in arrays
+    assert arrays["labels"].tolist() == [3, 1, 2]
+
+
 def test_uploads_that_do_not_stack_leave_the_data_set_readable(tmp_path) -> None:
     """A dynamic dimension (a text model's sequence length) differs between uploads:
     the download was a 500 (np.concatenate) for every reader; the odd ones are left out."""
