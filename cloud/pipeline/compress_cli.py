@@ -69,7 +69,7 @@ def search_rows(result: SearchResult) -> list[dict[str, Any]]:
     ]
 
 
-def _search_table(result: SearchResult, stream: Any) -> None:
+def print_search_table(result: SearchResult, stream: Any) -> None:
     """What the search tried: a rich table on a terminal, plain columns when piped."""
     from cloud.cli_output import is_terminal, table
 
@@ -164,7 +164,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         outcome = _run(args, calibration, data, fixed_batch(inputs) or 64)
     except SearchGateError as exc:  # show what was tried, then the one error line
         if not args.json:
-            _search_table(exc.search, sys.stdout)
+            print_search_table(exc.search, sys.stdout)
         raise
 
     if args.json:
@@ -174,7 +174,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     if outcome.search is not None:
-        _search_table(outcome.search, sys.stdout)
+        print_search_table(outcome.search, sys.stdout)
     print(format_outcome(outcome))
     print(f"wrote {args.out} and {record_path(args.out).name}")
     return 0
