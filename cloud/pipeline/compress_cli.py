@@ -43,6 +43,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         op_types=DEFAULT_OP_TYPES,
         exclude_op_types=tuple(args.exclude_op_type),
         exclude_nodes=tuple(args.exclude_node),
+        reduce_range=args.reduce_range,
+        weight_symmetric=args.weight_symmetric,
     )
 
 
@@ -214,8 +216,8 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress an fp32 ONNX model with ONNX Runtime: int8 static (QDQ, "
         "calibrated), int8 dynamic (MatMulInteger), fp16 (fp32 I/O kept; for GPU targets), "
-        "or 'search': try int8 configurations (per-channel, calibration method, layers kept "
-        "fp32), print what was tried and keep the fastest that passes the gate. With --data "
+        "or 'search': try int8 configurations (per-channel, calibration method, rounding "
+        "options, layers kept fp32), print what was tried and keep the fastest that passes the gate. With --data "
         "D.npz (one array per model input plus optional 'labels' or 'reference') it is "
         "calibrated and judged on those rows; without it, the digits split. The gate: at "
         "most --max-drop points of accuracy (or R²) lost, or mean cosine at least "
@@ -250,7 +252,19 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="OP",
-        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather)",
+        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather, "
+        "and in fused transformer graphs Attention, EmbedLayerNormalization)",
+    )
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="int8: 7-bit weights (no u8 x s8 saturation on CPUs without VNNI)",
+    )
+    p.add_argument(
+        "--weight-symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: symmetric weights (no zero point)",
     )
     p.add_argument(
         "--exclude-node",

@@ -5,21 +5,26 @@ where it can help, since a transformer candidate costs a minute on two cores):
 
 1. dynamic (MatMulInteger; never on Conv, where ConvInteger is ~12x slower
    than fp32) and static QDQ with MinMax calibration, each with per-channel
-   and per-tensor weights;
-2. if static MinMax missed the gate: Entropy and Percentile calibration (the
-   same graph, so the same speed: only worth it to rescue quality);
-3. the best-quality config with each op type in turn kept fp32 (Q/DQ around
+   and per-tensor weights. In a fused transformer graph (``cloud.pipeline.fusion``)
+   dynamic also quantizes Attention and EmbedLayerNormalization (QAttention,
+   QEmbedLayerNormalization: the fast path); QDQ has no such ops and leaves them fp32;
+2. if static MinMax missed the gate on quality: Entropy and Percentile calibration
+   (the same graph, so the same speed: only worth it to rescue quality);
+3. the best-quality config so far with each rounding option: 7-bit weights
+   (``reduce_range``), asymmetric weights, symmetric activations (static);
+4. the best-quality config with each op type in turn kept fp32 (Q/DQ around
    a small layer can cost more than it saves);
-4. if no whole-model config passed (stages 1-2): the best-quality config with named nodes kept fp32:
-   MatMuls between two activations (attention scores, static only), then the
-   1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
+5. if no whole-model config passed (stages 1-3): the best-quality config with named
+   nodes kept fp32: MatMuls between two activations (attention scores, static only),
+   then the 1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
    peak-to-RMS ratio on calibration rows: the ones one int8 scale fits worst),
    then up to two bisection steps towards the fewest such nodes that pass.
 
 Each candidate is scored on the data (``cloud.pipeline.quality``), judged by the
-gate, and the ones that pass are timed against the fp32 parent, interleaved
-(``cloud.pipeline.speed_compare``). The winner is the highest throughput at the
-requested batch; ties in speed do not matter, the table shows them.
+gate (quality, and size where the gate has a size budget: a candidate over it
+fails whatever its quality), and the ones that pass are timed against the fp32
+parent, interleaved (``cloud.pipeline.speed_compare``). The winner is the highest
+throughput at the requested batch; ties in speed do not matter, the table shows them.
 
 NOTE: torch-free.
 """

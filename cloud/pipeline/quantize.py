@@ -102,25 +102,33 @@ class QuantConfig:
             "per_channel": self.per_channel,
             "op_types_to_quantize": self.quantized_op_types,
             "nodes_to_exclude": list(self.exclude_nodes),
-            "reduce_range": self.reduce_range,
-            "weight_symmetric": self.weight_symmetric,
         }
         if self.method == STATIC:
             params["calibration"] = self.calibration
-            params["activation_symmetric"] = self.activation_symmetric
+        # Rounding options only where they differ from ORT's defaults (older records stay as
+        # they were).
+        if self.reduce_range:
+            params["reduce_range"] = True
+        if not self.weight_symmetric:
+            params["weight_symmetric"] = False
+        if self.activation_symmetric and self.method == STATIC:
+            params["activation_symmetric"] = True
         return params
 
     def extra_options(self) -> dict[str, Any]:
         """ORT quantizer ``extra_options`` for this config."""
         import onnx
 
-        return {
-            "WeightSymmetric": self.weight_symmetric,
-            "ActivationSymmetric": self.activation_symmetric and self.method == STATIC,
-            # Fused ops (Attention, SkipLayerNormalization, ...) are in another domain, so
-            # shape inference cannot type their outputs: they are float.
-            "DefaultTensorType": onnx.TensorProto.FLOAT,
-        }
+        # Fused ops (Attention, SkipLayerNormalization, ...) are in another domain, so
+        # shape inference cannot type their outputs: they are float.
+        options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        # NOTE: set only when asked: an explicit WeightSymmetric also applies to tensors
+        # ORT would otherwise treat by their type (it changed a static CNN's accuracy).
+        if not self.weight_symmetric:
+            options["WeightSymmetric"] = False
+        if self.activation_symmetric and self.method == STATIC:
+            options["ActivationSymmetric"] = True
+        return options
 
 
 def _calibration_reader(feeds: dict[str, np.ndarray], batch: int) -> Any:

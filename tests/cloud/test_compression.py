@@ -213,6 +213,15 @@ def test_quant_config_records_what_it_quantized() -> None:
         "nodes_to_exclude": ["n1"], "calibration": "entropy",
     }  # fmt: skip
     assert "calibration" not in QuantConfig(DYNAMIC).params()
+    rounding = QuantConfig(DYNAMIC, reduce_range=True, weight_symmetric=False,
+                           activation_symmetric=True)  # fmt: skip
+    assert rounding.label() == "dynamic per-channel reduce-range asym-weights"
+    assert rounding.params()["reduce_range"] is True
+    assert rounding.params()["weight_symmetric"] is False
+    assert "activation_symmetric" not in rounding.params()  # dynamic: activations are u8 asym
+    # Attention / EmbedLayerNormalization exist only in fused graphs, and only dynamically.
+    assert "Attention" in QuantConfig(DYNAMIC).quantized_op_types
+    assert "Attention" not in QuantConfig(STATIC).quantized_op_types
     with pytest.raises(InvalidInputError, match="unknown calibration"):
         QuantConfig(calibration="magic")
 

@@ -46,9 +46,9 @@ def _export_tiny_bert(path: Path) -> Path:
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
-        max_position_embeddings=POSITIONS, attn_implementation="eager",
+        max_position_embeddings=POSITIONS,
     )  # fmt: skip
-    model = SentenceEmbedder(BertModel(config)).eval()
+    model = SentenceEmbedder(BertModel(config, attn_implementation="eager")).eval()
     sequence = {1: "sequence"}
     with warnings.catch_warnings():  # the tracer's notes on transformers' mask code
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
