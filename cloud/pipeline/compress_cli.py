@@ -220,7 +220,8 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         "options, layers kept fp32), print what was tried and keep the fastest that passes "
         "the gate. With --data D.npz (one array per model input plus optional 'labels' or "
         "'reference') it is calibrated and judged on those rows; without it, the digits "
-        "split. The gate: at most --max-drop points of accuracy (or R²) lost, or mean cosine at least "
+        "split. The gate: at most --max-drop points of accuracy (or R²) lost, or mean "
+        "cosine at least "
         "--min-cosine for embeddings; a miss exits 1 and writes nothing. On success writes "
         "--out and OUT.compression.json (method, parameters, parent sha256, metrics).",
     )
