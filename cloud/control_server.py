@@ -28,13 +28,14 @@ from cloud.control_auth import (
     DEVICE,
     DEVICE_OR_VIEWER,
     OPERATORS,
+    REVOKED,
     TRUST,
     UPLOAD_LIMIT,
     guarded,
     receive_package,
 )
 from cloud.control_metrics import CONTROL_METRICS, ControlMetrics, latency_middleware, metrics
-from cloud.enrollment import load_enrollments
+from cloud.enrollment import RevokedDevices, load_enrollments
 from cloud.fallback_metrics import FallbackScraper
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
@@ -53,6 +54,7 @@ from common.json_object import parse_json_object
 from common.manifest import SignedManifest
 from common.mqtt import MqttLink, TlsConfig
 from common.names import check_name
+from common.revocations import sign_revocations
 from common.v2_server import error_middleware
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/whoami", whoami, VIEWER),
         ("GET", "/api/devices", devices, VIEWER),
         ("POST", "/api/devices/{device_id}/token", device_token, ADMIN),
+        ("GET", "/api/device-revocations", device_revocations, VIEWER),
         ("GET", "/api/models", models, VIEWER),
         ("POST", "/api/models", publish, OPERATOR),
         ("GET", "/api/models/{name}/versions/{version}", model_version, VIEWER),
@@ -207,6 +210,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
+            app[REVOKED] = RevokedDevices(settings.workdir)
             yield
         registry.close()
         lock.close()
@@ -264,6 +268,13 @@ async def device_token(request: web.Request) -> web.Response:
     device_id = check_name(request.match_info["device_id"], "device id")
     token = issue_token(request.app[KEYS].signer, device_id)
     return web.json_response({"device_id": device_id, "token": token}, status=201)
+
+
+async def device_revocations(request: web.Request) -> web.Response:
+    """The revoked devices, signed now by the active control key (a fallback follows it
+    with its keyrings and refuses those devices' tokens)."""
+    revoked = request.app[REVOKED].current()
+    return web.json_response(sign_revocations(request.app[KEYS].signer, revoked))
 
 
 async def models(request: web.Request) -> web.Response:
