@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -48,7 +49,8 @@ def _export_tiny_bert(path: Path) -> Path:
         num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
         max_position_embeddings=POSITIONS,
     )  # fmt: skip
-    model = SentenceEmbedder(BertModel(config, attn_implementation="eager")).eval()
+    bert: Any = BertModel  # its stubs lack the attn_implementation keyword
+    model = SentenceEmbedder(bert(config, attn_implementation="eager")).eval()
     sequence = {1: "sequence"}
     with warnings.catch_warnings():  # the tracer's notes on transformers' mask code
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
