@@ -407,11 +407,11 @@ async def _list_rollouts(args: argparse.Namespace, api: ControlApi) -> int:
 
 def _rollout_table(r: dict[str, Any]) -> str:
     devices = sorted((r.get("devices") or {}).items())
-    rows = [[d, s["stage"], s.get("error")] for d, s in devices]
+    rows = [[d, s.get("package") or "onnx", s["stage"], s.get("error")] for d, s in devices]
     return (
         table([_rollout_row(r)], ROLLOUT_HEADER)
         + "\n\n"
-        + table(rows, ["DEVICE", "STAGE", "ERROR"])
+        + table(rows, ["DEVICE", "PACKAGE", "STAGE", "ERROR"])
     )
 
 
