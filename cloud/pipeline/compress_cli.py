@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud.pipeline.cli_args import add_model_data_out, bounded
 from cloud.pipeline.sidecar import sidecar_path
 from common.cli_errors import one_line_errors
 from common.lineage import LATENCY_P50_MS_B1, SIZE_BYTES, THROUGHPUT_B32
@@ -179,31 +180,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_file(text: str) -> Path:
-    from cloud.pipeline.cli import _existing_file as check
-
-    return check(text)
-
-
-def _unit(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
-
-
-def _points(text: str) -> float:
-    value = float(text)
-    if not -100.0 <= value <= 100.0:  # negative: demand a gain
-        raise argparse.ArgumentTypeError(f"must be within [-100, 100] points, got {text}")
-    return value
-
-
-def _batch(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"must be within [1, 4096], got {text}")
-    return value
+_unit = bounded(float, 0.0, 1.0)
+_points = bounded(float, -100.0, 100.0, " points")  # negative: demand a gain
+_batch = bounded(int, 1, 4096)
 
 
 def add_compress(subparsers: argparse._SubParsersAction) -> None:
@@ -221,16 +200,14 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--min-cosine for embeddings; a miss exits 1 and writes nothing. On success writes "
         "--out and OUT.compression.json (method, parameters, parent sha256, metrics).",
     )
-    p.add_argument("--fp32", type=_existing_file, required=True, help="fp32 ONNX model")
-    p.add_argument(
-        "--data",
-        type=_existing_file,
-        default=None,
-        metavar="D.npz",
-        help="rows: one array per input name, plus optional 'labels' or 'reference' "
+    add_model_data_out(
+        p,
+        model_flag="--fp32",
+        model_help="fp32 ONNX model",
+        data_help="rows: one array per input name, plus optional 'labels' or 'reference' "
         "(none: the digits split)",
+        out_help="compressed ONNX file to write",
     )
-    p.add_argument("--out", type=Path, required=True, help="compressed ONNX file to write")
     p.add_argument("--method", choices=METHOD_CHOICES, default="int8-static-qdq", help="how")
     p.add_argument(
         "--per-channel",
