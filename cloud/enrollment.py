@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from cloud.keys import KeyStore, enrollment_trust, trusted_public_keys
+from cloud.revocation_store import SharedRevocations
 from common import broker_auth
 from common.broker_auth import CONTROL_USERNAME, TlsFiles
 from common.device_token import DEFAULT_LIFETIME_S, issue_token
 from common.errors import InvalidInputError
 from common.fsutil import write_private
 from common.names import check_name
+from common.revocations import Revocations
 
 ENROLLMENTS_FILE = "enrollments.json"
+REVOCATIONS_FILE = "revocations.json"  # devices whose tokens no verifier may accept
 CONTROL_CREDENTIALS_FILE = "broker-control.json"
 
 
@@ -122,6 +127,8 @@ def enroll_device(
     could not be written never locks the device out.
     """
     check_name(device_id, "device id")
+    if not settings.token_lifetime_s > 0:  # NaN too: a token expired at birth is no token
+        raise InvalidInputError(f"token lifetime must be positive: {settings.token_lifetime_s}")
     password = broker_auth.new_password()
     config = _agent_config(workdir, device_id, password, settings)
     with _locked(workdir):
@@ -174,12 +181,97 @@ def write_agent_config(path: Path, config: dict[str, Any]) -> None:
 
 
 def revoke_device(workdir: Path, device_id: str) -> None:
-    """Forget a device; it loses broker access when the broker config is regenerated."""
+    """Forget a device and revoke the tokens it holds.
+
+    Its broker login goes when the broker config is regenerated; its fallback
+    tokens at once on the control plane, and on each fallback at its next refresh
+    (``--key-refresh-s``), through the revocation list.
+    """
     with _locked(workdir):
         enrollments = load_enrollments(workdir)
         if enrollments.pop(check_name(device_id, "device id"), None) is None:
             raise InvalidInputError(f"device {device_id!r} is not enrolled")
+        revoked = load_revocations(workdir).with_device(device_id, time.time())
+        # The list first: a crash in between leaves a device revoked but still
+        # enrolled (revoke again), never forgotten but with working tokens.
+        write_private(workdir / REVOCATIONS_FILE, json.dumps(revoked.to_doc()).encode())
         _save_enrollments(workdir, enrollments)
+
+
+def load_revocations(workdir: Path) -> Revocations:
+    """The revoked devices (unsigned on the host; the control plane signs what it serves)."""
+    path = workdir / REVOCATIONS_FILE
+    try:
+        return Revocations.from_doc(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return Revocations()
+    except (OSError, ValueError) as exc:  # InvalidInputError is a ValueError
+        raise InvalidInputError(f"cannot read {path}: {exc}") from exc
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (``write_private`` renames a new inode in)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class RevokedDevices:
+    """The control plane's view of ``revocations.json``, read again when it changes, and
+    merged with the other replicas' (``shared``, the database) every ``poll_s``."""
+
+    def __init__(
+        self, workdir: Path, shared: SharedRevocations | None = None, poll_s: float = 1.0
+    ) -> None:
+        self._path = workdir / REVOCATIONS_FILE
+        self._stamp: tuple[int, int, int] | None = None
+        self._local = Revocations()
+        self._shared = shared
+        self._poll_s = poll_s
+        self._merged_at = -math.inf
+        self._current = Revocations()
+        self._gone_stamp: tuple[object, ...] | None = None
+        self._gone: frozenset[str] = frozenset()
+        self._lock = threading.Lock()  # called from the event loop and from threads
+
+    def current(self) -> Revocations:
+        with self._lock:
+            changed = self._read_local()
+            if self._shared is None:
+                return self._local
+            if changed or time.monotonic() - self._merged_at >= self._poll_s:
+                self._current = self._shared.merge(self._local)
+                self._merged_at = time.monotonic()
+            return self._current
+
+    def _read_local(self) -> bool:
+        """Read this WORKDIR's file again if it changed (True then); no database."""
+        stamp = _file_stamp(self._path)
+        if stamp == self._stamp:
+            return False
+        self._local = load_revocations(self._path.parent) if stamp else Revocations()
+        self._stamp = stamp
+        return True
+
+    def gone(self) -> frozenset[str]:
+        """Devices revoked and not enrolled since: the fleet forgets them. (Their broker
+        login may work until the broker is reloaded, and the broker keeps their retained
+        "online" status: once the login is gone, not even their will may replace it.)
+
+        NOTE: this WORKDIR's list only, not the replicas' merge: enrollments are per
+        WORKDIR too, and a device enrolled again elsewhere must not be dropped here.
+        """
+        workdir = self._path.parent
+        with self._lock:
+            self._read_local()  # NOTE: no database: called on the event loop too
+        stamp = (self._stamp, _file_stamp(workdir / ENROLLMENTS_FILE))
+        if stamp != self._gone_stamp:
+            revoked, enrolled = self._local.revoked, load_enrollments(workdir)
+            self._gone = frozenset(d for d in revoked if d not in enrolled)
+            self._gone_stamp = stamp
+        return self._gone
 
 
 # -- the control plane's broker identity and the broker's files -----------------------
@@ -191,13 +283,33 @@ class BrokerCredentials:
     password: str
 
 
-def control_credentials(workdir: Path, *, rotate: bool = False) -> BrokerCredentials:
-    """The control plane's broker login, created on first use (``rotate``: a new password)."""
-    path = workdir / CONTROL_CREDENTIALS_FILE
+MAX_CONTROL_REPLICAS = 64
+
+
+def control_login_name(replica: int = 1) -> tuple[str, str]:
+    """(broker username, credentials file name) of control-plane replica ``replica``.
+
+    Each replica needs its own login: the broker forces client id = username, so two
+    replicas sharing one would take each other's session over and over. Replica 1
+    keeps the names a single control plane has always had.
+    """
+    if not 1 <= replica <= MAX_CONTROL_REPLICAS:
+        raise InvalidInputError(f"replica {replica} is not in 1..{MAX_CONTROL_REPLICAS}")
+    if replica == 1:
+        return CONTROL_USERNAME, CONTROL_CREDENTIALS_FILE
+    return f"{CONTROL_USERNAME}-{replica}", f"broker-control-{replica}.json"
+
+
+def control_credentials(
+    workdir: Path, *, replica: int = 1, rotate: bool = False
+) -> BrokerCredentials:
+    """Replica ``replica``'s broker login, created on first use (``rotate``: a new password)."""
+    username, filename = control_login_name(replica)
+    path = workdir / filename
     with _locked(workdir):
         if path.exists() and not rotate:
             return read_control_credentials(path)
-        creds = BrokerCredentials(CONTROL_USERNAME, broker_auth.new_password())
+        creds = BrokerCredentials(username, broker_auth.new_password())
         write_private(path, json.dumps(asdict(creds), indent=2).encode())
     return creds
 
@@ -226,18 +338,25 @@ def write_broker_config(
     host: str | None = None,
     tls: TlsFiles | None = None,
     run_as: str | None = None,
+    control_replicas: int = 1,
 ) -> BrokerFiles:
-    """``mosquitto.conf``, ``passwd`` (0600) and ``acl`` in ``out`` for every enrolled device."""
+    """``mosquitto.conf``, ``passwd`` (0600) and ``acl`` in ``out`` for every enrolled device
+    and ``control_replicas`` control-plane logins (see ``control_login_name``)."""
     if tls is not None:
         for f in (tls.cert, tls.key, *([tls.ca] if tls.ca else [])):
             if not f.is_file():
                 raise InvalidInputError(f"TLS file {f} does not exist")
-    control = control_credentials(workdir)
+    if not 1 <= control_replicas <= MAX_CONTROL_REPLICAS:
+        raise InvalidInputError(
+            f"--control-replicas {control_replicas} is not in 1..{MAX_CONTROL_REPLICAS}"
+        )
+    controls = [control_credentials(workdir, replica=r) for r in range(1, control_replicas + 1)]
     enrollments = load_enrollments(workdir)
     hashes = {d: e.password_hash for d, e in enrollments.items()}
-    hashes[control.username] = broker_auth.hash_password(control.password)
     grants = {d: broker_auth.device_grants(d) for d in enrollments}
-    grants[control.username] = broker_auth.control_grants()
+    for control in controls:
+        hashes[control.username] = broker_auth.hash_password(control.password)
+        grants[control.username] = broker_auth.control_grants()
     files = BrokerFiles(out / "mosquitto.conf", out / "passwd", out / "acl", out / "data")
     files.persistence_dir.mkdir(parents=True, exist_ok=True)
     write_private(files.password_file, broker_auth.render_password_file(hashes).encode())

@@ -39,12 +39,15 @@ class FallbackSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY  # largest infer body; 413 past it
     body_timeout_s: float = 30.0  # a body not in within this gets 408 (and never held a slot)
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
+    # Idle ONNX Runtime threads busy-wait (ORT's default) or sleep: off, since the event
+    # loop and the batcher's concurrent runs need those cores (common.onnx_runtime).
+    ort_spinning: bool = False
     control_url: str | None = None  # fetch models from this control plane
     control_token: str | None = None  # an operator token (viewer) for that control plane
     models: list[str] = field(default_factory=list)  # pinned NAME:VERSION, cloud variant
     cache_dir: Path = Path("fogline-fallback-cache")
     refresh_keys: bool = True  # with control_url: learn rotations and revocations from it
-    key_refresh_s: float = 300.0  # and again this often while serving (device tokens)
+    key_refresh_s: float = 60.0  # keyrings and revoked devices, again this often while serving
     # Following: every published model matching model_pattern (from control_url), or
     # the packages under models_dir; on when either is set, or with control_url alone.
     model_pattern: str | None = None
@@ -160,7 +163,13 @@ def _who(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not update the --trust-key keys from --control's signed keyring",
     )
-    p.add_argument("--key-refresh-s", type=float, default=300.0, help="keyring refresh period")
+    p.add_argument(
+        "--key-refresh-s",
+        type=float,
+        default=60.0,
+        help="how often to pull the control plane's keyrings and its list of revoked "
+        "devices (a revoked device's token is refused within this) (default: %(default)s)",
+    )
     p.add_argument(
         "--token",
         dest="tokens",
@@ -210,6 +219,12 @@ def _limits(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="ONNX Runtime intra-op threads per model (0: one per core)",
+    )
+    p.add_argument(
+        "--ort-spinning",
+        action="store_true",
+        help="let idle ONNX Runtime threads busy-wait (lower latency on an otherwise idle "
+        "host; default: they sleep, leaving the cores to the server and other runs)",
     )
     add_batching_flags(p)
     p.add_argument(
@@ -275,6 +290,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s,
         intra_op_threads=args.intra_op_threads,
+        ort_spinning=args.ort_spinning,
         control_url=args.control_url,
         control_token=args.control_token or os.environ.get("FOGLINE_CONTROL_TOKEN"),
         models=list(args.models),
