@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud.pipeline.cli_args import add_model_data_out, bounded
+from cloud.pipeline.sidecar import sidecar_path
 from common.cli_errors import one_line_errors
+from common.lineage import LATENCY_P50_MS_B1, SIZE_BYTES, THROUGHPUT_B32
 
 if TYPE_CHECKING:
     from cloud.pipeline.compressor import Outcome
@@ -108,23 +111,21 @@ def print_search_table(result: SearchResult, stream: Any) -> None:
 
 def format_outcome(o: Outcome) -> str:
     """fp32 parent vs the compressed model, for humans."""
-    m = o.record.metrics
-    label = (
-        "test accuracy" if m.quality_metric == "accuracy" else m.quality_metric.replace("_", " ")
-    )
-    method = o.record.method
+    m, metric, parent = o.record.metrics, o.record.quality_metric or "quality", o.parent_speed
+    label = "test accuracy" if metric == "accuracy" else metric.replace("_", " ")
+    size = int(m[SIZE_BYTES])
     rows = [
-        ("", "fp32", method),
-        (label, f"{m.parent_quality:.2%}", f"{m.quality:.2%}"),
-        ("bytes", str(o.parent_size), str(m.size_bytes)),
-        ("p50 ms batch 1", f"{o.parent_speed.latency_p50_ms_b1:.3f}", f"{m.latency_p50_ms_b1:.3f}"),
-        ("rows/s batch 32", f"{o.parent_speed.throughput:.1f}", f"{m.throughput_b32:.1f}"),
+        ("", "fp32", o.record.method),
+        (label, f"{m['parent_quality']:.2%}", f"{m['quality']:.2%}"),
+        ("bytes", str(o.parent_size), str(size)),
+        ("p50 ms batch 1", f"{parent.latency_p50_ms_b1:.3f}", f"{m[LATENCY_P50_MS_B1]:.3f}"),
+        ("rows/s batch 32", f"{parent.throughput:.1f}", f"{m[THROUGHPUT_B32]:.1f}"),
     ]
     lines = [f"{a:<16} {b:>12} {c:>16}" for a, b, c in rows]
     lines.append(
-        f"{m.quality_metric.replace('_', ' ')} drop {(m.parent_quality - m.quality) * 100:+.2f} "
-        f"points, size ratio {o.parent_size / m.size_bytes:.2f}x, throughput "
-        f"{m.throughput_b32 / o.parent_speed.throughput:.2f}x (ONNX Runtime CPU, 1 thread)"
+        f"{metric.replace('_', ' ')} drop {(m['parent_quality'] - m['quality']) * 100:+.2f} "
+        f"points, size ratio {o.parent_size / size:.2f}x, throughput "
+        f"{m[THROUGHPUT_B32] / parent.throughput:.2f}x (ONNX Runtime CPU, 1 thread)"
     )
     return "\n".join(lines)
 
@@ -151,7 +152,6 @@ def _run(
 def cmd_compress(args: argparse.Namespace) -> int:
     """Build, gate and write the compressed model and its lineage sidecar."""
     from cloud.pipeline.cli import _load_data
-    from cloud.pipeline.compression_record import record_path
     from cloud.pipeline.compressor import SearchGateError
     from cloud.pipeline.model_data import fixed_batch
     from common.onnx_runtime import describe_onnx_io
@@ -178,35 +178,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if outcome.search is not None:
         print_search_table(outcome.search, sys.stdout)
     print(format_outcome(outcome))
-    print(f"wrote {args.out} and {record_path(args.out).name}")
+    print(f"wrote {args.out} and {sidecar_path(args.out).name}")
     return 0
 
 
-def _existing_file(text: str) -> Path:
-    from cloud.pipeline.cli import _existing_file as check
-
-    return check(text)
-
-
-def _unit(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
-
-
-def _points(text: str) -> float:
-    value = float(text)
-    if not -100.0 <= value <= 100.0:  # negative: demand a gain
-        raise argparse.ArgumentTypeError(f"must be within [-100, 100] points, got {text}")
-    return value
-
-
-def _batch(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"must be within [1, 4096], got {text}")
-    return value
+_unit = bounded(float, 0.0, 1.0)
+_points = bounded(float, -100.0, 100.0, " points")  # negative: demand a gain
+_batch = bounded(int, 1, 4096)
 
 
 def add_compress(subparsers: argparse._SubParsersAction) -> None:
@@ -225,16 +203,14 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--min-cosine for embeddings; a miss exits 1 and writes nothing. On success writes "
         "--out and OUT.compression.json (method, parameters, parent sha256, metrics).",
     )
-    p.add_argument("--fp32", type=_existing_file, required=True, help="fp32 ONNX model")
-    p.add_argument(
-        "--data",
-        type=_existing_file,
-        default=None,
-        metavar="D.npz",
-        help="rows: one array per input name, plus optional 'labels' or 'reference' "
+    add_model_data_out(
+        p,
+        model_flag="--fp32",
+        model_help="fp32 ONNX model",
+        data_help="rows: one array per input name, plus optional 'labels' or 'reference' "
         "(none: the digits split)",
+        out_help="compressed ONNX file to write",
     )
-    p.add_argument("--out", type=Path, required=True, help="compressed ONNX file to write")
     p.add_argument("--method", choices=METHOD_CHOICES, default="int8-static-qdq", help="how")
     p.add_argument(
         "--per-channel",
