@@ -9,6 +9,7 @@ PUBACK. It speaks MQTT 3.1.1 so that any broker works.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -263,7 +264,7 @@ class MqttLink:
             for observe in self.observers:
                 observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
-                if not paho.topic_matches_sub(_unshared(topic_filter), msg.topic):
+                if not _matches(topic_filter, msg.topic):
                     continue
                 if msg.retain and topic_filter in self._live_only:
                     logger.debug("ignored a retained message on %s", msg.topic)
@@ -275,6 +276,13 @@ class MqttLink:
                             await result
                     except Exception:
                         logger.exception("handler for %s failed", msg.topic)
+
+
+@functools.lru_cache(maxsize=8192)
+def _matches(topic_filter: str, topic: str) -> bool:
+    """paho's matcher, remembered: it builds a matcher tree per call, and a chunk
+    broadcast asks the same question for every chunk of every subscription."""
+    return bool(paho.topic_matches_sub(_unshared(topic_filter), topic))
 
 
 def _unshared(topic_filter: str) -> str:
