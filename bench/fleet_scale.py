@@ -116,7 +116,7 @@ async def probe_api(session, url, seconds) -> dict[str, list[float]]:  # type: i
     return out
 
 
-def _p(samples: list[float], q: float) -> float | None:
+def _p(samples: list[float], q: int) -> float | None:
     if not samples:
         return None
     return round(statistics.quantiles(samples, n=100)[q - 1] if len(samples) > 1 else samples[0], 2)
