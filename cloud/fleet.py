@@ -173,13 +173,34 @@ class FleetMonitor:
                 await self._notify()
 
     def _store(self, batch: list[_Message]) -> None:
-        """One transaction for the batch; each message in its own savepoint (worker thread)."""
-        with self.registry.batch() as db:
-            for msg in batch:
+        """One transaction for the batch; each message in its own savepoint (worker thread).
+
+        In device order (a stable sort keeps each device's own order): every row a
+        message locks belongs to its device, so two replicas' batches on one PostgreSQL
+        take their locks in the same order. A message that failed for the database's
+        sake (a deadlock with some other transaction, a failed commit) is then stored
+        alone, in its own transaction, as it was before batches; a refused one is not.
+        """
+        ordered = sorted(batch, key=lambda msg: msg.device_id)
+        try:
+            with self.registry.batch() as db:
+                for msg in ordered:
+                    try:
+                        with db.transaction():
+                            msg.outcome = self._store_one(msg)
+                    except Exception as exc:  # NOTE: one failed message undoes only itself
+                        msg.outcome = exc
+        except Exception as exc:  # the batch itself (its commit): every message again
+            for msg in ordered:
+                msg.outcome = exc
+        for msg in ordered:
+            if isinstance(msg.outcome, Exception) and not isinstance(
+                msg.outcome, InvalidInputError
+            ):
+                logger.info("storing %s from %s alone: %r", msg.kind, msg.device_id, msg.outcome)
                 try:
-                    with db.transaction():
-                        msg.outcome = self._store_one(msg)
-                except Exception as exc:  # NOTE: one bad message undoes only itself
+                    msg.outcome = self._store_one(msg)
+                except Exception as exc:
                     msg.outcome = exc
 
     def _store_one(self, msg: _Message) -> object:
