@@ -119,6 +119,8 @@ class MqttLink:
         self._sub_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
+        self._arrived: list[paho.MQTTMessage] = []  # from paho's thread, not yet queued
+        self._arrived_lock = threading.Lock()
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         # Called with ("in" | "out", topic) for each message received or published
@@ -237,7 +239,20 @@ class MqttLink:
         self._call(self.connected.clear)
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        self._call(self._inbox.put_nowait, msg)
+        # NOTE: one wake-up of the loop per burst, not per message: a chunk broadcast
+        # delivers hundreds back to back, and each call_soon_threadsafe is a syscall
+        # and a loop iteration.
+        with self._arrived_lock:
+            self._arrived.append(msg)
+            if len(self._arrived) > 1:
+                return  # a wake-up is already on its way
+        self._call(self._take_arrived)
+
+    def _take_arrived(self) -> None:
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, []
+        for msg in arrived:
+            self._inbox.put_nowait(msg)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._ack_lock:
