@@ -27,6 +27,10 @@ from common.errors import FoglineError
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], Awaitable[None] | None]
+# Received messages not yet dispatched; past this paho's thread waits (a while) for
+# the event loop to catch up before it reads more.
+MAX_BACKLOG = 64
+BACKPRESSURE_WAIT_S = 1.0
 _client_ids = itertools.count()
 
 
@@ -121,6 +125,10 @@ class MqttLink:
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self._arrived: list[paho.MQTTMessage] = []  # from paho's thread, not yet queued
         self._arrived_lock = threading.Lock()
+        self._backlog = 0  # messages received and not yet dispatched
+        self._room = threading.Event()  # clear while the backlog is full
+        self._room.set()
+        self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         # Called with ("in" | "out", topic) for each message received or published
@@ -141,6 +149,8 @@ class MqttLink:
 
     async def close(self, *, graceful: bool = True) -> None:
         """Disconnect (a graceful DISCONNECT suppresses the will) and stop tasks."""
+        self._closing = True  # nothing will be dispatched: never hold paho's thread back
+        self._room.set()
         if graceful:
             self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
@@ -244,15 +254,32 @@ class MqttLink:
         # and a loop iteration.
         with self._arrived_lock:
             self._arrived.append(msg)
-            if len(self._arrived) > 1:
-                return  # a wake-up is already on its way
-        self._call(self._take_arrived)
+            self._backlog += 1
+            if self._backlog >= MAX_BACKLOG:
+                self._room.clear()
+            wake = len(self._arrived) == 1  # else a wake-up is already on its way
+        if wake:
+            self._call(self._take_arrived)
+        # Backpressure: while the loop is behind, paho's thread stops reading the socket
+        # for a while, so the broker (which holds one copy of a broadcast for every
+        # subscriber) keeps the backlog rather than this process (a copy per link: a
+        # host of simulated devices grew to 12 GB). Bounded, so that the PUBACKs and
+        # keepalives go on even if the loop never catches up.
+        if not self._room.is_set() and not self._closing:
+            self._room.wait(BACKPRESSURE_WAIT_S)
 
     def _take_arrived(self) -> None:
         with self._arrived_lock:
             arrived, self._arrived = self._arrived, []
         for msg in arrived:
             self._inbox.put_nowait(msg)
+
+    def _taken(self) -> None:
+        """A message left the backlog (dispatched, or dropped at close)."""
+        with self._arrived_lock:
+            self._backlog -= 1
+            if self._backlog <= MAX_BACKLOG // 2:
+                self._room.set()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._ack_lock:
@@ -276,6 +303,7 @@ class MqttLink:
     async def _dispatch(self) -> None:
         while True:
             msg = await self._inbox.get()
+            self._taken()
             for observe in self.observers:
                 observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
