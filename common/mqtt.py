@@ -218,6 +218,7 @@ class MqttLink:
                 self._ignored_acks.add(info.mid)
                 return
             self._acks[info.mid] = fut
+        self._room.set()  # paho's thread must not sit out this PUBACK (see _on_message)
         try:
             await asyncio.wait_for(fut, self._ack_timeout_s)
         except TimeoutError:
@@ -264,8 +265,10 @@ class MqttLink:
         # for a while, so the broker (which holds one copy of a broadcast for every
         # subscriber) keeps the backlog rather than this process (a copy per link: a
         # host of simulated devices grew to 12 GB). Bounded, so that the PUBACKs and
-        # keepalives go on even if the loop never catches up.
-        if not self._room.is_set() and not self._closing:
+        # keepalives go on even if the loop never catches up; and never while one of
+        # our publishes awaits its PUBACK, which only this thread can read (a handler
+        # that publishes would wait on the very backlog it holds up).
+        if not self._room.is_set() and not self._closing and not self._acks:
             self._room.wait(BACKPRESSURE_WAIT_S)
 
     def _take_arrived(self) -> None:
