@@ -52,7 +52,8 @@ async def authenticate(request: web.Request, role: str) -> Operator | str:
     token = bearer_token(request)
     if role in (DEVICE, DEVICE_OR_VIEWER) and not token.startswith(TOKEN_PREFIX):
         claims = verify_token(request.app[TRUST], token)
-        if request.app[REVOKED].current().refuses(claims):
+        revoked = await asyncio.to_thread(request.app[REVOKED].current)  # may ask the DB
+        if revoked.refuses(claims):
             raise AuthError(f"device {claims.device_id!r} was revoked")
         return claims.device_id
     operator = await asyncio.to_thread(request.app[OPERATORS].verify, token)

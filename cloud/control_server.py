@@ -168,12 +168,14 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         link = _mqtt_link(settings)
         app[CONTROL_METRICS].watch(registry, link)
         history = ServingHistory()
+        revoked = RevokedDevices(settings.workdir, registry.revocations)
         fleet = FleetMonitor(
             registry,
             link,
             telemetry_interval_s=settings.telemetry_interval_s,
             history=history,
             share_group=settings.share_group,
+            gone=revoked.gone,
         )
         scraper = FallbackScraper(list(settings.fallback_metrics_urls))
         rollouts = RolloutController(
@@ -210,7 +212,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
-            app[REVOKED] = RevokedDevices(settings.workdir)
+            app[REVOKED] = revoked
             yield
         registry.close()
         lock.close()
@@ -277,7 +279,7 @@ async def device_token(request: web.Request) -> web.Response:
 async def device_revocations(request: web.Request) -> web.Response:
     """The revoked devices, signed now by the active control key (a fallback follows it
     with its keyrings and refuses those devices' tokens)."""
-    revoked = request.app[REVOKED].current()
+    revoked = await asyncio.to_thread(request.app[REVOKED].current)
     return web.json_response(sign_revocations(request.app[KEYS].signer, revoked))
 
 

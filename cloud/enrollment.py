@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.keys import KeyStore, enrollment_trust, trusted_public_keys
+from cloud.revocation_store import SharedRevocations
 from common import broker_auth
 from common.broker_auth import CONTROL_USERNAME, TlsFiles
 from common.device_token import DEFAULT_LIFETIME_S, issue_token
@@ -124,6 +127,8 @@ def enroll_device(
     could not be written never locks the device out.
     """
     check_name(device_id, "device id")
+    if not settings.token_lifetime_s > 0:  # NaN too: a token expired at birth is no token
+        raise InvalidInputError(f"token lifetime must be positive: {settings.token_lifetime_s}")
     password = broker_auth.new_password()
     config = _agent_config(workdir, device_id, password, settings)
     with _locked(workdir):
@@ -204,24 +209,69 @@ def load_revocations(workdir: Path) -> Revocations:
         raise InvalidInputError(f"cannot read {path}: {exc}") from exc
 
 
-class RevokedDevices:
-    """The control plane's view of ``revocations.json``, read again when it changes."""
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (``write_private`` renames a new inode in)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def __init__(self, workdir: Path) -> None:
+
+class RevokedDevices:
+    """The control plane's view of ``revocations.json``, read again when it changes, and
+    merged with the other replicas' (``shared``, the database) every ``poll_s``."""
+
+    def __init__(
+        self, workdir: Path, shared: SharedRevocations | None = None, poll_s: float = 1.0
+    ) -> None:
         self._path = workdir / REVOCATIONS_FILE
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._local = Revocations()
+        self._shared = shared
+        self._poll_s = poll_s
+        self._merged_at = -math.inf
         self._current = Revocations()
+        self._gone_stamp: tuple[object, ...] | None = None
+        self._gone: frozenset[str] = frozenset()
+        self._lock = threading.Lock()  # called from the event loop and from threads
 
     def current(self) -> Revocations:
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
-            return Revocations()
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            self._current = load_revocations(self._path.parent)
-            self._stamp = stamp
-        return self._current
+        with self._lock:
+            changed = self._read_local()
+            if self._shared is None:
+                return self._local
+            if changed or time.monotonic() - self._merged_at >= self._poll_s:
+                self._current = self._shared.merge(self._local)
+                self._merged_at = time.monotonic()
+            return self._current
+
+    def _read_local(self) -> bool:
+        """Read this WORKDIR's file again if it changed (True then); no database."""
+        stamp = _file_stamp(self._path)
+        if stamp == self._stamp:
+            return False
+        self._local = load_revocations(self._path.parent) if stamp else Revocations()
+        self._stamp = stamp
+        return True
+
+    def gone(self) -> frozenset[str]:
+        """Devices revoked and not enrolled since: the fleet forgets them. (Their broker
+        login may work until the broker is reloaded, and the broker keeps their retained
+        "online" status: once the login is gone, not even their will may replace it.)
+
+        NOTE: this WORKDIR's list only, not the replicas' merge: enrollments are per
+        WORKDIR too, and a device enrolled again elsewhere must not be dropped here.
+        """
+        workdir = self._path.parent
+        with self._lock:
+            self._read_local()  # NOTE: no database: called on the event loop too
+        stamp = (self._stamp, _file_stamp(workdir / ENROLLMENTS_FILE))
+        if stamp != self._gone_stamp:
+            revoked, enrolled = self._local.revoked, load_enrollments(workdir)
+            self._gone = frozenset(d for d in revoked if d not in enrolled)
+            self._gone_stamp = stamp
+        return self._gone
 
 
 # -- the control plane's broker identity and the broker's files -----------------------

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloud.registry import Registry
@@ -57,11 +58,15 @@ class FleetMonitor:
         history: ServingHistory | None = None,
         share_group: str | None = None,
         poll_s: float = 1.0,
+        gone: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         """``share_group``: replicas of one control plane name the same group, so that
         the broker hands each event and telemetry report to one of them ($share/...).
 
         ``poll_s``: ``changed`` also wakes this often, for what a replica wrote.
+
+        ``gone``: the revoked devices (``RevokedDevices.gone``), read again every
+        ``poll_s``: nothing they send is taken, and they are marked offline.
         """
         self.registry = registry
         self.history = history
@@ -77,6 +82,8 @@ class FleetMonitor:
         self._ticker: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Message] = asyncio.Queue(MAX_QUEUED)
+        self._gone_source = gone
+        self._gone: frozenset[str] = frozenset()
 
     def _filter(self, kind: str) -> str:
         plain = topics.all_devices_filter(kind)
@@ -86,6 +93,7 @@ class FleetMonitor:
         return topics.shared(plain, self.share_group)
 
     async def __aenter__(self) -> FleetMonitor:
+        await self._forget_revoked()  # before the broker replays their retained status
         self.link.subscribe(self._filter("status"), self._on_status)
         self.link.subscribe(self._filter("events"), self._on_event)
         self.link.subscribe(self._filter("telemetry"), self._on_telemetry)
@@ -108,7 +116,38 @@ class FleetMonitor:
         """Wake waiters now and then: a replica may have moved a rollout on in the DB."""
         while True:
             await asyncio.sleep(self.poll_s)
+            await self._forget_revoked()
             await self._notify()
+
+    async def _forget_revoked(self) -> None:
+        """Mark devices revoked since the last look offline (their retained status on the
+        broker still says online), and refuse what they send from now on."""
+        if self._gone_source is None:
+            return
+        try:
+            gone = await asyncio.to_thread(self._gone_source)
+        except InvalidInputError as exc:  # a damaged file: keep the set held
+            logger.warning("revoked devices not read: %s", exc)
+            return
+        new, self._gone = gone - self._gone, gone
+        if new:
+            await asyncio.to_thread(self._mark_offline, new)
+            logger.info("revoked devices left the fleet: %s", ", ".join(sorted(new)[:20]))
+
+    def _still_gone(self, device_id: str) -> bool:
+        """Read again (two stats while nothing changed): enrolled again, it is heard at once."""
+        assert self._gone_source is not None  # nothing is in _gone without it
+        try:
+            return device_id in self._gone_source()
+        except InvalidInputError:
+            return True
+
+    def _mark_offline(self, devices: frozenset[str]) -> None:
+        for status in self.registry.devices():
+            if status.get("device_id") in devices and status.get("state") != "offline":
+                self.registry.upsert_device(
+                    status["device_id"], {"state": "offline", "revoked": True}
+                )
 
     async def _notify(self) -> None:
         async with self.changed:
@@ -120,14 +159,18 @@ class FleetMonitor:
         async with self.changed:
             await self.changed.wait_for(lambda: self.generation != since)
 
-    @staticmethod
-    def _parse(topic: str, payload: bytes, what: str) -> tuple[str, dict] | None:
+    def _parse(self, topic: str, payload: bytes, what: str) -> tuple[str, dict] | None:
         if len(payload) > MAX_DEVICE_MESSAGE_BYTES:  # before parsing: stored and served whole
             logger.warning("ignored %s on %s: %d bytes", what, topic, len(payload))
             return None
         try:
             # topics.parse checks the device id (common.names) on the way.
-            return topics.parse(topic).ident, parse_json_object(payload, what)
+            device_id = topics.parse(topic).ident
+            if device_id in self._gone and self._still_gone(device_id):
+                # its login works until the broker is reloaded
+                logger.debug("ignored %s of revoked device %s", what, device_id)
+                return None
+            return device_id, parse_json_object(payload, what)
         except ValueError as exc:
             logger.warning("ignored %s on %s: %s", what, topic, exc)
             return None

@@ -8,6 +8,7 @@ first, then the bytes, bounded by the signed size.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import uuid
@@ -33,6 +34,10 @@ from common.signing import TrustStore
 logger = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 32 * 1024**2
+# The small JSON answers (keyrings, revocations, model list, whoami): a control plane
+# (or a man in the middle) that answers a byte now and then must not hold a refresh for
+# aiohttp's default five minutes. NOTE: looked up at each call (tests shorten it).
+CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=60.0, sock_connect=10.0)
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
@@ -155,10 +160,14 @@ async def _get_json_etag(
                 raise CloudUnavailableError(f"{url}: HTTP {resp.status}")
             body = await read_bounded(resp, url)
             new_etag = resp.headers.get("ETag")
-    except aiohttp.ClientError as exc:
-        raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc}") from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # NOTE: aiohttp's total timeout is a bare TimeoutError, no ClientError: let through,
+        # it ended the fallback's key refresher for good (no revocation learnt again).
+        raise CloudUnavailableError(f"cannot reach the control plane at {url}: {exc!r}") from exc
     try:  # bounded depth, finite numbers: a RecursionError would kill the key refresher
-        return load_json(body, f"answer of {url}"), new_etag
+        # In a thread: 32 MiB of JSON from a hostile answer is seconds of parsing, and a
+        # fallback's event loop serves inference meanwhile.
+        return await asyncio.to_thread(load_json, body, f"answer of {url}"), new_etag
     except InvalidInputError as exc:
         raise CloudUnavailableError(f"{url}: not a JSON answer: {exc}") from exc
 
@@ -183,7 +192,7 @@ async def fetch_keyrings(control_url: str, token: str | None = None) -> list[Any
     the caller applies it with ``common.keyring.apply_chain`` against keys it trusts."""
     url = f"{control_url.rstrip('/')}/api/keys"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(headers=headers) as session:
+    async with aiohttp.ClientSession(headers=headers, timeout=CONTROL_TIMEOUT) as session:
         doc = await _get_json(session, url, {}, "keyring")
     chain = doc.get("keyrings") if isinstance(doc, dict) else None
     if not isinstance(chain, list):
@@ -196,7 +205,7 @@ async def fetch_revocations(control_url: str, token: str | None = None) -> Any:
     unverified: the caller offers it to a ``common.revocations.RevocationHolder``."""
     url = f"{control_url.rstrip('/')}/api/device-revocations"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(headers=headers) as session:
+    async with aiohttp.ClientSession(headers=headers, timeout=CONTROL_TIMEOUT) as session:
         return await _get_json(session, url, {}, "device revocation list")
 
 
@@ -208,7 +217,7 @@ async def list_models(
     ``(None, etag)`` while nothing changed since ``etag``."""
     url = f"{control_url.rstrip('/')}/api/models"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(headers=headers) as session:
+    async with aiohttp.ClientSession(headers=headers, timeout=CONTROL_TIMEOUT) as session:
         doc, new_etag = await _get_json_etag(session, url, {}, "model list", etag)
     if doc is None:
         return None, new_etag
@@ -222,7 +231,8 @@ async def whoami(control_url: str, token: str) -> dict[str, Any]:
     """The name and role of an operator token, as the control plane sees it
     (``GET /api/whoami``); AuthError if it is unknown or revoked there."""
     url = f"{control_url.rstrip('/')}/api/whoami"
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=auth, timeout=CONTROL_TIMEOUT) as session:
         try:
             doc = await _get_json(session, url, {}, "whoami")
         except AuthError:

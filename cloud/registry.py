@@ -29,6 +29,7 @@ from cloud.fleet_records import DEVICE_STATES, MAX_EVENTS_PER_DEVICE, FleetRecor
 from cloud.lineage_graph import check_parent, lineage_view
 from cloud.migrations import migrate
 from cloud.operator_tokens import OperatorTokens
+from cloud.revocation_store import SharedRevocations
 from cloud.staged_store import StagedStore
 from cloud.version_metrics import lineage_columns, lineage_doc
 from common import chunking
@@ -116,6 +117,7 @@ class Registry(FleetRecords):
         self._db = Database(database)
         migrate(self._db)
         self.operators = OperatorTokens(self._db)
+        self.revocations = SharedRevocations(self._db)  # revoked devices, every replica's
         self.audit = AuditLog(self._db)  # append-only: who did what to which rollout, why
         self.staged = StagedStore(self._db)  # staged rollouts, resends, audit: own schema
 

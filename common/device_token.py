@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import AuthError, VerificationError
+from common.errors import AuthError, InvalidInputError, VerificationError
 from common.json_object import load_json
 from common.signing import Signer, TrustStore, canonical_json
 
@@ -38,6 +39,9 @@ def issue_token(
     now: float | None = None,
 ) -> str:
     issued_at = time.time() if now is None else now
+    # NOTE: NaN and infinity are not JSON: every verifier would refuse the token.
+    if not (math.isfinite(issued_at) and math.isfinite(lifetime_s)):
+        raise InvalidInputError(f"a device token needs a finite lifetime: {lifetime_s}")
     claims = {
         "device_id": device_id,
         "issued_at": round(issued_at, 3),

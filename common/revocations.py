@@ -15,15 +15,22 @@ off the list or replaying an older one.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common.device_token import DeviceClaims
 from common.errors import InvalidInputError, VerificationError
+from common.fsutil import atomic_write
+from common.json_object import load_json
 from common.names import check_name
 from common.signing import Signer, TrustStore
+
+logger = logging.getLogger(__name__)
 
 MAX_REVOKED = 100_000  # far past any fleet this serves; bounds what a verifier holds
 
@@ -42,6 +49,17 @@ class Revocations:
             raise InvalidInputError(f"the revocation list is full ({MAX_REVOKED} devices)")
         revoked = {**self.revoked, check_name(device_id, "device id"): round(at, 3)}
         return Revocations(self.version + 1, revoked)
+
+    def merged(self, other: Revocations) -> Revocations:
+        """Every device of both, at its later revocation; a version above both unless
+        one of them already holds it all (replicas merging their lists agree on it)."""
+        revoked = dict(self.revoked)
+        for device_id, at in other.revoked.items():
+            revoked[device_id] = max(at, revoked.get(device_id, at))
+        for held in sorted((self, other), key=lambda r: -r.version):
+            if dict(held.revoked) == revoked:
+                return held
+        return Revocations(max(self.version, other.version) + 1, revoked)
 
     def to_doc(self) -> dict[str, Any]:
         return {"version": self.version, "revoked": dict(sorted(self.revoked.items()))}
@@ -83,11 +101,31 @@ def verify_revocations(trust: TrustStore, signed: Any) -> Revocations:
 
 
 class RevocationHolder:
-    """The newest list a verifier has accepted: an older version never replaces it."""
+    """The newest list a verifier has accepted: an older version never replaces it.
 
-    def __init__(self, trust: TrustStore) -> None:
+    With ``path``, the signed list is kept there as it was accepted and read back
+    (and verified again) at start: a verifier that restarts while the control plane
+    is out of reach, or behind a man in the middle replaying the list signed before
+    a revocation, still refuses what it refused before.
+    """
+
+    def __init__(self, trust: TrustStore, path: Path | None = None) -> None:
         self._trust = trust
+        self._path = path
         self.current = Revocations()
+        if path is not None:
+            self._read_back(path)
+
+    def _read_back(self, path: Path) -> None:
+        try:
+            signed = load_json(path.read_bytes(), str(path))
+            self.current = verify_revocations(self._trust, signed)
+        except FileNotFoundError:
+            return
+        except (OSError, InvalidInputError, VerificationError) as exc:
+            logger.warning("device revocation list %s not used: %s", path, exc)
+            return
+        logger.info("revocation list %d read back from %s", self.current.version, path)
 
     def offer(self, signed: Any) -> bool:
         """Adopt ``signed`` if it verifies and is not older; True if it changed anything."""
@@ -99,6 +137,12 @@ class RevocationHolder:
             )
         changed = new != self.current
         self.current = new
+        if changed and self._path is not None:
+            try:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self._path, json.dumps(signed).encode())
+            except OSError as exc:  # held in memory all the same; a full disk must not stop it
+                logger.warning("device revocation list not kept in %s: %s", self._path, exc)
         return changed
 
     def refuses(self, claims: DeviceClaims) -> bool:

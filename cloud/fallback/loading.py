@@ -155,7 +155,7 @@ async def refresh_revocations(settings: FallbackSettings, revoked: RevocationHol
     """Adopt the control plane's list of revoked devices; keep the one held on failure."""
     try:
         signed = await fetch_revocations(settings.control_url or "", settings.control_token)
-        if revoked.offer(signed):
+        if await asyncio.to_thread(revoked.offer, signed):  # verifying a big list takes time
             logger.info(
                 "revocation list %d: refusing %d devices' tokens",
                 revoked.current.version,
@@ -173,20 +173,26 @@ def key_refresher(
     versions loaded later are checked against the current keys; likewise the list of
     revoked devices (``revoked``), whose tokens are then refused."""
 
+    async def refresh_once() -> None:
+        try:
+            chain = await fetch_keyrings(settings.control_url or "", settings.control_token)
+            new, applied = apply_chain(trust, chain, require_newer=False)
+        except FoglineError as exc:
+            logger.warning("keyring not refreshed: %s", exc)
+        else:
+            if applied:
+                trust.adopt(new)
+                logger.info("keyring %d: trusting %d keys", new.version, len(new.keys))
+        if revoked is not None:
+            await refresh_revocations(settings, revoked)
+
     async def refresh_forever() -> None:
         while True:
             await asyncio.sleep(settings.key_refresh_s)
             try:
-                chain = await fetch_keyrings(settings.control_url or "", settings.control_token)
-                new, applied = apply_chain(trust, chain, require_newer=False)
-            except FoglineError as exc:
-                logger.warning("keyring not refreshed: %s", exc)
-            else:
-                if applied:
-                    trust.adopt(new)
-                    logger.info("keyring %d: trusting %d keys", new.version, len(new.keys))
-            if revoked is not None:
-                await refresh_revocations(settings, revoked)
+                await refresh_once()
+            except Exception:  # NOTE: one bad answer must not end the refreshing for good
+                logger.exception("keyring or revocation refresh failed")
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(refresh_forever(), name="fallback-key-refresh")

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_NAME = "fogline-fallback"
 SHUTDOWN_TIMEOUT_S = 2.0
+REVOCATIONS_FILE = "device-revocations.json"  # in --cache-dir: the newest list verified
 FALLBACK_REPOSITORY = web.AppKey("fogline.fallback.repository", ModelRepository)
 
 
@@ -77,7 +78,13 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
         settings.control_url, settings.admin_tokens, ttl_s=settings.operator_cache_s
     )
     # Device tokens are checked offline; revoked devices arrive as a signed list.
-    revoked = RevocationHolder(trust) if trust is not None and settings.device_tokens else None
+    # Kept in the cache dir: a restart behind an unreachable (or replaying) control plane
+    # still refuses the devices it refused before.
+    revoked = (
+        RevocationHolder(trust, settings.cache_dir / REVOCATIONS_FILE)
+        if trust is not None and settings.device_tokens
+        else None
+    )
     if revoked is not None and settings.control_url and settings.refresh_keys:
         await refresh_revocations(settings, revoked)
     app = build_v2_app(

@@ -125,3 +125,43 @@ async def test_two_processes_on_one_login_are_named_in_a_warning(
                 while "--control-replicas" not in caplog.text:
                     await asyncio.sleep(0.1)
     assert "_fogline-control" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
+def test_a_device_takes_no_replica_login_session_or_topic(kind: str, tmp_path: Path) -> None:
+    """Red team (held): replica 2's login, as a device would try it: its client id, its
+    username with the device's password, and the topics only replicas may use."""
+    from tests.test_broker_auth import Client
+
+    workdir = tmp_path / "control"
+    device = enroll_device(workdir, "dev-1", AgentSettings())
+    files = write_broker_config(workdir, tmp_path / "config", control_replicas=2)
+    replica = control_credentials(workdir, replica=2)
+    security = BrokerSecurity(files.password_file, files.acl_file)
+    login = (device["broker_username"], device["broker_password"])
+    with start_broker(kind, workdir=tmp_path / "run", security=security) as broker:  # type: ignore[arg-type]
+        made: list[Client] = []
+        try:
+            two = Client(broker, replica.username, (replica.username, replica.password))
+            made.append(two)
+            two.connected()
+            assert two.subscribe(topics.all_devices_filter("events"))
+            requests = topics.all_artifacts_filter("requests")
+            assert two.subscribe(requests)
+            for who in (replica.username, "anything"):
+                thief = Client(broker, who, login, clean_session=False)
+                made.append(thief)
+                thief.connected()  # as itself: the broker forces client id = username
+                thief.subscribe(requests)  # Mosquitto grants it, then delivers nothing
+                thief.publish(requests.replace("+", "ab" * 32), who.encode())
+                assert two.receive().payload == who.encode()
+                thief.publish(topics.device_topic("dev-1", "events"), who.encode())
+                assert two.receive().payload == who.encode()
+                assert thief.drain() == []
+            stolen = Client(broker, replica.username, (replica.username, device["broker_password"]))
+            made.append(stolen)
+            assert stolen.connack().is_failure  # type: ignore[attr-defined]
+            assert two.paho.is_connected() and two.connacks.empty()  # never taken over
+        finally:
+            for client in made:
+                client.close()

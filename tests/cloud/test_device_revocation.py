@@ -109,6 +109,7 @@ async def test_revoking_a_device_closes_the_fallback_and_the_control_plane_to_it
             control_token=cp.tokens["viewer"],
             device_tokens=True,
             key_refresh_s=0.1,
+            cache_dir=tmp_path / "fallback-cache",
         )
         async with TestClient(TestServer(await build_fallback_app(settings))) as fallback:
             for token in tokens.values():

@@ -107,6 +107,13 @@ def test_broker_config_covers_every_enrolled_device(tmp_path: Path, capsys) -> N
     [
         ["device", "enroll", "../etc", "--out", "x.json"],
         ["device", "enroll", "_fogline-control", "--out", "x.json"],
+        ["device", "enroll", "_fogline-control-2", "--out", "x.json"],  # a replica's login
+        # Red team: these wrote a config whose token no verifier accepts (NaN and infinity
+        # are not JSON; a negative lifetime is expired at birth), and said "enrolled".
+        ["device", "enroll", "ok", "--out", "x.json", "--token-days", "nan"],
+        ["device", "enroll", "ok", "--out", "x.json", "--token-days", "inf"],
+        ["device", "enroll", "ok", "--out", "x.json", "--token-days", "-5"],
+        ["device", "enroll", "ok", "--out", "x.json", "--token-days", "0"],
         ["device", "enroll", "a/b", "--out", "x.json"],
         ["device", "enroll", "ok", "--out", "x.json", "--label", "nokey"],
         ["device", "enroll", "ok", "--out", "x.json", "--label", "k=../v"],
