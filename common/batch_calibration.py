@@ -4,7 +4,8 @@ Throughput (rows/s) is measured at batch 1, 2, 4, ... up to the max batch;
 the preferred size is the smallest whose throughput is within 10% of the
 best seen, i.e. the size after which throughput stops rising. Two sizes in a
 row that do not beat the best by 3% end the measurement early (a slow model's
-largest batches cost seconds each).
+largest batches cost seconds each). The sizes are timed in interleaved passes,
+so a busy phase of a shared host weighs on all of them alike.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from common.inference import Tensor
 
 PLATEAU = 0.9  # a size within this fraction of the best throughput counts as the plateau
 GAIN = 1.03  # a larger size must beat the best rate by this factor to count as rising
+ROUNDS = 3  # interleaved passes over the sizes (at least one run of each size per pass)
 
 
 class _Runs(Protocol):
@@ -67,27 +69,43 @@ def tile(example: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 def calibrate(
     runtime: _Runs, example: dict[str, np.ndarray], max_batch: int, budget_s: float
 ) -> Calibration:
-    """Time each batch size for about ``budget_s`` in all (blocking: call it in a thread)."""
+    """Time each batch size for about ``budget_s`` in all (blocking: call it in a thread).
+
+    The sizes are timed in ``ROUNDS`` interleaved passes and each keeps its median:
+    on a shared host a busy phase then slows every size alike instead of making
+    whichever size it fell on look slow (one such phase once made a calibration pick
+    batch 2 for MiniLM). The first pass also finds where throughput stops rising.
+    """
     sizes = batch_sizes(max_batch)
-    per_size = budget_s / len(sizes)
-    seconds: dict[int, float] = {}
+    per_pass = budget_s / len(sizes) / ROUNDS
+    samples: dict[int, list[float]] = {}
+    feeds: dict[int, dict[str, np.ndarray]] = {}
     best, flat = 0.0, 0
     for size in sizes:
-        feeds = tile(example, size)
-        runtime.infer_sync(feeds, None)  # warm-up: first runs allocate
-        times: list[float] = []
-        end = time.perf_counter() + per_size
-        while len(times) < 3 or (time.perf_counter() < end and len(times) < 200):
-            start = time.perf_counter()
-            runtime.infer_sync(feeds, None)
-            times.append(time.perf_counter() - start)
-        seconds[size] = float(np.median(times))
-        rate = size / seconds[size]
+        feeds[size] = tile(example, size)
+        runtime.infer_sync(feeds[size], None)  # warm-up: first runs allocate
+        samples[size] = _timed_runs(runtime, feeds[size], per_pass)
+        rate = size / float(np.median(samples[size]))
         flat = flat + 1 if rate < GAIN * best else 0
         best = max(best, rate)
         if flat == 2:
             break
+    for _ in range(ROUNDS - 1):
+        for size in samples:
+            samples[size] += _timed_runs(runtime, feeds[size], per_pass)
+    seconds = {size: float(np.median(times)) for size, times in samples.items()}
     return Calibration(preferred_size(seconds), seconds)
+
+
+def _timed_runs(runtime: _Runs, feeds: dict[str, np.ndarray], seconds: float) -> list[float]:
+    """Durations of runs of ``feeds`` for about ``seconds`` (at least one, at most 70)."""
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while not times or (time.perf_counter() < end and len(times) < 70):
+        start = time.perf_counter()
+        runtime.infer_sync(feeds, None)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def preferred_size(seconds: dict[int, float]) -> int:

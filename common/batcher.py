@@ -90,12 +90,22 @@ class BatchingRuntime:
         self._workers: list[asyncio.Task[None]] = []
         self._busy_until = 0.0
         self._last_rows = 1
+        self._info: tuple[ModelInfo, ModelInfo] | None = None  # (inner's, ours)
 
     # --- Runtime interface --------------------------------------------------------------
 
     @property
     def info(self) -> ModelInfo:
-        info = self.inner.info
+        # Cached: read several times per request; what it shows changes only at load.
+        base = self.inner.info
+        cached = self._info
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        info = self._describe(base)
+        self._info = (base, info)
+        return info
+
+    def _describe(self, info: ModelInfo) -> ModelInfo:
         params = dict(info.parameters)
         params["fogline.batching.max_batch"] = self.settings.max_batch
         params["fogline.batching.preferred_batch"] = self.preferred
@@ -122,6 +132,7 @@ class BatchingRuntime:
             self._cost_s.update(self.calibration.seconds)
             # Wait at most one preferred batch's compute time for batch-mates.
             self.delay_s = min(self.delay_s, self.calibration.seconds[self.preferred])
+            self._info = None
             logger.info(
                 "%s %s: preferred batch %d, queue delay %.0f us (%s)",
                 self.inner.manifest.name,
@@ -230,6 +241,8 @@ class BatchingRuntime:
                 continue
             if self._last_rows > 1 and self.delay_s > 0:
                 await self._gather(wake)
+                if not self._queue:  # another worker took them while this one waited
+                    continue
             batch = self._drop_late(self._take())
             if batch:
                 await self._run(batch)
@@ -241,7 +254,7 @@ class BatchingRuntime:
     async def _gather(self, wake: asyncio.Event) -> None:
         """Wait up to the queue delay for a preferred batch of the first request's shape."""
         end = self._queue[0].enqueued + self.delay_s
-        while True:
+        while self._queue:
             key = self._queue[0].key
             rows = sum(i.rows for i in self._queue if i.key == key)
             left = end - time.perf_counter()

@@ -107,10 +107,12 @@ class OnnxRuntime:
         intra_op_threads: int = 1,
         providers: list[str] | None = None,
         inline_below_us: float = INLINE_BELOW_US,
+        spinning: bool = True,
     ) -> None:
         self.model_path = model_path
         self.manifest = manifest
         self._threads = intra_op_threads
+        self._spinning = spinning
         self._providers = providers or ["CPUExecutionProvider"]
         self._session: Any = None
         self._encoder: TextEncoder | None = None
@@ -118,11 +120,16 @@ class OnnxRuntime:
         self._ewma_us: float | None = None  # typical session.run time, measured
         # Where ``infer`` records each execution (a BatchingRuntime records its own).
         self.metrics: ServingMetrics | None = None
+        self._info: tuple[Manifest, ModelInfo] | None = None
 
     @property
     def info(self) -> ModelInfo:
+        # Built once per manifest: every request reads it (metric labels, the answer).
+        cached = self._info
+        if cached is not None and cached[0] is self.manifest:
+            return cached[1]
         m = self.manifest
-        return ModelInfo(
+        info = ModelInfo(
             name=m.name,
             version=m.version,
             platform=self.platform,
@@ -130,6 +137,8 @@ class OnnxRuntime:
             outputs=m.outputs,
             parameters=self._parameters(),
         )
+        self._info = (m, info)
+        return info
 
     def _parameters(self) -> dict[str, Any]:
         m = self.manifest
@@ -145,7 +154,12 @@ class OnnxRuntime:
         return self._session is not None
 
     def _open(self) -> Any:
-        session = open_session(self.model_path, threads=self._threads, providers=self._providers)
+        session = open_session(
+            self.model_path,
+            threads=self._threads,
+            providers=self._providers,
+            spinning=self._spinning,
+        )
         declared = {s.name for s in self.manifest.inputs}
         actual = {i.name for i in session.get_inputs()}
         if declared != actual:
@@ -240,14 +254,29 @@ def _text_size(request: InferRequest) -> int:
     )
 
 
-def open_session(model_path: Path, *, threads: int = 1, providers: list[str] | None = None) -> Any:
-    """An ONNX Runtime session with a fixed thread count: the one way Fogline opens one."""
+def open_session(
+    model_path: Path,
+    *,
+    threads: int = 1,
+    providers: list[str] | None = None,
+    spinning: bool = True,
+) -> Any:
+    """An ONNX Runtime session with a fixed thread count: the one way Fogline opens one.
+
+    ``spinning=False``: idle intra-op threads sleep instead of busy-waiting for the
+    next parallel section. For a server whose event loop and concurrent runs share
+    the cores (on a busy 2-core host the spinning threads burnt about two thirds of
+    the fallback's CPU time on digits, measured with bench.fallback's model).
+    """
     import onnxruntime as ort  # lazy: heavy, and not needed by the wire formats
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # NOTE: no CPU arena: it keeps the largest batch's memory forever (and grows with
     # each new batch size); plain malloc/free gives it back after a large request.
     opts.enable_cpu_mem_arena = False

@@ -104,31 +104,50 @@ class ServingMetrics:
             ("model", "served_by", "reason"),
             registry=r,
         )
+        # Labelled children by (metric, labels): bounded, as the labels are (served
+        # names, one shared label for every other name, statuses).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: ``labels()`` takes a lock and checks
+        its arguments each call, a measurable share of a small model's request."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(
         self, model: str, version: str, status: int, seconds: float, reason: str | None = None
     ) -> None:
         """One HTTP infer request: outcome (``reason`` defaults to the status) and latency."""
+        child = self._child
         if status < 400:
-            self.success.labels(model, version).inc()
+            child(self.success, model, version).inc()
         else:
-            self.failure.labels(model, version, reason or str(status)).inc()
-        self.request_us.labels(model, version).inc(seconds * 1e6)
-        self.request_seconds.labels(model, version).observe(seconds)
+            child(self.failure, model, version, reason or str(status)).inc()
+        child(self.request_us, model, version).inc(seconds * 1e6)
+        child(self.request_seconds, model, version).observe(seconds)
 
     def observe_execution(
         self, model: str, version: str, rows: int, compute_s: float, queue_s: Iterable[float]
     ) -> None:
         """One model execution of ``rows`` rows for requests that waited ``queue_s``."""
         waits = list(queue_s)
-        self.executions.labels(model, version).inc()
-        self.inferences.labels(model, version).inc(rows)
-        self.batch_size.labels(model, version).observe(rows)
+        child = self._child
+        child(self.executions, model, version).inc()
+        child(self.inferences, model, version).inc(rows)
+        child(self.batch_size, model, version).observe(rows)
+        if not waits:
+            return
+        child(self.queue_us, model, version).inc(sum(waits) * 1e6)
+        # A batch's compute time counts once per request in it.
+        child(self.compute_us, model, version).inc(compute_s * 1e6 * len(waits))
+        queue_seconds = child(self.queue_seconds, model, version)
+        compute_seconds = child(self.compute_seconds, model, version)
         for wait in waits:
-            self.queue_us.labels(model, version).inc(wait * 1e6)
-            self.queue_seconds.labels(model, version).observe(wait)
-            self.compute_us.labels(model, version).inc(compute_s * 1e6)
-            self.compute_seconds.labels(model, version).observe(compute_s)
+            queue_seconds.observe(wait)
+            compute_seconds.observe(compute_s)
 
     def observe_served(self, model: str, served_by: str, reason: str) -> None:
         self.served.labels(model, served_by, reason).inc()

@@ -71,7 +71,7 @@ class CloudServed:
             if self.inflight == 0:
                 self._idle.set()
         response.parameters[SERVED_BY] = "cloud"
-        response.parameters[MODEL_VERSION] = self.inner.info.version
+        response.parameters[MODEL_VERSION] = self.manifest.version
         return response
 
     async def retire(self, timeout_s: float) -> None:
@@ -101,6 +101,7 @@ async def load_package(
     threads: int,
     batching: BatchSettings | None = None,
     metrics: ServingMetrics | None = None,
+    spinning: bool = True,
 ) -> CloudServed:
     """Verify one package (signature if ``trust``, every file's digest), load its model
     and run its golden self-test; the model is unloaded again if any step fails."""
@@ -111,7 +112,10 @@ async def load_package(
     if manifest.format != "onnx":
         raise InvalidInputError(f"{directory}: format {manifest.format!r}; this server runs onnx")
     runtime = OnnxRuntime(
-        directory / manifest.file("model").name, manifest, intra_op_threads=threads
+        directory / manifest.file("model").name,
+        manifest,
+        intra_op_threads=threads,
+        spinning=spinning,
     )
     try:
         await runtime.load()

@@ -65,6 +65,7 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
         load_package,
         trust=trust,
         threads=settings.intra_op_threads,
+        spinning=settings.ort_spinning,
         batching=settings.batching,
         metrics=dataplane.metrics,
     )

@@ -39,6 +39,9 @@ class FallbackSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY  # largest infer body; 413 past it
     body_timeout_s: float = 30.0  # a body not in within this gets 408 (and never held a slot)
     intra_op_threads: int = 0  # ONNX Runtime threads per model; 0 lets it pick (one per core)
+    # Idle ONNX Runtime threads busy-wait (ORT's default) or sleep: off, since the event
+    # loop and the batcher's concurrent runs need those cores (common.onnx_runtime).
+    ort_spinning: bool = False
     control_url: str | None = None  # fetch models from this control plane
     control_token: str | None = None  # an operator token (viewer) for that control plane
     models: list[str] = field(default_factory=list)  # pinned NAME:VERSION, cloud variant
@@ -217,6 +220,12 @@ def _limits(p: argparse.ArgumentParser) -> None:
         default=0,
         help="ONNX Runtime intra-op threads per model (0: one per core)",
     )
+    p.add_argument(
+        "--ort-spinning",
+        action="store_true",
+        help="let idle ONNX Runtime threads busy-wait (lower latency on an otherwise idle "
+        "host; default: they sleep, leaving the cores to the server and other runs)",
+    )
     add_batching_flags(p)
     p.add_argument(
         "--drain-timeout-s",
@@ -281,6 +290,7 @@ def settings_from_args(args: argparse.Namespace) -> FallbackSettings:
         max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s,
         intra_op_threads=args.intra_op_threads,
+        ort_spinning=args.ort_spinning,
         control_url=args.control_url,
         control_token=args.control_token or os.environ.get("FOGLINE_CONTROL_TOKEN"),
         models=list(args.models),

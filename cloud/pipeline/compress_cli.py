@@ -43,6 +43,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         op_types=DEFAULT_OP_TYPES,
         exclude_op_types=tuple(args.exclude_op_type),
         exclude_nodes=tuple(args.exclude_node),
+        reduce_range=args.reduce_range,
+        weight_symmetric=args.weight_symmetric,
     )
 
 
@@ -69,7 +71,7 @@ def search_rows(result: SearchResult) -> list[dict[str, Any]]:
     ]
 
 
-def _search_table(result: SearchResult, stream: Any) -> None:
+def print_search_table(result: SearchResult, stream: Any) -> None:
     """What the search tried: a rich table on a terminal, plain columns when piped."""
     from cloud.cli_output import is_terminal, table
 
@@ -164,7 +166,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         outcome = _run(args, calibration, data, fixed_batch(inputs) or 64)
     except SearchGateError as exc:  # show what was tried, then the one error line
         if not args.json:
-            _search_table(exc.search, sys.stdout)
+            print_search_table(exc.search, sys.stdout)
         raise
 
     if args.json:
@@ -174,7 +176,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     if outcome.search is not None:
-        _search_table(outcome.search, sys.stdout)
+        print_search_table(outcome.search, sys.stdout)
     print(format_outcome(outcome))
     print(f"wrote {args.out} and {record_path(args.out).name}")
     return 0
@@ -214,11 +216,12 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress an fp32 ONNX model with ONNX Runtime: int8 static (QDQ, "
         "calibrated), int8 dynamic (MatMulInteger), fp16 (fp32 I/O kept; for GPU targets), "
-        "or 'search': try int8 configurations (per-channel, calibration method, layers kept "
-        "fp32), print what was tried and keep the fastest that passes the gate. With --data "
-        "D.npz (one array per model input plus optional 'labels' or 'reference') it is "
-        "calibrated and judged on those rows; without it, the digits split. The gate: at "
-        "most --max-drop points of accuracy (or R²) lost, or mean cosine at least "
+        "or 'search': try int8 configurations (per-channel, calibration method, rounding "
+        "options, layers kept fp32), print what was tried and keep the fastest that passes "
+        "the gate. With --data D.npz (one array per model input plus optional 'labels' or "
+        "'reference') it is calibrated and judged on those rows; without it, the digits "
+        "split. The gate: at most --max-drop points of accuracy (or R²) lost, or mean "
+        "cosine at least "
         "--min-cosine for embeddings; a miss exits 1 and writes nothing. On success writes "
         "--out and OUT.compression.json (method, parameters, parent sha256, metrics).",
     )
@@ -250,7 +253,19 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="OP",
-        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather)",
+        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather, "
+        "and in fused transformer graphs Attention, EmbedLayerNormalization)",
+    )
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="int8: 7-bit weights (no u8 x s8 saturation on CPUs without VNNI)",
+    )
+    p.add_argument(
+        "--weight-symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: symmetric weights (no zero point)",
     )
     p.add_argument(
         "--exclude-node",

@@ -10,7 +10,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from cloud.fallback import FallbackSettings, build_fallback_app, register_cli, settings_from_args
+from cloud.fallback.server import FALLBACK_REPOSITORY
 from common.batch_settings import BatchSettings
+from common.batcher import BatchingRuntime
 from common.errors import InvalidInputError
 from common.inference import SERVED_BY
 from common.serving_metrics import parse
@@ -20,6 +22,9 @@ from tests.model_fixtures import Package, make_package, reference_output, toy_in
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
     return make_package(tmp_path_factory.mktemp("batchpkg"), version="c1", variant="cloud")
+
+
+SPIN_KEY = "session.intra_op.allow_spinning"
 
 
 def body(x: np.ndarray) -> dict[str, object]:
@@ -87,3 +92,27 @@ def test_batching_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
     for bad in (["--max-batch", "-1"], ["--max-batch", "5000"], ["--batch-delay-us", "nan"]):
         with pytest.raises(InvalidInputError):
             settings_from_args(_args(*bad))
+
+
+async def test_onnx_runtime_threads_sleep_when_idle_unless_asked_to_spin(
+    package: Package, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert settings_from_args(_args()).ort_spinning is False
+    assert settings_from_args(_args("--ort-spinning")).ort_spinning is True
+    monkeypatch.setenv("FOGLINE_FALLBACK_ORT_SPINNING", "true")
+    assert settings_from_args(_args()).ort_spinning is True
+    for spinning in (False, True):
+        settings = FallbackSettings(packages=[package.directory], ort_spinning=spinning)
+        app = await build_fallback_app(settings)
+        try:
+            (served,) = list(app[FALLBACK_REPOSITORY])
+            batcher = served.inner
+            assert isinstance(batcher, BatchingRuntime)
+            options = batcher.inner._session.get_session_options()
+            if spinning:  # ONNX Runtime's default: no entry at all
+                with pytest.raises(Exception, match="allow_spinning"):
+                    options.get_session_config_entry(SPIN_KEY)
+            else:
+                assert options.get_session_config_entry(SPIN_KEY) == "0"
+        finally:
+            await app[FALLBACK_REPOSITORY].close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from common.batch_calibration import Calibration, preferred_size
+from common.batch_calibration import ROUNDS, Calibration, calibrate, preferred_size
 from common.batch_settings import DEADLINE_HEADER, DEADLINE_PARAM, BatchSettings
 from common.batcher import WORKERS, BatchingRuntime
 from common.dataplane import DataPlane
@@ -156,6 +157,34 @@ def test_preferred_size_is_where_throughput_stops_rising() -> None:
     seconds = {1: 1.0, 2: 1.1, 4: 1.3, 8: 2.5, 16: 5.2}  # rows/s: 1, 1.8, 3.1, 3.2, 3.08
     assert preferred_size(seconds) == 4
     assert Calibration(4, seconds).as_dict()["preferred_batch"] == 4
+
+
+class CountingRuntime(OnnxRuntime):
+    """A real runtime that records the batch size of each run."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.sizes: list[int] = []
+
+    def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
+        self.sizes.append(next(iter(feeds.values())).shape[0])
+        return super().infer_sync(feeds, outputs)
+
+
+async def test_calibration_times_the_sizes_in_interleaved_passes(package: Package) -> None:
+    """A busy phase of the host then weighs on every size, not on the one it fell on."""
+    rt = CountingRuntime(package.model_path, package.manifest)
+    await rt.load()
+    try:
+        cal = await asyncio.to_thread(calibrate, rt, {"input": toy_input(1)}, 8, 0.3)
+    finally:
+        await rt.unload()
+    assert set(cal.seconds) <= {1, 2, 4, 8} and 1 in cal.seconds
+    # Each pass visits the sizes in order: a size's runs come in ROUNDS separate blocks.
+    blocks = [s for i, s in enumerate(rt.sizes) if i == 0 or rt.sizes[i - 1] != s]
+    for size in cal.seconds:
+        assert blocks.count(size) == ROUNDS
+    assert blocks[: len(cal.seconds)] == sorted(cal.seconds)  # the first pass, small to large
 
 
 @pytest.mark.parametrize(
@@ -304,3 +333,36 @@ async def test_texts_of_different_lengths_are_tokenized_padded_and_batched(
     finally:
         await batched.unload()
         await alone.unload()
+
+
+class SlowHeldRuntime(HeldRuntime):
+    """Held, and never fast enough to be run inline on the event loop."""
+
+    def infer_sync(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[Tensor]:
+        time.sleep(0.002)
+        return super().infer_sync(feeds, outputs)
+
+
+async def test_a_worker_whose_batch_mates_were_taken_keeps_serving(package: Package) -> None:
+    """Both workers wait for batch-mates of one request; the one that loses it must go on
+    waiting, not die (a dead worker made the next request restart both, cancelling the
+    run in flight: its requests got 503)."""
+    held = SlowHeldRuntime(package.model_path, package.manifest)
+    rt = BatchingRuntime(held, BatchSettings(max_batch=32, max_delay_us=50_000, calibrate=False))
+    await rt.load()
+    try:
+        held.release.set()
+        await rt.infer(InferRequest("toy", [Tensor("input", toy_input(2))]))  # batches now wait
+        assert await asyncio.to_thread(held.started.acquire, True, 30)
+        held.release.clear()
+        first = asyncio.create_task(rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))])))
+        assert await asyncio.to_thread(held.started.acquire, True, 30)  # one worker runs it
+        await asyncio.sleep(0.2)  # the other's wait for batch-mates ends: nothing is left
+        second = asyncio.create_task(rt.infer(InferRequest("toy", [Tensor("input", toy_input(1))])))
+        await asyncio.sleep(0.2)
+        held.release.set()
+        for task in (first, second):
+            assert (await task).output("probabilities").data.shape[0] == 1
+    finally:
+        held.release.set()
+        await rt.unload()

@@ -16,6 +16,7 @@ from common.inference import V2_TO_NUMPY, request_from_rest
 from common.tensor_json import JsonLimits, NumericText, dumps_v2, parse_infer_json
 
 NUMERIC = sorted(k for k, v in V2_TO_NUMPY.items() if v.kind in "iuf")
+CUT = JsonLimits(min_cut_bytes=64)  # the numpy road from 64 bytes of text (as large bodies take)
 
 
 def body(datatype: str, shape: list[int], data_text: str) -> bytes:
@@ -44,10 +45,12 @@ def formatted_arrays(draw: st.DrawFn) -> tuple[str, np.ndarray, str]:
 def test_numpy_path_reads_what_json_loads_reads(case: tuple[str, np.ndarray, str]) -> None:
     datatype, array, text = case
     raw = body(datatype, list(array.shape), text)
-    fast = request_from_rest(raw, "m").inputs[0].data
+    fast = request_from_rest(raw, "m", None, CUT).inputs[0].data
+    default = request_from_rest(raw, "m").inputs[0].data  # small ones: json.loads
     slow = request_from_rest(json.loads(raw), "m").inputs[0].data  # plain Python objects
-    assert fast.dtype == slow.dtype == array.dtype
+    assert fast.dtype == default.dtype == slow.dtype == array.dtype
     np.testing.assert_array_equal(fast, array)
+    np.testing.assert_array_equal(default, array)
     np.testing.assert_array_equal(slow, array)
 
 
@@ -68,26 +71,40 @@ MALFORMED_DATA = {
 }
 
 
+@pytest.mark.parametrize("limits", [CUT, JsonLimits()], ids=["numpy", "json.loads"])
 @pytest.mark.parametrize("text", MALFORMED_DATA.values(), ids=MALFORMED_DATA.keys())
-def test_malformed_long_data_is_invalid(text: str) -> None:
+def test_malformed_long_data_is_invalid(text: str, limits: JsonLimits) -> None:
     with pytest.raises(InvalidInputError):
-        request_from_rest(body("FP32", [41], text), "m")
+        request_from_rest(body("FP32", [41], text), "m", None, limits)
 
 
-def test_integers_out_of_range_are_invalid() -> None:
+def test_only_arrays_past_the_threshold_are_cut() -> None:
+    """Small arrays go to json.loads (cheaper per request), large ones to numpy."""
+    small = "[" + long("1.5", 100) + "]"
+    large = "[" + long("1.5", 2000) + "]"
+    assert len(small) < JsonLimits().min_cut_bytes <= len(large)
+    data = parse_infer_json(body("FP32", [100], small), JsonLimits())["inputs"][0]["data"]
+    assert data == [1.5] * 100
+    data = parse_infer_json(body("FP32", [2000], large), JsonLimits())["inputs"][0]["data"]
+    assert isinstance(data, NumericText) and data.count == 2000
+
+
+@pytest.mark.parametrize("limits", [CUT, JsonLimits()], ids=["numpy", "json.loads"])
+def test_integers_out_of_range_are_invalid(limits: JsonLimits) -> None:
     big = "[" + long("1") + ", 99999999999999999999]"
     with pytest.raises(InvalidInputError):
-        request_from_rest(body("INT64", [41], big), "m")
+        request_from_rest(body("INT64", [41], big), "m", None, limits)
     with pytest.raises(InvalidInputError):
-        request_from_rest(body("UINT8", [41], "[" + long("1") + ", 256]"), "m")
-    ok = request_from_rest(body("UINT64", [41], "[" + long("1") + ", 18446744073709551615]"), "m")
+        request_from_rest(body("UINT8", [41], "[" + long("1") + ", 256]"), "m", None, limits)
+    text = "[" + long("1") + ", 18446744073709551615]"
+    ok = request_from_rest(body("UINT64", [41], text), "m", None, limits)
     assert ok.inputs[0].data[-1] == 2**64 - 1
 
 
 def test_a_stand_in_cannot_be_forged_or_reused() -> None:
     """Cut arrays are named by a random nonce, and each name is good once."""
     text = "[" + long("1.5") + "]"
-    doc = parse_infer_json(body("FP32", [40], text), JsonLimits())
+    doc = parse_infer_json(body("FP32", [40], text), CUT)
     data = doc["inputs"][0]["data"]
     assert isinstance(data, NumericText) and data.count == 40
     forged = {
