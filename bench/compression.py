@@ -10,6 +10,13 @@ embeddings), ORT latency p50 at batch 1 and throughput at batch 32 (digits:
 256), as ratios to the fp32 ONNX model and to PyTorch eager. All runners of a
 model are timed in the same interleaved rounds on one thread each
 (``cloud.pipeline.speed_compare``): this machine drifts, only paired ratios mean anything.
+
+MiniLM's "fp32 onnx" is the shipped cloud variant, fused by ONNX Runtime's
+transformer optimizer; its int8 rows are made from that graph and compared to
+it. The plain export is a row of its own ("fp32 onnx plain", with "int8
+dynamic plain": yesterday's edge variant) and every row has its ratio to it too
+(``*_vs_plain``). ``--quick`` skips the MiniLM search and times the shipped
+edge config (``minilm.EDGE_CONFIG``, which the search picked) instead.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compression_models import BenchModel, digits_cnn, minilm
+from cloud.pipeline.compress_cli import print_search_table
 from cloud.pipeline.compressor import make_scorer
 from cloud.pipeline.fp16 import convert_fp16
 from cloud.pipeline.quant_search import search
@@ -33,6 +41,8 @@ from cloud.pipeline.speed_compare import measure, session_runner
 logger = logging.getLogger(__name__)
 
 FP32, EAGER, SEARCHED = "fp32 onnx", "pytorch eager", "int8 (search)"
+PLAIN, PLAIN_DYNAMIC, SHIPPED = "fp32 onnx plain", "int8 dynamic plain", "int8 edge (shipped)"
+BASES = {FP32: "vs_fp32", EAGER: "vs_eager", PLAIN: "vs_plain"}
 
 
 def _variants(m: BenchModel, work: Path, quick: bool, rounds: int) -> tuple[dict, Any]:
@@ -44,11 +54,15 @@ def _variants(m: BenchModel, work: Path, quick: bool, rounds: int) -> tuple[dict
         static.label(),
     )
     if m.name == "minilm":  # dynamic Conv is ~12x slower than fp32: not worth a digits row
+        from cloud.pipeline.minilm import EDGE_CONFIG
+
         dynamic = QuantConfig(DYNAMIC, op_types=("MatMul", "Gather"))
-        out["int8 dynamic"] = (
-            quantize(m.fp32, work / "dynamic.onnx", dynamic, m.calibration),
-            dynamic.label(),
-        )
+        if m.plain_fp32 is not None:  # the edge variant before fusion, for the record
+            out[PLAIN_DYNAMIC] = (
+                quantize(m.plain_fp32, work / "dynamic-plain.onnx", dynamic),
+                dynamic.label() + " (plain export)",
+            )
+        out[SHIPPED] = (quantize(m.fp32, work / "edge.onnx", EDGE_CONFIG), EDGE_CONFIG.label())
     found = None
     if not (quick and m.name == "minilm"):  # the MiniLM search takes minutes
         metric, parent_quality, score = make_scorer(m.fp32, m.data)
@@ -57,6 +71,8 @@ def _variants(m: BenchModel, work: Path, quick: bool, rounds: int) -> tuple[dict
             parent_quality=parent_quality, speed_batch=m.batch, rounds=rounds,
             speed_feeds=m.speed_feeds,
         )  # fmt: skip
+        print(f"{m.name}: int8 search", file=sys.stderr)
+        print_search_table(found, sys.stderr)  # stdout keeps the result tables and --json
         if found.best is not None:
             out[SEARCHED] = (found.best.path, found.best.config.label())
     out["fp16"] = (convert_fp16(m.fp32, work / "fp16.onnx"), "fp32 I/O kept")
@@ -68,6 +84,8 @@ def run_model(m: BenchModel, work: Path, quick: bool, rounds: int) -> dict[str, 
     variants, found = _variants(m, work, quick, rounds)
     metric, fp32_quality, score = make_scorer(m.fp32, m.data)
     runners = {FP32: session_runner(m.fp32), EAGER: m.torch_runner}
+    if m.plain_fp32 is not None:
+        runners[PLAIN] = session_runner(m.plain_fp32)
     timed = [v for v in variants if not (quick and v == "fp16")]  # fp16 is a GPU format
     runners.update({v: session_runner(variants[v][0]) for v in timed})
     speeds = measure(runners, m.speed_feeds, batch=m.batch, rounds=rounds)
@@ -76,15 +94,17 @@ def run_model(m: BenchModel, work: Path, quick: bool, rounds: int) -> dict[str, 
         FP32: {"config": "", "size_bytes": size, "quality": fp32_quality},
         EAGER: {"config": "", "size_bytes": None, "quality": m.torch_quality},
     }
-    for name, (path, label) in variants.items():
+    models = dict(variants)
+    if m.plain_fp32 is not None:
+        models[PLAIN] = (m.plain_fp32, "before fusion")
+    for name, (path, label) in models.items():
         rows[name] = {"config": label, "size_bytes": path.stat().st_size, "quality": score(path)}
     for name, row in rows.items():
         s = speeds.get(name)
         row["latency_p50_ms_b1"] = s.latency_p50_ms_b1 if s else None
         row[f"throughput_b{m.batch}"] = s.throughput if s else None
-        if s:
-            for base in (FP32, EAGER):
-                key = "vs_fp32" if base == FP32 else "vs_eager"
+        for base, key in BASES.items():
+            if s and base in speeds:
                 row[f"latency_b1_{key}"] = speeds[base].latency_p50_ms_b1 / s.latency_p50_ms_b1
                 row[f"throughput_{key}"] = s.throughput / speeds[base].throughput
         row["size_ratio"] = row["size_bytes"] / size if row["size_bytes"] else None
@@ -94,15 +114,21 @@ def run_model(m: BenchModel, work: Path, quick: bool, rounds: int) -> dict[str, 
 
 def _headline(name: str, table: dict[str, Any]) -> dict[str, Any]:
     rows = table["rows"]
-    key = SEARCHED if SEARCHED in rows else ("int8 dynamic" if name == "minilm" else "")
+    key = SEARCHED if SEARCHED in rows else (SHIPPED if name == "minilm" else "")
     key = key or "int8 static qdq"
     row = rows[key]
     if name == "minilm":
         return {
             "minilm_int8_method": key,
-            "minilm_int8_speedup": row["throughput_vs_fp32"],
+            "minilm_int8_config": row["config"],
+            "minilm_int8_speedup": row["throughput_vs_fp32"],  # vs the fused (shipped) fp32
+            "minilm_int8_speedup_vs_plain_fp32": row.get("throughput_vs_plain"),
             "minilm_int8_mean_cosine": row["quality"],
             "minilm_int8_size_ratio": row["size_ratio"],
+            "minilm_fp32_fused_speedup_vs_plain": rows[FP32].get("throughput_vs_plain"),
+            "minilm_int8_plain_speedup_vs_plain_fp32": rows[PLAIN_DYNAMIC].get(
+                "throughput_vs_plain"
+            ),
         }
     return {
         "digits_int8_method": key,
@@ -152,6 +178,8 @@ def format_tables(result: dict[str, Any]) -> str:
     for name, t in result["tables"].items():
         b = t["batch"]
         lines.append(f"{name} ({t['metric']}; ORT CPU 1 thread; ratios: fp32 onnx / eager)")
+        if PLAIN in t["rows"]:
+            lines.append("  fp32 onnx = the fused graph (shipped cloud variant); x plain below")
         head = f"{'method':<16} {'size':>7} {'quality':>8} {'p50 b1 ms':>10} {'x fp32':>7} "
         lines.append(
             head + f"{'x eager':>7} {'rows/s b' + str(b):>12} {'x fp32':>7} {'x eager':>7}"
@@ -166,6 +194,11 @@ def format_tables(result: dict[str, Any]) -> str:
                 f"{_fmt(r.get('throughput_vs_fp32'), '.2f'):>7} "
                 f"{_fmt(r.get('throughput_vs_eager'), '.2f'):>7}"
             )
+        if PLAIN in t["rows"]:
+            lines.append(f"  throughput x {PLAIN}: " + ", ".join(
+                f"{k} {_fmt(r.get('throughput_vs_plain'), '.2f')}"
+                for k, r in t["rows"].items() if r.get("throughput_vs_plain") is not None
+            ))  # fmt: skip
         configs = [f"{k}: {r['config']}" for k, r in t["rows"].items() if r["config"]]
         lines += ["  " + "; ".join(configs), ""]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ Runner = Callable[[dict[str, np.ndarray]], Any]
 DIGITS_EPOCHS = {True: 6, False: 20}  # quick: enough for ~97% on the test split
 MINILM_TOKENS = 128  # the edge variant's limit; speed is timed on full-length rows
 MINILM_QUALITY_ROWS = {True: 48, False: None}  # None: every shipped sentence within the limit
+MINILM_MAX_SIZE_RATIO = 0.30  # issue 6: the edge int8 within 30% of the fp32 bytes
 
 
 @dataclass
@@ -37,6 +38,9 @@ class BenchModel:
     speed_feeds: dict[str, np.ndarray]
     batch: int  # throughput batch
     gate: QualityGate
+    # The unoptimised export, where the shipped fp32 (``fp32``) is a fused graph: a
+    # second fp32 baseline, so both ratios are reported.
+    plain_fp32: Path | None = None
 
 
 def _torch_runner(model: Any, names: list[str]) -> Runner:
@@ -92,10 +96,13 @@ def _token_rows(texts: list[str], width: int) -> dict[str, np.ndarray]:
 
 def minilm(workdir: Path, quick: bool, min_cosine: float) -> BenchModel:
     """all-MiniLM-L6-v2 exported with the ``minilm`` pipeline; judged on the shipped sentences
-    (those within 128 tokens) against fp32 PyTorch embeddings; timed on 128-token rows."""
+    (those within 128 tokens) against fp32 PyTorch embeddings; timed on 128-token rows.
+
+    ``fp32`` is the shipped cloud variant (fused); ``plain_fp32`` the export before fusion.
+    """
     import torch
 
-    from cloud.pipeline.minilm import export_minilm, load_embedder
+    from cloud.pipeline.minilm import export_minilm, fuse_minilm, load_embedder
     from cloud.pipeline.minilm_package import embed_torch, load_sentences, token_counts
 
     texts = load_sentences()
@@ -106,7 +113,8 @@ def minilm(workdir: Path, quick: bool, min_cosine: float) -> BenchModel:
     rows = _token_rows(texts, width)
     torch.set_num_threads(1)
     reference = embed_torch(texts)
-    fp32 = export_minilm(workdir / "minilm.fp32.onnx")
+    plain = export_minilm(workdir / "minilm.fp32-plain.onnx", fused=False)
+    fp32 = fuse_minilm(plain, workdir / "minilm.fp32.onnx")
     full = _token_rows(texts[:64], MINILM_TOKENS)
     full["attention_mask"][:] = 1  # every position real: 128 tokens of work per row
     return BenchModel(
@@ -118,5 +126,6 @@ def minilm(workdir: Path, quick: bool, min_cosine: float) -> BenchModel:
         data=ModelData(rows, reference=reference),
         speed_feeds=full,
         batch=32,
-        gate=QualityGate(min_cosine=min_cosine),
+        gate=QualityGate(min_cosine=min_cosine, max_size_ratio=MINILM_MAX_SIZE_RATIO),
+        plain_fp32=plain,
     )

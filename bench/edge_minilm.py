@@ -8,14 +8,17 @@ two ONNX files are kept in a cache directory (``FOGLINE_BENCH_CACHE``, default
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from cloud.pipeline.minilm import EDGE_MAX_TOKENS, export_minilm, quantize_minilm
+from cloud.pipeline.minilm import EDGE_CONFIG, EDGE_MAX_TOKENS, export_minilm
 from cloud.pipeline.minilm_package import build_minilm_packages, load_sentences, token_counts
+from cloud.pipeline.quantize import quantize
 from common.manifest import Manifest
 from common.text import ATTENTION_MASK, INPUT_IDS
 
@@ -30,12 +33,17 @@ def cache_dir() -> Path:
 
 
 def cached_onnx(cache: Path) -> tuple[Path, Path]:
-    """The fp32 export and its int8 variant, made once (each appears by one rename)."""
-    fp32, int8 = cache / "minilm-fp32.onnx", cache / "minilm-int8.onnx"
+    """The fused fp32 export and its int8 variant, made once (each appears by one rename).
+
+    The int8 file is named after the edge config, so a new config is never served from
+    a stale cache.
+    """
+    tag = hashlib.sha256(json.dumps(EDGE_CONFIG.params(), sort_keys=True).encode()).hexdigest()
+    fp32, int8 = cache / "minilm-fp32-fused.onnx", cache / f"minilm-int8-{tag[:12]}.onnx"
     if not fp32.exists():
         export_minilm(cache / "minilm-fp32.tmp.onnx").replace(fp32)
     if not int8.exists():
-        quantize_minilm(fp32, cache / "minilm-int8.tmp.onnx").replace(int8)
+        quantize(fp32, cache / "minilm-int8.tmp.onnx", EDGE_CONFIG).replace(int8)
     return fp32, int8
 
 

@@ -89,10 +89,11 @@ def minilm_tokens(rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def minilm(workdir: Path, signer: Signer) -> tuple[BenchModel, BenchModel]:
-    from cloud.pipeline.minilm import TASK, export_minilm, quantize_minilm
+    from cloud.pipeline.minilm import EDGE_CONFIG, TASK, export_minilm
+    from cloud.pipeline.quantize import quantize
 
     fp32 = export_minilm(workdir / "minilm-fp32.onnx")
-    int8 = quantize_minilm(fp32, workdir / "minilm-int8.onnx")
+    int8 = quantize(fp32, workdir / "minilm-int8.onnx", EDGE_CONFIG)
     feeds = minilm_tokens()
     golden = minilm_tokens(4, seed=1)
     out = []

@@ -5,16 +5,24 @@
 For each fleet size, in one run on one Mosquitto: (a) the raw ceiling — the
 artifact's bytes, cut into the same chunks, published with plain paho-mqtt
 (QoS 1) to as many plain subscribers spread over the same number of processes,
-timed until the last one holds every byte; and (b) Fogline — the real control
+each doing the simulated agent's per-chunk verification (header, one SHA-256,
+compared with the signed chunk list), timed until the last one has verified
+every chunk; and (b) Fogline — the real control
 plane (in this process) rolls the signed package out to as many simulated
 agents (`bench.sim_agent`: real signature, sequence and per-chunk
 verification against the signed chunk list, real outboxes; no bytes kept, so
 no whole-artifact digest: 300 copies of 25 MB would not fit in memory),
-timed from the rollout's start until the last device reported ``activated``.
+timed from the rollout's start (signing the commands included) until the last
+device has verified every chunk, the raw side's end point (``fogline_s``); also
+until the last device marked itself ``activated`` (``fogline_activated_s``,
+after one more durable outbox write) and the rollout's own record of its
+duration at the control plane (``rollout_recorded_s``, until every device's
+``activated`` event was stored).
 A and B alternate (raw, fogline, raw) and the ratio uses the mean of the two
 raw runs around each Fogline run, because this machine's speed drifts. Also
-reported: the bytes the control plane sent per artifact byte, and devices lost
-(never activated).
+reported: a third raw run whose subscribers only count bytes (``raw_transport_s``,
+``ratio_to_raw_transport``: the transport alone), the bytes the control plane
+sent per artifact byte, and devices lost (never activated).
 
 Headline keys: ``ratio_to_raw`` (by fleet size), ``bytes_sent_over_artifact_100``
 (or the largest size run), ``lost``.
@@ -25,11 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -50,31 +61,59 @@ from fogline.broker import free_port, start_broker
 
 logger = logging.getLogger("bench.rollout")
 RAW_TOPIC = "bench/raw/chunks"
+_CHUNK_HEADER = struct.Struct(">4sIIQQ32s4x")  # common.chunking's 64-byte header
 
 
 # -- the raw ceiling: plain paho, same bytes, same chunking ------------------------------
 
 
-def _raw_worker(port: int, n: int, total: int, ready: Any, done: Any) -> None:
-    """``n`` plain subscribers in this process; each reports when it holds ``total`` bytes."""
+def _raw_worker(
+    port: int, n: int, hashes: list[str] | None, count: int, total: int, ready: Any, done: Any
+) -> None:
+    """``n`` plain subscribers in this process; each reports when it has every chunk.
+
+    With ``hashes`` (the signed chunk list), each subscriber does the simulated
+    agent's per-chunk work: parse the header, SHA-256 the chunk once, compare with
+    the signed hash, count distinct indices. Without, it only counts bytes (the
+    transport alone).
+    """
+    signed = [bytes.fromhex(h) for h in hashes] if hashes is not None else None
     got = [0] * n
+    have: list[set[int]] = [set() for _ in range(n)]
     finished = threading.Event()
     left = [n]
     lock = threading.Lock()
     clients = []
+
+    def complete() -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.put(time.time())
+                finished.set()
+
     for i in range(n):
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"raw-{os.getpid()}-{i}", clean_session=True
         )
 
         def on_message(_c: Any, _u: Any, msg: Any, i: int = i) -> None:
-            got[i] += len(msg.payload)
-            if got[i] == total:
-                with lock:
-                    left[0] -= 1
-                    if left[0] == 0:
-                        done.put(time.time())
-                        finished.set()
+            if signed is None:
+                got[i] += len(msg.payload)
+                if got[i] == total:
+                    complete()
+                return
+            # What chunking.decode and the Assembler do, written out (the ceiling must not
+            # change with Fogline's code): the header, one SHA-256, the signed hash.
+            payload = msg.payload
+            magic, index, _count, _offset, _total, digest = _CHUNK_HEADER.unpack_from(payload)
+            actual = hashlib.sha256(payload[_CHUNK_HEADER.size :]).digest()
+            if magic != b"FGC1" or actual != digest or actual != signed[index]:
+                return
+            if index not in have[i]:
+                have[i].add(index)
+                if len(have[i]) == count:
+                    complete()
 
         subscribed = threading.Event()
         client.on_message = on_message
@@ -91,14 +130,21 @@ def _raw_worker(port: int, n: int, total: int, ready: Any, done: Any) -> None:
         client.loop_stop()
 
 
-def raw_ceiling(port: int, chunks: list[bytes], n: int, processes: int) -> float:
-    """Seconds from the first publish until every subscriber holds every byte."""
+def raw_ceiling(
+    port: int, chunks: list[bytes], n: int, processes: int, hashes: list[str] | None = None
+) -> float:
+    """Seconds from the first publish until every subscriber has every chunk (verified
+    against ``hashes`` when given, else just every byte)."""
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Queue()
     total = sum(len(c) for c in chunks)
     shares = [len(range(i, n, processes)) for i in range(min(processes, n))]
     procs = [
-        ctx.Process(target=_raw_worker, args=(port, k, total, ready, done), daemon=True)
+        ctx.Process(
+            target=_raw_worker,
+            args=(port, k, hashes, len(chunks), total, ready, done),
+            daemon=True,
+        )
         for k in shares
     ]
     for proc in procs:
@@ -218,9 +264,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     len(chunks),
                     chunk_size // 1024,
                 )
+                hashes = signed.manifest.chunks.sha256 if signed.manifest.chunks else None
                 for n in sizes:
                     results["by_agents"][str(n)] = await _one_size(
-                        args, cp, broker.port, signer.public_key_hex, record, chunks, n, tmp
+                        args, cp, broker.port, signer.public_key_hex, record, chunks, hashes, n, tmp
                     )
         finally:
             broker.stop()
@@ -233,8 +280,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-async def _one_size(args, cp, port, key, record, chunks, n, tmp) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    raw_before = await asyncio.to_thread(raw_ceiling, port, chunks, n, args.processes)
+async def _one_size(args, cp, port, key, record, chunks, hashes, n, tmp) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    raw = functools.partial(raw_ceiling, port, chunks, n, args.processes)
+    raw_before = await asyncio.to_thread(raw, hashes)
     spec = FleetSpec(
         "127.0.0.1",
         port,
@@ -248,28 +296,37 @@ async def _one_size(args, cp, port, key, record, chunks, n, tmp) -> dict[str, An
     with fleet:
         await asyncio.to_thread(_wait_online, cp.app[REGISTRY], fleet.ids)
         start, outcome = await fogline_rollout(cp, fleet.ids)
-    raw_after = await asyncio.to_thread(raw_ceiling, port, chunks, n, args.processes)
+    raw_after = await asyncio.to_thread(raw, hashes)
+    transport = await asyncio.to_thread(raw, None)  # for reference: bytes counted only
     stats = fleet.stats
-    done = [s["activated"].get(record.artifact_digest) for s in stats.values()]
-    activated = [t for t in done if t is not None]
+    digest = record.artifact_digest
+    activated = [s["activated"][digest] for s in stats.values() if digest in s["activated"]]
+    verified = [s["verified"][digest] for s in stats.values() if digest in s["verified"]]
     lost = n - len(activated)
-    seconds = (max(activated) - start) if activated else float("nan")
-    raw = statistics.mean([raw_before, raw_after])
+    # The raw ceiling's end point: every device has verified every chunk.
+    seconds = (max(verified) - start) if activated else float("nan")
+    raw_s = statistics.mean([raw_before, raw_after])
     row = {
         "fogline_s": round(seconds, 3),
+        "fogline_activated_s": round(max(activated) - start, 3) if activated else None,
+        "rollout_recorded_s": outcome["doc"]["seconds"],  # the control plane's own record
         "raw_s": [round(raw_before, 3), round(raw_after, 3)],
-        "ratio_to_raw": round(seconds / raw, 2) if activated else None,
+        "ratio_to_raw": round(seconds / raw_s, 2) if activated else None,
+        "raw_transport_s": round(transport, 3),
+        "ratio_to_raw_transport": round(seconds / transport, 2) if activated else None,
         "bytes_sent_over_artifact": round(outcome["bytes_sent"] / record.artifact_size, 3),
         "lost": lost,
         "rollout_state": outcome["doc"]["state"],
         "fleet": summary(stats),
     }
     logger.info(
-        "%4d agents: fogline %.2f s, raw %.2f/%.2f s, ratio %s, sent %.2f× the artifact, lost %d",
+        "%4d agents: fogline %.2f s, raw %.2f/%.2f s (transport only %.2f s), ratio %s,"
+        " sent %.2f× the artifact, lost %d",
         n,
         seconds,
         raw_before,
         raw_after,
+        transport,
         row["ratio_to_raw"],
         row["bytes_sent_over_artifact"],
         lost,

@@ -23,6 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import keyring, messages, topics
 from common.errors import FoglineError
@@ -44,6 +45,9 @@ class SimStats:
     commands: int = 0
     refused: int = 0
     activated: dict[str, float] = field(default_factory=dict)  # artifact digest -> when
+    # artifact digest -> when every chunk had been checked against the signed list (and,
+    # keeping the bytes, the whole digest): the raw ceiling's end point
+    verified: dict[str, float] = field(default_factory=dict)
     failed: int = 0
     chunks_rejected: int = 0
     bytes_received: int = 0
@@ -141,7 +145,7 @@ class SimAgent:
             await self.outbox.put(self._topic("telemetry"), json.dumps(doc).encode(), qos=0)
             await asyncio.sleep(self.heartbeat_s)
 
-    async def _emit(self, command_id: str | None, stage: str, **fields: object) -> None:
+    async def _emit(self, command_id: str | None, stage: str, **fields: Any) -> None:
         event = messages.event(self.device_id, command_id, stage, **fields)
         await self.outbox.put(self._topic("events"), event)
 
@@ -203,6 +207,7 @@ class SimAgent:
             if await asyncio.to_thread(artifact_digest, data) != digest:
                 raise FoglineError(f"artifact digest mismatch for {digest[:12]}")
             await asyncio.to_thread(split_artifact, data, m)  # every file against its digest
+        self.stats.verified[digest] = time.time()  # wall clock: compared across processes
         await self._emit(cmd.id, "verified")
         self._active[m.name] = m.version
         self.stats.activated[digest] = time.time()  # wall clock: compared across processes

@@ -262,7 +262,11 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def devices(request: web.Request) -> web.Response:
-    return web.json_response({"devices": request.app[REGISTRY].devices()})
+    registry = request.app[REGISTRY]
+    # NOTE: query and JSON in a worker thread: for a thousand devices that is tens of
+    # milliseconds the event loop (and /api/health, and MQTT dispatch) would stand still.
+    body = await asyncio.to_thread(lambda: json.dumps({"devices": registry.devices()}))
+    return web.Response(text=body, content_type="application/json")
 
 
 async def device_token(request: web.Request) -> web.Response:
@@ -394,7 +398,8 @@ async def rollouts(request: web.Request) -> web.Response:
 
 
 async def rollout(request: web.Request) -> web.Response:
-    return web.json_response(request.app[REGISTRY].rollout(request.match_info["id"]))
+    doc = await asyncio.to_thread(request.app[REGISTRY].rollout, request.match_info["id"])
+    return web.json_response(doc)
 
 
 async def abort_rollout(request: web.Request) -> web.Response:
@@ -410,4 +415,5 @@ async def abort_rollout(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.Response:
     device = request.query.get("device")
-    return web.json_response({"events": request.app[REGISTRY].events(device)})
+    found = await asyncio.to_thread(request.app[REGISTRY].events, device)
+    return web.json_response({"events": found})

@@ -33,6 +33,7 @@ class Database:
 
     def __init__(self, target: str | Path) -> None:
         self._lock = threading.RLock()
+        self._depth = 0  # nested transaction() calls; only the thread holding _lock reads it
         self.dialect = "postgresql" if is_postgres_url(target) else "sqlite"
         self._conn: Any = (
             _connect_postgres(str(target))
@@ -73,13 +74,20 @@ class Database:
     def transaction(self, *, exclusive_key: int | None = None) -> Iterator[Database]:
         """Statements inside run as one transaction (and no other thread interleaves).
 
+        Nested in another transaction (a batch of fleet messages), it is a savepoint:
+        an error undoes what it did and leaves the outer transaction usable.
+
         ``exclusive_key``: also exclude other *processes* doing the same (replicas starting
         at once on one PostgreSQL): a transaction-scoped advisory lock there, a write lock
         taken at BEGIN on SQLite.
         """
         with self._lock:
+            if self._depth:  # inside another transaction (a batch): a savepoint
+                yield from self._savepoint(exclusive_key)
+                return
             immediate = exclusive_key is not None and self.dialect == "sqlite"
             self.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            self._depth = 1
             try:
                 if exclusive_key is not None and self.dialect == "postgresql":
                     self.execute("SELECT pg_advisory_xact_lock(?)", (exclusive_key,))
@@ -87,7 +95,29 @@ class Database:
             except BaseException:
                 self.execute("ROLLBACK")
                 raise
+            finally:
+                self._depth = 0
             self.execute("COMMIT")
+
+    def _savepoint(self, exclusive_key: int | None) -> Iterator[Database]:
+        """A nested transaction: its failure undoes its own statements, not the outer ones.
+
+        (SQLite's write lock for ``exclusive_key`` is the outer transaction's to take.)
+        """
+        name = f"sp{self._depth}"
+        self.execute(f"SAVEPOINT {name}")  # NOTE: a name made here, never input
+        self._depth += 1
+        try:
+            if exclusive_key is not None and self.dialect == "postgresql":
+                self.execute("SELECT pg_advisory_xact_lock(?)", (exclusive_key,))
+            yield self
+        except BaseException:
+            self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        finally:
+            self._depth -= 1
+        self.execute(f"RELEASE SAVEPOINT {name}")
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import AbstractContextManager
 from typing import Any
 
 from cloud.database import Database
@@ -28,6 +29,11 @@ class FleetRecords:
 
     def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
         return self._db.execute(sql, args)
+
+    def batch(self) -> AbstractContextManager[Database]:
+        """One transaction around many writes (``cloud.fleet`` stores a batch of messages);
+        each write's own transaction becomes a savepoint inside it."""
+        return self._db.transaction()
 
     # -- devices -------------------------------------------------------------------
 
@@ -106,6 +112,11 @@ class FleetRecords:
                 "UPDATE devices SET seq = seq + 1 WHERE device_id=? RETURNING seq", (device_id,)
             )
         return int(rows[0][0])
+
+    def next_seqs(self, device_ids: list[str]) -> dict[str, int]:
+        """``next_seq`` for many devices in one transaction (one commit, not one each)."""
+        with self._db.transaction():
+            return {d: self.next_seq(d) for d in device_ids}
 
     # -- rollouts and events ---------------------------------------------------------
 
@@ -249,6 +260,16 @@ class FleetRecords:
             "seconds": round(seconds, 3),
             "devices": devices,
         }
+
+    def rollout_devices_not_in(self, rollout_id: str, stages: tuple[str, ...]) -> int:
+        """How many of a rollout's devices are in none of ``stages`` (one count query)."""
+        marks = ",".join("?" * len(stages))
+        rows = self._q(
+            "SELECT COUNT(*) FROM rollout_devices WHERE rollout_id=?"
+            f" AND stage NOT IN ({marks})",  # NOTE: placeholders only, values bound
+            (rollout_id, *stages),
+        )
+        return int(rows[0][0])
 
     def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if device_id is not None:

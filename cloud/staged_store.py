@@ -304,10 +304,11 @@ class StagedStore:
     ) -> None:
         """device -> (command id, signed payload): resent until the device answers."""
         at = time.time() + first_s
-        self._db.executemany(
-            "INSERT INTO pending_commands VALUES (?,?,?,?,0,?)",
-            [(cid, d, rollout_id, p.decode(), at) for d, (cid, p) in commands.items()],
-        )
+        with self._db.transaction():  # one commit, not one per device
+            self._db.executemany(
+                "INSERT INTO pending_commands VALUES (?,?,?,?,0,?)",
+                [(cid, d, rollout_id, p.decode(), at) for d, (cid, p) in commands.items()],
+            )
 
     def due_commands(self) -> list[tuple[str, str, str, int, float]]:
         """(command id, device, payload, attempts, next_at) of commands still unanswered.

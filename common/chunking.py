@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.errors import VerificationError
 
@@ -38,6 +38,10 @@ class Chunk:
     offset: int
     total: int
     data: bytes
+    # The SHA-256 of ``data`` as decode() computed it (None for a chunk cut here): the
+    # Assembler compares it with the signed hash instead of hashing the bytes again.
+    # NOTE: init=False, so that dataclasses.replace(chunk, data=...) cannot carry it over.
+    sha256: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def encode(self) -> bytes:
         digest = hashlib.sha256(self.data).digest()
@@ -93,11 +97,16 @@ def decode(payload: bytes) -> Chunk:
     if magic != MAGIC:
         raise VerificationError("chunk has a bad magic number")
     data = payload[HEADER_SIZE:]
-    if hashlib.sha256(data).digest() != digest:
+    # NOTE: hashed once per chunk; the Assembler reuses this digest against the signed
+    # list (a fleet of simulated devices on one host spent half its CPU hashing twice).
+    actual = hashlib.sha256(data).digest()
+    if actual != digest:
         raise VerificationError(f"chunk {index} does not match its SHA-256")
     if index >= count or offset + len(data) > total:
         raise VerificationError(f"chunk {index} lies outside the artifact")
-    return Chunk(index, count, offset, total, data)
+    chunk = Chunk(index, count, offset, total, data)
+    object.__setattr__(chunk, "sha256", actual)  # frozen: set once, here
+    return chunk
 
 
 class Assembler:
@@ -122,7 +131,10 @@ class Assembler:
             raise VerificationError(f"{len(hashes)} chunk hashes for {self.count} chunks")
         if not keep and hashes is None:
             raise ValueError("verifying without keeping the bytes needs the signed chunk hashes")
-        self._hashes = hashes
+        try:
+            self._hashes = [bytes.fromhex(h) for h in hashes] if hashes is not None else None
+        except ValueError:
+            raise VerificationError("the signed chunk list holds a malformed hash") from None
         # keep=False: verify each chunk against its signed hash and keep no bytes (the
         # fleet simulator: a thousand devices cannot each hold the artifact on one host).
         self._buf: bytearray | None = bytearray(total) if keep else None
@@ -145,7 +157,7 @@ class Assembler:
             return False
         if (
             self._hashes is not None
-            and hashlib.sha256(chunk.data).hexdigest() != self._hashes[chunk.index]
+            and (chunk.sha256 or hashlib.sha256(chunk.data).digest()) != self._hashes[chunk.index]
         ):
             raise VerificationError(f"chunk {chunk.index} does not match the signed manifest")
         if self._buf is not None:

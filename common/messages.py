@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.errors import InvalidInputError, ReplayError
@@ -53,7 +53,9 @@ class Command:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``body`` is shared, not copied (a deploy body holds the
+        whole signed package, and a rollout signs one command per device)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def sign_command(cmd: Command, signer: Signer) -> bytes:

@@ -9,6 +9,7 @@ PUBACK. It speaks MQTT 3.1.1 so that any broker works.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -32,6 +33,10 @@ _FLAP_WINDOW_S = 5.0
 _FLAP_WARN_AFTER = 3
 
 Handler = Callable[[str, bytes], Awaitable[None] | None]
+# Received messages not yet dispatched; past this paho's thread waits (a while) for
+# the event loop to catch up before it reads more.
+MAX_BACKLOG = 64
+BACKPRESSURE_WAIT_S = 1.0
 _client_ids = itertools.count()
 
 
@@ -124,6 +129,12 @@ class MqttLink:
         self._sub_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
+        self._arrived: list[paho.MQTTMessage] = []  # from paho's thread, not yet queued
+        self._arrived_lock = threading.Lock()
+        self._backlog = 0  # messages received and not yet dispatched
+        self._room = threading.Event()  # clear while the backlog is full
+        self._room.set()
+        self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self._connected_at = -math.inf  # monotonic time of the last successful connect
@@ -146,6 +157,8 @@ class MqttLink:
 
     async def close(self, *, graceful: bool = True) -> None:
         """Disconnect (a graceful DISCONNECT suppresses the will) and stop tasks."""
+        self._closing = True  # nothing will be dispatched: never hold paho's thread back
+        self._room.set()
         if graceful:
             self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
@@ -213,6 +226,7 @@ class MqttLink:
                 self._ignored_acks.add(info.mid)
                 return
             self._acks[info.mid] = fut
+        self._room.set()  # paho's thread must not sit out this PUBACK (see _on_message)
         try:
             await asyncio.wait_for(fut, self._ack_timeout_s)
         except TimeoutError:
@@ -262,7 +276,39 @@ class MqttLink:
             self._quick_drops = 0
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        self._call(self._inbox.put_nowait, msg)
+        # NOTE: one wake-up of the loop per burst, not per message: a chunk broadcast
+        # delivers hundreds back to back, and each call_soon_threadsafe is a syscall
+        # and a loop iteration.
+        with self._arrived_lock:
+            self._arrived.append(msg)
+            self._backlog += 1
+            if self._backlog >= MAX_BACKLOG:
+                self._room.clear()
+            wake = len(self._arrived) == 1  # else a wake-up is already on its way
+        if wake:
+            self._call(self._take_arrived)
+        # Backpressure: while the loop is behind, paho's thread stops reading the socket
+        # for a while, so the broker (which holds one copy of a broadcast for every
+        # subscriber) keeps the backlog rather than this process (a copy per link: a
+        # host of simulated devices grew to 12 GB). Bounded, so that the PUBACKs and
+        # keepalives go on even if the loop never catches up; and never while one of
+        # our publishes awaits its PUBACK, which only this thread can read (a handler
+        # that publishes would wait on the very backlog it holds up).
+        if not self._room.is_set() and not self._closing and not self._acks:
+            self._room.wait(BACKPRESSURE_WAIT_S)
+
+    def _take_arrived(self) -> None:
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, []
+        for msg in arrived:
+            self._inbox.put_nowait(msg)
+
+    def _taken(self) -> None:
+        """A message left the backlog (dispatched, or dropped at close)."""
+        with self._arrived_lock:
+            self._backlog -= 1
+            if self._backlog <= MAX_BACKLOG // 2:
+                self._room.set()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._ack_lock:
@@ -286,10 +332,11 @@ class MqttLink:
     async def _dispatch(self) -> None:
         while True:
             msg = await self._inbox.get()
+            self._taken()
             for observe in self.observers:
                 observe("in", msg.topic)
             for topic_filter, (_, handlers) in list(self._subs.items()):
-                if not paho.topic_matches_sub(_unshared(topic_filter), msg.topic):
+                if not _matches(topic_filter, msg.topic):
                     continue
                 if msg.retain and topic_filter in self._live_only:
                     logger.debug("ignored a retained message on %s", msg.topic)
@@ -301,6 +348,13 @@ class MqttLink:
                             await result
                     except Exception:
                         logger.exception("handler for %s failed", msg.topic)
+
+
+@functools.lru_cache(maxsize=8192)
+def _matches(topic_filter: str, topic: str) -> bool:
+    """paho's matcher, remembered: it builds a matcher tree per call, and a chunk
+    broadcast asks the same question for every chunk of every subscription."""
+    return bool(paho.topic_matches_sub(_unshared(topic_filter), topic))
 
 
 def _unshared(topic_filter: str) -> str:

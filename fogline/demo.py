@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,22 +408,12 @@ class Demo:
             "fallback": self.fallback_url,
             "broker": broker.url,
         }
+        build: Callable[..., dict[str, Any]] = build_report
         if self.model == "minilm":
             from fogline.minilm_demo import build_text_report
 
-            report = build_text_report(
-                agents=agents,
-                devices=devices,
-                figures=compression,
-                rollout=rollout,
-                results=results,
-                endpoints=endpoints,
-                broker=broker,
-                timings=self.timings,
-            )
-            report["tokens"] = {"operator": self.tokens["operator"], "app": self.app_token}
-            return report
-        report = build_report(
+            build = build_text_report
+        report = build(
             agents=agents,
             devices=devices,
             compression=compression,

@@ -11,7 +11,6 @@ the fp32 PyTorch model's embedding of the same text.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,17 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from common.inference import (
-    DEGRADED,
-    ESCALATION_REASON,
-    ROUTE,
-    SERVED_BY,
-    InferRequest,
-    Tensor,
-    request_to_rest,
-    response_from_rest,
+from common.inference import ROUTE, InferRequest, Tensor
+from fogline.report import (
+    agent_rows,
+    header_lines,
+    latency_lines,
+    latency_summary,
+    rollout_ok,
+    run_fields,
+    where_lines,
 )
-from fogline.report import pct, where_lines
-from fogline.traffic import PhaseResult, Target
+from fogline.traffic import PhaseResult, Target, send
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +80,6 @@ def build_and_publish(
 @dataclass
 class TextPhase(PhaseResult):
     cosines: list[float] = field(default_factory=list)
-    statuses: dict[int, int] = field(default_factory=dict)
 
     @property
     def mean_cosine(self) -> float | None:
@@ -122,28 +119,8 @@ async def _one(
     result: TextPhase,
 ) -> None:
     req = InferRequest(model=model, inputs=[_text_tensor(text)], parameters={ROUTE: route})
-    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
-    started = time.perf_counter()
-    async with session.post(
-        f"{target.url}/v2/models/{model}/infer", json=request_to_rest(req), headers=headers
-    ) as resp:
-        body = await resp.read()
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    result.requests += 1
-    result.samples += 1
-    result.statuses[resp.status] = result.statuses.get(resp.status, 0) + 1
-    if resp.status != 200:
-        result.errors += 1
-        return
-    answer = response_from_rest(body)
-    params: dict[str, Any] = answer.parameters
-    served = params.get(SERVED_BY, "edge")
-    result.latency_ms["cloud" if served == "cloud" else "edge"].append(elapsed_ms)
-    reason = params.get(ESCALATION_REASON)
-    if reason:
-        result.reasons[reason] = result.reasons.get(reason, 0) + 1
-    result.degraded += bool(params.get(DEGRADED))
-    if reference is not None:
+    answer = await send(session, target, req, result, samples=1)
+    if answer is not None and reference is not None:
         vector = answer.output(OUTPUT).data.reshape(-1)
         result.cosines.append(float(vector @ reference))
 
@@ -173,7 +150,7 @@ def build_text_report(
     *,
     agents: list[Target],
     devices: dict[str, Any],
-    figures: dict[str, Any],
+    compression: dict[str, Any],
     rollout: dict[str, Any],
     results: dict[str, TextPhase],
     endpoints: dict[str, str],
@@ -181,16 +158,7 @@ def build_text_report(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     edge, cloud, hybrid, too_long = (results[k] for k in ("edge", "cloud", "hybrid", "too_long"))
-    agent_rows = [
-        {
-            "device_id": a.name,
-            "model": (devices.get(a.name, {}).get("models") or [{}])[0].get("name"),
-            "version": (devices.get(a.name, {}).get("models") or [{}])[0].get("version"),
-            "url": a.url,
-            "state": devices.get(a.name, {}).get("state"),
-        }
-        for a in agents
-    ]
+    agents_rows = agent_rows(agents, devices)
 
     def cos(phase: TextPhase) -> float | None:
         value = phase.mean_cosine
@@ -201,57 +169,37 @@ def build_text_report(
         "model": MODEL,
         "mean_cosine": {"edge": cos(edge), "cloud": cos(cloud), "hybrid": cos(hybrid)},
         "offline_mean_cosine": {
-            "int8": round(figures["int8_mean_cosine"], 5),
-            "int8_all_lengths": round(figures["int8_mean_cosine_all_lengths"], 5),
-            "fp32_onnx": round(figures["fp32_onnx_mean_cosine"], 5),
+            "int8": round(compression["int8_mean_cosine"], 5),
+            "int8_all_lengths": round(compression["int8_mean_cosine_all_lengths"], 5),
+            "fp32_onnx": round(compression["fp32_onnx_mean_cosine"], 5),
         },
         "escalated_fraction": round(hybrid.escalated_fraction, 4),
         "escalation_reasons": hybrid.reasons,
-        "texts_over_edge_limit": int(figures["texts_over_edge_limit"]),
-        "latency_ms": {
-            "local_p50": pct(hybrid.latency_ms["edge"], 50),
-            "local_p99": pct(hybrid.latency_ms["edge"], 99),
-            "escalated_p50": pct(hybrid.latency_ms["cloud"], 50),
-            "escalated_p99": pct(hybrid.latency_ms["cloud"], 99),
-        },
+        "texts_over_edge_limit": int(compression["texts_over_edge_limit"]),
+        "latency_ms": latency_summary(hybrid),
         "too_long_status": refused[0] if refused else None,
         "samples": hybrid.samples,
         "errors": edge.errors + cloud.errors + hybrid.errors,
         "degraded": hybrid.degraded,
-        "model_bytes": {"fp32": int(figures["fp32_bytes"]), "int8": int(figures["int8_bytes"])},
-        "rollout_seconds": rollout["seconds"],
-        "rollout_state": rollout["state"],
-        "agents": agent_rows,
-        "endpoints": endpoints,
-        "broker": {"kind": broker.kind, "url": broker.url},
-        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+        "model_bytes": {
+            "fp32": int(compression["fp32_bytes"]),
+            "int8": int(compression["int8_bytes"]),
+        },
+        **run_fields(agents_rows, rollout, endpoints, broker, timings),
     }
-    report["ok"] = (
-        rollout["state"] == "succeeded"
-        and report["errors"] == 0
-        and report["too_long_status"] is not None
-        and 400 <= report["too_long_status"] < 500
-        and all(a["version"] == rollout["version"] for a in agent_rows)
-    )
+    status = report["too_long_status"]
+    report["ok"] = rollout_ok(report, rollout) and status is not None and 400 <= status < 500
     return report
 
 
 def render_text_table(r: dict[str, Any]) -> str:
-    lat, cos = r["latency_ms"], r["mean_cosine"]
-
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f} ms"
+    cos = r["mean_cosine"]
 
     def c(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
     lines = [
-        "",
-        "Fogline demo report (MiniLM sentence embeddings)",
-        "================================================",
-        f"broker            {r['broker']['kind']} at {r['broker']['url']}",
-        f"rollout           {r['rollout_state']} in {r['rollout_seconds']:.2f} s "
-        f"to {len(r['agents'])} agents",
+        *header_lines(r, "Fogline demo report (MiniLM sentence embeddings)"),
         f"model bytes       fp32 {r['model_bytes']['fp32']:,}  int8 {r['model_bytes']['int8']:,}",
         f"offline cosine    int8 {c(r['offline_mean_cosine']['int8'])} (<=128 tokens), "
         f"fp32 ONNX {c(r['offline_mean_cosine']['fp32_onnx'])}, vs fp32 PyTorch",
@@ -262,8 +210,7 @@ def render_text_table(r: dict[str, Any]) -> str:
         f"escalated         {r['escalated_fraction']:.1%} of {r['samples']} texts "
         f"{r['escalation_reasons']} ({r['texts_over_edge_limit']} over 128 tokens)",
         f"over 512 tokens   HTTP {r['too_long_status']}",
-        f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
-        f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
+        *latency_lines(r),
         "",
         *where_lines(r),
     ]

@@ -11,6 +11,60 @@ def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
+def agent_rows(agents: list[Any], devices: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per agent: the model and version its device reports, where it listens."""
+    rows = []
+    for agent in agents:
+        models = devices.get(agent.name, {}).get("models") or [{}]
+        rows.append(
+            {
+                "device_id": agent.name,
+                "model": models[0].get("name"),
+                "version": models[0].get("version"),
+                "url": agent.url,
+                "state": devices.get(agent.name, {}).get("state"),
+            }
+        )
+    return rows
+
+
+def latency_summary(phase: Any) -> dict[str, float | None]:
+    """p50/p99 of the answers served locally and of those escalated to the cloud."""
+    return {
+        "local_p50": pct(phase.latency_ms["edge"], 50),
+        "local_p99": pct(phase.latency_ms["edge"], 99),
+        "escalated_p50": pct(phase.latency_ms["cloud"], 50),
+        "escalated_p99": pct(phase.latency_ms["cloud"], 99),
+    }
+
+
+def run_fields(
+    agents: list[dict[str, Any]],
+    rollout: dict[str, Any],
+    endpoints: dict[str, str],
+    broker: Any,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The part of every demo's report about the run: rollout, agents, endpoints, broker."""
+    return {
+        "rollout_seconds": rollout["seconds"],
+        "rollout_state": rollout["state"],
+        "agents": agents,
+        "endpoints": endpoints,
+        "broker": {"kind": broker.kind, "url": broker.url},
+        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+    }
+
+
+def rollout_ok(report: dict[str, Any], rollout: dict[str, Any]) -> bool:
+    """Every demo's bar: the rollout succeeded, no request failed, every agent serves it."""
+    return (
+        rollout["state"] == "succeeded"
+        and report["errors"] == 0
+        and all(a["version"] == rollout["version"] for a in report["agents"])
+    )
+
+
 def build_report(
     *,
     agents: list[Any],
@@ -24,18 +78,6 @@ def build_report(
     turn: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     edge, cloud, hybrid, heavy = (results[k] for k in ("edge", "cloud", "hybrid", "heavy"))
-    agent_rows = []
-    for agent in agents:
-        models = devices.get(agent.name, {}).get("models") or [{}]
-        agent_rows.append(
-            {
-                "device_id": agent.name,
-                "model": models[0].get("name"),
-                "version": models[0].get("version"),
-                "url": agent.url,
-                "state": devices.get(agent.name, {}).get("state"),
-            }
-        )
     report = {
         "accuracy": {
             "edge": round(edge.accuracy, 4),
@@ -44,12 +86,7 @@ def build_report(
         },
         "escalated_fraction": round(hybrid.escalated_fraction, 4),
         "escalation_reasons": hybrid.reasons,
-        "latency_ms": {
-            "local_p50": pct(hybrid.latency_ms["edge"], 50),
-            "local_p99": pct(hybrid.latency_ms["edge"], 99),
-            "escalated_p50": pct(hybrid.latency_ms["cloud"], 50),
-            "escalated_p99": pct(hybrid.latency_ms["cloud"], 99),
-        },
+        "latency_ms": latency_summary(hybrid),
         "heavy_requests": {
             "requests": heavy.requests,
             "served_by_cloud": len(heavy.latency_ms["cloud"]),
@@ -68,38 +105,26 @@ def build_report(
             "int8": round(compression["int8_accuracy"], 4),
             "cloud": round(compression["cloud_fp32_accuracy"], 4),
         },
-        "rollout_seconds": rollout["seconds"],
-        "rollout_state": rollout["state"],
-        "agents": agent_rows,
-        "endpoints": endpoints,
-        "broker": {"kind": broker.kind, "url": broker.url},
-        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+        **run_fields(agent_rows(agents, devices), rollout, endpoints, broker, timings),
     }
-    serving = rollout["version"]
-    report["ok"] = rollout["state"] == "succeeded" and report["errors"] == 0
     if turn is not None:
         report["hard_example_turn"] = turn
-        if "rollout" in turn:
-            serving = turn["retrained"]["version"]
-            report["ok"] = report["ok"] and turn["rollout"]["state"] == "succeeded"
-            report["ok"] = report["ok"] and turn["after"]["errors"] == 0
-    report["ok"] = report["ok"] and all(a["version"] == serving for a in agent_rows)
+    report["ok"] = rollout_ok(report, rollout)
+    if turn is not None and "rollout" in turn:
+        # After the turn every agent serves the retrained version, not the first one.
+        retrained = {**turn["rollout"], "version": turn["retrained"]["version"]}
+        report["ok"] = (
+            rollout["state"] == "succeeded"
+            and rollout_ok(report, retrained)
+            and turn["after"]["errors"] == 0
+        )
     return report
 
 
 def render_table(r: dict[str, Any]) -> str:
-    lat, acc = r["latency_ms"], r["accuracy"]
-
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f} ms"
-
+    acc = r["accuracy"]
     lines = [
-        "",
-        "Fogline demo report",
-        "===================",
-        f"broker            {r['broker']['kind']} at {r['broker']['url']}",
-        f"rollout           {r['rollout_state']} in {r['rollout_seconds']:.2f} s "
-        f"to {len(r['agents'])} agents",
+        *header_lines(r, "Fogline demo report"),
         f"model bytes       fp32 {r['model_bytes']['fp32']:,}  int8 {r['model_bytes']['int8']:,}"
         f"  (cloud model {r['model_bytes']['cloud_fp32']:,})",
         "",
@@ -110,8 +135,7 @@ def render_table(r: dict[str, Any]) -> str:
         f"{r['escalation_reasons']}",
         f"heavy (batch 16)  {r['heavy_requests']['served_by_cloud']}"
         f"/{r['heavy_requests']['requests']} served by the cloud",
-        f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
-        f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
+        *latency_lines(r),
         "",
         *turn_lines(r.get("hard_example_turn")),
         *where_lines(r),
@@ -144,6 +168,30 @@ def turn_lines(turn: dict[str, Any] | None) -> list[str]:
         f"{after['hybrid_accuracy']:>12.2%}",
         f"turn took         {turn['seconds']:.1f} s",
         "",
+    ]
+
+
+def header_lines(r: dict[str, Any], title: str) -> list[str]:
+    """The start of every demo's report: its title, the broker, the rollout."""
+    return [
+        "",
+        title,
+        "=" * len(title),
+        f"broker            {r['broker']['kind']} at {r['broker']['url']}",
+        f"rollout           {r['rollout_state']} in {r['rollout_seconds']:.2f} s "
+        f"to {len(r['agents'])} agents",
+    ]
+
+
+def latency_lines(r: dict[str, Any]) -> list[str]:
+    lat = r["latency_ms"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} ms"
+
+    return [
+        f"latency local     p50 {ms(lat['local_p50'])}  p99 {ms(lat['local_p99'])}",
+        f"latency escalated p50 {ms(lat['escalated_p50'])}  p99 {ms(lat['escalated_p99'])}",
     ]
 
 

@@ -16,6 +16,7 @@ from common.inference import (
     ROUTE,
     SERVED_BY,
     InferRequest,
+    InferResponse,
     Tensor,
     request_to_rest,
     response_from_rest,
@@ -38,6 +39,7 @@ class PhaseResult:
     reasons: dict[str, int] = field(default_factory=dict)
     degraded: int = 0
     errors: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> answers
 
     @property
     def accuracy(self) -> float:
@@ -46,6 +48,26 @@ class PhaseResult:
     @property
     def escalated_fraction(self) -> float:
         return len(self.latency_ms["cloud"]) / self.requests if self.requests else 0.0
+
+    def record(
+        self, status: int, body: bytes, elapsed_ms: float, samples: int
+    ) -> InferResponse | None:
+        """Count one answer (where it was served, why, how fast); the response if it was one."""
+        self.requests += 1
+        self.samples += samples
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status != 200:
+            self.errors += 1
+            return None
+        answer = response_from_rest(body)
+        params: dict[str, Any] = answer.parameters
+        served = params.get(SERVED_BY, "edge")
+        self.latency_ms["cloud" if served == "cloud" else "edge"].append(elapsed_ms)
+        reason = params.get(ESCALATION_REASON)
+        if reason:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.degraded += bool(params.get(DEGRADED))
+        return answer
 
 
 async def run_phase(
@@ -71,6 +93,25 @@ async def run_phase(
     return result
 
 
+async def send(
+    session: aiohttp.ClientSession,
+    target: Target,
+    req: InferRequest,
+    result: PhaseResult,
+    *,
+    samples: int,
+) -> InferResponse | None:
+    """POST ``req`` to ``target`` and record the answer in ``result``; the response if any."""
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    started = time.perf_counter()
+    async with session.post(
+        f"{target.url}/v2/models/{req.model}/infer", json=request_to_rest(req), headers=headers
+    ) as resp:
+        body = await resp.read()
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return result.record(resp.status, body, elapsed_ms, samples)
+
+
 async def _one(
     session: aiohttp.ClientSession,
     target: Target,
@@ -83,25 +124,7 @@ async def _one(
     req = InferRequest(
         model=model, inputs=[Tensor("input", rows.astype(np.float32))], parameters={ROUTE: route}
     )
-    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
-    started = time.perf_counter()
-    async with session.post(
-        f"{target.url}/v2/models/{model}/infer", json=request_to_rest(req), headers=headers
-    ) as resp:
-        body = await resp.read()
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    result.requests += 1
-    result.samples += len(rows)
-    if resp.status != 200:
-        result.errors += 1
-        return
-    answer = response_from_rest(body)
-    params: dict[str, Any] = answer.parameters
-    served = params.get(SERVED_BY, "edge")
-    result.latency_ms["cloud" if served == "cloud" else "edge"].append(elapsed_ms)
-    reason = params.get(ESCALATION_REASON)
-    if reason:
-        result.reasons[reason] = result.reasons.get(reason, 0) + 1
-    result.degraded += bool(params.get(DEGRADED))
-    predicted = answer.output("probabilities").data.argmax(axis=-1)
-    result.correct += int((predicted == labels).sum())
+    answer = await send(session, target, req, result, samples=len(rows))
+    if answer is not None:
+        predicted = answer.output("probabilities").data.argmax(axis=-1)
+        result.correct += int((predicted == labels).sum())

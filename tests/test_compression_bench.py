@@ -54,3 +54,12 @@ def test_quick_bench_reports_every_headline_key_with_sane_values() -> None:
         for row in rows.values():
             assert 0.0 < row["quality"] <= 1.0 + 1e-6
     assert "digits-cnn (accuracy" in done.stdout and "minilm (mean_cosine" in done.stdout
+    # MiniLM: int8 compared with the shipped (fused) fp32 and with the plain export too.
+    minilm = result["tables"]["minilm"]["rows"]
+    assert {"fp32 onnx plain", "int8 dynamic plain", "int8 edge (shipped)"} <= set(minilm)
+    assert result["minilm_int8_method"] == "int8 edge (shipped)"  # --quick: no search
+    assert result["minilm_int8_config"] == minilm["int8 edge (shipped)"]["config"]
+    for key in ("minilm_int8_speedup_vs_plain_fp32", "minilm_fp32_fused_speedup_vs_plain"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert minilm["fp32 onnx plain"]["quality"] > 0.9999  # fusion changes no output
+    assert minilm["fp32 onnx plain"]["throughput_vs_plain"] == 1.0

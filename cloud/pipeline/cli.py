@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud.pipeline.cli_args import add_model_data_out
 from cloud.pipeline.compress_cli import add_compress
 from cloud.pipeline.engine_cli import add_build_engine, add_package_engine
 from cloud.pipeline.train_cli import add_train
@@ -39,16 +40,6 @@ logger = logging.getLogger(__name__)
 DATA_SEED = 0
 GOLDEN_ROWS = 8
 DIGITS_MAX_LOCAL_BATCH = 8
-
-
-_DATA_HELP = "rows for any model: one array per input name, plus optional 'labels' or 'reference'"
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return path
 
 
 def _split() -> Split:
@@ -199,10 +190,11 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
         "probabilities; largest local batch from latency measured here); without it, from "
         "the digits split. The control plane signs the package on upload.",
     )
-    p.add_argument("--model", type=_existing_file, required=True, help="ONNX model to package")
-    p.add_argument("--data", type=_existing_file, default=None, metavar="D.npz", help=_DATA_HELP)
-    p.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="package directory to write"
+    add_model_data_out(
+        p,
+        model_help="ONNX model to package",
+        out_help="package directory to write",
+        out_metavar="DIR",
     )
     p.add_argument("--name", required=True, help="model name, e.g. digits")
     p.add_argument("--version", required=True, help="version string, e.g. 1")

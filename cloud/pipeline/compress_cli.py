@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud.pipeline.cli_args import add_model_data_out, bounded
+from cloud.pipeline.sidecar import sidecar_path
 from common.cli_errors import one_line_errors
+from common.lineage import LATENCY_P50_MS_B1, SIZE_BYTES, THROUGHPUT_B32
 
 if TYPE_CHECKING:
     from cloud.pipeline.compressor import Outcome
@@ -43,6 +46,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         op_types=DEFAULT_OP_TYPES,
         exclude_op_types=tuple(args.exclude_op_type),
         exclude_nodes=tuple(args.exclude_node),
+        reduce_range=args.reduce_range,
+        weight_symmetric=args.weight_symmetric,
     )
 
 
@@ -69,7 +74,7 @@ def search_rows(result: SearchResult) -> list[dict[str, Any]]:
     ]
 
 
-def _search_table(result: SearchResult, stream: Any) -> None:
+def print_search_table(result: SearchResult, stream: Any) -> None:
     """What the search tried: a rich table on a terminal, plain columns when piped."""
     from cloud.cli_output import is_terminal, table
 
@@ -106,23 +111,21 @@ def _search_table(result: SearchResult, stream: Any) -> None:
 
 def format_outcome(o: Outcome) -> str:
     """fp32 parent vs the compressed model, for humans."""
-    m = o.record.metrics
-    label = (
-        "test accuracy" if m.quality_metric == "accuracy" else m.quality_metric.replace("_", " ")
-    )
-    method = o.record.method
+    m, metric, parent = o.record.metrics, o.record.quality_metric or "quality", o.parent_speed
+    label = "test accuracy" if metric == "accuracy" else metric.replace("_", " ")
+    size = int(m[SIZE_BYTES])
     rows = [
-        ("", "fp32", method),
-        (label, f"{m.parent_quality:.2%}", f"{m.quality:.2%}"),
-        ("bytes", str(o.parent_size), str(m.size_bytes)),
-        ("p50 ms batch 1", f"{o.parent_speed.latency_p50_ms_b1:.3f}", f"{m.latency_p50_ms_b1:.3f}"),
-        ("rows/s batch 32", f"{o.parent_speed.throughput:.1f}", f"{m.throughput_b32:.1f}"),
+        ("", "fp32", o.record.method),
+        (label, f"{m['parent_quality']:.2%}", f"{m['quality']:.2%}"),
+        ("bytes", str(o.parent_size), str(size)),
+        ("p50 ms batch 1", f"{parent.latency_p50_ms_b1:.3f}", f"{m[LATENCY_P50_MS_B1]:.3f}"),
+        ("rows/s batch 32", f"{parent.throughput:.1f}", f"{m[THROUGHPUT_B32]:.1f}"),
     ]
     lines = [f"{a:<16} {b:>12} {c:>16}" for a, b, c in rows]
     lines.append(
-        f"{m.quality_metric.replace('_', ' ')} drop {(m.parent_quality - m.quality) * 100:+.2f} "
-        f"points, size ratio {o.parent_size / m.size_bytes:.2f}x, throughput "
-        f"{m.throughput_b32 / o.parent_speed.throughput:.2f}x (ONNX Runtime CPU, 1 thread)"
+        f"{metric.replace('_', ' ')} drop {(m['parent_quality'] - m['quality']) * 100:+.2f} "
+        f"points, size ratio {o.parent_size / size:.2f}x, throughput "
+        f"{m[THROUGHPUT_B32] / parent.throughput:.2f}x (ONNX Runtime CPU, 1 thread)"
     )
     return "\n".join(lines)
 
@@ -149,7 +152,6 @@ def _run(
 def cmd_compress(args: argparse.Namespace) -> int:
     """Build, gate and write the compressed model and its lineage sidecar."""
     from cloud.pipeline.cli import _load_data
-    from cloud.pipeline.compression_record import record_path
     from cloud.pipeline.compressor import SearchGateError
     from cloud.pipeline.model_data import fixed_batch
     from common.onnx_runtime import describe_onnx_io
@@ -164,7 +166,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         outcome = _run(args, calibration, data, fixed_batch(inputs) or 64)
     except SearchGateError as exc:  # show what was tried, then the one error line
         if not args.json:
-            _search_table(exc.search, sys.stdout)
+            print_search_table(exc.search, sys.stdout)
         raise
 
     if args.json:
@@ -174,37 +176,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     if outcome.search is not None:
-        _search_table(outcome.search, sys.stdout)
+        print_search_table(outcome.search, sys.stdout)
     print(format_outcome(outcome))
-    print(f"wrote {args.out} and {record_path(args.out).name}")
+    print(f"wrote {args.out} and {sidecar_path(args.out).name}")
     return 0
 
 
-def _existing_file(text: str) -> Path:
-    from cloud.pipeline.cli import _existing_file as check
-
-    return check(text)
-
-
-def _unit(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
-
-
-def _points(text: str) -> float:
-    value = float(text)
-    if not -100.0 <= value <= 100.0:  # negative: demand a gain
-        raise argparse.ArgumentTypeError(f"must be within [-100, 100] points, got {text}")
-    return value
-
-
-def _batch(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"must be within [1, 4096], got {text}")
-    return value
+_unit = bounded(float, 0.0, 1.0)
+_points = bounded(float, -100.0, 100.0, " points")  # negative: demand a gain
+_batch = bounded(int, 1, 4096)
 
 
 def add_compress(subparsers: argparse._SubParsersAction) -> None:
@@ -214,24 +194,23 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress an fp32 ONNX model with ONNX Runtime: int8 static (QDQ, "
         "calibrated), int8 dynamic (MatMulInteger), fp16 (fp32 I/O kept; for GPU targets), "
-        "or 'search': try int8 configurations (per-channel, calibration method, layers kept "
-        "fp32), print what was tried and keep the fastest that passes the gate. With --data "
-        "D.npz (one array per model input plus optional 'labels' or 'reference') it is "
-        "calibrated and judged on those rows; without it, the digits split. The gate: at "
-        "most --max-drop points of accuracy (or R²) lost, or mean cosine at least "
+        "or 'search': try int8 configurations (per-channel, calibration method, rounding "
+        "options, layers kept fp32), print what was tried and keep the fastest that passes "
+        "the gate. With --data D.npz (one array per model input plus optional 'labels' or "
+        "'reference') it is calibrated and judged on those rows; without it, the digits "
+        "split. The gate: at most --max-drop points of accuracy (or R²) lost, or mean "
+        "cosine at least "
         "--min-cosine for embeddings; a miss exits 1 and writes nothing. On success writes "
         "--out and OUT.compression.json (method, parameters, parent sha256, metrics).",
     )
-    p.add_argument("--fp32", type=_existing_file, required=True, help="fp32 ONNX model")
-    p.add_argument(
-        "--data",
-        type=_existing_file,
-        default=None,
-        metavar="D.npz",
-        help="rows: one array per input name, plus optional 'labels' or 'reference' "
+    add_model_data_out(
+        p,
+        model_flag="--fp32",
+        model_help="fp32 ONNX model",
+        data_help="rows: one array per input name, plus optional 'labels' or 'reference' "
         "(none: the digits split)",
+        out_help="compressed ONNX file to write",
     )
-    p.add_argument("--out", type=Path, required=True, help="compressed ONNX file to write")
     p.add_argument("--method", choices=METHOD_CHOICES, default="int8-static-qdq", help="how")
     p.add_argument(
         "--per-channel",
@@ -250,7 +229,19 @@ def add_compress(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="OP",
-        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather)",
+        help="keep this op type fp32 (repeatable; quantized: Gemm, MatMul, Conv, Gather, "
+        "and in fused transformer graphs Attention, EmbedLayerNormalization)",
+    )
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="int8: 7-bit weights (no u8 x s8 saturation on CPUs without VNNI)",
+    )
+    p.add_argument(
+        "--weight-symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: symmetric weights (no zero point)",
     )
     p.add_argument(
         "--exclude-node",

@@ -22,20 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.pipeline.compression_record import (
-    CompressionMetrics,
-    CompressionRecord,
-    record_path,
-    write_record,
-)
 from cloud.pipeline.fp16 import FP16, convert_fp16
 from cloud.pipeline.gate import GateError, QualityGate
 from cloud.pipeline.model_data import ModelData
 from cloud.pipeline.quality import first_output, score_outputs
 from cloud.pipeline.quant_search import Scorer, SearchResult, search
 from cloud.pipeline.quantize import INT8_METHODS, QuantConfig, quantize
+from cloud.pipeline.sidecar import Sidecar, parse_sidecar, sidecar_path, write_sidecar
 from cloud.pipeline.speed_compare import Speed, measure, session_runner
 from common.errors import InvalidInputError
+from common.lineage import LATENCY_P50_MS_B1, SIZE_BYTES, THROUGHPUT_B32
 from common.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -55,7 +51,7 @@ class SearchGateError(GateError):
 
 @dataclass(frozen=True)
 class Outcome:
-    record: CompressionRecord
+    record: Sidecar
     parent_size: int
     parent_speed: Speed
     speed: Speed
@@ -137,22 +133,23 @@ def compress_model(
             {"parent": session_runner(fp32), "model": session_runner(candidate)},
             data.inputs, batch=RECORD_BATCH, rounds=rounds,
         )  # fmt: skip
-        record = CompressionRecord(
+        record = Sidecar(
             method=method,
             params=config.params() if config is not None else {"keep_io_types": True},
             parent_sha256=sha256_file(fp32),
-            metrics=CompressionMetrics(
-                quality_metric=metric,
-                quality=quality,
-                parent_quality=parent_quality,
-                size_bytes=candidate.stat().st_size,
-                latency_p50_ms_b1=speeds["model"].latency_p50_ms_b1,
-                throughput_b32=speeds["model"].throughput,
-            ),
+            quality_metric=metric,
+            metrics={
+                "quality": quality,
+                "parent_quality": parent_quality,
+                SIZE_BYTES: candidate.stat().st_size,
+                LATENCY_P50_MS_B1: speeds["model"].latency_p50_ms_b1,
+                THROUGHPUT_B32: speeds["model"].throughput,
+            },
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        record_path(out).unlink(missing_ok=True)  # never a stale sidecar beside a new model
+        sidecar_path(out).unlink(missing_ok=True)  # never a stale sidecar beside a new model
+        parse_sidecar(record.to_dict())  # one the packager would refuse stops here, not later
         os.replace(candidate, out)
-        write_record(out, record)
+        write_sidecar(out, record)
     logger.info("compressed %s -> %s (%s)", fp32, out, method)
     return Outcome(record, fp32.stat().st_size, speeds["parent"], speeds["model"], found)

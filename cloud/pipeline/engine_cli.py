@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cloud.pipeline.cli_args import add_model_data_out, bounded
 from common.cli_errors import one_line_errors
 
 SKIPPED_EXIT = 3
@@ -79,16 +80,10 @@ def add_package_engine(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=one_line_errors(cmd_package_engine))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65536:
-        raise argparse.ArgumentTypeError(f"must be within [1, 65536], got {text}")
-    return value
+_positive = bounded(int, 1, 65536)
 
 
 def add_build_engine(subparsers: argparse._SubParsersAction) -> None:
-    from cloud.pipeline.compress_cli import _existing_file
-
     p = subparsers.add_parser(
         "build-engine",
         help="build a TensorRT engine from an ONNX model (needs tensorrt and a GPU)",
@@ -100,11 +95,14 @@ def add_build_engine(subparsers: argparse._SubParsersAction) -> None:
         f"version). Exits {SKIPPED_EXIT} with one 'skipped:' line where tensorrt or a CUDA "
         "GPU is absent. Unverified on real hardware (see README).",
     )
-    p.add_argument("--model", type=_existing_file, required=True, help="ONNX model")
+    add_model_data_out(
+        p,
+        model_help="ONNX model",
+        data_help="int8 calibration rows, one array per model input",
+        out_help="engine directory",
+        out_metavar="DIR",
+    )
     p.add_argument("--precision", choices=["fp16", "int8"], required=True, help="engine math")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="engine directory")
-    p.add_argument("--data", type=_existing_file, default=None, metavar="D.npz",
-                   help="int8 calibration rows, one array per model input")  # fmt: skip
     p.add_argument("--max-batch", type=_positive, default=32, help="largest batch the engine takes")
     p.add_argument("--max-seq", type=_positive, default=128,
                    help="largest size of any other dynamic axis (e.g. tokens)")  # fmt: skip

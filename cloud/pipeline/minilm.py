@@ -13,6 +13,7 @@ FP32 [batch, 384].
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from cloud.pipeline.export import ExportError, export_onnx
+from cloud.pipeline.fusion import fuse_transformer
+from cloud.pipeline.quantize import DYNAMIC, QuantConfig
 from common.errors import FoglineError
 from common.text import ATTENTION_MASK, INPUT_IDS, TOKENIZER_FILE
 
@@ -97,11 +100,13 @@ def onnx_opset(path: Path) -> int:
     return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def export_minilm(out_path: Path, *, opset: int = 17) -> Path:
+def export_minilm(out_path: Path, *, opset: int = 17, fused: bool = True) -> Path:
     """Export fp32 MiniLM to ``out_path`` with dynamic batch and sequence axes.
 
-    Raise ExportError if the file declares another opset than ``opset``
-    (exporters have been seen to write a newer one silently).
+    ``fused`` (the shipped cloud variant): with ONNX Runtime's transformer fusions
+    (``fuse_minilm``), ~1.6x faster on CPU with the same outputs; ``fused=False``
+    gives the plain export. Raise ExportError if the file declares another opset
+    than ``opset`` (exporters have been seen to write a newer one silently).
     """
     model = load_embedder()
     examples = {
@@ -128,6 +133,8 @@ def export_minilm(out_path: Path, *, opset: int = 17) -> Path:
         path.unlink(missing_ok=True)
         raise ExportError(f"asked for ONNX opset {opset}, the exporter wrote {got}")
     _fix_embedding_width(path)
+    if fused:
+        fuse_minilm(path, path)
     return path
 
 
@@ -145,57 +152,27 @@ def _fix_embedding_width(path: Path) -> None:
     tmp.replace(path)
 
 
-def ffn_matmuls(model_path: Path) -> tuple[str, ...]:
-    """Names of the feed-forward MatMuls (``intermediate``/``output`` dense) of each layer."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return tuple(
-        n.name
-        for n in graph.node
-        if n.op_type == "MatMul"
-        and (
-            "/intermediate/dense/" in n.name
-            or ("/output/dense/" in n.name and "/attention/" not in n.name)
-        )
-    )
+def fuse_minilm(plain: Path, out: Path) -> Path:
+    """``plain`` with ONNX Runtime's BERT fusions (``cloud.pipeline.fusion``): the cloud
+    variant, and the parent of the int8 edge variant. Same inputs, outputs and axes."""
+    config = json.loads((model_dir() / "config.json").read_text(encoding="utf-8"))
+    return fuse_transformer(
+        plain,
+        out,
+        num_heads=int(config["num_attention_heads"]),
+        hidden_size=int(config["hidden_size"]),
+        layers=int(config["num_hidden_layers"]),
+    ).path
 
 
-def quantize_minilm(
-    fp32_path: Path,
-    int8_path: Path,
-    *,
-    per_channel: bool = True,
-    op_types: tuple[str, ...] = ("MatMul", "Gather"),
-    exclude: tuple[str, ...] = (),
-) -> Path:
-    """Dynamic int8 weights (per output channel) for the MatMuls and embeddings: the edge variant.
-
-    Per-tensor weights lose too much (mean cosine ~0.96); per-channel keeps
-    ~0.99 at the same speed. ``exclude`` names nodes kept in fp32 (e.g.
-    ``ffn_matmuls(fp32_path)``). Shape pre-processing runs without symbolic
-    shape inference, which fails on this graph.
-    """
-    import shutil
-    import tempfile
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    int8_path = Path(int8_path)
-    int8_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fogline-minilm-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        staged = Path(tmp) / "int8.onnx"
-        quantize_dynamic(
-            str(prepared),
-            str(staged),
-            weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-            op_types_to_quantize=list(op_types),
-            nodes_to_exclude=list(exclude),
-        )
-        shutil.move(staged, int8_path)
-    logger.info("quantized %s -> %s (%d bytes)", fp32_path, int8_path, int8_path.stat().st_size)
-    return int8_path
+# The int8 edge variant: dynamic int8 of the fused graph with per-channel weights
+# everywhere, QAttention and QEmbedLayerNormalization included. It is the fastest config
+# the accuracy-driven search (``cloud.pipeline.quant_search``) passes at the issue's gate
+# (mean cosine >= 0.99, size <= 30% of fp32): ~0.992 at 25%. For the 0.995 stretch nothing
+# fits the size budget: keeping single FFN output MatMuls fp32 helps most (layer 0:
+# 0.9934 at 27%, layers 0+1: 0.9939 at 29%; every FFN output MatMul: 0.9950 at 37%).
+EDGE_CONFIG = QuantConfig(
+    DYNAMIC,
+    per_channel=True,
+    op_types=("MatMul", "Gather", "Attention", "EmbedLayerNormalization"),
+)

@@ -4,12 +4,14 @@ fp32 export → int8 edge variant → mean cosine of each ONNX variant's
 embeddings to the fp32 PyTorch model's, over the shipped sentences
 (``data/sentences.txt``: a few hundred, 3 to ~400 tokens) → packages:
 
-- edge: int8, texts up to ``EDGE_MAX_TOKENS`` tokens served locally;
-- cloud: fp32, texts up to ``CLOUD_MAX_TOKENS``.
+- edge: int8 (``EDGE_CONFIG``, from the fused graph), texts up to
+  ``EDGE_MAX_TOKENS`` tokens served locally;
+- cloud: fp32 with ONNX Runtime's transformer fusions, texts up to ``CLOUD_MAX_TOKENS``.
 
 Both carry ``tokenizer.json`` as a signed file and their sequence limit in
-the routing hints. Each variant is judged on the texts it serves; one whose
-mean cosine is under the gate (0.99) is refused with ``CosineGateError``.
+the routing hints. Each variant is judged on the texts it serves by the
+pipeline's ``QualityGate``; one whose mean cosine is under the floor (0.99)
+is refused with ``GateError``.
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.pipeline.gate import DEFAULT_MIN_COSINE, MEAN_COSINE, QualityGate
 from cloud.pipeline.minilm import (
     CLOUD_MAX_TOKENS,
+    EDGE_CONFIG,
     EDGE_MAX_TOKENS,
     TASK,
     export_minilm,
     load_embedder,
-    quantize_minilm,
     tokenizer_path,
 )
 from cloud.pipeline.package import build_package
 from cloud.pipeline.quality import mean_cosine
-from common.errors import FoglineError, InvalidInputError
+from cloud.pipeline.quantize import quantize
+from common.errors import InvalidInputError
 from common.manifest import Manifest, RoutingHints
 from common.onnx_runtime import open_session
 from common.text import TextEncoder
@@ -40,22 +44,9 @@ from kernels.uncertainty import NO_METRIC
 logger = logging.getLogger(__name__)
 
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
-MIN_COSINE = 0.99  # the gate for embeddings (issue 6)
-MEAN_COSINE = "mean_cosine"
+MIN_COSINE = DEFAULT_MIN_COSINE  # the gate for embeddings (issue 6)
 _BATCH = 16
 _GOLDEN_TEXTS = 4
-
-
-class CosineGateError(FoglineError, ValueError):
-    """A variant's embeddings are too far from the fp32 PyTorch model's."""
-
-    def __init__(self, variant: str, cosine: float, gate: float) -> None:
-        self.cosine = cosine
-        self.gate = gate
-        super().__init__(
-            f"{variant} mean cosine {cosine:.4f} is {gate - cosine:.4f} under the gate of "
-            f"{gate:g}; nothing was packaged"
-        )
 
 
 def load_sentences(path: Path = SENTENCES) -> list[str]:
@@ -145,8 +136,8 @@ def _judge(
         "eval_texts": float(served.sum()),
     }
     logger.info("%s: mean cosine %.4f over %d texts", variant, figures[MEAN_COSINE], served.sum())
-    if figures[MEAN_COSINE] < gate:
-        raise CosineGateError(variant, figures[MEAN_COSINE], gate)
+    # The parent is the PyTorch model itself: cosine 1.
+    QualityGate(min_cosine=gate).check(variant, MEAN_COSINE, 1.0, figures[MEAN_COSINE])
     return figures
 
 
@@ -172,7 +163,9 @@ def build_minilm_packages(
     workdir.mkdir(parents=True, exist_ok=True)
     texts = texts if texts is not None else load_sentences()
     fp32 = Path(fp32_path) if fp32_path else export_minilm(workdir / "minilm-fp32.onnx")
-    int8 = Path(int8_path) if int8_path else quantize_minilm(fp32, workdir / "minilm-int8.onnx")
+    if int8_path is None:
+        int8_path = quantize(fp32, workdir / "minilm-int8.onnx", EDGE_CONFIG)
+    int8 = Path(int8_path)
     counts = token_counts(texts)
     if reference is None:
         reference = embed_torch(texts)

@@ -5,21 +5,26 @@ where it can help, since a transformer candidate costs a minute on two cores):
 
 1. dynamic (MatMulInteger; never on Conv, where ConvInteger is ~12x slower
    than fp32) and static QDQ with MinMax calibration, each with per-channel
-   and per-tensor weights;
-2. if static MinMax missed the gate: Entropy and Percentile calibration (the
-   same graph, so the same speed: only worth it to rescue quality);
-3. the best-quality config with each op type in turn kept fp32 (Q/DQ around
+   and per-tensor weights. In a fused transformer graph (``cloud.pipeline.fusion``)
+   dynamic also quantizes Attention and EmbedLayerNormalization (QAttention,
+   QEmbedLayerNormalization: the fast path); QDQ has no such ops and leaves them fp32;
+2. if static MinMax missed the gate on quality: Entropy and Percentile calibration
+   (the same graph, so the same speed: only worth it to rescue quality);
+3. the best-quality config so far with each rounding option: 7-bit weights
+   (``reduce_range``), asymmetric weights, symmetric activations (static);
+4. the best-quality config with each op type in turn kept fp32 (Q/DQ around
    a small layer can cost more than it saves);
-4. if no whole-model config passed (stages 1-2): the best-quality config with named nodes kept fp32:
-   MatMuls between two activations (attention scores, static only), then the
-   1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
+5. if no whole-model config passed (stages 1-3): the best-quality config with named
+   nodes kept fp32: MatMuls between two activations (attention scores, static only),
+   then the 1/12, 1/6, 1/3 of nodes whose inputs have the heaviest outliers (largest
    peak-to-RMS ratio on calibration rows: the ones one int8 scale fits worst),
    then up to two bisection steps towards the fewest such nodes that pass.
 
 Each candidate is scored on the data (``cloud.pipeline.quality``), judged by the
-gate, and the ones that pass are timed against the fp32 parent, interleaved
-(``cloud.pipeline.speed_compare``). The winner is the highest throughput at the
-requested batch; ties in speed do not matter, the table shows them.
+gate (quality, and size where the gate has a size budget: a candidate over it
+fails whatever its quality), and the ones that pass are timed against the fp32
+parent, interleaved (``cloud.pipeline.speed_compare``). The winner is the highest
+throughput at the requested batch; ties in speed do not matter, the table shows them.
 
 NOTE: torch-free.
 """
@@ -41,7 +46,9 @@ from cloud.pipeline.quantize import (
     COMPUTE_OP_TYPES,
     DEFAULT_OP_TYPES,
     DYNAMIC,
+    DYNAMIC_ONLY_OP_TYPES,
     STATIC,
+    TABLE_OP_TYPES,
     NothingQuantizedError,
     QuantConfig,
     pre_process,
@@ -65,6 +72,7 @@ class Trial:
     size_bytes: int
     quality: float
     miss: str | None  # why it failed the gate; None = passed
+    oversize: bool = False  # missed the size budget (whatever its quality)
     speed: Speed | None = None
     speedup: float | None = None  # throughput / fp32 throughput, same rounds
 
@@ -97,7 +105,8 @@ def _graph_facts(prepared: Path) -> tuple[set[str], list[str], list[str]]:
     nodes = [
         n
         for n in graph.node
-        if n.op_type in COMPUTE_OP_TYPES or (n.op_type == "Gather" and n.input[0] in weights)
+        if n.op_type in COMPUTE_OP_TYPES
+        or (n.op_type in TABLE_OP_TYPES and any(i in weights for i in n.input))
     ]
     act_act = [
         n.name for n in nodes if n.op_type == "MatMul" and not any(i in weights for i in n.input)
@@ -147,10 +156,25 @@ def base_candidates(op_types: set[str]) -> list[QuantConfig]:
     """Whole-model configurations for the op types the model has."""
     present = tuple(t for t in DEFAULT_OP_TYPES if t in op_types)
     dynamic_ops = tuple(t for t in present if t != "Conv")
+    static_ops = tuple(t for t in present if t not in DYNAMIC_ONLY_OP_TYPES)
     out = []
     if dynamic_ops:
         out += [QuantConfig(DYNAMIC, pc, op_types=dynamic_ops) for pc in (True, False)]
-    out += [QuantConfig(STATIC, pc, "minmax", op_types=present) for pc in (True, False)]
+    if static_ops:
+        out += [QuantConfig(STATIC, pc, "minmax", op_types=static_ops) for pc in (True, False)]
+    return out
+
+
+def option_candidates(best: QuantConfig) -> list[QuantConfig]:
+    """``best`` with each quantizer option that changes rounding, not the graph.
+
+    7-bit weights (``reduce_range``) keep the u8 x s8 pair sums of AVX2 kernels without
+    VNNI from saturating; asymmetric weights give each channel a zero point; static
+    configs also try symmetric activations (zero point 0).
+    """
+    out = [replace(best, reduce_range=True), replace(best, weight_symmetric=False)]
+    if best.method == STATIC:
+        out.append(replace(best, activation_symmetric=True))
     return out
 
 
@@ -218,6 +242,7 @@ def search(
     """
     prepared = pre_process(fp32, workdir / "prepared.onnx")
     op_types, act_act, _ = _graph_facts(prepared)
+    parent_size = fp32.stat().st_size
     trials: list[Trial] = []
 
     def attempt(config: QuantConfig) -> None:
@@ -227,10 +252,11 @@ def search(
         except NothingQuantizedError as exc:
             trials.append(Trial(config, path, 0, float("nan"), str(exc)))
             return
-        quality = score(path)
-        trial = Trial(
-            config, path, path.stat().st_size, quality, gate.miss(metric, parent_quality, quality)
-        )
+        quality, size = score(path), path.stat().st_size
+        size_miss = gate.size_miss(size, parent_size)
+        miss = gate.miss(metric, parent_quality, quality)
+        miss = "; ".join(m for m in (miss, size_miss) if m) or None
+        trial = Trial(config, path, size, quality, miss, oversize=size_miss is not None)
         logger.info("tried %s: %s %.4f %s", config.label(), metric, quality, trial.miss or "ok")
         trials.append(trial)
 
@@ -238,15 +264,21 @@ def search(
         return [c for c in configs if all(t.config != c for t in trials)]  # small models repeat
 
     def best_quality() -> Trial:
-        return max(trials, key=lambda t: t.quality if t.size_bytes else -1.0)
+        """The best quality within the size budget (any size if none is)."""
+        return max(trials, key=lambda t: (t.size_bytes > 0 and not t.oversize,
+                                          t.quality if t.size_bytes else -1.0))  # fmt: skip
 
     for config in base_candidates(op_types):
         attempt(config)
-    # Calibration changes quality, not the graph: worth trying only where MinMax missed.
+    # Calibration changes quality, not the graph (nor its size): worth trying only where
+    # MinMax missed on quality.
     static = next((t for t in trials if t.config.method == STATIC and t.size_bytes), None)
-    if static is not None and not static.passed:
+    if static is not None and not static.passed and not static.oversize:
         for config in calibration_candidates(static.config):
             attempt(config)
+    # Rounding options of the best so far: same graph, same speed, maybe better quality.
+    for config in untried(option_candidates(best_quality().config)):
+        attempt(config)
     # Layers kept fp32: op types always (Q/DQ around a small layer can cost more than
     # it saves); named nodes only when no whole-model config passed.
     # NOTE: judged before stage 3: keeping a whole op type fp32 (say every MatMul) may pass
@@ -276,4 +308,4 @@ def search(
         if str(i) in speeds:
             trial.speed = speeds[str(i)]
             trial.speedup = trial.speed.throughput / parent_speed.throughput
-    return SearchResult(metric, parent_quality, fp32.stat().st_size, parent_speed, trials)
+    return SearchResult(metric, parent_quality, parent_size, parent_speed, trials)

@@ -33,8 +33,14 @@ CALIBRATIONS = ("minmax", "entropy", "percentile")
 # Ops whose weights carry the size and the time (Gather: embedding tables, half of a
 # small transformer's bytes). Softmax itself is not quantized, so probabilities (and
 # the uncertainty scores made from them) stay fp32 math.
-DEFAULT_OP_TYPES = ("Gemm", "MatMul", "Conv", "Gather")
-COMPUTE_OP_TYPES = ("Gemm", "MatMul", "Conv")
+# Attention and EmbedLayerNormalization exist only in a fused transformer graph
+# (``cloud.pipeline.fusion``); only dynamic quantization knows them (QAttention,
+# QEmbedLayerNormalization), static QDQ leaves them fp32.
+DEFAULT_OP_TYPES = ("Gemm", "MatMul", "Conv", "Gather", "Attention", "EmbedLayerNormalization")
+COMPUTE_OP_TYPES = ("Gemm", "MatMul", "Conv", "Attention")
+DYNAMIC_ONLY_OP_TYPES = ("Attention", "EmbedLayerNormalization")
+# Ops that read a weight table rather than multiply by it.
+TABLE_OP_TYPES = ("Gather", "EmbedLayerNormalization")
 # Activation ranges settle within a few batches; more rows only cost time (MinMax keeps
 # every activation of every row in memory, the histogram methods bin each one).
 _CALIBRATION_ROWS = {"minmax": 256, "entropy": 64, "percentile": 64}
@@ -50,6 +56,10 @@ class QuantConfig:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude_op_types: tuple[str, ...] = ()  # op types left fp32 (subtracted from op_types)
     exclude_nodes: tuple[str, ...] = field(default=())  # node names left fp32
+    # 7-bit weights: room for the u8*s8 pair sums on CPUs without VNNI (no overflow).
+    reduce_range: bool = False
+    weight_symmetric: bool = True  # False: a zero point per weight channel/tensor
+    activation_symmetric: bool = False  # static only: zero point 0 for activations
 
     def __post_init__(self) -> None:
         if self.method not in INT8_METHODS:
@@ -63,7 +73,10 @@ class QuantConfig:
 
     @property
     def quantized_op_types(self) -> list[str]:
-        return [t for t in self.op_types if t not in self.exclude_op_types]
+        dropped = set(self.exclude_op_types)
+        if self.method == STATIC:
+            dropped |= set(DYNAMIC_ONLY_OP_TYPES)
+        return [t for t in self.op_types if t not in dropped]
 
     def label(self) -> str:
         """A short name for tables: ``static pc minmax -MatMul``."""
@@ -74,6 +87,12 @@ class QuantConfig:
         if self.method == STATIC:
             parts.append(self.calibration)
         parts += [f"-{t}" for t in self.exclude_op_types]
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if not self.weight_symmetric:
+            parts.append("asym-weights")
+        if self.activation_symmetric and self.method == STATIC:
+            parts.append("sym-act")
         if self.exclude_nodes:
             parts.append(f"-{len(self.exclude_nodes)} nodes")
         return " ".join(parts)
@@ -86,7 +105,30 @@ class QuantConfig:
         }
         if self.method == STATIC:
             params["calibration"] = self.calibration
+        # Rounding options only where they differ from ORT's defaults (older records stay as
+        # they were).
+        if self.reduce_range:
+            params["reduce_range"] = True
+        if not self.weight_symmetric:
+            params["weight_symmetric"] = False
+        if self.activation_symmetric and self.method == STATIC:
+            params["activation_symmetric"] = True
         return params
+
+    def extra_options(self) -> dict[str, Any]:
+        """ORT quantizer ``extra_options`` for this config."""
+        import onnx
+
+        # Fused ops (Attention, SkipLayerNormalization, ...) are in another domain, so
+        # shape inference cannot type their outputs: they are float.
+        options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        # NOTE: set only when asked: an explicit WeightSymmetric also applies to tensors
+        # ORT would otherwise treat by their type (it changed a static CNN's accuracy).
+        if not self.weight_symmetric:
+            options["WeightSymmetric"] = False
+        if self.activation_symmetric and self.method == STATIC:
+            options["ActivationSymmetric"] = True
+        return options
 
 
 def _calibration_reader(feeds: dict[str, np.ndarray], batch: int) -> Any:
@@ -153,11 +195,12 @@ def quantize(
     fp32_path: Path,
     out: Path,
     config: QuantConfig,
-    calibration: dict[str, np.ndarray],
+    calibration: dict[str, np.ndarray] | None = None,
     *,
     batch: int = 64,
 ) -> Path:
-    """Write the int8 model for ``config``; ``calibration`` feeds static activation ranges."""
+    """Write the int8 model for ``config``; ``calibration`` feeds static activation ranges
+    (dynamic quantization needs none)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -166,7 +209,7 @@ def quantize(
         quantize_static,
     )
 
-    if not calibration or len(next(iter(calibration.values()))) == 0:
+    if config.method == STATIC and (not calibration or len(next(iter(calibration.values()))) == 0):
         raise InvalidInputError("quantization needs at least one calibration row")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +222,8 @@ def quantize(
             "per_channel": config.per_channel,
             "nodes_to_exclude": list(config.exclude_nodes),
             "weight_type": QuantType.QInt8,
+            "reduce_range": config.reduce_range,
+            "extra_options": config.extra_options(),
         }
         if config.method == DYNAMIC:
             quantize_dynamic(str(prepared), str(out), **common)
@@ -189,6 +234,7 @@ def quantize(
                 "percentile": CalibrationMethod.Percentile,
             }[config.calibration]
             rows = _CALIBRATION_ROWS[config.calibration]
+            assert calibration is not None  # checked above
             calibration = {k: v[:rows] for k, v in calibration.items()}
             quantize_static(
                 str(prepared),

@@ -10,6 +10,8 @@ could have edited.
 Shape: ``{"method", "params", "parent_sha256", "metrics": {"quality_metric",
 "quality", "parent_quality", "size_bytes", "latency_p50_ms_b1",
 "throughput_b32"}}``.
+
+NOTE: torch-free and cheap to import: the ``fogline model`` CLI modules import it.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ class Sidecar:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = dict(self.metrics)
+        metrics: dict[str, Any] = {}
         if self.quality_metric is not None:
             metrics["quality_metric"] = self.quality_metric
+        metrics.update(self.metrics)
         return {
             "method": self.method,
             "params": self.params,
@@ -67,7 +70,7 @@ class Sidecar:
 
 
 def sidecar_path(model: Path) -> Path:
-    """``m.onnx`` -> ``m.onnx.compression.json`` (as ``cloud.pipeline.compression_record``)."""
+    """``m.onnx`` -> ``m.onnx.compression.json``."""
     return Path(model).with_name(Path(model).name + SUFFIX)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
+from cloud.pipeline.gate import GateError
 from cloud.pipeline.minilm import CLOUD_MAX_TOKENS, EDGE_MAX_TOKENS, onnx_opset
 from cloud.pipeline.minilm_package import (
     MIN_COSINE,
-    CosineGateError,
     build_minilm_packages,
     embed_onnx,
     embed_torch,
@@ -87,7 +87,7 @@ def test_int8_edge_variant_passes_the_cosine_gate_and_is_small():
 def test_a_variant_under_the_gate_is_refused_saying_by_how_much(tmp_path):
     build = minilm_build()
     texts = load_sentences()[:40]
-    with pytest.raises(CosineGateError, match=r"under the gate of 0\.99999") as err:
+    with pytest.raises(GateError, match=r"below the 0\.99999 floor") as err:
         build_minilm_packages(
             tmp_path,
             fp32_path=build.fp32_path,
@@ -96,7 +96,8 @@ def test_a_variant_under_the_gate_is_refused_saying_by_how_much(tmp_path):
             texts=texts,
             min_cosine=0.99999,
         )
-    assert f"{0.99999 - err.value.cosine:.4f}" in str(err.value)
+    assert err.value.quality is not None
+    assert f"is {0.99999 - err.value.quality:.2g} below" in str(err.value)
     assert not (tmp_path / "pkg-edge").exists()
 
 

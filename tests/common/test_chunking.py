@@ -128,3 +128,20 @@ def test_verify_only_assembly_checks_every_chunk_and_keeps_no_bytes() -> None:
     assert asm.complete and asm.data() == b""
     with pytest.raises(ValueError):
         chunking.Assembler(len(data), 1024, None, keep=False)  # nothing to verify against
+
+
+def test_a_decoded_chunk_is_hashed_once_and_its_digest_does_not_outlive_its_bytes() -> None:
+    """decode() keeps the SHA-256 it computed for the Assembler; a copy with other bytes
+    (dataclasses.replace) does not carry it, so the Assembler hashes that copy itself."""
+    import dataclasses
+
+    data = bytes(range(256)) * 8
+    hashes = chunking.chunk_hashes(data, 512)
+    real = chunking.decode(next(chunking.split(data, 512)).encode())
+    assert real.sha256 is not None and real.sha256.hex() == hashes[0]
+    forged = dataclasses.replace(real, data=bytes(512))
+    assert forged.sha256 is None
+    asm = chunking.Assembler(len(data), 512, hashes, keep=False)
+    with pytest.raises(VerificationError):
+        asm.add(forged)
+    assert asm.add(real)

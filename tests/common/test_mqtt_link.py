@@ -84,3 +84,31 @@ async def test_retained_messages_can_be_refused_per_subscription(mosquitto) -> N
                 assert live_only.empty()
         finally:
             await pub.publish(topic, b"", retain=True)
+
+
+async def test_a_slow_handler_holds_the_backlog_at_the_broker_not_in_memory(mosquitto) -> None:
+    """paho's thread waits while the loop is behind: the undelivered messages stay at the
+    broker (one copy for every subscriber) instead of piling up in each client."""
+    from common.mqtt import MAX_BACKLOG
+
+    got: list[bytes] = []
+    most = 0
+    async with link(mosquitto, "bp-sub") as sub, link(mosquitto, "bp-pub") as pub:
+        await sub.wait_connected(5)
+        await pub.wait_connected(5)
+
+        async def slow(_topic: str, payload: bytes) -> None:
+            nonlocal most
+            most = max(most, sub._backlog)
+            got.append(payload)
+            await asyncio.sleep(0.005)
+
+        sub.subscribe("fogline/v1/test/bp", slow)
+        await asyncio.sleep(0.2)
+        sent = [str(i).encode() for i in range(4 * MAX_BACKLOG)]
+        await asyncio.gather(*(pub.publish("fogline/v1/test/bp", p) for p in sent))
+        async with asyncio.timeout(60):
+            while len(got) < len(sent):
+                await asyncio.sleep(0.05)
+    assert got == sent  # every one, in order
+    assert most <= MAX_BACKLOG + 1  # never the whole burst
