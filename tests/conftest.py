@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,28 @@ from hypothesis import HealthCheck, settings
 # deadline would turn a busy moment into a failure. What is checked stays the same.
 settings.register_profile("fogline", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("fogline")
+
+
+def _worker_port_range() -> None:
+    """Under pytest-xdist, give each worker its own slice of the ports ``free_port`` picks from.
+
+    ``FOGLINE_PORT_RANGE`` is inherited by every process a test starts (a demo, an agent),
+    so no two workers ever pick the same port, whoever picks it. Idempotent: this module
+    may be imported twice (as conftest and as ``tests.conftest``).
+    """
+    from fogline.broker import _LOWEST_PORT, PORT_RANGE_ENV, _ephemeral_range
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return
+    low, high = _LOWEST_PORT, _ephemeral_range()[0] - 1  # the default range, sliced
+    size = (high - low + 1) // count
+    start = low + int(worker.removeprefix("gw")) * size
+    os.environ[PORT_RANGE_ENV] = f"{start}-{start + size - 1}"
+
+
+_worker_port_range()
 
 
 def free_port() -> int:
