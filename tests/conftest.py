@@ -127,3 +127,25 @@ def postgres_url() -> Iterator[str]:
             yield f"postgresql://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# The modules that take longest (whole demo runs, agent and server processes, training).
+# Under pytest-xdist (scripts/test.sh: --dist loadscope --no-loadscope-reorder) a module
+# goes to one worker as a whole, in collection order: these start first, so that no worker
+# is left with one of them at the end while the others idle. Order within a module is kept.
+LONG_MODULES = (
+    "tests/test_demo.py",
+    "tests/test_demo_amqtt.py",
+    "tests/edge/test_agent_rollout.py",
+    "tests/edge/test_agent_crash.py",
+    "tests/test_broker_auth.py",
+    "tests/cloud/test_compression.py",
+    "tests/cloud/test_model_factory.py",
+    "tests/test_request_memory.py",
+    "tests/edge/test_router.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {module: i for i, module in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))
