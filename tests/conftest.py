@@ -20,12 +20,15 @@ settings.register_profile("fogline", deadline=None, suppress_health_check=[Healt
 settings.load_profile("fogline")
 
 
-def _worker_port_range() -> None:
-    """Under pytest-xdist, give each worker its own slice of the ports ``free_port`` picks from.
+def _worker_environment() -> None:
+    """Under pytest-xdist, each worker gets its own slice of the ports ``free_port`` picks
+    from, and one OpenMP thread.
 
     ``FOGLINE_PORT_RANGE`` is inherited by every process a test starts (a demo, an agent),
-    so no two workers ever pick the same port, whoever picks it. Idempotent: this module
-    may be imported twice (as conftest and as ``tests.conftest``).
+    so no two workers ever pick the same port, whoever picks it. ``OMP_NUM_THREADS=1``:
+    four workers on two cores, each training with a thread per core, spend their time
+    spinning in OpenMP barriers. Idempotent: this module may be imported twice (as
+    conftest and as ``tests.conftest``).
     """
     from fogline.broker import _LOWEST_PORT, PORT_RANGE_ENV, _ephemeral_range
 
@@ -37,9 +40,10 @@ def _worker_port_range() -> None:
     size = (high - low + 1) // count
     start = low + int(worker.removeprefix("gw")) * size
     os.environ[PORT_RANGE_ENV] = f"{start}-{start + size - 1}"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-_worker_port_range()
+_worker_environment()
 
 
 def free_port() -> int:
@@ -133,16 +137,25 @@ def postgres_url() -> Iterator[str]:
 # Under pytest-xdist (scripts/test.sh: --dist loadscope --no-loadscope-reorder) a module
 # goes to one worker as a whole, in collection order: these start first, so that no worker
 # is left with one of them at the end while the others idle. Order within a module is kept.
-LONG_MODULES = (
+LONG_MODULES = (  # from `pytest --durations`, longest first
     "tests/test_demo.py",
     "tests/test_demo_amqtt.py",
-    "tests/edge/test_agent_rollout.py",
-    "tests/edge/test_agent_crash.py",
-    "tests/test_broker_auth.py",
-    "tests/cloud/test_compression.py",
-    "tests/cloud/test_model_factory.py",
+    "tests/cloud/test_training_scale.py",
+    "tests/cloud/test_pipeline.py",
+    "tests/test_v2_fuzz.py",
+    "tests/edge/test_load_escalation.py",
+    "tests/cloud/test_prune.py",
     "tests/test_request_memory.py",
-    "tests/edge/test_router.py",
+    "tests/cloud/test_control_cli.py",
+    "tests/test_operator_cli.py",
+    "tests/edge/test_agent_crash.py",
+    "tests/cloud/test_distill.py",
+    "tests/edge/test_multimodel.py",
+    "tests/test_fleet_simulator.py",
+    "tests/edge/test_systemd_notify.py",
+    "tests/cloud/test_lineage_cli.py",
+    "tests/test_broker_auth.py",
+    "tests/edge/test_agent_rollout.py",
 )
 
 
