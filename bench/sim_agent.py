@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import keyring, messages, topics
 from common.errors import FoglineError
+from common.hardware import Hardware, check_package_fits
 from common.manifest import SignedManifest, artifact_digest, split_artifact
 from common.messages import Command
 from common.mqtt import MqttLink, Will
@@ -64,8 +65,14 @@ class SimAgent:
         username: str | None = None,
         password: str | None = None,
         keep_artifact: bool = True,
+        hardware: Hardware | None = None,
+        runtimes: tuple[str, ...] = (),
     ) -> None:
+        """``hardware`` and ``runtimes``: what this simulated device has (and reports); it
+        refuses a package that does not fit them as the agent does (common.hardware)."""
         self.device_id = device_id
+        self.hardware = hardware or Hardware(arch="sim")
+        self.runtimes = runtimes
         # False: every chunk is checked against the signed chunk list, but no bytes are
         # kept, so no whole-artifact digest either (hundreds of devices on one host).
         self.keep_artifact = keep_artifact
@@ -117,8 +124,8 @@ class SimAgent:
             self.device_id,
             True,
             agent_version="sim",
-            hardware={"arch": "sim"},
-            runtimes=[],
+            hardware=self.hardware.to_dict(),
+            runtimes=list(self.runtimes),
             models=models,
             keyring_version=self.trust.version,
         )
@@ -176,6 +183,7 @@ class SimAgent:
         m = signed.manifest
         await self._emit(cmd.id, "received", model=m.name, version=m.version)
         signed.verify(self.trust)
+        check_package_fits(m, self.hardware, self.runtimes)
         if m.chunks is None:
             raise FoglineError("the simulator needs a signed chunk list")
         download = ChunkDownload(
@@ -198,7 +206,9 @@ class SimAgent:
         await self._emit(cmd.id, "verified")
         self._active[m.name] = m.version
         self.stats.activated[digest] = time.time()  # wall clock: compared across processes
-        await self._emit(cmd.id, "activated", model=m.name, version=m.version, simulated=True)
+        await self._emit(
+            cmd.id, "activated", model=m.name, version=m.version, format=m.format, simulated=True
+        )
         await self.publish_status()
 
     def _rejected(self, command_id: str):  # type: ignore[no-untyped-def]

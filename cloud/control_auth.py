@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from cloud.enrollment import RevokedDevices
 from cloud.operator_tokens import TOKEN_PREFIX, VIEWER, Operator, OperatorTokens
 from common.device_token import verify_token
 from common.errors import AuthError, FoglineError, ForbiddenError, InvalidInputError
@@ -28,6 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPERATORS = web.AppKey("operators", OperatorTokens)
 TRUST = web.AppKey("device_token_trust", TrustStore)  # keys that sign device tokens
+REVOKED = web.AppKey("revoked_devices", RevokedDevices)  # whose tokens are refused
 UPLOAD_LIMIT = web.AppKey("upload_limit", int)  # bytes, all files of one publish
 # The caller of a guarded route: the Operator, or the device id of a device token.
 CALLER = web.RequestKey("caller", object)
@@ -49,7 +51,10 @@ async def authenticate(request: web.Request, role: str) -> Operator | str:
     """The caller, if its token is valid and allows ``role``; AuthError / ForbiddenError."""
     token = bearer_token(request)
     if role in (DEVICE, DEVICE_OR_VIEWER) and not token.startswith(TOKEN_PREFIX):
-        return verify_token(request.app[TRUST], token).device_id
+        claims = verify_token(request.app[TRUST], token)
+        if request.app[REVOKED].current().refuses(claims):
+            raise AuthError(f"device {claims.device_id!r} was revoked")
+        return claims.device_id
     operator = await asyncio.to_thread(request.app[OPERATORS].verify, token)
     if role == DEVICE:  # a valid operator token, but what a device reports must be its own
         raise ForbiddenError("this route takes a device's own token, not an operator's")

@@ -162,6 +162,15 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         help="broker login (default: WORKDIR/broker-control.json, made by `fogline broker config`)",
     )
     serve.add_argument("--broker-password-file", type=Path, help="file holding the password")
+    serve.add_argument(
+        "--replica",
+        type=int,
+        default=os.environ.get("FOGLINE_REPLICA", "1"),
+        metavar="K",
+        help="which control-plane replica this is, to pick its own broker login from the "
+        "workdir (`fogline broker config --control-replicas N` makes one per replica) "
+        "(default: $FOGLINE_REPLICA, else %(default)s)",
+    )
     serve.add_argument("--broker-tls-ca", help="CA file: connect to the broker with TLS")
     serve.add_argument(
         "--mqtt-client-id",
@@ -281,7 +290,7 @@ def _broker_login(args: argparse.Namespace) -> tuple[str | None, str | None]:
     Also checks the TLS CA file, so that a typo is one line at start, not a failing
     reconnect loop.
     """
-    from cloud.enrollment import CONTROL_CREDENTIALS_FILE, read_control_credentials
+    from cloud.enrollment import control_login_name, read_control_credentials
 
     if args.broker_tls_ca and not Path(args.broker_tls_ca).is_file():
         raise InvalidInputError(f"--broker-tls-ca {args.broker_tls_ca} is not a file")
@@ -293,8 +302,14 @@ def _broker_login(args: argparse.Namespace) -> tuple[str | None, str | None]:
         except OSError as exc:
             raise InvalidInputError(f"cannot read {args.broker_password_file}: {exc}") from exc
         return args.broker_username, password
-    path = args.workdir / CONTROL_CREDENTIALS_FILE
+    _, filename = control_login_name(args.replica)
+    path = args.workdir / filename
     if not path.exists():
+        if args.replica != 1:
+            raise InvalidInputError(
+                f"no broker login for replica {args.replica} ({path}): run `fogline broker "
+                f"config --control-replicas {args.replica}` and reload the broker"
+            )
         return None, None
     creds = read_control_credentials(path)
     return creds.username, creds.password
@@ -392,11 +407,11 @@ async def _list_rollouts(args: argparse.Namespace, api: ControlApi) -> int:
 
 def _rollout_table(r: dict[str, Any]) -> str:
     devices = sorted((r.get("devices") or {}).items())
-    rows = [[d, s["stage"], s.get("error")] for d, s in devices]
+    rows = [[d, s.get("package") or "onnx", s["stage"], s.get("error")] for d, s in devices]
     return (
         table([_rollout_row(r)], ROLLOUT_HEADER)
         + "\n\n"
-        + table(rows, ["DEVICE", "STAGE", "ERROR"])
+        + table(rows, ["DEVICE", "PACKAGE", "STAGE", "ERROR"])
     )
 
 

@@ -28,13 +28,14 @@ from cloud.control_auth import (
     DEVICE,
     DEVICE_OR_VIEWER,
     OPERATORS,
+    REVOKED,
     TRUST,
     UPLOAD_LIMIT,
     guarded,
     receive_package,
 )
 from cloud.control_metrics import CONTROL_METRICS, ControlMetrics, latency_middleware, metrics
-from cloud.enrollment import load_enrollments
+from cloud.enrollment import RevokedDevices, load_enrollments
 from cloud.fallback_metrics import FallbackScraper
 from cloud.fleet import FleetMonitor
 from cloud.key_rollout import KeyService
@@ -53,6 +54,7 @@ from common.json_object import parse_json_object
 from common.manifest import SignedManifest
 from common.mqtt import MqttLink, TlsConfig
 from common.names import check_name
+from common.revocations import sign_revocations
 from common.v2_server import error_middleware
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ def build_control_app(settings: ControlSettings) -> web.Application:
         ("GET", "/api/whoami", whoami, VIEWER),
         ("GET", "/api/devices", devices, VIEWER),
         ("POST", "/api/devices/{device_id}/token", device_token, ADMIN),
+        ("GET", "/api/device-revocations", device_revocations, VIEWER),
         ("GET", "/api/models", models, VIEWER),
         ("POST", "/api/models", publish, OPERATOR),
         ("GET", "/api/models/{name}/versions/{version}", model_version, VIEWER),
@@ -207,6 +210,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             )
             app[OPERATORS] = registry.operators
             app[TRUST] = keys.trust  # verifies device tokens; kept current after key changes
+            app[REVOKED] = RevokedDevices(settings.workdir)
             yield
         registry.close()
         lock.close()
@@ -266,6 +270,13 @@ async def device_token(request: web.Request) -> web.Response:
     return web.json_response({"device_id": device_id, "token": token}, status=201)
 
 
+async def device_revocations(request: web.Request) -> web.Response:
+    """The revoked devices, signed now by the active control key (a fallback follows it
+    with its keyrings and refuses those devices' tokens)."""
+    revoked = request.app[REVOKED].current()
+    return web.json_response(sign_revocations(request.app[KEYS].signer, revoked))
+
+
 async def models(request: web.Request) -> web.Response:
     """Every published version. With an ETag, so pollers (fallback replicas) that send
     ``If-None-Match`` get a bodiless 304 while nothing was published."""
@@ -286,10 +297,15 @@ async def model_version(request: web.Request) -> web.Response:
 
 
 async def model_detail(request: web.Request) -> web.Response:
-    """Every variant of every version of one model (``?version=V``: of that version)."""
+    """Every variant of every version of one model (``?version=V``: of that version), and
+    the TensorRT engine packages beside their ONNX packages."""
     name, version = request.match_info["name"], request.query.get("version")
-    records = await asyncio.to_thread(request.app[REGISTRY].model_versions, name, version)
-    return web.json_response({"name": name, "versions": [r.summary() for r in records]})
+    registry = request.app[REGISTRY]
+    records = await asyncio.to_thread(registry.model_versions, name, version)
+    engines = await asyncio.to_thread(registry.engines, name, version)
+    return web.json_response(
+        {"name": name, "versions": [r.summary() for r in records], "engines": engines}
+    )
 
 
 async def model_lineage(request: web.Request) -> web.Response:

@@ -31,8 +31,10 @@ from common.device_token import DEFAULT_LIFETIME_S, issue_token
 from common.errors import InvalidInputError
 from common.fsutil import write_private
 from common.names import check_name
+from common.revocations import Revocations
 
 ENROLLMENTS_FILE = "enrollments.json"
+REVOCATIONS_FILE = "revocations.json"  # devices whose tokens no verifier may accept
 CONTROL_CREDENTIALS_FILE = "broker-control.json"
 
 
@@ -174,12 +176,52 @@ def write_agent_config(path: Path, config: dict[str, Any]) -> None:
 
 
 def revoke_device(workdir: Path, device_id: str) -> None:
-    """Forget a device; it loses broker access when the broker config is regenerated."""
+    """Forget a device and revoke the tokens it holds.
+
+    Its broker login goes when the broker config is regenerated; its fallback
+    tokens at once on the control plane, and on each fallback at its next refresh
+    (``--key-refresh-s``), through the revocation list.
+    """
     with _locked(workdir):
         enrollments = load_enrollments(workdir)
         if enrollments.pop(check_name(device_id, "device id"), None) is None:
             raise InvalidInputError(f"device {device_id!r} is not enrolled")
+        revoked = load_revocations(workdir).with_device(device_id, time.time())
+        # The list first: a crash in between leaves a device revoked but still
+        # enrolled (revoke again), never forgotten but with working tokens.
+        write_private(workdir / REVOCATIONS_FILE, json.dumps(revoked.to_doc()).encode())
         _save_enrollments(workdir, enrollments)
+
+
+def load_revocations(workdir: Path) -> Revocations:
+    """The revoked devices (unsigned on the host; the control plane signs what it serves)."""
+    path = workdir / REVOCATIONS_FILE
+    try:
+        return Revocations.from_doc(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return Revocations()
+    except (OSError, ValueError) as exc:  # InvalidInputError is a ValueError
+        raise InvalidInputError(f"cannot read {path}: {exc}") from exc
+
+
+class RevokedDevices:
+    """The control plane's view of ``revocations.json``, read again when it changes."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._path = workdir / REVOCATIONS_FILE
+        self._stamp: tuple[int, int] | None = None
+        self._current = Revocations()
+
+    def current(self) -> Revocations:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return Revocations()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._current = load_revocations(self._path.parent)
+            self._stamp = stamp
+        return self._current
 
 
 # -- the control plane's broker identity and the broker's files -----------------------
@@ -191,13 +233,33 @@ class BrokerCredentials:
     password: str
 
 
-def control_credentials(workdir: Path, *, rotate: bool = False) -> BrokerCredentials:
-    """The control plane's broker login, created on first use (``rotate``: a new password)."""
-    path = workdir / CONTROL_CREDENTIALS_FILE
+MAX_CONTROL_REPLICAS = 64
+
+
+def control_login_name(replica: int = 1) -> tuple[str, str]:
+    """(broker username, credentials file name) of control-plane replica ``replica``.
+
+    Each replica needs its own login: the broker forces client id = username, so two
+    replicas sharing one would take each other's session over and over. Replica 1
+    keeps the names a single control plane has always had.
+    """
+    if not 1 <= replica <= MAX_CONTROL_REPLICAS:
+        raise InvalidInputError(f"replica {replica} is not in 1..{MAX_CONTROL_REPLICAS}")
+    if replica == 1:
+        return CONTROL_USERNAME, CONTROL_CREDENTIALS_FILE
+    return f"{CONTROL_USERNAME}-{replica}", f"broker-control-{replica}.json"
+
+
+def control_credentials(
+    workdir: Path, *, replica: int = 1, rotate: bool = False
+) -> BrokerCredentials:
+    """Replica ``replica``'s broker login, created on first use (``rotate``: a new password)."""
+    username, filename = control_login_name(replica)
+    path = workdir / filename
     with _locked(workdir):
         if path.exists() and not rotate:
             return read_control_credentials(path)
-        creds = BrokerCredentials(CONTROL_USERNAME, broker_auth.new_password())
+        creds = BrokerCredentials(username, broker_auth.new_password())
         write_private(path, json.dumps(asdict(creds), indent=2).encode())
     return creds
 
@@ -226,18 +288,25 @@ def write_broker_config(
     host: str | None = None,
     tls: TlsFiles | None = None,
     run_as: str | None = None,
+    control_replicas: int = 1,
 ) -> BrokerFiles:
-    """``mosquitto.conf``, ``passwd`` (0600) and ``acl`` in ``out`` for every enrolled device."""
+    """``mosquitto.conf``, ``passwd`` (0600) and ``acl`` in ``out`` for every enrolled device
+    and ``control_replicas`` control-plane logins (see ``control_login_name``)."""
     if tls is not None:
         for f in (tls.cert, tls.key, *([tls.ca] if tls.ca else [])):
             if not f.is_file():
                 raise InvalidInputError(f"TLS file {f} does not exist")
-    control = control_credentials(workdir)
+    if not 1 <= control_replicas <= MAX_CONTROL_REPLICAS:
+        raise InvalidInputError(
+            f"--control-replicas {control_replicas} is not in 1..{MAX_CONTROL_REPLICAS}"
+        )
+    controls = [control_credentials(workdir, replica=r) for r in range(1, control_replicas + 1)]
     enrollments = load_enrollments(workdir)
     hashes = {d: e.password_hash for d, e in enrollments.items()}
-    hashes[control.username] = broker_auth.hash_password(control.password)
     grants = {d: broker_auth.device_grants(d) for d in enrollments}
-    grants[control.username] = broker_auth.control_grants()
+    for control in controls:
+        hashes[control.username] = broker_auth.hash_password(control.password)
+        grants[control.username] = broker_auth.control_grants()
     files = BrokerFiles(out / "mosquitto.conf", out / "passwd", out / "acl", out / "data")
     files.persistence_dir.mkdir(parents=True, exist_ok=True)
     write_private(files.password_file, broker_auth.render_password_file(hashes).encode())

@@ -81,6 +81,16 @@ def register_broker(subparsers: argparse._SubParsersAction) -> None:
     config.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     config.add_argument("--ca", type=Path, help="CA certificate (PEM) for client certificates")
     config.add_argument("--run-as", help="user mosquitto drops to when started as root")
+    config.add_argument(
+        "--control-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="control-plane replicas that share one PostgreSQL (--share-group): each gets "
+        "its own login, WORKDIR/broker-control.json for replica 1 and "
+        "WORKDIR/broker-control-K.json for replica K; start replica K with "
+        "`fogline control serve --replica K` (default: %(default)s)",
+    )
     config.set_defaults(func=one_line_errors(_broker_config))
 
 
@@ -141,7 +151,13 @@ def _broker_config(args: argparse.Namespace) -> int:
         return 1
     tls = TlsFiles(args.tls_cert, args.tls_key, args.ca) if args.tls_cert else None
     files = enrollment.write_broker_config(
-        args.workdir, args.out, port=args.port, host=args.host, tls=tls, run_as=args.run_as
+        args.workdir,
+        args.out,
+        port=args.port,
+        host=args.host,
+        tls=tls,
+        run_as=args.run_as,
+        control_replicas=args.control_replicas,
     )
     print(f"wrote {files.conf}, {files.password_file}, {files.acl_file}")
     return 0

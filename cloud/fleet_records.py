@@ -12,7 +12,8 @@ from typing import Any
 
 from cloud.database import Database
 from cloud.telemetry import telemetry_increments
-from common.errors import NotFoundError
+from common.errors import InvalidInputError, NotFoundError
+from common.hardware import ONNX_PACKAGE, parse_hardware
 from common.messages import CHUNK_REJECTED
 from common.names import check_name
 
@@ -36,6 +37,13 @@ class FleetRecords:
         state = status.get("state")
         status = {**status, "device_id": device_id}
         status["state"] = state if state in DEVICE_STATES else "unknown"
+        status.pop("hardware_error", None)  # only this door writes it
+        try:
+            status["hardware"] = parse_hardware(status.get("hardware")).to_dict()
+        except InvalidInputError as exc:
+            # The rest of the status stands; the device is treated as plain CPU (ONNX).
+            status["hardware"] = {}
+            status["hardware_error"] = str(exc)[:300]
         self._q(
             "INSERT INTO devices (device_id, state, status, last_seen) VALUES (?,?,?,?)"
             " ON CONFLICT(device_id) DO UPDATE SET state=excluded.state,"
@@ -102,8 +110,15 @@ class FleetRecords:
     # -- rollouts and events ---------------------------------------------------------
 
     def create_rollout(
-        self, rollout_id: str, name: str, version: str, targets: dict[str, str]
+        self,
+        rollout_id: str,
+        name: str,
+        version: str,
+        targets: dict[str, str],
+        packages: dict[str, str] | None = None,
     ) -> None:
+        """``targets``: device -> command id; ``packages``: device -> the package it was
+        sent (``common.hardware``: ``onnx`` or an engine id; ``onnx`` where absent)."""
         check_name(rollout_id, "rollout id")
         for device_id in targets:
             check_name(device_id, "device id")
@@ -114,8 +129,12 @@ class FleetRecords:
                 (rollout_id, name, version, "running", now),
             )
             db.executemany(
-                "INSERT INTO rollout_devices VALUES (?,?,?,?,NULL,?)",
-                [(rollout_id, d, c, "sent", now) for d, c in targets.items()],
+                "INSERT INTO rollout_devices (rollout_id, device_id, command_id, stage, error,"
+                " updated_at, package) VALUES (?,?,?,?,NULL,?,?)",
+                [
+                    (rollout_id, d, c, "sent", now, (packages or {}).get(d, ONNX_PACKAGE))
+                    for d, c in targets.items()
+                ],
             )
 
     def record_event(
@@ -188,6 +207,13 @@ class FleetRecords:
             for r in self._q("SELECT id, name, version FROM rollouts WHERE state='running'")
         ]
 
+    def rollout_packages(self, rollout_id: str) -> set[str]:
+        """The package ids a rollout's devices were sent (to resume its broadcasts)."""
+        rows = self._q(
+            "SELECT DISTINCT package FROM rollout_devices WHERE rollout_id=?", (rollout_id,)
+        )
+        return {r[0] or ONNX_PACKAGE for r in rows}
+
     def finish_rollout(self, rollout_id: str, state: str) -> bool:
         """End a running rollout; False if it had ended already (NOTE: an abort wins)."""
         rows = self._q(
@@ -207,9 +233,9 @@ class FleetRecords:
             raise NotFoundError(f"unknown rollout {rollout_id!r}")
         name, version, state, created, finished = rows[0]
         devices = {
-            d: {"stage": s, "error": e, "command_id": c}
-            for d, s, e, c in self._q(
-                "SELECT device_id, stage, error, command_id FROM rollout_devices"
+            d: {"stage": s, "error": e, "command_id": c, "package": p or ONNX_PACKAGE}
+            for d, s, e, c, p in self._q(
+                "SELECT device_id, stage, error, command_id, package FROM rollout_devices"
                 " WHERE rollout_id=?",
                 (rollout_id,),
             )

@@ -93,6 +93,27 @@ def _parent_index(db: Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS versions_by_parent ON versions (lineage_parent)")
 
 
+ENGINE_SCHEMA = """
+CREATE TABLE engine_packages (
+    name TEXT NOT NULL, version TEXT NOT NULL, package TEXT NOT NULL,
+    compute_capability TEXT NOT NULL, tensorrt_version TEXT NOT NULL,
+    signed_manifest TEXT NOT NULL, artifact_digest TEXT NOT NULL,
+    artifact_size BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (name, version, package)
+);
+CREATE INDEX engine_packages_by_digest ON engine_packages (artifact_digest);
+"""
+
+
+def _engine_packages(db: Database) -> None:
+    """Engine packages beside each version's ONNX package (``cloud.engine_records``), and
+    which package each device of a rollout was sent (NULL before: the ONNX one)."""
+    for statement in ENGINE_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("ALTER TABLE rollout_devices ADD COLUMN package TEXT")
+
+
 @dataclass(frozen=True)
 class Migration:
     number: int
@@ -104,6 +125,9 @@ MIGRATIONS = (
     Migration(1, "base schema: versions, devices, rollouts, events", _base),
     Migration(2, "versions: lineage parent, method, params and metrics", _lineage),
     Migration(3, "index versions by lineage parent", _parent_index),
+    Migration(
+        4, "engine packages per GPU target; the package each rollout device got", _engine_packages
+    ),
 )
 
 

@@ -191,6 +191,15 @@ async def fetch_keyrings(control_url: str, token: str | None = None) -> list[Any
     return chain
 
 
+async def fetch_revocations(control_url: str, token: str | None = None) -> Any:
+    """The control plane's signed list of revoked devices (``GET /api/device-revocations``),
+    unverified: the caller offers it to a ``common.revocations.RevocationHolder``."""
+    url = f"{control_url.rstrip('/')}/api/device-revocations"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        return await _get_json(session, url, {}, "device revocation list")
+
+
 async def list_models(
     control_url: str, token: str | None = None, etag: str | None = None
 ) -> tuple[list[Any] | None, str | None]:

@@ -11,12 +11,20 @@ import json
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cloud.audit_log import AuditLog
 from cloud.database import Database
+from cloud.engine_records import (
+    check_beside_onnx,
+    check_engine,
+    engine_path,
+    engine_rows,
+    insert_engine,
+    is_engine,
+)
 from cloud.fleet_records import DEVICE_STATES, MAX_EVENTS_PER_DEVICE, FleetRecords
 from cloud.lineage_graph import check_parent, lineage_view
 from cloud.migrations import migrate
@@ -31,6 +39,7 @@ from common.errors import (
     VerificationError,
 )
 from common.fsutil import atomic_write
+from common.hardware import ONNX_PACKAGE
 from common.manifest import (
     Manifest,
     SignedManifest,
@@ -82,6 +91,7 @@ class VersionRecord:
             "evaluation": m.evaluation,
             "files": [{"name": f.name, "size": f.size, "role": f.role} for f in m.files],
             **(self.lineage or {}),
+            **({"target": asdict(m.target)} if is_engine(m) else {}),  # the GPU it is for
         }
 
 
@@ -135,6 +145,8 @@ class Registry(FleetRecords):
 
     def _store(self, source_dir: Path, signed: SignedManifest) -> VersionRecord:
         m = signed.manifest
+        if is_engine(m):
+            return self._store_engine(source_dir, signed)
         if self._q(
             "SELECT 1 FROM versions WHERE name=? AND variant=? AND version=?",
             (m.name, m.variant, m.version),
@@ -173,6 +185,51 @@ class Registry(FleetRecords):
             shutil.rmtree(dest, ignore_errors=True)
             raise
         return VersionRecord(signed, digest, len(data), dest, lineage_doc(columns))
+
+    def _store_engine(self, source_dir: Path, signed: SignedManifest) -> VersionRecord:
+        """A TensorRT engine package beside its version's ONNX package (cloud.engine_records)."""
+        m = signed.manifest
+        package = check_engine(m)
+        check_beside_onnx(self._db, m, package)  # before a byte is written to the store
+        dest = engine_path(self.store_dir, m.name, m.version, package)
+        _place_package(source_dir, dest, signed)
+        try:
+            data = artifact_bytes(dest, m)
+            digest = artifact_digest(data)
+            atomic_write(self.store_dir / "artifacts" / digest, data)
+            with self._db.transaction(exclusive_key=_PUBLISH_LOCK) as db:
+                check_beside_onnx(db, m, package)  # again, with concurrent publishes held off
+                insert_engine(db, m, package, json.dumps(signed.to_dict()), digest, len(data))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # as ``_store``: no row, no directory
+            raise
+        return VersionRecord(signed, digest, len(data), dest)
+
+    def _engine_records(self, where: str, args: tuple) -> dict[str, VersionRecord]:
+        out = {}
+        for package, doc, digest, size in engine_rows(self._db, where, args):
+            signed = SignedManifest.from_dict(json.loads(doc))
+            m = signed.manifest
+            path = engine_path(self.store_dir, m.name, m.version, package)
+            out[package] = VersionRecord(signed, digest, size, path)
+        return out
+
+    def packages(self, name: str, version: str) -> dict[str, VersionRecord]:
+        """Every edge package of a version: ``onnx``, and each engine by its package id
+        (``common.hardware.engine_package_id``). ModelNotFoundError without the ONNX one."""
+        onnx = self.version(name, version, "edge")
+        return {ONNX_PACKAGE: onnx, **self._engine_records("name=? AND version=?", (name, version))}
+
+    def engines(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
+        """Summaries of a model's engine packages (of one version), each with its ``package``."""
+        check_name(name, "model name")
+        if version is None:
+            found = self._engine_records("name=?", (name,))
+        else:
+            found = self._engine_records(
+                "name=? AND version=?", (name, check_name(version, "version"))
+            )
+        return [{**r.summary(), "package": p} for p, r in sorted(found.items())]
 
     def with_chunks(self, source_dir: Path, manifest: Manifest) -> Manifest:
         """``manifest`` with the chunk list of its files in ``source_dir``: call before signing.
@@ -253,6 +310,8 @@ class Registry(FleetRecords):
     def version_by_digest(self, digest: str) -> VersionRecord:
         check_digest(digest)
         found = self._records("artifact_digest=?", (digest,))
+        if not found:
+            found = list(self._engine_records("artifact_digest=?", (digest,)).values())
         if not found:
             raise NotFoundError(f"unknown artifact {digest[:16]}")
         return found[0]

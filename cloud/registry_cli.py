@@ -87,6 +87,22 @@ def _show_table(doc: dict[str, Any]) -> str:
         shown = ", ".join(f"{k}={params[k]}" for k in sorted(params)) or "-"
         figures = ", ".join(f"{k} {val:.4g}" for k, val in (v.get("evaluation") or {}).items())
         parts.append(f"{title}\n  params: {shown}\n  evaluation: {figures or '-'}\n{files}")
+    engines = doc.get("engines") or []
+    if engines:
+        rows = [
+            [
+                e["version"],
+                e["package"],
+                e["precision"],
+                (e.get("target") or {}).get("arch"),
+                _size(e["artifact"]["size"]),
+            ]
+            for e in engines
+        ]
+        header = ["VERSION", "ENGINE PACKAGE", "PRECISION", "ARCH", "SIZE"]
+        parts.append(
+            "TensorRT engines (for devices with that GPU and TensorRT)\n" + table(rows, header)
+        )
     return "\n\n".join(parts)
 
 

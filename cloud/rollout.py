@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any
 
+from cloud.engine_records import is_engine
 from cloud.fleet import FleetMonitor
 from cloud.registry import Registry, VersionRecord
 from cloud.repair import RepairLimiter, RepairPolicy, parse_request
 from common import chunking, topics
 from common.errors import ConflictError, FoglineError, InvalidInputError
+from common.hardware import choose_package, parse_hardware, parse_runtimes, trt_major_minor
 from common.messages import FAILED, REJECTED, STAGES, Command, sign_command
 from common.mqtt import MqttError, MqttLink
 from common.signing import Signer
@@ -98,7 +100,9 @@ class RolloutController:
         for rollout_id, name, version in await asyncio.to_thread(self.registry.running_rollouts):
             # Interrupted by a restart: its commands are out; drive it to the end again.
             logger.info("resuming rollout %s (%s %s)", rollout_id, name, version)
-            self._spawn_drive(rollout_id, self.registry.version(name, version, "edge"))
+            packages = self.registry.packages(name, version)
+            used = self.registry.rollout_packages(rollout_id)
+            self._spawn_drive(rollout_id, [r for p, r in packages.items() if p in used])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -119,13 +123,16 @@ class RolloutController:
         *,
         allow_downgrade: bool = False,
     ) -> str:
-        record = await asyncio.to_thread(self.registry.version, name, version, "edge")
+        packages = await asyncio.to_thread(self.registry.packages, name, version)
         targets = devices if devices else self.online_devices()
         if not targets:
             raise InvalidInputError("no target devices: none given and none online")
         await self.check_known(targets)
         rollout_id = uuid.uuid4().hex[:12]
-        commands = {d: self._deploy_command(d, record, allow_downgrade) for d in targets}
+        chosen = await asyncio.to_thread(self.choose_packages, targets, packages)
+        commands = {
+            d: self._deploy_command(d, packages[chosen[d]], allow_downgrade) for d in targets
+        }
         signed = {d: (c.id, sign_command(c, self.signer)) for d, c in commands.items()}
         await asyncio.to_thread(
             self.registry.create_rollout,
@@ -133,6 +140,7 @@ class RolloutController:
             name,
             version,
             {d: c.id for d, c in commands.items()},
+            chosen,
         )
         # Kept until the device answers: resent with backoff if it never does.
         await asyncio.to_thread(
@@ -146,8 +154,35 @@ class RolloutController:
             await asyncio.to_thread(self.registry.finish_rollout, rollout_id, "failed")
             raise
         logger.info("rollout %s: %s %s to %d devices", rollout_id, name, version, len(targets))
-        self._spawn_drive(rollout_id, record)
+        self._spawn_drive(rollout_id, [packages[p] for p in sorted(set(chosen.values()))])
         return rollout_id
+
+    def choose_packages(
+        self, targets: list[str], packages: dict[str, VersionRecord]
+    ) -> dict[str, str]:
+        """device -> package id: per device, the engine built for its reported GPU and
+        TensorRT (``common.hardware.choose_package``), else the ONNX package.
+
+        NOTE: the device's word picks the package, never whether it is trusted: an agent
+        checks an engine against its own hardware and refuses one that does not fit.
+        """
+        engines = {}
+        for package, record in packages.items():
+            t = record.manifest.target
+            if is_engine(record.manifest) and t.compute_capability and t.tensorrt_version:
+                engines[(t.compute_capability, trt_major_minor(t.tensorrt_version))] = package
+        statuses = {d["device_id"]: d for d in self.registry.devices()}
+        chosen = {}
+        for device in targets:
+            status = statuses.get(device) or {}
+            try:
+                hardware = parse_hardware(status.get("hardware"))
+            except InvalidInputError:
+                hardware = None  # stored statuses were checked at the door; older ones not
+            chosen[device] = choose_package(
+                hardware, parse_runtimes(status.get("runtimes")), engines
+            )
+        return chosen
 
     async def check_known(self, targets: list[str]) -> None:
         """Refuse ids never seen and not enrolled, before any row or command exists.
@@ -172,8 +207,8 @@ class RolloutController:
                 task.cancel()
         logger.info("rollout %s aborted", rollout_id)
 
-    def _spawn_drive(self, rollout_id: str, record: VersionRecord) -> None:
-        self._spawn(self._drive(rollout_id, record), f"rollout-{rollout_id}")
+    def _spawn_drive(self, rollout_id: str, records: list[VersionRecord]) -> None:
+        self._spawn(self._drive(rollout_id, records), f"rollout-{rollout_id}")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -222,11 +257,13 @@ class RolloutController:
                 await self.fleet.changed.wait_for(done)
         return done()
 
-    async def _drive(self, rollout_id: str, record: VersionRecord) -> None:
+    async def _drive(self, rollout_id: str, records: list[VersionRecord]) -> None:
+        """One broadcast per package the rollout sent (the ONNX one, engines), then wait."""
         await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
         try:
             await self.link.connected.wait()
-            await self.broadcast(record)
+            for record in records:
+                await self.broadcast(record)
         except MqttError as exc:  # broker gone mid-broadcast: agents ask for what they lack
             logger.warning("rollout %s: broadcast interrupted: %s", rollout_id, exc)
         await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)

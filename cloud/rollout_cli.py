@@ -223,10 +223,17 @@ def _rollout_table(r: dict[str, Any]) -> str:
             f" (previous version {_num(halt['baseline'])}, threshold {halt['threshold']:g})"
         )
     rows = [
-        [d["device_id"], d["stage"] + 1, d["state"], d["previous_version"], d["reason"]]
+        [
+            d["device_id"],
+            d["stage"] + 1,
+            d["state"],
+            d.get("package") or "-",
+            d["previous_version"],
+            d["reason"],
+        ]
         for d in r["devices"]
     ]
-    parts.append(table(rows, ["DEVICE", "STAGE", "STATE", "PREVIOUS", "REASON"]))
+    parts.append(table(rows, ["DEVICE", "STAGE", "STATE", "PACKAGE", "PREVIOUS", "REASON"]))
     return "\n\n".join(parts)
 
 

@@ -128,7 +128,7 @@ class StagedStore:
     def devices(self, rollout_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT s.device_id, s.stage, s.previous_version, s.child_id, s.rollback_id,"
-            " s.rolled_back, r.stage, r.error, b.stage, b.error, r.command_id"
+            " s.rolled_back, r.stage, r.error, b.stage, b.error, r.command_id, r.package"
             " FROM staged_devices s"
             " LEFT JOIN rollout_devices r ON r.rollout_id = s.child_id"
             " AND r.device_id = s.device_id"
@@ -149,6 +149,7 @@ class StagedStore:
             "rollback_step",
             "rollback_error",
             "command_id",
+            "package",  # what the device was sent: "onnx" or an engine id (common.hardware)
         )
         return [dict(zip(keys, r, strict=True)) for r in rows]
 

@@ -48,6 +48,8 @@ async def rollout_view(store: StagedStore, rollout_id: str) -> dict[str, Any]:
                 "state": state,
                 "reason": why,
                 "previous_version": d["previous_version"],
+                # None until its stage is sent; NULL rows predate packages: the ONNX one.
+                "package": (d["package"] or "onnx") if d["child_id"] else None,
             }
         )
     counts: dict[str, int] = {}

@@ -118,6 +118,11 @@ class ReplayError(VerificationError):
     """A signed command that is expired, replayed or out of order."""
 
 
+class TargetMismatchError(VerificationError):
+    """A package built for hardware this device does not have (a TensorRT engine for
+    another GPU or TensorRT release): refused before a byte of it is downloaded."""
+
+
 class SelfTestError(FoglineError, RuntimeError):
     """A staged model did not reproduce its golden outputs."""
 

@@ -12,8 +12,10 @@ import asyncio
 import inspect
 import itertools
 import logging
+import math
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from common.errors import FoglineError
 
 logger = logging.getLogger(__name__)
+# A connection the broker closes within _FLAP_WINDOW_S of connecting counts as a quick
+# drop; this many in a row is worth a warning.
+_FLAP_WINDOW_S = 5.0
+_FLAP_WARN_AFTER = 3
 
 Handler = Callable[[str, bytes], Awaitable[None] | None]
 _client_ids = itertools.count()
@@ -120,6 +126,8 @@ class MqttLink:
         self._inbox: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self._connected_at = -math.inf  # monotonic time of the last successful connect
+        self._quick_drops = 0  # disconnects in a row soon after connecting
         # Called with ("in" | "out", topic) for each message received or published
         # (the control plane's /metrics counts them); on the event loop, so keep it cheap.
         self.observers: list[Callable[[str, str], None]] = []
@@ -229,11 +237,29 @@ class MqttLink:
             for topic_filter, (qos, _) in list(self._subs.items()):
                 client.subscribe(topic_filter, qos)
         logger.info("MQTT connected to %s:%s as %s", self._host, self._port, self.client_id)
+        self._connected_at = time.monotonic()
         self._call(self._connected)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         logger.info("MQTT disconnected from %s:%s (%s)", self._host, self._port, rc)
         self._call(self.connected.clear)
+        # MQTT 3.1.1 gives no reason when the broker hands our session to a newer client
+        # with the same id; a connection that keeps dropping right after it was made is
+        # the sign of two processes sharing one login (e.g. two control-plane replicas).
+        if time.monotonic() - self._connected_at < _FLAP_WINDOW_S:
+            self._quick_drops += 1
+            if self._quick_drops == _FLAP_WARN_AFTER:
+                logger.warning(
+                    "the broker closed the connection as %s %d times within %.0f s of "
+                    "connecting: is another client using the same login or client id? "
+                    "(control-plane replicas each need their own: `fogline broker config "
+                    "--control-replicas N`, `fogline control serve --replica K`)",
+                    self.client_id,
+                    self._quick_drops,
+                    _FLAP_WINDOW_S,
+                )
+        else:
+            self._quick_drops = 0
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         self._call(self._inbox.put_nowait, msg)

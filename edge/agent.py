@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import platform
 from collections import deque
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -22,6 +21,7 @@ from aiohttp import web
 from common import keyring, messages, topics
 from common.errors import FoglineError
 from common.fsutil import atomic_write
+from common.hardware import Hardware, check_package_fits
 from common.inference import InferRequest, InferResponse
 from common.manifest import Manifest
 from common.messages import Command
@@ -34,6 +34,7 @@ from edge.config import AgentConfig
 from edge.deployment import Deployer
 from edge.hard_examples import HardExampleStore
 from edge.hard_examples import parse_settings as parse_hard_example_settings
+from edge.hardware import RUNTIMES, probe_hardware
 from edge.model_commands import ModelCommands
 from edge.model_library import ModelLibrary
 from edge.model_store import SlotModel
@@ -83,6 +84,7 @@ class EdgeAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox: Outbox | None = None
         self.deployer: Deployer | None = None
+        self.hardware = Hardware()  # probed at start (edge.hardware)
         self._stopping = False
 
     def _topic(self, kind: str) -> str:
@@ -129,6 +131,8 @@ class EdgeAgent:
         return self.serving.get(self.config.model).model
 
     async def _start(self) -> None:
+        self.hardware = await asyncio.to_thread(probe_hardware)
+        logger.info("hardware: %s", self.hardware.to_dict())
         await asyncio.to_thread(self.library.migrate_legacy, self.config.model)
         await asyncio.to_thread(self.library.sweep)
         self._stack.push_async_callback(self.serving.close)
@@ -156,6 +160,7 @@ class EdgeAgent:
             on_activate=self._activate,
             default_model=self.config.model,
             check_budget=self._check_budget,
+            check_target=lambda m: check_package_fits(m, self.hardware, RUNTIMES),
             handlers=ModelCommands(
                 self.serving,
                 self.library,
@@ -357,8 +362,8 @@ class EdgeAgent:
             self.config.device_id,
             online,
             agent_version=AGENT_VERSION,
-            hardware={"arch": platform.machine(), "system": platform.system()},
-            runtimes=["onnxruntime"],
+            hardware=self.hardware.to_dict(),
+            runtimes=list(RUNTIMES),
             models=self.serving.status(),
             api_url=self.config.api_url,
             keyring_version=self.trust.version,

@@ -57,6 +57,7 @@ class Deployer:
         on_activate: Activate,
         default_model: str,
         check_budget: Callable[[Manifest], None] = lambda m: None,
+        check_target: Callable[[Manifest], None] = lambda m: None,
         handlers: dict[str, Handler] | None = None,
         chunk_timeout_s: float = 3.0,
         intra_op_threads: int = 1,
@@ -70,6 +71,7 @@ class Deployer:
         self._library = library
         self._default_model = default_model
         self._check_budget = check_budget
+        self._check_target = check_target  # does this device's hardware run the package?
         self._handlers = handlers or {}
         self._emit_raw = emit
         self._on_activate = on_activate
@@ -119,6 +121,7 @@ class Deployer:
         m = signed.manifest
         await self._emit(cmd, "received", model=m.name, version=m.version)
         signed.verify(self._library.trust)  # before a single byte is downloaded
+        self._check_target(m)  # an engine for another GPU: refused, the old model serves on
         self._check_budget(m)  # memory and disk budgets: before anything is written
         store = self._library.store(m.name)
         store.check_release(signed, allow_downgrade=bool(cmd.body.get("allow_downgrade")))

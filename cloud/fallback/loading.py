@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cloud.fallback.settings import FallbackSettings
-from cloud.package_cache import fetch_keyrings
+from cloud.package_cache import fetch_keyrings, fetch_revocations
 from common.batch_settings import BatchSettings
 from common.batcher import with_batching
 from common.errors import AuthError, CloudUnavailableError, FoglineError, InvalidInputError
@@ -25,6 +25,7 @@ from common.inference import MODEL_VERSION, SERVED_BY, InferRequest, InferRespon
 from common.keyring import apply_chain
 from common.manifest import Manifest, read_package
 from common.onnx_runtime import OnnxRuntime
+from common.revocations import RevocationHolder
 from common.runtime import ModelInfo, Runtime
 from common.serving_metrics import ServingMetrics
 from common.signing import TrustStore
@@ -150,12 +151,27 @@ async def trusted_keys(settings: FallbackSettings) -> TrustStore | None:
     return trust
 
 
+async def refresh_revocations(settings: FallbackSettings, revoked: RevocationHolder) -> None:
+    """Adopt the control plane's list of revoked devices; keep the one held on failure."""
+    try:
+        signed = await fetch_revocations(settings.control_url or "", settings.control_token)
+        if revoked.offer(signed):
+            logger.info(
+                "revocation list %d: refusing %d devices' tokens",
+                revoked.current.version,
+                len(revoked.current.revoked),
+            )
+    except FoglineError as exc:
+        logger.warning("device revocation list not refreshed: %s", exc)
+
+
 def key_refresher(
-    settings: FallbackSettings, trust: TrustStore
+    settings: FallbackSettings, trust: TrustStore, revoked: RevocationHolder | None = None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """While serving, apply new keyrings to ``trust`` in place, so a key revoked at the
     control plane stops authenticating device tokens here within ``key_refresh_s``, and
-    versions loaded later are checked against the current keys."""
+    versions loaded later are checked against the current keys; likewise the list of
+    revoked devices (``revoked``), whose tokens are then refused."""
 
     async def refresh_forever() -> None:
         while True:
@@ -165,10 +181,12 @@ def key_refresher(
                 new, applied = apply_chain(trust, chain, require_newer=False)
             except FoglineError as exc:
                 logger.warning("keyring not refreshed: %s", exc)
-                continue
-            if applied:
-                trust.adopt(new)
-                logger.info("keyring %d: trusting %d keys", new.version, len(new.keys))
+            else:
+                if applied:
+                    trust.adopt(new)
+                    logger.info("keyring %d: trusting %d keys", new.version, len(new.keys))
+            if revoked is not None:
+                await refresh_revocations(settings, revoked)
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(refresh_forever(), name="fallback-key-refresh")

@@ -21,7 +21,12 @@ from importlib import metadata
 from aiohttp import web
 
 from cloud.fallback.follower import Follower
-from cloud.fallback.loading import key_refresher, load_package, trusted_keys
+from cloud.fallback.loading import (
+    key_refresher,
+    load_package,
+    refresh_revocations,
+    trusted_keys,
+)
 from cloud.fallback.repository import ModelRepository
 from cloud.fallback.repository_api import OperatorCheck, add_repository_routes
 from cloud.fallback.settings import FallbackSettings, settings_from_args
@@ -30,6 +35,7 @@ from common.dataplane import DataPlane
 from common.device_token import verify_token
 from common.errors import AuthError, FoglineError, InvalidInputError
 from common.request_body import RequestLimits
+from common.revocations import RevocationHolder
 from common.signing import TrustStore
 from common.v2_server import V2_STATE, build_v2_app
 
@@ -70,10 +76,14 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     operators = OperatorCheck(
         settings.control_url, settings.admin_tokens, ttl_s=settings.operator_cache_s
     )
+    # Device tokens are checked offline; revoked devices arrive as a signed list.
+    revoked = RevocationHolder(trust) if trust is not None and settings.device_tokens else None
+    if revoked is not None and settings.control_url and settings.refresh_keys:
+        await refresh_revocations(settings, revoked)
     app = build_v2_app(
         dataplane,
         auth_tokens=_static_tokens(settings),
-        token_verifier=_token_verifier(settings, trust, operators),
+        token_verifier=_token_verifier(settings, trust, operators, revoked),
         max_inflight=settings.max_inflight,
         limits=RequestLimits(
             max_body=settings.max_body_bytes,
@@ -85,7 +95,7 @@ async def build_fallback_app(settings: FallbackSettings) -> web.Application:
     app[FALLBACK_REPOSITORY] = repository
     app.on_cleanup.append(lambda app: repository.close())
     if trust is not None and settings.control_url and settings.refresh_keys:
-        app.cleanup_ctx.append(key_refresher(settings, trust))
+        app.cleanup_ctx.append(key_refresher(settings, trust, revoked))
     if settings.following:
         app.cleanup_ctx.append(follower.context())
     return app
@@ -99,19 +109,23 @@ def _static_tokens(settings: FallbackSettings) -> set[str] | None:
 
 
 def _token_verifier(
-    settings: FallbackSettings, trust: TrustStore | None, operators: OperatorCheck
+    settings: FallbackSettings,
+    trust: TrustStore | None,
+    operators: OperatorCheck,
+    revoked: RevocationHolder | None,
 ) -> Callable[[str], Awaitable[None]] | None:
-    """Tokens past the static ones: device tokens (offline) and operator tokens (the
-    control plane, cached)."""
+    """Tokens past the static ones: device tokens (offline, unless their device was
+    revoked) and operator tokens (the control plane, cached)."""
     if _static_tokens(settings) is None:
         return None
-    device = functools.partial(verify_token, trust) if trust and settings.device_tokens else None
 
     async def verify(token: str) -> None:
         if operators.is_operator_token(token):
             await operators.role(token)
-        elif device is not None:
-            device(token)
+        elif trust is not None and revoked is not None:
+            claims = verify_token(trust, token)
+            if revoked.refuses(claims):
+                raise AuthError(f"device {claims.device_id!r} was revoked")
         else:
             raise AuthError("invalid bearer token")
 

@@ -44,7 +44,7 @@ class FallbackSettings:
     models: list[str] = field(default_factory=list)  # pinned NAME:VERSION, cloud variant
     cache_dir: Path = Path("fogline-fallback-cache")
     refresh_keys: bool = True  # with control_url: learn rotations and revocations from it
-    key_refresh_s: float = 300.0  # and again this often while serving (device tokens)
+    key_refresh_s: float = 60.0  # keyrings and revoked devices, again this often while serving
     # Following: every published model matching model_pattern (from control_url), or
     # the packages under models_dir; on when either is set, or with control_url alone.
     model_pattern: str | None = None
@@ -160,7 +160,13 @@ def _who(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not update the --trust-key keys from --control's signed keyring",
     )
-    p.add_argument("--key-refresh-s", type=float, default=300.0, help="keyring refresh period")
+    p.add_argument(
+        "--key-refresh-s",
+        type=float,
+        default=60.0,
+        help="how often to pull the control plane's keyrings and its list of revoked "
+        "devices (a revoked device's token is refused within this) (default: %(default)s)",
+    )
     p.add_argument(
         "--token",
         dest="tokens",

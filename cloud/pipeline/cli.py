@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud.pipeline.compress_cli import add_compress
-from cloud.pipeline.engine_cli import add_build_engine
+from cloud.pipeline.engine_cli import add_build_engine, add_package_engine
 from cloud.pipeline.train_cli import add_train
 from common.cli_errors import one_line_errors
 from common.errors import InvalidInputError
@@ -256,8 +256,9 @@ def _add_package(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``compress``, ``build-engine`` and ``package`` to ``fogline model``."""
+    """Add ``train``, ``compress``, ``build-engine``, ``package`` and ``package-engine``."""
     add_train(subparsers)
     add_compress(subparsers)
     add_build_engine(subparsers)
     _add_package(subparsers)
+    add_package_engine(subparsers)

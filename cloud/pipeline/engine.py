@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import FoglineError, InvalidInputError
+from common.hardware import Hardware, engine_misfit
 from common.manifest import sha256_file
 from common.onnx_runtime import describe_onnx_io
 
@@ -80,10 +81,14 @@ def matches(info: EngineInfo, gpu: Gpu, trt_version: str) -> bool:
     """Whether an engine built as ``info`` can be deserialized on ``gpu`` with ``trt_version``.
 
     TensorRT refuses engines from another major.minor version and another compute
-    capability (without hardware compatibility mode, which Fogline does not use).
+    capability (without hardware compatibility mode, which Fogline does not use). The
+    one rule is ``common.hardware.engine_misfit``: rollouts and agents use it too.
     """
-    same_trt = info.tensorrt_version.split(".")[:2] == trt_version.split(".")[:2]
-    return same_trt and info.compute_capability == gpu.compute_capability
+    device = Hardware(
+        accelerator="cuda", compute_capability=gpu.compute_capability, tensorrt_version=trt_version
+    )
+    why = engine_misfit("any", info.compute_capability, info.tensorrt_version, device)
+    return why is None
 
 
 def cuda_gpu() -> Gpu | None:

@@ -48,6 +48,37 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_engine(args: argparse.Namespace) -> int:
+    from cloud.pipeline.engine_package import package_engine
+    from common.hardware import engine_package_id
+
+    m = package_engine(args.package, args.engine, args.out, arch=args.arch)
+    assert m.target.compute_capability and m.target.tensorrt_version  # package_engine set them
+    package = engine_package_id(m.target.compute_capability, m.target.tensorrt_version)
+    print(f"wrote {args.out}: {m.name} {m.version} engine package {package}; publish it with "
+          f"`fogline model publish {args.out}` after the ONNX package")  # fmt: skip
+    return 0
+
+
+def add_package_engine(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "package-engine",
+        help="make a publishable engine package from an ONNX package and its built engine",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write DIR with the engine (model.plan), the ONNX package's golden data "
+        "and an unsigned manifest: the ONNX package's name, version, release and tensors, "
+        "format tensorrt, and a target of the engine's compute capability and TensorRT "
+        "version. Published beside the version's ONNX package, it is what devices "
+        "reporting that GPU and TensorRT get in a rollout; every other device gets ONNX.",
+    )
+    p.add_argument("--package", type=Path, required=True, help="the ONNX edge package directory")
+    p.add_argument("--engine", type=Path, required=True, help="a `build-engine --out` directory")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new package directory")
+    p.add_argument("--arch", choices=["any", "x86_64", "aarch64"], default="any",
+                   help="CPU architecture the engine is for")  # fmt: skip
+    p.set_defaults(func=one_line_errors(cmd_package_engine))
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65536:

@@ -159,7 +159,7 @@ async function refreshStaged(id) {
     return card;
   });
   document.getElementById("stages").replaceChildren(...cards);
-  fill("rollout-devices", r.devices.map((d) => [d.device_id, d.stage + 1, d.state, d.reason ?? ""]));
+  fill("rollout-devices", r.devices.map((d) => [d.device_id, d.stage + 1, d.state, d.package ?? "", d.reason ?? ""]));
 }
 
 async function refreshRollout(id) {
@@ -169,7 +169,7 @@ async function refreshRollout(id) {
   document.getElementById("rollout-title").textContent = `Rollout ${r.id}: ${r.model} ${r.version} (${r.state})`;
   document.getElementById("rollout-halt").hidden = true;
   document.getElementById("stages").replaceChildren(el("p", "one stage: every target at once", "muted"));
-  fill("rollout-devices", Object.entries(r.devices).map(([d, s]) => [d, 1, s.stage, s.error ?? ""]));
+  fill("rollout-devices", Object.entries(r.devices).map(([d, s]) => [d, 1, s.stage, s.package ?? "onnx", s.error ?? ""]));
 }
 
 async function act(action) {

@@ -29,6 +29,7 @@ NEEDS = {
     ("GET", "/api/whoami"): "viewer",
     ("GET", "/api/devices"): "viewer",
     ("POST", "/api/devices/{device_id}/token"): "admin",
+    ("GET", "/api/device-revocations"): "viewer",
     ("GET", "/api/models"): "viewer",
     ("POST", "/api/models"): "operator",
     ("GET", "/api/models/{name}/versions/{version}"): "viewer",

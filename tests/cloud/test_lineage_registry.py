@@ -31,9 +31,9 @@ def _versions(db: Database) -> list[tuple]:
 def test_migrations_apply_in_order_once(database) -> None:
     db = Database(database)
     try:
-        assert migrate(db) == [m.number for m in MIGRATIONS] == [1, 2, 3]
+        assert migrate(db) == [m.number for m in MIGRATIONS] == [1, 2, 3, 4]
         assert migrate(db) == []  # opening again applies nothing
-        assert [v for v, _ in _versions(db)] == [1, 2, 3]
+        assert [v for v, _ in _versions(db)] == [1, 2, 3, 4]
         assert "lineage" in _versions(db)[1][1]
     finally:
         db.close()
@@ -47,8 +47,8 @@ def test_a_failing_migration_leaves_nothing_behind(database) -> None:
     db = Database(database)
     try:
         with pytest.raises(RuntimeError, match="disk on fire"):
-            migrate(db, (*MIGRATIONS, Migration(4, "broken", broken)))
-        assert [v for v, _ in _versions(db)] == [1, 2, 3]
+            migrate(db, (*MIGRATIONS, Migration(5, "broken", broken)))
+        assert [v for v, _ in _versions(db)] == [1, 2, 3, 4]
         db.execute("CREATE TABLE half_done (x INTEGER)")  # it was rolled back
     finally:
         db.close()
