@@ -53,9 +53,15 @@ def free_port() -> int:
     return pick()
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_port(
+    host: str, port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until something listens on ``host:port``; fails at once if ``proc`` (the listener
+    we started) exits first. Generous: a busy machine (parallel workers) starts slowly."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -80,7 +86,7 @@ class Mosquitto:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_port(self.host, self.port)
+        wait_port(self.host, self.port, proc=self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
