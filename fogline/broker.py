@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,15 +169,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     from that range, which every outgoing connection also draws from, so in the
     seconds before a child binds it some client's connect() could take it (seen in
     CI). Only explicit binders use the ports below the range.
+
+    ``FOGLINE_PORT_RANGE=LOW-HIGH`` (inclusive) narrows the pick, so that processes
+    picking at once (parallel test workers, each with its own range) never pick the
+    same port. A port this process handed out recently is not handed out again: its
+    owner may not have bound it yet.
     """
-    low, _high = _ephemeral_range()
+    low, high = _pick_range()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for port in random.sample(range(_LOWEST_PORT, low), k=min(64, low - _LOWEST_PORT)):
+    candidates = [p for p in range(low, high + 1) if p not in _recent_ports]
+    for port in random.sample(candidates, k=min(64, len(candidates))):
         with socket.socket(family) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _recent_ports.append(port)
             return port
     with socket.socket(family) as s:  # all taken: the kernel's pick, race and all
         s.bind((host, 0))
@@ -184,6 +192,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 _LOWEST_PORT = 20000
+PORT_RANGE_ENV = "FOGLINE_PORT_RANGE"
+_recent_ports: deque[int] = deque(maxlen=256)
+
+
+def _pick_range() -> tuple[int, int]:
+    """Inclusive bounds for ``free_port``: ``FOGLINE_PORT_RANGE`` or below the ephemeral range."""
+    value = os.environ.get(PORT_RANGE_ENV, "")
+    if value:
+        try:
+            low, high = (int(x) for x in value.split("-"))
+        except ValueError:
+            raise ValueError(f"{PORT_RANGE_ENV}={value!r}: expected LOW-HIGH") from None
+        if not 0 < low <= high < 65536:
+            raise ValueError(f"{PORT_RANGE_ENV}={value!r}: expected 0 < LOW <= HIGH < 65536")
+        return low, high
+    return _LOWEST_PORT, _ephemeral_range()[0] - 1
 
 
 def _ephemeral_range() -> tuple[int, int]:

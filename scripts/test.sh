@@ -2,6 +2,13 @@
 # The one test command (README, CI): set up .venv, then lint, format check, types, tests.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k broker -x`;
 # `bash scripts/test.sh -m slow` runs the slow soak/scale tests instead.
+# Tests run in parallel worker processes (pytest-xdist): most of them wait on
+# subprocesses, brokers and sockets rather than on the CPU, so FOGLINE_TEST_WORKERS
+# (default 4) workers beat one even on 2 cores. A module's tests stay together on one
+# worker (--dist loadscope): they share module fixtures, and some run in file order;
+# the longest modules go first (tests/conftest.py: LONG_MODULES).
+# The slow tests time things and use every core: they run one at a time; `-n 0` in
+# the arguments does that for any run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh dev
@@ -18,4 +25,8 @@ fi
 ruff check .
 ruff format --check .
 mypy
-python -m pytest -q "$@"
+workers=${FOGLINE_TEST_WORKERS:-4}
+if [[ " $* " == *" -m "*slow* || " $* " == *" -mslow"* ]]; then
+    workers=${FOGLINE_TEST_WORKERS:-0}
+fi
+python -m pytest -q -n "$workers" --dist loadscope --no-loadscope-reorder "$@"

@@ -252,3 +252,24 @@ def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
         assert 20000 <= port < low
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_free_ports_stay_in_fogline_port_range_and_are_not_handed_out_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parallel test workers each get a slice of ports (``FOGLINE_PORT_RANGE``): a pick
+    stays in it, and a port this process handed out is not handed out again soon."""
+    from collections import deque
+
+    from fogline import broker
+    from fogline.broker import PORT_RANGE_ENV, free_port
+
+    monkeypatch.setattr(broker, "_recent_ports", deque(maxlen=256))
+    monkeypatch.setenv(PORT_RANGE_ENV, "21000-21039")
+    picked = [free_port() for _ in range(20)]
+    assert all(21000 <= port <= 21039 for port in picked), picked
+    assert len(set(picked)) == len(picked), picked
+    for bad in ("9-2", "x", "0-10", "1000-70000"):
+        monkeypatch.setenv(PORT_RANGE_ENV, bad)
+        with pytest.raises(ValueError, match=PORT_RANGE_ENV):
+            free_port()

@@ -309,15 +309,3 @@ def test_ctrl_c_ends_the_demo_and_everything_it_started(demo: RunningDemo) -> No
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(60) == 0
     _wait_all_down(demo.report, 15)
-
-
-def test_amqtt_demo_reports_and_a_killed_demo_takes_everything_down(tmp_path) -> None:
-    running = _start_demo(tmp_path, "amqtt", turn=False)
-    try:
-        _check_report(running.report, "amqtt")
-        assert "hard_example_turn" not in running.report
-        running.proc.send_signal(signal.SIGKILL)  # the demo itself killed outright
-        assert running.proc.wait(60) == -signal.SIGKILL
-        _wait_all_down(running.report, 15)
-    finally:
-        _stop(running)

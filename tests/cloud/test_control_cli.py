@@ -73,9 +73,11 @@ def _parsers(parser, path):
 
 
 async def test_errors_formats_and_environment_against_a_real_control_plane(
-    mosquitto, tmp_path
+    private_mosquitto, tmp_path
 ) -> None:
-    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+    # Its own broker: the device list must be empty, and the session broker keeps the
+    # retained status of every device that earlier tests on this worker started.
+    async with ControlPlane(tmp_path / "control", private_mosquitto) as cp:
         cp.publish_toy(tmp_path, "1")
         viewer = {"FOGLINE_CONTROL": cp.url, "FOGLINE_TOKEN": cp.tokens["viewer"]}
 
