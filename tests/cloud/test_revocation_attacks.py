@@ -29,6 +29,7 @@ from cloud.fallback import FallbackSettings, build_fallback_app
 from common import topics
 from common.mqtt import MqttLink
 from common.revocations import Revocations, verify_revocations
+from tests.cloud.test_device_revocation import _artifact
 from tests.conftest import free_port
 from tests.edge.agent_harness import ControlPlane
 from tests.model_fixtures import make_package, v2_infer_body
@@ -231,15 +232,6 @@ async def test_a_device_revoked_on_one_replica_is_refused_by_every_replica(
             served = verify_revocations(b.keys.trust, await _get(b, REVOCATIONS_PATH))
             assert served.revoked.keys() == {"dev-r"}
             assert served.version >= 1
-
-
-async def _artifact(cp: ControlPlane, digest: str, token: str) -> int:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with (
-        aiohttp.ClientSession(headers=headers) as s,
-        s.get(f"{cp.url}/api/artifacts/{digest}") as resp,
-    ):
-        return resp.status
 
 
 def test_replicas_merging_their_lists_agree_and_never_go_back() -> None:
