@@ -17,7 +17,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,22 +407,22 @@ class Demo:
             "fallback": self.fallback_url,
             "broker": broker.url,
         }
-        build: Callable[..., dict[str, Any]] = build_report
-        if self.model == "minilm":
+        common: dict[str, Any] = {
+            "agents": agents,
+            "devices": devices,
+            "compression": compression,
+            "rollout": rollout,
+            "results": results,
+            "broker": broker,
+            "endpoints": endpoints,
+            "timings": self.timings,
+        }
+        if self.model == "minilm":  # no hard-example turn: the encoder is not retrained
             from fogline.minilm_demo import build_text_report
 
-            build = build_text_report
-        report = build(
-            agents=agents,
-            devices=devices,
-            compression=compression,
-            rollout=rollout,
-            results=results,
-            broker=broker,
-            endpoints=endpoints,
-            timings=self.timings,
-            turn=turn,
-        )
+            report = build_text_report(**common)
+        else:
+            report = build_report(**common, turn=turn)
         # Printed once, like a notebook's login token: what the operator and an app use.
         report["tokens"] = {"operator": self.tokens["operator"], "app": self.app_token}
         return report
