@@ -22,6 +22,7 @@ from common.mqtt import MqttError, MqttLink
 logger = logging.getLogger(__name__)
 
 MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
+MAX_BACKOFF = 8  # unanswered requests wait up to this many chunk timeouts for the next
 MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
 MAX_REJECTION_EVENTS = 3  # per download: a flood of forged chunks must not flood the outbox
 PROGRESS_STEP_PCT = 25  # ``on_progress`` each time this much more of the artifact has come
@@ -99,14 +100,15 @@ class ChunkDownload:
         Only requests the broker accepted count as repair rounds: a broker
         outage delays the download but does not fail it.
         """
-        asm, rounds = self._asm, 0
+        asm, rounds, wait = self._asm, 0, self._timeout_s
         while rounds < MAX_REPAIR_ROUNDS:
             while not asm.complete:
                 self._progress.clear()
                 try:
-                    await asyncio.wait_for(self._progress.wait(), self._timeout_s)
+                    await asyncio.wait_for(self._progress.wait(), wait)
                 except TimeoutError:
                     break
+                wait = self._timeout_s  # chunks are coming: ask again soon when they stop
             if asm.complete:
                 return asm.data()
             await self._link.connected.wait()
@@ -119,4 +121,7 @@ class ChunkDownload:
                 logger.info("cannot ask for missing chunks yet: %s", exc)
                 continue
             rounds += 1
+            # Unanswered: the control plane may still be reconnecting (after a broker
+            # restart both sides come back with jittered delays); wait longer each time.
+            wait = min(wait * 2, self._timeout_s * MAX_BACKOFF)
         raise VerificationError(f"gave up on artifact: {len(asm.missing)} chunks missing")
