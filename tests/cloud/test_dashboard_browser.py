@@ -39,6 +39,14 @@ CHROMIUM_ARGS = [
 ]
 
 
+@pytest.fixture
+def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
+    """A broker of each test's own: these tests roll out to "every online device", and a
+    worker's shared broker keeps the retained "online" status of earlier tests' devices
+    (two of them timed out in CI waiting on such a device)."""
+    return private_mosquitto
+
+
 def _browser_or_skip():  # type: ignore[no-untyped-def]
     playwright = pytest.importorskip("playwright.async_api", reason="playwright not installed")
     if not Path(CHROMIUM).exists():

@@ -24,6 +24,14 @@ from tests.model_fixtures import make_package
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
+def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
+    """A broker of each test's own: these tests roll out to "every online device", and a
+    worker's shared broker keeps the retained "online" status of earlier tests' devices
+    (two of them timed out in CI waiting on such a device)."""
+    return private_mosquitto
+
+
 def _serve(workdir: Path, port: int, broker, log: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "fogline", "control", "serve", "--workdir", str(workdir)]
     argv += ["--port", str(port), "--broker-host", broker.host]

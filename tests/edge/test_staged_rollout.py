@@ -31,6 +31,14 @@ ESCALATE_ALL = RoutingHints(uncertainty_threshold=0.0)
 NO_LATENCY_GATE = 100.0
 
 
+@pytest.fixture
+def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
+    """A broker of each test's own: these tests roll out to "every online device", and a
+    worker's shared broker keeps the retained "online" status of earlier tests' devices
+    (two of them timed out in CI waiting on such a device)."""
+    return private_mosquitto
+
+
 async def _fleet(stack: contextlib.AsyncExitStack, cp: ControlPlane, tmp: Path, broker, n: int):
     configs = [
         agent_config(tmp, f"dev-{i}", broker, cp.signer.public_key_hex, labels=_labels(i))
