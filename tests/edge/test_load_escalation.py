@@ -111,7 +111,11 @@ async def test_load_escalations_come_under_concurrency_and_stop_when_the_cloud_i
                     break
             slow = await burst(url, 8)
             stats = agent.router.stats()
-        assert slow["load"] == 0, (fast, learning, slow, stats)
-        assert slow["-"] == CLIENTS * 8
+        # Escalating for load is right whenever the local queue outwaits the cloud: on a
+        # busy machine a stalled local queue can briefly outwait even the slow cloud (CI
+        # saw 1 of 32), so a stray few may still go; a router that never learnt sends
+        # most of them (20 of 32 above).
+        assert slow["load"] <= 3, (fast, learning, slow, stats)
+        assert slow["-"] + slow["load"] == CLIENTS * 8
     finally:
         await fallback.cleanup()
