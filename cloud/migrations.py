@@ -114,6 +114,15 @@ def _engine_packages(db: Database) -> None:
     db.execute("ALTER TABLE rollout_devices ADD COLUMN package TEXT")
 
 
+def _command_index(db: Database) -> None:
+    """Every device event finds its rollout row by ``command_id`` (``record_event``,
+    and the resend loop's join): without an index each one scanned every rollout row
+    ever written, which grows with fleet size times rollouts."""
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS rollout_devices_by_command ON rollout_devices (command_id)"
+    )
+
+
 @dataclass(frozen=True)
 class Migration:
     number: int
@@ -128,6 +137,7 @@ MIGRATIONS = (
     Migration(
         4, "engine packages per GPU target; the package each rollout device got", _engine_packages
     ),
+    Migration(5, "index rollout devices by command id", _command_index),
 )
 
 

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -53,6 +54,7 @@ class DemoOptions:
     seed: int = 0
     model: str = MODEL
     hard_example_turn: bool = True  # digits only
+    model_cache: Path | None = None  # digits: trained models kept and reused here
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +87,15 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="digits: stop after the first traffic instead of retraining the edge model on "
         "the hard examples the agents uploaded, rolling it out in stages and sending the "
         "same traffic again (the turn adds about 10-20 s)",
+    )
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        default=os.environ.get("FOGLINE_DEMO_MODEL_CACHE") or None,
+        metavar="DIR",
+        help="digits: keep the trained models in DIR and reuse them when the seed and the "
+        "training code are the same, which saves the training on a second run "
+        "(env FOGLINE_DEMO_MODEL_CACHE; default: train every time)",
     )
     parser.add_argument(
         "--model",
@@ -132,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             model=args.model,
             hard_example_turn=args.hard_example_turn,
+            model_cache=args.model_cache,
         )
         try:
             report = Demo(opts).run()
@@ -326,6 +338,7 @@ class Demo:
             VERSION,
             seed=self.opts.seed,
             progress=not self.opts.json,
+            cache=self.opts.model_cache,
         )
         self.timings["build_seconds"] = time.monotonic() - started
         return compression

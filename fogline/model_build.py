@@ -17,34 +17,49 @@ from typing import Any
 import numpy as np
 
 from cloud.control_cli import ControlClient
+from fogline.build_cache import cached_build, key_of
 
 logger = logging.getLogger(__name__)
 
 CLOUD_FILE = "cloud-fp32.onnx"
 STUDENT_FILE = "edge-student.pt"
+EDGE_FP32_FILE = "edge-fp32.onnx"
+TRAINED_FILES = (CLOUD_FILE, STUDENT_FILE, EDGE_FP32_FILE)
 
 
 def build_and_publish(
-    workdir: Path, control: ControlClient, name: str, version: str, *, seed: int, progress: bool
+    workdir: Path,
+    control: ControlClient,
+    name: str,
+    version: str,
+    *,
+    seed: int,
+    progress: bool,
+    cache: Path | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Publish both variants as ``version``; return (compression figures, the data split)."""
+    """Publish both variants as ``version``; return (compression figures, the data split).
+
+    With ``cache``, the trained models come from there when the same seed and the same
+    training code made them before (``fogline.build_cache``)."""
     from cloud.pipeline.compress import evaluate
     from cloud.pipeline.data import load_digits_split
-    from cloud.pipeline.edge_student import save_student, train_student
-    from cloud.pipeline.export import export_onnx
     from cloud.pipeline.package import build_package
-    from cloud.pipeline.train import default_progress, train_model
     from common.manifest import ACCURACY, RoutingHints, write_unsigned
 
     workdir.mkdir(parents=True, exist_ok=True)
     split = load_digits_split(seed)
-    show = default_progress() if progress else None
-    logger.info("training the cloud model (larger CNN)")
-    cloud = export_onnx(train_model("cloud", split, seed=seed, progress=show), workdir / CLOUD_FILE)
-    logger.info("training the edge model (small MLP, distilled from the cloud model)")
-    student = train_student(split, cloud, seed=seed, progress=show)
-    save_student(student, workdir / STUDENT_FILE)  # what the hard-example turn fine-tunes
-    edge = export_onnx(student, workdir / "edge-fp32.onnx")
+    if cache is None:
+        _train(workdir, split, seed, progress)
+        from_cache = False
+    else:
+        from_cache = cached_build(
+            cache,
+            _training_key(seed),
+            TRAINED_FILES,
+            lambda into: _train(into, split, seed, progress),
+            workdir,
+        )
+    cloud, edge = workdir / CLOUD_FILE, workdir / EDGE_FP32_FILE
     report = _publish_edge(edge, workdir, control, name, version, 1, None, split)
     cloud_acc = evaluate(cloud, split.x_test, split.y_test)
     cloud_manifest = build_package(
@@ -65,8 +80,36 @@ def build_and_publish(
         **report,
         "cloud_fp32_accuracy": cloud_acc,
         "cloud_bytes": (workdir / CLOUD_FILE).stat().st_size,
+        "trained_models_from_cache": from_cache,
     }
     return figures, split
+
+
+def _train(workdir: Path, split: Any, seed: int, progress: bool) -> None:
+    """Write ``TRAINED_FILES``: the cloud CNN, and the edge student distilled from it."""
+    from cloud.pipeline.edge_student import save_student, train_student
+    from cloud.pipeline.export import export_onnx
+    from cloud.pipeline.train import default_progress, train_model
+
+    show = default_progress() if progress else None
+    logger.info("training the cloud model (larger CNN)")
+    cloud = export_onnx(train_model("cloud", split, seed=seed, progress=show), workdir / CLOUD_FILE)
+    logger.info("training the edge model (small MLP, distilled from the cloud model)")
+    student = train_student(split, cloud, seed=seed, progress=show)
+    save_student(student, workdir / STUDENT_FILE)  # what the hard-example turn fine-tunes
+    export_onnx(student, workdir / EDGE_FP32_FILE)
+
+
+def _training_key(seed: int) -> str:
+    """Training is seeded: the same seed, training code and library versions give the
+    same models. Any change to the pipeline's source makes a new key."""
+    import sklearn
+    import torch
+
+    import cloud.pipeline
+
+    sources = sorted(Path(cloud.pipeline.__file__).parent.glob("*.py"))
+    return key_of(f"digits seed={seed}", torch.__version__, sklearn.__version__, files=sources)
 
 
 def _publish_edge(

@@ -105,6 +105,7 @@ def build_report(
             "int8": round(compression["int8_accuracy"], 4),
             "cloud": round(compression["cloud_fp32_accuracy"], 4),
         },
+        "trained_models_from_cache": bool(compression.get("trained_models_from_cache")),
         **run_fields(agent_rows(agents, devices), rollout, endpoints, broker, timings),
     }
     if turn is not None:
@@ -126,7 +127,8 @@ def render_table(r: dict[str, Any]) -> str:
     lines = [
         *header_lines(r, "Fogline demo report"),
         f"model bytes       fp32 {r['model_bytes']['fp32']:,}  int8 {r['model_bytes']['int8']:,}"
-        f"  (cloud model {r['model_bytes']['cloud_fp32']:,})",
+        f"  (cloud model {r['model_bytes']['cloud_fp32']:,})"
+        + ("  trained earlier: from --model-cache" if r.get("trained_models_from_cache") else ""),
         "",
         f"{'accuracy':<18}{'edge only':>12}{'cloud only':>12}{'hybrid':>12}",
         f"{'':<18}{acc['edge']:>12.2%}{acc['cloud']:>12.2%}{acc['hybrid']:>12.2%}",

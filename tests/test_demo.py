@@ -35,18 +35,29 @@ class RunningDemo:
     workdir: Path
 
 
-def _start_demo(tmp: Path, broker: str, samples: int = 150, turn: bool = True) -> RunningDemo:
+def model_cache(factory: pytest.TempPathFactory) -> Path:
+    """One ``--model-cache`` for this session's demo runs, on every xdist worker: the
+    first run trains, the other (the same seed and code) takes its models."""
+    base = factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "demo-models"
+
+
+def _start_demo(
+    tmp: Path, broker: str, cache: Path, samples: int = 150, turn: bool = True
+) -> RunningDemo:
     """The demo, kept running after its report.
 
-    NOTE: each demo run trains two models and starts five processes (~20 s on a quiet
-    2-core machine; the hard-example turn retrains and rolls out again); the tests
-    below share two runs instead of starting one each, and only one makes the turn.
+    NOTE: each demo run trains two models (once per test session: ``model_cache``) and
+    starts five processes (~20 s on a quiet 2-core machine; the hard-example turn
+    retrains and rolls out again); the tests below share two runs instead of starting
+    one each, and only one makes the turn.
     """
     if broker == "mosquitto" and shutil.which("mosquitto") is None:
         pytest.skip("mosquitto binary not on PATH")
     stderr = tmp / "stderr.txt"
     cmd = [sys.executable, "-m", "fogline", "demo", "--json", "--keep-running"]
     cmd += ["--broker", broker, "--samples", str(samples), "--workdir", str(tmp / "demo")]
+    cmd += ["--model-cache", str(cache)]
     cmd += [] if turn else ["--no-hard-example-turn"]
     with stderr.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -54,6 +65,7 @@ def _start_demo(tmp: Path, broker: str, samples: int = 150, turn: bool = True) -
     try:
         line = proc.stdout.readline()  # stdout is exactly one JSON object; logs go to stderr
         assert line, stderr.read_text()[-3000:]
+        assert list(cache.glob("*/cloud-fp32.onnx")), "the trained models were not cached"
         return RunningDemo(proc, json.loads(line), stderr, tmp / "demo")
     except BaseException:  # a timeout too: never leave a demo (and its children) running
         proc.send_signal(signal.SIGINT)
@@ -74,7 +86,9 @@ def _stop(demo: RunningDemo) -> None:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
     """One mosquitto demo shared by the tests of this module, in file order; the last
     test ends it with Ctrl-C."""
-    running = _start_demo(tmp_path_factory.mktemp("demo"), "mosquitto")
+    running = _start_demo(
+        tmp_path_factory.mktemp("demo"), "mosquitto", model_cache(tmp_path_factory)
+    )
     yield running
     _stop(running)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import signal
 
-from tests.test_demo import _check_report, _start_demo, _stop, _wait_all_down
+from tests.test_demo import _check_report, _start_demo, _stop, _wait_all_down, model_cache
 
 
-def test_amqtt_demo_reports_and_a_killed_demo_takes_everything_down(tmp_path) -> None:
-    running = _start_demo(tmp_path, "amqtt", turn=False)
+def test_amqtt_demo_reports_and_a_killed_demo_takes_everything_down(
+    tmp_path, tmp_path_factory
+) -> None:
+    running = _start_demo(tmp_path, "amqtt", model_cache(tmp_path_factory), turn=False)
     try:
         _check_report(running.report, "amqtt")
         assert "hard_example_turn" not in running.report

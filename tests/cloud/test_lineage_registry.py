@@ -31,10 +31,39 @@ def _versions(db: Database) -> list[tuple]:
 def test_migrations_apply_in_order_once(database) -> None:
     db = Database(database)
     try:
-        assert migrate(db) == [m.number for m in MIGRATIONS] == [1, 2, 3, 4]
+        assert migrate(db) == [m.number for m in MIGRATIONS] == [1, 2, 3, 4, 5]
         assert migrate(db) == []  # opening again applies nothing
-        assert [v for v, _ in _versions(db)] == [1, 2, 3, 4]
+        assert [v for v, _ in _versions(db)] == [1, 2, 3, 4, 5]
         assert "lineage" in _versions(db)[1][1]
+    finally:
+        db.close()
+
+
+def test_a_device_event_finds_its_rollout_row_by_index(database) -> None:
+    """Every event a device sends updates its rollout row by command id: a scan of all
+    rollout rows ever written, per event, before migration 5."""
+    db = Database(database)
+    try:
+        migrate(db)
+        if db.dialect == "sqlite":
+            plan = " ".join(
+                str(row[-1])
+                for row in db.execute(
+                    "EXPLAIN QUERY PLAN UPDATE rollout_devices SET stage='x'"
+                    " WHERE device_id='d' AND command_id='c'"
+                )
+            )
+            assert "USING INDEX rollout_devices_by_command" in plan, plan
+        else:
+            db.execute("SET enable_seqscan = off")  # a tiny table: make the planner show it
+            plan = " ".join(
+                str(row[0])
+                for row in db.execute(
+                    "EXPLAIN UPDATE rollout_devices SET stage='x'"
+                    " WHERE device_id='d' AND command_id='c'"
+                )
+            )
+            assert "rollout_devices_by_command" in plan, plan
     finally:
         db.close()
 
@@ -47,8 +76,8 @@ def test_a_failing_migration_leaves_nothing_behind(database) -> None:
     db = Database(database)
     try:
         with pytest.raises(RuntimeError, match="disk on fire"):
-            migrate(db, (*MIGRATIONS, Migration(5, "broken", broken)))
-        assert [v for v, _ in _versions(db)] == [1, 2, 3, 4]
+            migrate(db, (*MIGRATIONS, Migration(6, "broken", broken)))
+        assert [v for v, _ in _versions(db)] == [1, 2, 3, 4, 5]
         db.execute("CREATE TABLE half_done (x INTEGER)")  # it was rolled back
     finally:
         db.close()
