@@ -64,6 +64,14 @@ async def wait_keyring(cp: ControlPlane, device_id: str, version: int) -> None:
             await asyncio.sleep(0.05)
 
 
+@pytest.fixture
+def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
+    """A broker of each test's own: these tests wait for "the" refusal of a device, and a
+    worker's shared broker keeps the persistent sessions of earlier tests' devices of the
+    same id, whose queued commands (signed by those tests' keys) are refused first."""
+    return private_mosquitto
+
+
 async def wait_refusal(cp: ControlPlane, device_id: str, text: str) -> dict:
     """A rejected or failed event whose error says ``text``. An agent says no more than
     "command not verified" (and no id) about a command it could not verify: the reason
