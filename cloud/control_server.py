@@ -265,7 +265,7 @@ async def devices(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     # NOTE: query and JSON in a worker thread: for a thousand devices that is tens of
     # milliseconds the event loop (and /api/health, and MQTT dispatch) would stand still.
-    body = await asyncio.to_thread(lambda: json.dumps({"devices": registry.devices()}))
+    body = await asyncio.to_thread(registry.devices_json)
     return web.Response(text=body, content_type="application/json")
 
 

@@ -22,6 +22,10 @@ DEVICE_STATES = ("online", "offline")
 MAX_EVENTS_PER_DEVICE = 500  # the newest are kept; a device cannot fill the disk
 
 
+# Keys ``devices()`` sets beside each stored status.
+LISTED_BESIDE_STATUS = ("last_seen", "telemetry")
+
+
 class FleetRecords:
     """Devices, rollouts and events; ``_db`` is set by ``Registry``."""
 
@@ -44,6 +48,8 @@ class FleetRecords:
         status = {**status, "device_id": device_id}
         status["state"] = state if state in DEVICE_STATES else "unknown"
         status.pop("hardware_error", None)  # only this door writes it
+        for key in LISTED_BESIDE_STATUS:  # the registry's own, not the device's word
+            status.pop(key, None)
         try:
             status["hardware"] = parse_hardware(status.get("hardware")).to_dict()
         except InvalidInputError as exc:
@@ -84,6 +90,22 @@ class FleetRecords:
             {**json.loads(s), "last_seen": seen, "telemetry": json.loads(t) if t else None}
             for s, seen, t in rows
         ]
+
+    def devices_json(self) -> str:
+        """``{"devices": devices()}`` as JSON text, spliced from the stored JSON texts.
+
+        ``GET /api/devices`` lists the whole fleet: parsing and re-encoding every
+        status and telemetry document held the GIL for most of its p99 (121 ms for
+        1,000 devices while they heartbeat). Each stored status is a JSON object
+        written by ``upsert_device`` (never empty: it holds the device id), and the
+        keys appended here are the last ones, as in ``devices()``.
+        """
+        rows = self._q("SELECT status, last_seen, telemetry FROM devices ORDER BY device_id")
+        items = ",".join(
+            f'{s[:-1]},"last_seen":{json.dumps(seen)},"telemetry":{t or "null"}}}'
+            for s, seen, t in rows
+        )
+        return f'{{"devices":[{items}]}}'
 
     def seen_devices(self, device_ids: list[str]) -> set[str]:
         """Which of ``device_ids`` have reported a status of their own (online or offline).

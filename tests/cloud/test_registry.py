@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import pytest
@@ -20,6 +21,27 @@ def database(request, tmp_path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "registry.sqlite")
     return request.getfixturevalue("postgres_url")
+
+
+def test_the_device_listing_text_is_the_parsed_listing(database, tmp_path) -> None:
+    """``GET /api/devices`` splices the stored JSON instead of re-encoding it: the
+    same document, whatever the devices sent (odd text, keys of the registry's own)."""
+    registry = Registry(database, tmp_path / "store")
+    try:
+        assert json.loads(registry.devices_json()) == {"devices": []}
+        registry.upsert_device("a", {"state": "online", "note": 'quote " brace } \u2028 é'})
+        registry.upsert_device(
+            "b", {"state": "offline", "last_seen": 1e300, "telemetry": {"forged": True}}
+        )
+        registry.upsert_device("c", {"state": "online", "labels": {"site": "berlin"}})
+        registry.record_telemetry("c", {"router": {"requests": 3, "escalated": {"load": 1}}})
+        listed = json.loads(registry.devices_json())
+        assert listed == {"devices": registry.devices()}
+        b = listed["devices"][1]
+        assert b["telemetry"] is None and b["last_seen"] < 1e12  # the registry's, not b's
+        assert listed["devices"][0]["note"] == 'quote " brace } \u2028 é'
+    finally:
+        registry.close()
 
 
 def test_versions_devices_rollouts_and_events(database, tmp_path) -> None:
