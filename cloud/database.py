@@ -35,11 +35,16 @@ class Database:
         self._lock = threading.RLock()
         self._depth = 0  # nested transaction() calls; only the thread holding _lock reads it
         self.dialect = "postgresql" if is_postgres_url(target) else "sqlite"
-        self._conn: Any = (
-            _connect_postgres(str(target))
-            if self.dialect == "postgresql"
-            else _connect_sqlite(Path(target))
-        )
+        self._target = target
+        self._conn: Any = self._connect()
+        self._reader: Any = None  # a second connection for ``read``, opened on first use
+        self._read_lock = threading.Lock()
+        self._closed = False
+
+    def _connect(self) -> Any:
+        if self.dialect == "postgresql":
+            return _connect_postgres(str(self._target))
+        return _connect_sqlite(Path(self._target))
 
     def schema(self, ddl: str) -> None:
         """Run ``CREATE TABLE IF NOT EXISTS`` statements; ``{autoid}`` is an auto id column."""
@@ -60,6 +65,22 @@ class Database:
             with conn.cursor() as cur:
                 cur.execute(sql.replace("?", "%s"), args)
                 return cur.fetchall() if cur.description is not None else []
+
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """A query on a connection of its own, for listings that need no transaction:
+        it sees what is committed and does not wait for this process's writer, which
+        holds ``execute``'s one connection for a whole batch of fleet messages (SQLite
+        in WAL mode and PostgreSQL both let a reader run beside a writer)."""
+        with self._read_lock:
+            if self._closed:
+                raise StoreError("the database is closed")
+            if self._reader is None:
+                self._reader = self._connect()
+            if self.dialect == "sqlite":
+                return self._reader.execute(sql, args).fetchall()
+            with self._reader.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), args)
+                return cur.fetchall()
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         with self._lock:
@@ -124,6 +145,11 @@ class Database:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        with self._read_lock:
+            self._closed = True
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def _open(self) -> Any:
         if self._conn is None:

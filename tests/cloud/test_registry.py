@@ -44,6 +44,42 @@ def test_the_device_listing_text_is_the_parsed_listing(database, tmp_path) -> No
         registry.close()
 
 
+def test_the_listing_does_not_wait_for_a_batch_being_written(database, tmp_path) -> None:
+    """The fleet writer holds the registry's connection for a whole batch; the device
+    listing reads beside it and sees what was committed."""
+    registry = Registry(database, tmp_path / "store")
+    registry.upsert_device("a", {"state": "online"})
+    inside, release = threading.Event(), threading.Event()
+
+    def batch() -> None:
+        with registry.batch():
+            registry.upsert_device("b", {"state": "online"})
+            inside.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=batch)
+    writer.start()
+    try:
+        assert inside.wait(10)
+        listed: list[str] = []
+        reader = threading.Thread(
+            target=lambda: listed.extend(
+                d["device_id"] for d in json.loads(registry.devices_json())["devices"]
+            )
+        )
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "the listing waited for the writer's batch"
+        assert listed == ["a"]  # "b" is not committed yet
+    finally:
+        release.set()
+        writer.join(10)
+    assert [d["device_id"] for d in json.loads(registry.devices_json())["devices"]] == ["a", "b"]
+    registry.close()
+    with pytest.raises(StoreError, match="closed"):
+        registry.devices_json()
+
+
 def test_versions_devices_rollouts_and_events(database, tmp_path) -> None:
     registry = Registry(database, tmp_path / "store")
     signer = Signer.generate()
