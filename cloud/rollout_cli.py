@@ -57,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=gates.max_latency_increase,
         help="local p95 latency increase over the previous version (0.2 = +20%%)",
     )
+    create.add_argument(
+        "--min-latency-increase-ms",
+        type=float,
+        default=gates.min_latency_increase_ms,
+        help="a latency breach must also add at least this many ms to the p95 (tiny models' "
+        "p95s swing by more than 20%% on a busy host)",
+    )
     create.add_argument("--reason", help="why, for the audit log")
     _watch_args(create)
     create.set_defaults(func=_create)
@@ -120,6 +127,7 @@ async def _create(args: argparse.Namespace, api: ControlApi) -> int:
         "max_failure_rate": args.max_failure_rate,
         "max_escalation_increase": args.max_escalation_increase,
         "max_latency_increase": args.max_latency_increase,
+        "min_latency_increase_ms": args.min_latency_increase_ms,
     }
     if args.reason is not None:
         doc["reason"] = args.reason

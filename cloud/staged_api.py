@@ -44,7 +44,7 @@ async def _body(request: web.Request, what: str) -> dict[str, Any]:
 async def create(request: web.Request) -> web.Response:
     """``{"model", "version", "to": "all"|[ids]|"k=v,k=v", "stages": "5%,25%,100%",
     "soak": "10m", "max_failure_rate", "max_escalation_increase", "max_latency_increase",
-    "reason"}``."""
+    "min_latency_increase_ms", "reason"}``."""
     doc = await _body(request, "staged rollout request")
     unknown = set(doc) - CREATE_KEYS
     if unknown:

@@ -39,8 +39,13 @@ SOAK = "1s"
 # judged on a few dozen requests (one of 360 rows is 0.3 points): at 0.1 a run with all
 # 360 digits halted on noise (17% of 41 requests against 4%). The gate still stops a
 # version that escalates far more. Local latency of a tiny MLP is noise-sized on a
-# shared machine, hence the loose latency gate.
-GATES = {"max_escalation_increase": 0.2, "max_latency_increase": 1.0}
+# shared machine, hence the loose latency gate: the canary's p95 went from 0.8 to 5.4 ms
+# (6.7x) on a loaded CI machine, so a latency breach must also add 20 ms.
+GATES = {
+    "max_escalation_increase": 0.2,
+    "max_latency_increase": 1.0,
+    "min_latency_increase_ms": 20.0,
+}
 UPLOAD_WAIT_S = 20.0  # the demo's agents upload every second
 ROLLOUT_TIMEOUT_S = 300.0  # a busy machine: the first rollout alone can take a minute
 STAGED = "/api/staged-rollouts"

@@ -158,8 +158,11 @@ def test_stage_plans() -> None:
         (Figures(100, 50, 0, 100, 100), Figures(100, 0, 0, 100, 100), (0, 1), "escalation_rate"),
         (Figures(100, 4, 0, 100, 100), Figures(100, 0, 0, 100, 100), (0, 1), None),
         (Figures(100, 0, 10, 100, 100), Figures(100, 0, 0, 100, 100), (0, 1), "error_rate"),
-        (Figures(100, 0, 0, 100, 130), Figures(100, 0, 0, 100, 100), (0, 1), "latency_p95_ms"),
+        # p95 = p95_sum / local_count: 1.0 ms before
+        (Figures(100, 0, 0, 100, 250), Figures(100, 0, 0, 100, 100), (0, 1), "latency_p95_ms"),
         (Figures(100, 0, 0, 100, 110), Figures(100, 0, 0, 100, 100), (0, 1), None),
+        # +30% but +0.3 ms: a sub-millisecond p95's noise, under the 1 ms slack
+        (Figures(100, 0, 0, 100, 130), Figures(100, 0, 0, 100, 100), (0, 1), None),
         (Figures(), Figures(), (1, 10), "install_failure_rate"),
         (Figures(), Figures(), (0, 10), None),  # no traffic: nothing to judge but installs
         (Figures(100, 90, 0, 0, 0), Figures(), (0, 1), None),  # no baseline: not judged
@@ -170,6 +173,19 @@ def test_gates(new, old, installs, metric) -> None:
     assert (breach or {}).get("metric") == metric, report
     if breach:
         assert breach["stage"] == 1 and breach["value"] is not None
+
+
+def test_the_latency_gate_takes_an_absolute_slack() -> None:
+    """The demo's canary on a loaded CI machine: 0.8 -> 5.4 ms p95 (6.7x) halted it."""
+    old = Figures(100, 0, 0, 100, 80)  # 0.8 ms
+    loose = Gates(max_latency_increase=1.0, min_latency_increase_ms=20.0)
+    for gates, new_p95_sum, metric in [
+        (Gates(max_latency_increase=1.0), 540, "latency_p95_ms"),  # +4.6 ms > the 1 ms default
+        (loose, 540, None),
+        (loose, 3000, "latency_p95_ms"),  # 30 ms: +29.2 ms and 37x
+    ]:
+        _, breach = judge(1, (0, 1), Figures(100, 0, 0, 100, new_p95_sum), old, gates)
+        assert (breach or {}).get("metric") == metric
 
 
 @pytest.mark.parametrize(
