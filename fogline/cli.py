@@ -104,11 +104,21 @@ def missing_cloud_libraries(names: Sequence[str] = CLOUD_ONLY) -> list[str]:
     return missing
 
 
+GLOBAL_VALUE_OPTIONS = ("--log-level",)  # the global options that take a value
+
+
+def _takes_value(word: str) -> bool:
+    """``--log-level`` or an abbreviation argparse accepts (``--log``), without ``=VALUE``."""
+    return (
+        len(word) > 2 and "=" not in word and any(o.startswith(word) for o in GLOBAL_VALUE_OPTIONS)
+    )
+
+
 def named_group(argv: Sequence[str]) -> str | None:
     """The command group ``argv`` names (its first word past the global options), if any."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
+        if _takes_value(word):
             next(words, None)  # its value
         elif not word.startswith("-"):
             return word if word in GROUPS else None
@@ -121,6 +131,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     Runtime, the registry, ...): building all of them cost every command, an agent's
     start included, about a second of CPU before it did anything."""
     only = named_group(argv) if argv is not None else None
+    if argv is not None and only is None and any(word in GROUPS for word in argv):
+        argv = None  # a form the scan does not know: build every group, as argparse expects
     parser = Parser(
         prog="fogline",
         description="Fogline: an edge-and-cloud hybrid inference runtime.",

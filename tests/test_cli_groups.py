@@ -53,12 +53,20 @@ def test_version_imports_no_group() -> None:
         (["--log-level", "DEBUG", "edge", "run"], "edge"),
         (["--trace", "fallback", "serve"], "fallback"),
         (["--log-level", "control"], None),  # "control" is the level here, not a group
+        (["--log", "DEBUG", "control", "devices"], "control"),  # argparse's abbreviation
+        (["--log-level=DEBUG", "edge"], "edge"),
+        (["--", "edge"], "edge"),  # past "--" it is the group all the same
         (["--help"], None),
         (["nonsense", "control"], None),
     ],
 )
 def test_the_named_group_is_found_past_the_global_options(argv, group) -> None:
     assert named_group(argv) == group
+
+
+def test_an_abbreviated_global_option_still_reaches_the_command() -> None:
+    shown = fogline("--log", "WARNING", "control", "devices", "--help")
+    assert shown.returncode == 0 and "--control" in shown.stdout, shown.stderr
 
 
 def test_every_group_still_shows_in_help_and_runs_its_own_help() -> None:
