@@ -50,6 +50,10 @@ BAD_CREATES = [
     ("max_escalation_increase", float("nan"), 400),
     ("max_failure_rate", -1, 400),
     ("max_latency_increase", "0.2", 400),
+    ("min_latency_increase_ms", float("inf"), 400),
+    ("min_latency_increase_ms", -0.5, 400),
+    ("min_latency_increase_ms", True, 400),
+    ("min_latency_increase_ms", 1e9, 400),
     ("reason", "x" * 10_000, 400),
     ("reason", "a\nb", 400),
     ("owner", "me", 400),  # unknown fields are refused, not ignored
