@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -47,10 +46,10 @@ def _export_tiny_bert(path: Path) -> Path:
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
-        max_position_embeddings=POSITIONS,
+        max_position_embeddings=POSITIONS, attn_implementation="eager",
     )  # fmt: skip
-    bert: Any = BertModel  # its stubs lack the attn_implementation keyword
-    model = SentenceEmbedder(bert(config, attn_implementation="eager")).eval()
+    # NOTE: on the config: transformers 5 took the keyword off the model's constructor.
+    model = SentenceEmbedder(BertModel(config)).eval()
     sequence = {1: "sequence"}
     with warnings.catch_warnings():  # the tracer's notes on transformers' mask code
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
