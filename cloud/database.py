@@ -39,7 +39,6 @@ class Database:
         self._conn: Any = self._connect()
         self._reader: Any = None  # a second connection for ``read``, opened on first use
         self._read_lock = threading.Lock()
-        self._closed = False
 
     def _connect(self) -> Any:
         if self.dialect == "postgresql":
@@ -72,8 +71,7 @@ class Database:
         holds ``execute``'s one connection for a whole batch of fleet messages (SQLite
         in WAL mode and PostgreSQL both let a reader run beside a writer)."""
         with self._read_lock:
-            if self._closed:
-                raise StoreError("the database is closed")
+            self._open()  # closed: the same error as ``execute``
             if self._reader is None:
                 self._reader = self._connect()
             if self.dialect == "sqlite":
@@ -146,7 +144,6 @@ class Database:
                 self._conn.close()
                 self._conn = None
         with self._read_lock:
-            self._closed = True
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None

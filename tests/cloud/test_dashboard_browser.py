@@ -19,6 +19,7 @@ import pytest
 
 from common.manifest import RoutingHints
 from edge.agent import EdgeAgent
+from tests.broker_per_test import mosquitto_per_test  # noqa: F401  (own broker)
 from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.edge.staged_harness import Traffic, api, wait_baseline, wait_finished
 from tests.model_fixtures import make_package, v2_infer_body
@@ -37,14 +38,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-@pytest.fixture
-def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
-    """A broker of each test's own: these tests roll out to "every online device", and a
-    worker's shared broker keeps the retained "online" status of earlier tests' devices
-    (two of them timed out in CI waiting on such a device)."""
-    return private_mosquitto
 
 
 def _browser_or_skip():  # type: ignore[no-untyped-def]

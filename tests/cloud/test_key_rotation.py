@@ -40,6 +40,7 @@ from common.mqtt import MqttLink
 from common.signing import Signer, TrustedKey
 from edge.agent import EdgeAgent
 from fogline.cli import main
+from tests.broker_per_test import mosquitto_per_test  # noqa: F401  (own broker)
 from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.model_fixtures import make_package, v2_infer_body
 
@@ -62,14 +63,6 @@ async def wait_keyring(cp: ControlPlane, device_id: str, version: int) -> None:
                 if ev.get("stage") == "trusted" and ev.get("keyring_version") == version:
                     return
             await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
-    """A broker of each test's own: these tests wait for "the" refusal of a device, and a
-    worker's shared broker keeps the persistent sessions of earlier tests' devices of the
-    same id, whose queued commands (signed by those tests' keys) are refused first."""
-    return private_mosquitto
 
 
 async def wait_refusal(cp: ControlPlane, device_id: str, text: str) -> dict:

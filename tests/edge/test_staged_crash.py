@@ -17,19 +17,12 @@ import pytest
 from cloud.keys import KeyStore
 from cloud.registry import Registry
 from edge.agent import EdgeAgent
+from tests.broker_per_test import mosquitto_per_test  # noqa: F401  (own broker)
 from tests.conftest import free_port, wait_port
 from tests.edge.agent_harness import agent_config
 from tests.model_fixtures import make_package
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
-    """A broker of each test's own: these tests roll out to "every online device", and a
-    worker's shared broker keeps the retained "online" status of earlier tests' devices
-    (two of them timed out in CI waiting on such a device)."""
-    return private_mosquitto
 
 
 def _serve(workdir: Path, port: int, broker, log: Path) -> subprocess.Popen[bytes]:

@@ -15,6 +15,7 @@ import pytest
 
 from common.manifest import RoutingHints
 from edge.agent import EdgeAgent
+from tests.broker_per_test import mosquitto_per_test  # noqa: F401  (own broker)
 from tests.edge.agent_harness import ControlPlane, agent_config
 from tests.edge.staged_harness import (
     Traffic,
@@ -29,14 +30,6 @@ from tests.fogline_cli import fogline
 ESCALATE_ALL = RoutingHints(uncertainty_threshold=0.0)
 # Latency on a shared 2-core machine is noise; those tests gate on escalations and installs.
 NO_LATENCY_GATE = 100.0
-
-
-@pytest.fixture
-def mosquitto(private_mosquitto):  # type: ignore[no-untyped-def]
-    """A broker of each test's own: these tests roll out to "every online device", and a
-    worker's shared broker keeps the retained "online" status of earlier tests' devices
-    (two of them timed out in CI waiting on such a device)."""
-    return private_mosquitto
 
 
 async def _fleet(stack: contextlib.AsyncExitStack, cp: ControlPlane, tmp: Path, broker, n: int):
