@@ -59,6 +59,7 @@ def _start_demo(
     cmd += ["--broker", broker, "--samples", str(samples), "--workdir", str(tmp / "demo")]
     cmd += ["--model-cache", str(cache)]
     cmd += [] if turn else ["--no-hard-example-turn"]
+    trained_before = bool(list(cache.glob("*/cloud-fp32.onnx")))
     with stderr.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdout is not None
@@ -66,7 +67,10 @@ def _start_demo(
         line = proc.stdout.readline()  # stdout is exactly one JSON object; logs go to stderr
         assert line, stderr.read_text()[-3000:]
         assert list(cache.glob("*/cloud-fp32.onnx")), "the trained models were not cached"
-        return RunningDemo(proc, json.loads(line), stderr, tmp / "demo")
+        report = json.loads(line)
+        if trained_before:  # else the other demo may have trained meanwhile, or not
+            assert report["trained_models_from_cache"] is True
+        return RunningDemo(proc, report, stderr, tmp / "demo")
     except BaseException:  # a timeout too: never leave a demo (and its children) running
         proc.send_signal(signal.SIGINT)
         try:
