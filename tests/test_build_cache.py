@@ -111,3 +111,13 @@ def test_the_key_covers_the_parts_and_the_files_bytes(tmp_path: Path) -> None:
     source.write_text("EPOCHS = 31\n")
     assert key_of("seed=0", "2.13.0", files=[source]) != before
     assert key_of("ab", "c") != key_of("a", "bc")  # parts are length-prefixed
+
+
+def test_a_cache_path_that_is_a_file_is_a_clear_error_before_any_build(tmp_path: Path) -> None:
+    """``--model-cache /etc/hostname``: the demo fails with this one line, nothing built."""
+    cache = tmp_path / "not-a-dir"
+    cache.write_text("x")
+    build = Builder()
+    with pytest.raises(FileExistsError, match="not-a-dir"):
+        cached_build(cache, "k", NAMES, build, tmp_path / "a")
+    assert build.calls == 0
