@@ -1,15 +1,16 @@
 """Rollout controller: signed deploy commands, one broadcast of chunks, targeted repair.
 
 The artifact is published once on ``artifacts/{a}/chunks`` after the targeted
-agents have subscribed (their ``downloading`` event); agents that missed
-chunks ask for them on ``artifacts/{a}/requests`` and get just those. So the
-control plane's cost grows with the artifact, not with artifact x devices.
+agents have subscribed (their ``downloading`` event); an agent that missed
+chunks asks for them on ``artifacts/{a}/requests/{d}`` and gets just those, on
+``artifacts/{a}/repairs/{d}`` (or on the broadcast again when more than half
+the rollout lacks them). So the control plane's cost grows with the artifact,
+not with artifact x devices, and one slow device's repairs reach only it.
 
 Chunks are cut as the signed manifest says (``manifest.chunks.size``), so that
-each matches its signed hash. Repair requests come from anyone who may write a
-request topic: the MQTT handler only checks their size and queues them; one
-worker parses them off the dispatcher and ``cloud.repair`` decides what, if
-anything, is resent.
+each matches its signed hash. The MQTT handler only checks a request's size and
+queues it; one worker parses them off the dispatcher and ``cloud.repair``
+decides what, if anything, is resent and to whom.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any
@@ -77,7 +79,8 @@ class RolloutController:
         self.artifact_base_url = artifact_base_url  # HTTP transport: {base}/api/artifacts/{a}
         self.stats = {
             "chunks_broadcast": 0,
-            "chunks_repaired": 0,
+            "chunks_repaired": 0,  # resent, broadcast or to one device
+            "chunks_repaired_unicast": 0,  # of which to the asking device alone
             "bytes_sent": 0,
             "repair_requests_dropped": 0,  # too big, malformed, unknown, or queue full
             "repair_requests_limited": 0,  # over its claimed device's rate
@@ -86,6 +89,7 @@ class RolloutController:
             "chunks_unacknowledged": 0,  # no PUBACK in time from a broker still connected
         }
         self._tasks: set[asyncio.Task[None]] = set()
+        self._audience: Counter[str] = Counter()  # digest -> devices of rollouts driven here
         self._limiter = RepairLimiter(repair or RepairPolicy())
         self._requests: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(
             self._limiter.policy.queue_size
@@ -95,9 +99,7 @@ class RolloutController:
         self._spawn(self._repair_worker(), "repair")
         self._spawn(self._resend_loop(), "resend")
         # A retained request would be replayed at every reconnect: only live ones count.
-        self.link.subscribe(
-            topics.all_artifacts_filter("requests"), self._on_request, retained=False
-        )
+        self.link.subscribe(topics.repair_filter("requests"), self._on_request, retained=False)
         for rollout_id, name, version in await asyncio.to_thread(self.registry.running_rollouts):
             # Interrupted by a restart: its commands are out; drive it to the end again.
             logger.info("resuming rollout %s (%s %s)", rollout_id, name, version)
@@ -307,14 +309,21 @@ class RolloutController:
 
     async def _drive(self, rollout_id: str, records: list[VersionRecord]) -> None:
         """One broadcast per package the rollout sent (the ONNX one, engines), then wait."""
-        await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
+        targets = len((await asyncio.to_thread(self.registry.rollout, rollout_id))["devices"])
+        audience = Counter({r.artifact_digest: targets for r in records})
+        self._audience.update(audience)  # how many may ask: decides unicast or broadcast
         try:
-            await self.link.connected.wait()
-            for record in records:
-                await self.broadcast(record)
-        except MqttError as exc:  # broker gone mid-broadcast: agents ask for what they lack
-            logger.warning("rollout %s: broadcast interrupted: %s", rollout_id, exc)
-        await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)
+            await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
+            try:
+                await self.link.connected.wait()
+                for record in records:
+                    await self.broadcast(record)
+            except MqttError as exc:  # broker gone mid-broadcast: agents ask for what they lack
+                logger.warning("rollout %s: broadcast interrupted: %s", rollout_id, exc)
+            await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)
+        finally:
+            self._audience.subtract(audience)
+            self._audience += Counter()  # drops the zeros
         devices = (await asyncio.to_thread(self.registry.rollout, rollout_id))["devices"].values()
         ok = sum(d["stage"] == "activated" for d in devices)
         state = "succeeded" if ok == len(devices) else ("failed" if ok == 0 else "partial")
@@ -326,10 +335,30 @@ class RolloutController:
     async def broadcast(self, record: VersionRecord, only: list[int] | None = None) -> None:
         """Publish every chunk of the artifact, or just the indices in ``only``."""
         digest = record.artifact_digest
+        topic = topics.artifact_topic(digest, "chunks")
+        if only is not None:
+            await self._send_chunks(record, topic, only, "chunks_repaired")
+            return
+        count = chunking.chunk_count(record.artifact_size, self.chunk_size(record))
+        self._limiter.begin_broadcast(digest, range(count))
+        try:
+            await self._send_chunks(record, topic, range(count), "chunks_broadcast")
+        finally:
+            self._limiter.end_broadcast(digest)
+
+    async def send_to(self, record: VersionRecord, device_id: str, indices: list[int]) -> None:
+        """Resend ``indices`` to one device alone, on its repair topic."""
+        topic = topics.repair_topic(record.artifact_digest, "repairs", device_id)
+        await self._send_chunks(record, topic, indices, "chunks_repaired")
+        self.stats["chunks_repaired_unicast"] += len(indices)
+
+    async def _send_chunks(
+        self, record: VersionRecord, topic: str, indices: Iterable[int], stat: str
+    ) -> None:
+        digest = record.artifact_digest
         data = await asyncio.to_thread(self.registry.artifact_path(digest).read_bytes)
         size = self.chunk_size(record)
-        topic = topics.artifact_topic(digest, "chunks")
-        indices = range(chunking.chunk_count(len(data), size)) if only is None else only
+        broadcast = topics.parse(topic).kind == "chunks"
         window = asyncio.Semaphore(BROADCAST_WINDOW)
 
         async def send(index: int) -> None:
@@ -345,8 +374,9 @@ class RolloutController:
                     # broadcast left every device to ask for the rest (300 devices: half
                     # gave up). Carry on; a device that lacks it asks.
                     self.stats["chunks_unacknowledged"] += 1
-            self._limiter.mark_sent(digest, [index], time.monotonic())
-            self.stats["chunks_repaired" if only is not None else "chunks_broadcast"] += 1
+            if broadcast:
+                self._limiter.mark_sent(digest, [index], time.monotonic())
+            self.stats[stat] += 1
             self.stats["bytes_sent"] += len(payload)
 
         # NOTE: a window of chunks in flight, not one PUBACK round trip per chunk (which
@@ -420,11 +450,16 @@ class RolloutController:
         """Resend what a device lacks, within the limits of ``cloud.repair``."""
         policy = self._limiter.policy
         try:
-            digest = topics.parse(topic).ident
+            parsed = topics.parse(topic)
+            digest, device_id = parsed.ident, parsed.device
+            if parsed.kind != "requests" or device_id is None:
+                raise InvalidInputError(f"not a chunk request topic: {topic}")
             request = await asyncio.to_thread(
                 parse_request, payload, chunking.MAX_SIGNED_CHUNKS, policy.max_request_bytes
             )
-            if not self._limiter.admit_device(request.device_id, time.monotonic()):
+            if request.device_id != device_id:
+                raise InvalidInputError(f"request names {request.device_id!r} on {topic}")
+            if not self._limiter.admit_device(device_id, time.monotonic()):
                 self.stats["repair_requests_limited"] += 1
                 return
             record = await asyncio.to_thread(self.registry.version_by_digest, digest)
@@ -435,8 +470,12 @@ class RolloutController:
             logger.info("ignored chunk request on %s: %s", topic, exc)
             self.stats["repair_requests_dropped"] += 1
             return
-        wanted = self._limiter.plan(digest, count, request.missing, time.monotonic())
-        if len(wanted) < len(request.missing):
-            self.stats["chunks_not_resent"] += len(request.missing) - len(wanted)
-        if wanted:
-            await self.broadcast(record, only=wanted)
+        plan = self._limiter.plan(
+            digest, count, device_id, request.missing, time.monotonic(), self._audience[digest]
+        )
+        resent = len(plan.broadcast) + len(plan.unicast)
+        self.stats["chunks_not_resent"] += len(request.missing) - resent
+        if plan.broadcast:
+            await self.broadcast(record, only=plan.broadcast)
+        if plan.unicast:
+            await self.send_to(record, device_id, plan.unicast)

@@ -6,10 +6,11 @@ broker reads the same two files and applies the same rules with ``allowed``.
 
 - Passwords are stored as Mosquitto 2's ``$7$`` hashes (PBKDF2-HMAC-SHA512),
   made here with hashlib so no ``mosquitto_passwd`` is needed.
-- A device may read only its own commands topic and the artifact chunk topics,
-  and write only its own status, telemetry and events topics and the artifact
-  request topics. The control plane reads what devices write and writes what
-  they read.
+- A device may read only its own commands topic, the artifact chunk topics and
+  its own repair topics, and write only its own status, telemetry and events
+  topics and its own chunk request topics (so a request's device id is the
+  broker's, not a claim). The control plane reads what devices write and writes
+  what they read.
 - The control plane's username starts with ``_``, which no device id may
   (``common.names``), so enrolling a device can never take it; with the
   broker forcing client id = username, nobody can take its session either.
@@ -113,16 +114,18 @@ def device_grants(device_id: str) -> list[Grant]:
         Grant("write", topics.device_topic(device_id, "status")),
         Grant("write", topics.device_topic(device_id, "telemetry")),
         Grant("write", topics.device_topic(device_id, "events")),
-        Grant("write", topics.all_artifacts_filter("requests")),
+        Grant("write", topics.repair_filter("requests", device_id)),
+        Grant("read", topics.repair_filter("repairs", device_id)),
     ]
 
 
 def control_grants() -> list[Grant]:
     return [
         *(Grant("read", topics.all_devices_filter(k)) for k in ("status", "telemetry", "events")),
-        Grant("read", topics.all_artifacts_filter("requests")),
+        Grant("read", topics.repair_filter("requests")),
         Grant("write", topics.all_devices_filter("commands")),
         Grant("write", topics.all_artifacts_filter("chunks")),
+        Grant("write", topics.repair_filter("repairs")),
     ]
 
 

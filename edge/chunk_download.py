@@ -2,7 +2,9 @@
 
 Chunks are checked one by one against the signed chunk list (when the package
 has one), so a forged copy, live or retained, never takes a real chunk's place.
-When the broadcast goes quiet, the device asks for exactly the chunks it lacks.
+When the broadcast goes quiet, the device asks for exactly the chunks it lacks,
+on its own request topic, and they come back on its own repair topic (or, when
+many devices lack them, on the broadcast again).
 Used by the agent's Deployer and by the fleet simulator (`bench/sim_agent.py`),
 so that a simulated device downloads and verifies exactly as a real one does.
 """
@@ -79,9 +81,13 @@ class ChunkDownload:
 
     async def run(self, started: Callable[[], Awaitable[None]]) -> bytes:
         """Subscribe, call ``started`` (to report it), collect; unsubscribe in any case."""
-        topic = topics.artifact_topic(self._digest, "chunks")
+        subscribed = [
+            topics.artifact_topic(self._digest, "chunks"),
+            topics.repair_topic(self._digest, "repairs", self._device_id),
+        ]
         # Retained chunks are stale at best and planted at worst: live ones only.
-        self._link.subscribe(topic, self._on_chunk, retained=False)
+        for topic in subscribed:
+            self._link.subscribe(topic, self._on_chunk, retained=False)
         try:
             await started()
             async with asyncio.timeout(MAX_DOWNLOAD_S):
@@ -92,7 +98,8 @@ class ChunkDownload:
                 f"{len(self._asm.missing)} chunks missing"
             ) from None
         finally:
-            self._link.unsubscribe(topic)
+            for topic in subscribed:
+                self._link.unsubscribe(topic)
 
     async def _collect(self) -> bytes:
         """Wait for chunks; when they stop coming, ask for the missing ones.
@@ -114,7 +121,7 @@ class ChunkDownload:
             await self._link.connected.wait()
             try:
                 await self._link.publish(
-                    topics.artifact_topic(self._digest, "requests"),
+                    topics.repair_topic(self._digest, "requests", self._device_id),
                     chunk_request(self._device_id, self._digest, asm.missing),
                 )
             except MqttError as exc:  # lost the broker again: not a failed round

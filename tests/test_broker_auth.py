@@ -234,12 +234,28 @@ def test_device_cannot_write_another_devices_topics(secured, opened) -> None:
 def test_device_may_write_its_own_topics_and_chunk_requests(secured, opened) -> None:
     broker, logins = secured
     control = _client(opened, broker, "control", logins.control).connected()
-    assert control.subscribe(topics.all_artifacts_filter("requests"))
+    assert control.subscribe(topics.repair_filter("requests"))
     assert control.subscribe(topics.all_devices_filter("telemetry"))
     device = _client(opened, broker, "device", logins.devices["device-2"]).connected()
-    device.publish(topics.artifact_topic(DIGEST, "requests"), b"[1, 2]")
+    device.publish(topics.repair_topic(DIGEST, "requests", "device-1"), b"as another")
+    device.publish(topics.repair_topic(DIGEST, "requests", "device-2"), b"[1, 2]")
     device.publish(topics.device_topic("device-2", "telemetry"), b"{}")
     assert [control.receive().payload for _ in range(2)] == [b"[1, 2]", b"{}"]
+    assert control.drain() == []  # the request in another device's name never arrived
+
+
+def test_repairs_reach_only_the_device_they_are_for(secured, opened) -> None:
+    broker, logins = secured
+    mine = _client(opened, broker, "mine", logins.devices["device-2"]).connected()
+    assert mine.subscribe(topics.repair_filter("repairs", "device-2"))
+    other = _client(opened, broker, "other", logins.devices["device-1"]).connected()
+    other.subscribe(topics.repair_filter("repairs", "device-2"))  # granted, delivers nothing
+    other.subscribe(topics.repair_filter("repairs"))
+    other.publish(topics.repair_topic(DIGEST, "repairs", "device-2"), b"forged repair")
+    control = _client(opened, broker, "control", logins.control).connected()
+    control.publish(topics.repair_topic(DIGEST, "repairs", "device-2"), b"chunk 7")
+    assert mine.receive().payload == b"chunk 7"
+    assert mine.drain() == [] and other.drain() == []
 
 
 def test_device_cannot_take_the_control_planes_client_id(secured, opened) -> None:

@@ -146,14 +146,14 @@ def test_a_device_takes_no_replica_login_session_or_topic(kind: str, tmp_path: P
             made.append(two)
             two.connected()
             assert two.subscribe(topics.all_devices_filter("events"))
-            requests = topics.all_artifacts_filter("requests")
+            requests = topics.repair_filter("requests")
             assert two.subscribe(requests)
             for who in (replica.username, "anything"):
                 thief = Client(broker, who, login, clean_session=False)
                 made.append(thief)
                 thief.connected()  # as itself: the broker forces client id = username
                 thief.subscribe(requests)  # Mosquitto grants it, then delivers nothing
-                thief.publish(requests.replace("+", "ab" * 32), who.encode())
+                thief.publish(topics.repair_topic("ab" * 32, "requests", "dev-1"), who.encode())
                 assert two.receive().payload == who.encode()
                 thief.publish(topics.device_topic("dev-1", "events"), who.encode())
                 assert two.receive().payload == who.encode()

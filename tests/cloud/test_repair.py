@@ -9,11 +9,13 @@ import pytest
 
 from cloud.repair import (
     RepairLimiter,
+    RepairPlan,
     RepairPolicy,
     RepairRequest,
     parse_request,
     plan_resend,
     refill,
+    shared_enough,
 )
 from common.errors import InvalidInputError
 
@@ -87,7 +89,7 @@ def test_device_bucket_allows_a_burst_then_its_rate() -> None:
     assert [limiter.admit_device("d", 0.0) for _ in range(3)] == [True, True, False]
     assert not limiter.admit_device("d", 4.0)  # 0.8 of a token
     assert limiter.admit_device("d", 5.0)
-    assert limiter.admit_device("other", 5.0)  # each claimed id has its own bucket
+    assert limiter.admit_device("other", 5.0)  # each device has its own bucket
 
 
 def test_device_buckets_are_bounded() -> None:
@@ -98,20 +100,89 @@ def test_device_buckets_are_bounded() -> None:
     assert not limiter.admit_device("c", 0.0)
 
 
-def test_each_chunk_goes_out_once_per_second_however_many_ask() -> None:
+def test_each_chunk_goes_to_a_device_at_most_once_per_second() -> None:
     limiter = RepairLimiter(RepairPolicy())
-    assert limiter.plan("a", 4, [0, 1, 2, 3], now=0.0) == [0, 1, 2, 3]
-    assert limiter.plan("a", 4, [0, 1, 2, 3], now=0.5) == []
-    assert limiter.plan("b", 4, [0, 1], now=0.5) == [0, 1]  # per artifact
-    assert limiter.plan("a", 4, [2, 3], now=1.0) == [2, 3]
+    assert limiter.plan("a", 4, "d1", [0, 1, 2, 3], now=0.0).unicast == [0, 1, 2, 3]
+    assert limiter.plan("a", 4, "d1", [0, 1, 2, 3], now=0.5) == RepairPlan([], [])
+    assert limiter.plan("a", 4, "d2", [0, 1], now=0.5).unicast == [0, 1]  # per device
+    assert limiter.plan("b", 4, "d1", [0, 1], now=0.5).unicast == [0, 1]  # per artifact
+    assert limiter.plan("a", 4, "d1", [2, 3], now=1.0).unicast == [2, 3]
 
 
-def test_artifact_budget_caps_what_invented_device_ids_can_cost() -> None:
-    """Every request from a fresh id passes its device bucket; the artifact's budget
-    (two artifacts' worth, then one per 10 s) still bounds the chunks resent."""
-    limiter = RepairLimiter(RepairPolicy(artifact_burst=2, artifact_rate=0.1))
-    sent = 0
-    for second in range(10):
-        assert limiter.admit_device(f"fake-{second}", float(second))
-        sent += len(limiter.plan("a", 100, range(100), now=float(second)))
+def test_a_lone_asker_gets_its_chunks_alone() -> None:
+    """One slow device among 300 must not make the other 299 receive its repairs."""
+    limiter = RepairLimiter(RepairPolicy())
+    limiter.mark_sent("a", range(10), now=0.0)  # the broadcast went out
+    assert limiter.plan("a", 10, "slow", [3, 7], now=5.0, audience=300) == RepairPlan([], [3, 7])
+
+
+def test_a_chunk_most_of_the_rollout_lacks_is_broadcast_once() -> None:
+    """Unicast to k askers costs 2k on the wire, a broadcast to N devices 1 + N: the
+    asker that makes more than half of the audience turns it into one broadcast."""
+    limiter = RepairLimiter(RepairPolicy())
+    limiter.mark_sent("a", range(4), now=0.0)
+    plans = [limiter.plan("a", 4, f"d{k}", [1], now=2.0, audience=10) for k in range(8)]
+    assert [p.unicast for p in plans[:5]] == [[1]] * 5  # 2 * 5 = 10, not > 11
+    assert plans[5] == RepairPlan([1], [])  # 2 * 6 = 12 > 11
+    assert plans[6] == plans[7] == RepairPlan([], [])  # just broadcast: they get it
+    # the count starts again after a broadcast
+    assert limiter.plan("a", 4, "d0", [1], now=3.5, audience=10) == RepairPlan([], [1])
+
+
+def test_askers_older_than_the_window_do_not_count() -> None:
+    limiter = RepairLimiter(RepairPolicy(shared_window_s=10.0))
+    limiter.mark_sent("a", range(2), now=0.0)
+    for k in range(2):
+        assert limiter.plan("a", 2, f"d{k}", [0], now=1.0, audience=4).unicast == [0]
+    # three askers of four would broadcast; two of them asked 20 s ago
+    assert limiter.plan("a", 2, "d2", [0], now=21.0, audience=4).unicast == [0]
+    assert limiter.plan("a", 2, "d3", [0], now=21.0, audience=4).unicast == [0]
+    assert limiter.plan("a", 2, "d0", [0], now=21.5, audience=4).broadcast == [0]
+
+
+def test_chunks_the_broadcast_never_got_out_are_broadcast() -> None:
+    """The broker died mid-broadcast: every device lacks the rest, so the first
+    request for it brings it to all of them."""
+    limiter = RepairLimiter(RepairPolicy())
+    limiter.begin_broadcast("a", range(6))
+    limiter.mark_sent("a", range(3), now=0.0)
+    # still under way: the rest is coming, nothing to resend
+    assert limiter.plan("a", 6, "d1", [3, 4, 5], now=2.0, audience=50) == RepairPlan([], [])
+    limiter.end_broadcast("a")
+    assert limiter.plan("a", 6, "d1", [2, 3, 4, 5], now=3.0, audience=50) == RepairPlan(
+        [3, 4, 5], [2]
+    )
+    assert limiter.plan("a", 6, "d2", [3, 4, 5], now=3.1, audience=50) == RepairPlan([], [])
+
+
+def test_an_unknown_audience_never_broadcasts() -> None:
+    """A rollout this replica does not drive (or one that is over): each asker alone."""
+    limiter = RepairLimiter(RepairPolicy())
+    for k in range(5):
+        assert limiter.plan("a", 3, f"d{k}", [0, 1, 2], now=0.0).unicast == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("askers", "audience", "broadcast"),
+    [(1, 0, False), (50, 0, False), (1, 1, False), (2, 2, True), (1, 2, False), (6, 10, True)],
+)
+def test_shared_enough(askers: int, audience: int, broadcast: bool) -> None:
+    assert shared_enough(askers, audience) is broadcast
+
+
+def test_a_devices_budget_caps_what_it_can_cost() -> None:
+    """Two artifacts' worth to one device, then one per 10 s, however it asks."""
+    limiter = RepairLimiter(RepairPolicy(unicast_burst=2, unicast_rate=0.1, min_resend_s=0))
+    sent = sum(
+        len(limiter.plan("a", 100, "greedy", range(100), now=float(s)).unicast) for s in range(10)
+    )
     assert sent == 2 * 100 + 90  # the burst, then 10 chunks/s for the 9 seconds after
+    assert len(limiter.plan("a", 100, "other", range(100), now=9.0).unicast) == 100
+
+
+def test_the_artifacts_budget_caps_broadcast_repairs() -> None:
+    limiter = RepairLimiter(RepairPolicy(artifact_burst=2, artifact_rate=0.1, min_resend_s=0))
+    sent = 0
+    for second in range(10):  # every chunk never got out: each request is a broadcast
+        sent += len(limiter.plan("a", 100, f"d{second}", range(100), float(second), 5).broadcast)
+    assert sent == 2 * 100 + 90

@@ -42,7 +42,14 @@ def _device_table() -> list[tuple[str, str, bool]]:
     rows += [(topics.device_topic(own, "commands"), "receive", True)]
     rows += [(topics.artifact_topic(DIGEST, "chunks"), "receive", True)]
     rows += [(topics.all_artifacts_filter("chunks"), "subscribe", True)]
-    rows += [(topics.artifact_topic(DIGEST, "requests"), "publish", True)]
+    rows += [(topics.repair_topic(DIGEST, "requests", own), "publish", True)]
+    rows += [(topics.repair_topic(DIGEST, "requests", other), "publish", False)]
+    rows += [(topics.repair_topic(DIGEST, "repairs", own), "receive", True)]
+    rows += [(topics.repair_filter("repairs", own), "subscribe", True)]
+    rows += [(topics.repair_topic(DIGEST, "repairs", other), "receive", False)]
+    rows += [(topics.repair_filter("repairs"), "subscribe", False)]
+    rows += [(topics.repair_topic(DIGEST, "repairs", own), "publish", False)]
+    rows += [(topics.repair_filter("requests"), "subscribe", False)]
     rows += [(topics.device_topic(own, k), "publish", True) for k in ("status", "telemetry")]
     rows += [(topics.device_topic(own, "events"), "publish", True)]
     rows += [(topics.device_topic(other, k), "publish", False) for k in topics.DEVICE_KINDS]
@@ -63,6 +70,9 @@ def test_control_grants_are_the_mirror_of_a_devices() -> None:
     grants = broker_auth.control_grants()
     assert allowed(grants, topics.device_topic("d", "commands"), "publish")
     assert allowed(grants, topics.artifact_topic(DIGEST, "chunks"), "publish")
+    assert allowed(grants, topics.repair_topic(DIGEST, "repairs", "d"), "publish")
+    assert allowed(grants, topics.repair_filter("requests"), "subscribe")
+    assert not allowed(grants, topics.repair_topic(DIGEST, "requests", "d"), "publish")
     for kind in ("status", "telemetry", "events"):
         assert allowed(grants, topics.all_devices_filter(kind), "subscribe")
         assert not allowed(grants, topics.device_topic("d", kind), "publish")

@@ -29,10 +29,43 @@ def test_topic_layout_matches_design() -> None:
     )
 
 
+@given(device=ids, kind=st.sampled_from(topics.REPAIR_KINDS))
+def test_repair_topics_round_trip(device: str, kind: str) -> None:
+    t = topics.parse(topics.repair_topic("ab" * 32, kind, device))
+    assert (t.scope, t.ident, t.kind, t.device) == ("artifacts", "ab" * 32, kind, device)
+
+
+def test_repair_topic_layout_matches_design() -> None:
+    digest = "ab" * 32
+    assert topics.repair_topic(digest, "requests", "d1") == (
+        f"fogline/v1/artifacts/{digest}/requests/d1"
+    )
+    assert topics.repair_filter("repairs", "d1") == "fogline/v1/artifacts/+/repairs/d1"
+    assert topics.repair_filter("requests") == "fogline/v1/artifacts/+/requests/+"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        f"fogline/v1/artifacts/{'ab' * 32}/chunks/d1",  # the broadcast has no device
+        f"fogline/v1/artifacts/{'ab' * 32}/requests",  # a request names its device
+        f"fogline/v1/artifacts/{'ab' * 32}/requests/..",
+        f"fogline/v1/artifacts/{'ab' * 32}/requests/+",
+        "fogline/v1/artifacts/abc/requests/d1",
+        f"fogline/v1/devices/d1/requests/{'ab' * 32}",
+    ],
+)
+def test_malformed_repair_topics_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        topics.parse(bad)
+
+
 @pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "x y"])
 def test_wildcards_and_separators_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         topics.device_topic(bad, "status")
+    with pytest.raises(ValueError):
+        topics.repair_topic("ab" * 32, "requests", bad)
 
 
 def _signed(signer: Signer, seq: int, expires: float = 2e9, device: str = "d1") -> bytes:

@@ -1,7 +1,8 @@
 """Attacks on the artifact topics, over a real broker with a real control plane and agents.
 
 Anyone who can publish on ``artifacts/{a}/chunks`` can make a self-consistent
-chunk, and anyone who can write ``artifacts/{a}/requests`` can ask for resends.
+chunk, and any device can ask for resends on its own ``artifacts/{a}/requests/{d}``
+(the test broker has no ACL, so here anyone can, for any id).
 These tests play that attacker (a plain MQTT client) and check that rollouts
 still deliver the signed model and that the control plane stays responsive.
 """
@@ -177,7 +178,7 @@ async def test_repeated_repair_requests_resend_at_most_one_artifact(mosquitto, t
         count = chunking.chunk_count(v1.artifact_size, 1024)
         doc = {"device_id": "dev-greedy", "artifact": v1.artifact_digest}
         request = json.dumps({**doc, "missing": list(range(count))}).encode()
-        topic = topics.artifact_topic(v1.artifact_digest, "requests")
+        topic = topics.repair_topic(v1.artifact_digest, "requests", "dev-greedy")
         before = cp.rollouts.stats["bytes_sent"]
         async with attacker_link(mosquitto) as attacker:
             for _ in range(20):
@@ -214,7 +215,7 @@ async def test_huge_repair_request_is_dropped_and_the_api_stays_up(mosquitto, tm
             async with attacker_link(mosquitto) as attacker:
                 for _ in range(3):
                     await attacker.publish(
-                        topics.artifact_topic(v1.artifact_digest, "requests"), huge
+                        topics.repair_topic(v1.artifact_digest, "requests", "dev-huge"), huge
                     )
                 await asyncio.sleep(2.0)
         finally:

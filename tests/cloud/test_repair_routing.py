@@ -1,0 +1,72 @@
+"""Where repairs go, over a real broker and a real control plane: to the device that
+asked, on its own topic, and not to every device downloading the artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from common import chunking, topics
+from common.messages import chunk_request
+from common.mqtt import MqttLink
+from tests.edge.agent_harness import ControlPlane
+
+QUIET_S = 1.0  # time for anything the control plane would send to arrive
+
+
+class Listener:
+    """A plain MQTT client that records (topic, chunk index) of what it receives."""
+
+    def __init__(self, link: MqttLink) -> None:
+        self.link = link
+        self.got: list[tuple[str, int]] = []
+
+    def on(self, topic_filter: str) -> None:
+        def record(topic: str, payload: bytes) -> None:
+            self.got.append((topic, chunking.decode(payload).index))
+
+        self.link.subscribe(topic_filter, record, retained=False)
+
+
+async def test_a_repair_goes_to_the_device_that_asked_and_no_other(mosquitto, tmp_path) -> None:
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        v1 = cp.publish_toy(tmp_path, "1", seed=21)
+        digest = v1.artifact_digest
+        assert chunking.chunk_count(v1.artifact_size, 1024) > 3
+        async with (
+            MqttLink(client_id="spy", host=mosquitto.host, port=mosquitto.port) as spy_link,
+            MqttLink(client_id="dev-a", host=mosquitto.host, port=mosquitto.port) as asker,
+        ):
+            spy = Listener(spy_link)
+            spy.on(topics.artifact_topic(digest, "chunks"))  # what every device would get
+            spy.on(topics.repair_filter("repairs"))  # and every device's own repairs
+            await spy_link.wait_connected(5)
+            await asker.wait_connected(5)
+            await asyncio.sleep(0.2)  # the subscriptions are in place
+            await asker.publish(
+                topics.repair_topic(digest, "requests", "dev-a"),
+                chunk_request("dev-a", digest, [0, 2]),
+            )
+            await asyncio.sleep(QUIET_S)
+        mine = topics.repair_topic(digest, "repairs", "dev-a")
+        assert sorted(spy.got) == [(mine, 0), (mine, 2)]
+        assert cp.rollouts.stats["chunks_repaired_unicast"] == 2
+        assert cp.rollouts.stats["chunks_broadcast"] == 0
+
+
+async def test_a_request_naming_another_device_is_dropped(mosquitto, tmp_path) -> None:
+    """The topic's device id is the broker's; a payload naming another is not served."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        v1 = cp.publish_toy(tmp_path, "1", seed=22)
+        digest = v1.artifact_digest
+        async with MqttLink(client_id="dev-a", host=mosquitto.host, port=mosquitto.port) as link:
+            await link.wait_connected(5)
+            spy = Listener(link)
+            spy.on(topics.repair_filter("repairs"))
+            await asyncio.sleep(0.2)
+            request = json.dumps({"device_id": "dev-b", "missing": [0]}).encode()
+            await link.publish(topics.repair_topic(digest, "requests", "dev-a"), request)
+            await asyncio.sleep(QUIET_S)
+        assert spy.got == []
+        assert cp.rollouts.stats["repair_requests_dropped"] == 1
+        assert cp.rollouts.stats["chunks_repaired"] == 0
