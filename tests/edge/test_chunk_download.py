@@ -1,0 +1,74 @@
+"""One artifact's download over a real broker, the control plane played by a plain client:
+what a device asks for, on which topic, and how often."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from common import chunking, topics
+from common.mqtt import MqttLink
+from edge.chunk_download import ChunkDownload
+
+CHUNK = 1024
+TIMEOUT_S = 0.5  # the device's quiet spell
+
+
+async def _noop(_: str) -> None:
+    return None
+
+
+async def test_a_device_asks_on_its_own_topic_and_backs_off_after_an_answer(
+    mosquitto, tmp_path
+) -> None:
+    """After a request is answered the device keeps the doubled quiet spell: the chunks
+    that came were likely queued behind a busy device, and asking as soon again would
+    only add load (300 simulated devices on 2 cores: 45x the artifact resent)."""
+    data = os.urandom(6 * CHUNK)
+    digest = "ab" * 32
+    chunks = [c.encode() for c in chunking.split(data, CHUNK)]
+    requests: asyncio.Queue[tuple[float, list[int]]] = asyncio.Queue()
+
+    def on_request(_topic: str, payload: bytes) -> None:
+        requests.put_nowait((time.monotonic(), json.loads(payload)["missing"]))
+
+    async with (
+        MqttLink(client_id="control", host=mosquitto.host, port=mosquitto.port) as control,
+        MqttLink(client_id="dev-s", host=mosquitto.host, port=mosquitto.port) as device,
+    ):
+        await control.wait_connected(5)
+        await device.wait_connected(5)
+        control.subscribe(topics.repair_topic(digest, "requests", "dev-s"), on_request)
+        download = ChunkDownload(
+            device,
+            "dev-s",
+            digest,
+            len(data),
+            CHUNK,
+            None,
+            chunk_timeout_s=TIMEOUT_S,
+            on_rejected=_noop,
+        )
+        subscribed = asyncio.Event()
+
+        async def started() -> None:
+            subscribed.set()
+
+        running = asyncio.create_task(download.run(started))
+        await subscribed.wait()
+        await asyncio.sleep(0.2)  # SUBSCRIBE reached the broker
+        for payload in chunks[:3]:
+            await control.publish(topics.artifact_topic(digest, "chunks"), payload)
+        _, first = await asyncio.wait_for(requests.get(), 10)
+        assert first == [3, 4, 5]
+        repairs = topics.repair_topic(digest, "repairs", "dev-s")
+        await control.publish(repairs, chunks[3])  # a partial answer
+        answered = time.monotonic()
+        asked, second = await asyncio.wait_for(requests.get(), 10)
+        assert second == [4, 5]
+        assert asked - answered >= 1.7 * TIMEOUT_S  # twice the quiet spell, not once
+        for payload in chunks[4:]:
+            await control.publish(repairs, payload)
+        assert await asyncio.wait_for(running, 10) == data
