@@ -9,11 +9,13 @@ the next version, rolls it out in stages (a canary first) while traffic keeps
 flowing, so that each stage's gates have telemetry from the new version to
 judge, and then sends the same requests again.
 
-NOTE: the second pass repeats the first pass's requests, including the ones
-that were escalated and became training rows: fewer escalations there shows
-the loop at work on traffic that recurs, not that the new model generalises
-better (the validation rows, on which its threshold is set, are never trained
-on).
+The second pass repeats the first pass's requests, including the ones that
+were escalated and became training rows: fewer escalations there shows the
+loop at work on traffic that recurs. Whether the new model generalises is the
+held-out replay's question: the hard examples of the last half of the traffic
+rows are left out of training, and those rows are sent to v1 before the
+rollout and to the new version after it. So the report has both figures,
+recurring and never trained on, and a reader can tell them apart.
 """
 
 from __future__ import annotations
@@ -118,6 +120,15 @@ def _phase(result: PhaseResult) -> dict[str, Any]:
     }
 
 
+def without_rows(
+    hard: dict[str, np.ndarray], key: str, rows: np.ndarray
+) -> tuple[dict[str, np.ndarray], int]:
+    """``hard`` less the rows whose ``key`` input equals one of ``rows``; how many went."""
+    held = {r.tobytes() for r in np.ascontiguousarray(rows, dtype=hard[key].dtype)}
+    keep = np.array([r.tobytes() not in held for r in hard[key]], dtype=bool)
+    return {k: v[keep] for k, v in hard.items()}, int((~keep).sum())
+
+
 def run_turn(
     control: ControlClient,
     agents: list[Target],
@@ -132,7 +143,8 @@ def run_turn(
     y: np.ndarray,
     before: PhaseResult,
 ) -> dict[str, Any]:
-    """Hard examples → retrained edge model → staged rollout → the same traffic again."""
+    """Hard examples → retrained edge model → staged rollout → the same traffic again,
+    and a held-out replay (the last half of ``x``, whose hard examples are not trained on)."""
     started = time.monotonic()
     expected = before.reasons.get("uncertain", 0)
     uploaded = wait_for_uploads(control, model, expected)
@@ -144,11 +156,15 @@ def run_turn(
     if not uploaded["rows"]:
         turn["skipped"] = "no hard examples were uploaded"
         return turn
-    hard = fetch_hard_examples(control, model)
+    x_held, y_held = x[len(x) // 2 :], y[len(y) // 2 :]
+    fetched = fetch_hard_examples(control, model)
+    (key,) = (k for k in fetched if k not in ("labels", "reference"))  # the one input
+    hard, excluded = without_rows(fetched, key, x_held)
+    held_before = asyncio.run(run_phase(agents, model, x_held, y_held, route="auto"))
     turn["retrained"] = {
         "version": next_version,
         "parent": version,
-        "training_rows": len(split.y_train) + len(next(iter(hard.values()))),
+        "training_rows": len(split.y_train) + len(hard["labels"]),
         **publish_retrained(
             workdir,
             control,
@@ -163,7 +179,14 @@ def run_turn(
     }
     turn["rollout"] = asyncio.run(_staged_rollout(control, agents, model, next_version, x))
     after = asyncio.run(run_phase(agents, model, x, y, route="auto"))
+    held_after = asyncio.run(run_phase(agents, model, x_held, y_held, route="auto"))
     served = next_version if turn["rollout"]["state"] == "succeeded" else version
     turn["after"] = {**_phase(after), "version": served}
+    turn["held_out"] = {
+        "rows": len(x_held),
+        "hard_examples_left_out": excluded,
+        "before": {**_phase(held_before), "version": version},
+        "after": {**_phase(held_after), "version": served},
+    }
     turn["seconds"] = round(time.monotonic() - started, 2)
     return turn

@@ -168,8 +168,23 @@ def turn_lines(turn: dict[str, Any] | None) -> list[str]:
         f"{before['hybrid_accuracy']:>12.2%}",
         f"{'  after v' + after['version']:<18}{after['escalated_fraction']:>12.1%}"
         f"{after['hybrid_accuracy']:>12.2%}",
+        *_held_out_lines(turn.get("held_out")),
         f"turn took         {turn['seconds']:.1f} s",
         "",
+    ]
+
+
+def _held_out_lines(held: dict[str, Any] | None) -> list[str]:
+    if held is None:
+        return []
+    title = f"held out ({held['rows']} rows, {held['hard_examples_left_out']} left out)"
+    return [
+        title,
+        *(
+            f"{'  ' + when + ' v' + p['version']:<18}{p['escalated_fraction']:>12.1%}"
+            f"{p['hybrid_accuracy']:>12.2%}"
+            for when, p in (("before", held["before"]), ("after", held["after"]))
+        ),
     ]
 
 

@@ -22,6 +22,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud.pipeline.data import load_digits_split
 from fogline.report import render_table
 
 
@@ -158,10 +159,21 @@ def test_hard_example_turn_retrains_rolls_out_and_reports_before_and_after(
         assert 0.0 <= phase["escalated_fraction"] < 0.5
         assert report["accuracy"]["edge"] - 0.05 < phase["hybrid_accuracy"] <= 1.0
     assert turn["seconds"] > 0
+    # The held-out replay: the last half of the rows, whose hard examples were not trained on.
+    held = turn["held_out"]
+    assert held["rows"] == 75
+    assert 0 < held["hard_examples_left_out"] < hard["rows"]
+    train_rows = len(load_digits_split(seed=0).y_train)
+    assert retrained["training_rows"] == train_rows + hard["rows"] - held["hard_examples_left_out"]
+    assert (held["before"]["version"], held["after"]["version"]) == ("1", "2")
+    for phase in (held["before"], held["after"]):
+        assert phase["requests"] == 75 and phase["errors"] == 0
+        assert 0.0 <= phase["escalated_fraction"] < 0.5
     table = render_table(report)  # what a person reads
     assert f"hard examples     {hard['rows']} uploaded" in table
     assert "staged rollout    succeeded" in table
     assert "after v2" in table and "before v1" in table
+    assert f"held out (75 rows, {held['hard_examples_left_out']} left out)" in table
 
 
 def test_printed_tokens_open_the_api_and_the_broker_refuses_strangers(demo: RunningDemo) -> None:
