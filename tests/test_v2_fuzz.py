@@ -189,8 +189,8 @@ def fuzz(servers: dict[str, ServerProcess], examples: int) -> dict[int, int]:
 
 
 def test_fuzz_gives_only_4xx_and_servers_keep_serving(servers: dict[str, ServerProcess]) -> None:
-    statuses = fuzz(servers, 2000)
-    assert sum(n for s, n in statuses.items() if 400 <= s < 500) > 500  # it did probe errors
+    statuses = fuzz(servers, 1000)  # 20,000 in the slow run below
+    assert sum(n for s, n in statuses.items() if 400 <= s < 500) > 250  # it did probe errors
 
 
 @pytest.mark.slow
