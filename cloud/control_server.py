@@ -188,6 +188,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             repair=settings.repair,
             enrolled=lambda: load_enrollments(settings.workdir).keys(),
             resend_after_s=settings.resend_after_s,
+            share_group=settings.share_group,
         )
         staged = StagedRollouts(
             registry,

@@ -60,11 +60,15 @@ class RolloutController:
         enrolled: Callable[[], Iterable[str]] | None = None,
         resend_after_s: float = 5.0,
         resend_max_s: float = 120.0,
+        share_group: str | None = None,
     ) -> None:
         """``chunk_size`` serves only packages signed before manifests listed their chunks.
 
         ``enrolled`` lists enrolled device ids: they may be targeted before they are seen.
+        ``share_group``: replicas of one control plane name the same group, so that each
+        repair request reaches one of them ($share/...), not every replica resending it.
         """
+        self.share_group = share_group
         self.enrolled = enrolled
         self.resend_after_s = resend_after_s  # first resend of an unanswered command
         self.resend_max_s = resend_max_s  # the backoff doubles up to this
@@ -99,7 +103,10 @@ class RolloutController:
         self._spawn(self._repair_worker(), "repair")
         self._spawn(self._resend_loop(), "resend")
         # A retained request would be replayed at every reconnect: only live ones count.
-        self.link.subscribe(topics.repair_filter("requests"), self._on_request, retained=False)
+        requests = topics.repair_filter("requests")
+        if self.share_group is not None:
+            requests = topics.shared(requests, self.share_group)
+        self.link.subscribe(requests, self._on_request, retained=False)
         for rollout_id, name, version in await asyncio.to_thread(self.registry.running_rollouts):
             # Interrupted by a restart: its commands are out; drive it to the end again.
             logger.info("resuming rollout %s (%s %s)", rollout_id, name, version)

@@ -9,7 +9,7 @@ import json
 from common import chunking, topics
 from common.messages import chunk_request
 from common.mqtt import MqttLink
-from tests.edge.agent_harness import ControlPlane
+from tests.edge.agent_harness import ControlPlane, share_store
 
 QUIET_S = 1.0  # time for anything the control plane would send to arrive
 
@@ -70,3 +70,33 @@ async def test_a_request_naming_another_device_is_dropped(mosquitto, tmp_path) -
         assert spy.got == []
         assert cp.rollouts.stats["repair_requests_dropped"] == 1
         assert cp.rollouts.stats["chunks_repaired"] == 0
+
+
+async def test_two_replicas_serve_each_repair_request_once(
+    mosquitto, tmp_path, postgres_url
+) -> None:
+    """Replicas in one share group get each request from the broker once ($share/...),
+    so a device is not sent its chunks by every replica."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    shared = {"database": postgres_url, "share_group": "control"}
+    async with ControlPlane(first, mosquitto, **shared) as a:
+        v1 = a.publish_toy(tmp_path, "1", seed=23)
+        share_store(first, second)
+        async with (
+            ControlPlane(second, mosquitto, **shared) as b,
+            MqttLink(client_id="devices", host=mosquitto.host, port=mosquitto.port) as link,
+        ):
+            await link.wait_connected(5)
+            await asyncio.sleep(0.2)
+            for k in range(6):
+                device = f"dev-{k}"
+                await link.publish(
+                    topics.repair_topic(v1.artifact_digest, "requests", device),
+                    chunk_request(device, v1.artifact_digest, [0, 1]),
+                )
+            replicas = [a.rollouts.stats, b.rollouts.stats]
+            async with asyncio.timeout(10):
+                while sum(s["chunks_repaired_unicast"] for s in replicas) < 12:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(QUIET_S)  # anything a second replica would add
+            assert sum(s["chunks_repaired_unicast"] for s in replicas) == 12

@@ -6,6 +6,7 @@ Plain helper module: ``from tests.edge.agent_harness import ControlPlane, agent_
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,10 @@ def agent_config(
             **extra,
         }
     )
+
+
+def share_store(first: Path, second: Path) -> None:
+    """A replica shares the signing key and the artifact store (a shared volume)."""
+    second.mkdir(parents=True)
+    shutil.copytree(first / "keys", second / "keys")
+    (second / "store").symlink_to(first / "store")

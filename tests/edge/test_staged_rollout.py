@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from common.manifest import RoutingHints
 from edge.agent import EdgeAgent
 from tests.broker_per_test import mosquitto_per_test  # noqa: F401  (own broker)
-from tests.edge.agent_harness import ControlPlane, agent_config
+from tests.edge.agent_harness import ControlPlane, agent_config, share_store
 from tests.edge.staged_harness import (
     Traffic,
     api,
@@ -264,7 +263,7 @@ async def test_two_control_planes_on_one_postgres_handle_each_event_once(
     async with ControlPlane(first, mosquitto, **shared) as a, contextlib.AsyncExitStack() as stack:
         a.publish_toy(tmp_path, "1")
         a.publish_toy(tmp_path, "2", seed=1)
-        _share_store(first, second)
+        share_store(first, second)
         b = await stack.enter_async_context(ControlPlane(second, mosquitto, **shared))
         b.tokens = a.tokens  # one database: one set of operator tokens
         _agents, _ids = await _fleet(stack, a, tmp_path, mosquitto, 3)
@@ -295,10 +294,3 @@ async def test_two_control_planes_on_one_postgres_handle_each_event_once(
         assert sum(handled) == len(stored)
         assert min(handled) > 0, handled  # the broker shared the events between the two
         assert event_ids.count("e" * 32) == 1
-
-
-def _share_store(first: Path, second: Path) -> None:
-    """A replica shares the signing key and the artifact store (a shared volume)."""
-    second.mkdir(parents=True)
-    shutil.copytree(first / "keys", second / "keys")
-    (second / "store").symlink_to(first / "store")
