@@ -127,6 +127,19 @@ class SelfTestError(FoglineError, RuntimeError):
     """A staged model did not reproduce its golden outputs."""
 
 
+class RuntimeUnavailableError(FoglineError, RuntimeError):
+    """This host lacks what a runtime needs (TensorRT, the CUDA bindings, a GPU): the
+    package cannot be served here, and the model in service keeps serving."""
+
+    http_status = 503
+
+
+class EngineLoadError(FoglineError, ValueError):
+    """A model file its runtime refuses: a TensorRT engine that does not deserialize
+    (another TensorRT release or GPU, or not an engine) or whose tensors are not the
+    manifest's."""
+
+
 class StoreError(FoglineError, OSError):
     """The model store could not stage or activate a model (disk, permissions)."""
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from common.errors import InvalidInputError, SelfTestError
 from common.manifest import Manifest
-from common.onnx_runtime import OnnxRuntime
+from common.runtime import LocalRuntime
 
 GOLDEN_FILE = "golden.npz"
 
@@ -53,7 +53,7 @@ def compare(
             raise SelfTestError(f"self-test: output {name!r} differs (max error {worst:.3g})")
 
 
-async def self_test(runtime: OnnxRuntime, directory: Path, manifest: Manifest) -> None:
+async def self_test(runtime: LocalRuntime, directory: Path, manifest: Manifest) -> None:
     """Run a loaded package's golden inputs; SelfTestError unless its golden outputs come out.
 
     The agent runs it before activating a slot, the fallback before serving a version.

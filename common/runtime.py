@@ -8,10 +8,15 @@ that blocking work (``session.run``, HTTP) never runs on the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from common.inference import InferRequest, InferResponse
-from common.manifest import TensorSpec
+import numpy as np
+
+from common.inference import InferRequest, InferResponse, Tensor
+from common.manifest import Manifest, TensorSpec
+
+if TYPE_CHECKING:
+    from common.serving_metrics import ServingMetrics
 
 
 @dataclass(frozen=True)
@@ -48,3 +53,19 @@ class VersionedRuntime(Runtime, Protocol):
     def versions(self) -> list[str]: ...
 
     def runtime_for(self, version: str) -> Runtime | None: ...
+
+
+class LocalRuntime(Runtime, Protocol):
+    """A runtime of one package's model file in this process (ONNX Runtime, TensorRT).
+
+    Beyond ``Runtime``: its manifest, where it records executions, and a blocking
+    ``infer_sync`` on checked feeds, which the golden self-test runs before a slot
+    is activated.
+    """
+
+    manifest: Manifest
+    metrics: ServingMetrics | None
+
+    def infer_sync(
+        self, feeds: dict[str, np.ndarray], outputs: list[str] | None
+    ) -> list[Tensor]: ...

@@ -3,7 +3,8 @@
 MQTT link ─ commands ─> CommandGuard ─> Deployer ─> ModelLibrary (A/B slots per model)
     ^                                      │ on activate, remove, set-policy
     └─ outbox <─ events, telemetry         v
-local V2 API ─> DataPlane ─> Router per model (ModelServing) ─> OnnxRuntime | CloudClient
+local V2 API ─> DataPlane ─> Router per model (ModelServing) ─> OnnxRuntime | TensorRtRuntime
+                                                                  | CloudClient
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ from common.inference import InferRequest, InferResponse
 from common.manifest import Manifest
 from common.messages import Command
 from common.mqtt import MqttLink, TlsConfig, Will
-from common.onnx_runtime import OnnxRuntime
 from common.request_body import RequestLimits
+from common.runtime import LocalRuntime
 from common.signing import TrustStore
 from common.v2_server import DataPlane, build_v2_app
 from edge.config import AgentConfig
 from edge.deployment import Deployer
 from edge.hard_examples import HardExampleStore
 from edge.hard_examples import parse_settings as parse_hard_example_settings
-from edge.hardware import RUNTIMES, probe_hardware
+from edge.hardware import ONNX_ONLY, probe_hardware, probe_runtimes
+from edge.local_runtime import open_runtime
 from edge.model_commands import ModelCommands
 from edge.model_library import ModelLibrary
 from edge.model_store import SlotModel
@@ -85,6 +87,7 @@ class EdgeAgent:
         self.outbox: Outbox | None = None
         self.deployer: Deployer | None = None
         self.hardware = Hardware()  # probed at start (edge.hardware)
+        self.runtimes = ONNX_ONLY  # the runtimes this host serves with, probed at start
         self._stopping = False
 
     def _topic(self, kind: str) -> str:
@@ -132,7 +135,8 @@ class EdgeAgent:
 
     async def _start(self) -> None:
         self.hardware = await asyncio.to_thread(probe_hardware)
-        logger.info("hardware: %s", self.hardware.to_dict())
+        self.runtimes = await asyncio.to_thread(probe_runtimes)
+        logger.info("hardware: %s; runtimes: %s", self.hardware.to_dict(), self.runtimes)
         await asyncio.to_thread(self.library.migrate_legacy, self.config.model)
         await asyncio.to_thread(self.library.sweep)
         self._stack.push_async_callback(self.serving.close)
@@ -160,7 +164,7 @@ class EdgeAgent:
             on_activate=self._activate,
             default_model=self.config.model,
             check_budget=self._check_budget,
-            check_target=lambda m: check_package_fits(m, self.hardware, RUNTIMES),
+            check_target=lambda m: check_package_fits(m, self.hardware, self.runtimes),
             handlers=ModelCommands(
                 self.serving,
                 self.library,
@@ -236,14 +240,14 @@ class EdgeAgent:
 
     # -- models -------------------------------------------------------------------
 
-    def _runtime_for(self, model: SlotModel) -> OnnxRuntime:
-        runtime = OnnxRuntime(
+    def _runtime_for(self, model: SlotModel) -> LocalRuntime:
+        runtime = open_runtime(
             model.model_file, model.signed.manifest, intra_op_threads=self.config.intra_op_threads
         )
         runtime.metrics = self.dataplane.metrics  # executions, on the agent's /metrics
         return runtime
 
-    async def _activate(self, model: SlotModel, runtime: OnnxRuntime) -> None:
+    async def _activate(self, model: SlotModel, runtime: LocalRuntime) -> None:
         await runtime.load()
         await self.serving.activate(model, runtime)
         await self._status_changed()
@@ -363,7 +367,7 @@ class EdgeAgent:
             online,
             agent_version=AGENT_VERSION,
             hardware=self.hardware.to_dict(),
-            runtimes=list(RUNTIMES),
+            runtimes=list(self.runtimes),
             models=self.serving.status(),
             api_url=self.config.api_url,
             keyring_version=self.trust.version,

@@ -32,15 +32,16 @@ from common.manifest import Manifest, SignedManifest, artifact_digest, split_art
 from common.messages import CHUNK_REJECTED, DEPLOY, FAILED, ROLLBACK, Command, event
 from common.mqtt import MqttLink
 from common.names import check_name
-from common.onnx_runtime import OnnxRuntime
+from common.runtime import LocalRuntime
 from edge.chunk_download import ChunkDownload
+from edge.local_runtime import open_runtime
 from edge.model_library import ModelLibrary
 from edge.model_store import SlotModel
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[bytes], Awaitable[None]]
-Activate = Callable[[SlotModel, OnnxRuntime], Awaitable[None]]
+Activate = Callable[[SlotModel, LocalRuntime], Awaitable[None]]
 Handler = Callable[[Command], Awaitable[None]]
 
 
@@ -136,7 +137,7 @@ class Deployer:
         await self._load_and_activate(cmd, staged)
 
     async def _load_and_activate(self, cmd: Command, staged: SlotModel) -> None:
-        runtime = OnnxRuntime(
+        runtime = open_runtime(
             staged.model_file, staged.signed.manifest, intra_op_threads=self._threads
         )
         await runtime.load()
@@ -227,6 +228,6 @@ class _Target:
         return split_artifact(data, self.signed.manifest)
 
 
-async def self_test(runtime: OnnxRuntime, model: SlotModel) -> None:
+async def self_test(runtime: LocalRuntime, model: SlotModel) -> None:
     """Run the package's golden inputs and require its golden outputs."""
     await golden.self_test(runtime, model.path, model.signed.manifest)

@@ -1,8 +1,9 @@
 """This device's hardware, probed once at start: CPU architecture, and a CUDA GPU with
 TensorRT where both are present.
 
-The agent reports the probe in its status (the control plane picks its package from
-it) and checks every engine package against it before downloading one
+The agent reports the probe in its status, with the runtimes it can serve
+(``probe_runtimes``); the control plane picks its package from both, and the agent
+checks every engine package against them before downloading one
 (``common.hardware.check_package_fits``).
 
 NOTE: the GPU side is UNVERIFIED on real hardware here (no NVIDIA GPU or TensorRT
@@ -19,16 +20,38 @@ import logging
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 
-from common.errors import InvalidInputError
-from common.hardware import Hardware, normalize_arch, parse_hardware
+from common.errors import FoglineError, InvalidInputError
+from common.hardware import TENSORRT, Hardware, normalize_arch, parse_hardware
+from edge.tensorrt_runtime import TensorRtLibs, load_tensorrt_libs
 
 logger = logging.getLogger(__name__)
 
-# The runtimes this agent serves packages with. NOTE: no TensorRT runtime yet, so the
-# control plane sends this agent ONNX packages even on a GPU (common.hardware).
-RUNTIMES: tuple[str, ...] = ("onnxruntime",)
+ONNX_RUNTIME = "onnxruntime"
+ONNX_ONLY: tuple[str, ...] = (ONNX_RUNTIME,)
 NVIDIA_SMI_TIMEOUT_S = 5.0
+
+
+def probe_runtimes(
+    load_tensorrt: Callable[[], TensorRtLibs] = load_tensorrt_libs,
+) -> tuple[str, ...]:
+    """The runtimes this host can really serve packages with; blocking (loads TensorRT
+    and CUDA): call it once at start, off the event loop.
+
+    TensorRT only when it and the CUDA bindings import and a GPU is found; otherwise
+    ONNX Runtime alone, so the control plane keeps sending this device ONNX packages
+    (``common.hardware.choose_package``) and the agent refuses engines.
+    """
+    try:
+        gpus = load_tensorrt().cuda.device_count()
+    except FoglineError as exc:
+        logger.info("no TensorRT runtime (%s): serving ONNX packages only", exc)
+        return ONNX_ONLY
+    if gpus < 1:
+        logger.info("no TensorRT runtime (no CUDA GPU found): serving ONNX packages only")
+        return ONNX_ONLY
+    return (ONNX_RUNTIME, TENSORRT)
 
 
 def probe_hardware() -> Hardware:

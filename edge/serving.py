@@ -22,8 +22,8 @@ from common.fsutil import atomic_write
 from common.inference import InferRequest, InferResponse
 from common.manifest import Manifest
 from common.names import check_name
-from common.onnx_runtime import OnnxRuntime
 from common.policy import ModelPolicy, parse_policy
+from common.runtime import LocalRuntime
 from edge.cloud_client import CloudClient
 from edge.config import AgentConfig
 from edge.model_store import SlotModel
@@ -38,7 +38,7 @@ COUNTERS = ("requests", "served_local", "served_cloud", "degraded", "cloud_error
 class Served:
     router: Router
     model: SlotModel | None = None  # the active slot, None while served by the cloud only
-    runtime: OnnxRuntime | None = None
+    runtime: LocalRuntime | None = None
 
 
 class ModelServing:
@@ -104,7 +104,7 @@ class ModelServing:
         self.dataplane.register(router)
         return served
 
-    async def activate(self, model: SlotModel, runtime: OnnxRuntime) -> None:
+    async def activate(self, model: SlotModel, runtime: LocalRuntime) -> None:
         """Serve ``runtime`` (loaded, self-tested) as the local model of its package's name."""
         served = await self.add(model.signed.manifest.name)
         served.router.set_local(runtime, model.signed.manifest.routing)
