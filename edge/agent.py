@@ -174,6 +174,7 @@ class EdgeAgent:
                 changed=self._status_changed,
             ).handlers(),
             chunk_timeout_s=self.config.chunk_timeout_s,
+            repair_rounds=self.config.repair_rounds,
             intra_op_threads=self.config.intra_op_threads,
             transport=self.config.artifact_transport,
             token=self.config.cloud_token,

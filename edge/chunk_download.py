@@ -23,7 +23,7 @@ from common.mqtt import MqttError, MqttLink
 
 logger = logging.getLogger(__name__)
 
-MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT
+MAX_REPAIR_ROUNDS = 10  # requests for missing chunks before giving up on MQTT (default)
 MAX_BACKOFF = 8  # unanswered requests wait up to this many chunk timeouts for the next
 MAX_DOWNLOAD_S = 600.0  # however long a broker outage lasts, stop waiting after this
 MAX_REJECTION_EVENTS = 3  # per download: a flood of forged chunks must not flood the outbox
@@ -45,6 +45,7 @@ class ChunkDownload:
         hashes: list[str] | None,
         *,
         chunk_timeout_s: float,
+        repair_rounds: int = MAX_REPAIR_ROUNDS,
         on_rejected: Report,
         on_progress: Callable[[int], Awaitable[None]] | None = None,
         keep: bool = True,
@@ -52,6 +53,7 @@ class ChunkDownload:
         self._link, self._device_id, self._digest = link, device_id, digest
         self._asm = Assembler(size, chunk_size, hashes, keep=keep)
         self._timeout_s = chunk_timeout_s
+        self._repair_rounds = repair_rounds
         self._on_rejected = on_rejected
         self._on_progress = on_progress
         self._reported = 0  # the percent last reported
@@ -108,7 +110,7 @@ class ChunkDownload:
         outage delays the download but does not fail it.
         """
         asm, rounds, wait = self._asm, 0, self._timeout_s
-        while rounds < MAX_REPAIR_ROUNDS:
+        while rounds < self._repair_rounds:
             while not asm.complete:
                 self._progress.clear()
                 try:

@@ -54,6 +54,9 @@ class AgentConfig:
     cloud_probe_s: float = 5.0  # cloud latency older than this: one request goes to measure it
     telemetry_interval_s: float = 10.0
     chunk_timeout_s: float = 3.0  # no chunk for this long: ask for the missing ones
+    # Requests for missing chunks (each wait twice the last, up to 8 chunk timeouts)
+    # before the download gives up on MQTT and takes HTTP, or fails without it.
+    repair_rounds: int = 10
     artifact_transport: str = "mqtt"  # "mqtt" (HTTP as fallback) or "http" (HTTP only)
     intra_op_threads: int = 1
     # The fleet's signed keyring at enrollment (cloud.keys.enrollment_trust): the device
@@ -223,6 +226,9 @@ def _check_models(cfg: AgentConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise InvalidInputError(f"agent config: {key} must be a positive integer")
+    rounds = cfg.repair_rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 100:
+        raise InvalidInputError("agent config: repair_rounds must be an integer from 1 to 100")
     for key in ("local_budget_ms", "cloud_probe_s"):
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float):

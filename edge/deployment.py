@@ -33,7 +33,7 @@ from common.messages import CHUNK_REJECTED, DEPLOY, FAILED, ROLLBACK, Command, e
 from common.mqtt import MqttLink
 from common.names import check_name
 from common.runtime import LocalRuntime
-from edge.chunk_download import ChunkDownload
+from edge.chunk_download import MAX_REPAIR_ROUNDS, ChunkDownload
 from edge.local_runtime import open_runtime
 from edge.model_library import ModelLibrary
 from edge.model_store import SlotModel
@@ -61,6 +61,7 @@ class Deployer:
         check_target: Callable[[Manifest], None] = lambda m: None,
         handlers: dict[str, Handler] | None = None,
         chunk_timeout_s: float = 3.0,
+        repair_rounds: int = MAX_REPAIR_ROUNDS,
         intra_op_threads: int = 1,
         transport: str = "mqtt",
         token: str | None = None,
@@ -77,6 +78,7 @@ class Deployer:
         self._emit_raw = emit
         self._on_activate = on_activate
         self._chunk_timeout_s = chunk_timeout_s
+        self._repair_rounds = repair_rounds
         self._threads = intra_op_threads
         self._transport = transport  # "mqtt" (HTTP only as a fallback) or "http"
         self._token = token  # the device's token: the artifact route asks for it
@@ -202,6 +204,7 @@ class Deployer:
             target.chunk_size,
             m.chunks.sha256 if m.chunks else None,
             chunk_timeout_s=self._chunk_timeout_s,
+            repair_rounds=self._repair_rounds,
             on_rejected=lambda error: self._emit(cmd, CHUNK_REJECTED, error=error),
             # Operators see "downloading n%" (a staged rollout's per-device state).
             on_progress=lambda percent: self._emit(cmd, "downloading", progress=percent),

@@ -239,6 +239,7 @@ async def test_http_is_the_fallback_when_repairs_are_refused(mosquitto, tmp_path
             mosquitto,
             cp.signer.public_key_hex,
             cloud_token=issue_token(cp.signer, "dev-norepair"),
+            repair_rounds=3,  # to HTTP after 2.1 s of refused repairs, not 18.9 s
         )
         async with EdgeAgent(cfg) as agent:
             await cp.wait_online([cfg.device_id])

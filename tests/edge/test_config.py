@@ -43,6 +43,10 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path) -> None:
         ({**BASE, "memory_budget_bytes": -1}, "memory_budget_bytes"),
         ({**BASE, "local_budget_ms": float("nan")}, "local_budget_ms"),
         ({**BASE, "cloud_probe_s": 0}, "cloud_probe_s"),
+        ({**BASE, "repair_rounds": 0}, "repair_rounds"),
+        ({**BASE, "repair_rounds": 1e9}, "repair_rounds"),
+        ({**BASE, "repair_rounds": True}, "repair_rounds"),
+        ({**BASE, "repair_rounds": "3"}, "repair_rounds"),
     ],
 )
 def test_bad_config_files_say_what_is_wrong(tmp_path, doc, match) -> None:
