@@ -12,9 +12,11 @@ to the asking device alone (``artifacts/{a}/repairs/{d}``), k askers cost 2k
 for it within ``shared_window_s`` (or when the broadcast never got it out),
 and otherwise goes to the asker alone: one slow device no longer makes every
 other device receive its repairs (300 devices: 5.6x the artifact sent, and a
-slower rollout for all). Unicast chunks are paid from the asking device's
-budget, broadcast ones from the artifact's, and each chunk is resent at most
-once per ``min_resend_s`` per destination. The rollout controller feeds these
+slower rollout for all). Every resent chunk is paid from the artifact's
+budget (what the control plane sends grows with the artifact, never with
+artifact x devices), a unicast one from the asking device's budget too (one
+device cannot spend the artifact's), and each chunk is resent at most once per
+``min_resend_s`` per destination. The rollout controller feeds these
 plain values in and acts on the answer.
 """
 
@@ -40,11 +42,11 @@ class RepairPolicy:
     # two; a refused one falls back to HTTP after its repair rounds.
     device_burst: float = 2.0
     device_rate: float = 0.2
-    # Broadcast repairs, per artifact, in whole artifacts' worth of chunks: a burst of
-    # two full resends, then one artifact per 10 s -- the ceiling on what fans out.
+    # All repairs of one artifact, in whole artifacts' worth of chunks: a burst of two
+    # full resends, then one artifact per 10 s -- the ceiling on what is resent.
     artifact_burst: float = 2.0
     artifact_rate: float = 0.1
-    # Repairs to one device, per device and artifact, in the same units.
+    # Repairs to one device alone, per device and artifact, in the same units.
     unicast_burst: float = 2.0
     unicast_rate: float = 0.1
     min_resend_s: float = 1.0  # a chunk goes out at most once per this, per destination
@@ -103,11 +105,15 @@ class _Bucket:
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = burst, now
 
-    def take(self, now: float, wanted: int = 1) -> int:
-        """Take up to ``wanted`` whole tokens; return how many were taken."""
+    def available(self, now: float) -> int:
+        """Whole tokens there now (refilled to ``now``)."""
         self.tokens = refill(self.tokens, now - self.stamp, self.rate, self.burst)
         self.stamp = now
-        taken = min(wanted, int(self.tokens))
+        return int(self.tokens)
+
+    def take(self, now: float, wanted: int = 1) -> int:
+        """Take up to ``wanted`` whole tokens; return how many were taken."""
+        taken = min(wanted, self.available(now))
         self.tokens -= taken
         return taken
 
@@ -200,7 +206,12 @@ class RepairLimiter:
             bucket = _Bucket(p.artifact_rate * count, p.artifact_burst * count, now)
             self._artifacts[digest] = bucket
         broadcast = broadcast[: bucket.take(now, len(broadcast))]
-        unicast = unicast[: mine.bucket.take(now, len(unicast))]
+        # A device's own repairs are paid from its budget and from the artifact's too:
+        # however many devices ask, the control plane never sends more than two
+        # artifacts' worth, then one per 10 s (300 slow devices asked for 20x).
+        unicast = unicast[: min(mine.bucket.available(now), bucket.available(now))]
+        mine.bucket.take(now, len(unicast))
+        bucket.take(now, len(unicast))
         self.mark_sent(digest, broadcast, now)
         for i in unicast:
             mine.sent[i] = now

@@ -159,7 +159,7 @@ def test_an_unknown_audience_never_broadcasts() -> None:
     """A rollout this replica does not drive (or one that is over): each asker alone."""
     limiter = RepairLimiter(RepairPolicy())
     for k in range(5):
-        assert limiter.plan("a", 3, f"d{k}", [0, 1, 2], now=0.0).unicast == [0, 1, 2]
+        assert limiter.plan("a", 100, f"d{k}", [0, 1, 2], now=0.0).unicast == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,8 @@ def test_shared_enough(askers: int, audience: int, broadcast: bool) -> None:
 
 def test_a_devices_budget_caps_what_it_can_cost() -> None:
     """Two artifacts' worth to one device, then one per 10 s, however it asks."""
-    limiter = RepairLimiter(RepairPolicy(unicast_burst=2, unicast_rate=0.1, min_resend_s=0))
+    policy = RepairPolicy(unicast_burst=2, unicast_rate=0.1, artifact_burst=50, min_resend_s=0)
+    limiter = RepairLimiter(policy)
     sent = sum(
         len(limiter.plan("a", 100, "greedy", range(100), now=float(s)).unicast) for s in range(10)
     )
@@ -180,9 +181,23 @@ def test_a_devices_budget_caps_what_it_can_cost() -> None:
     assert len(limiter.plan("a", 100, "other", range(100), now=9.0).unicast) == 100
 
 
-def test_the_artifacts_budget_caps_broadcast_repairs() -> None:
+def test_the_artifacts_budget_caps_broadcast_and_unicast_repairs_together() -> None:
     limiter = RepairLimiter(RepairPolicy(artifact_burst=2, artifact_rate=0.1, min_resend_s=0))
     sent = 0
-    for second in range(10):  # every chunk never got out: each request is a broadcast
-        sent += len(limiter.plan("a", 100, f"d{second}", range(100), float(second), 5).broadcast)
+    for second in range(10):  # the first never got out (broadcast), then one asker each
+        plan = limiter.plan("a", 100, f"d{second}", range(100), float(second), 5)
+        sent += len(plan.broadcast) + len(plan.unicast)
     assert sent == 2 * 100 + 90
+
+
+def test_the_artifacts_budget_caps_unicast_repairs_of_every_device_together() -> None:
+    """300 slow devices each asking for their own tail: the control plane still sends
+    at most two artifacts' worth, then one per 10 s, whatever each device's budget."""
+    limiter = RepairLimiter(RepairPolicy(artifact_burst=2, artifact_rate=0.1, min_resend_s=0))
+    limiter.mark_sent("a", range(100), now=0.0)
+    sent = sum(
+        len(limiter.plan("a", 100, f"d{k}", range(50), now=t, audience=300).unicast)
+        for t in (1.0, 11.0)
+        for k in range(10)
+    )
+    assert sent == 2 * 100 + 100  # the burst, then 10 s at 10 chunks/s
