@@ -55,6 +55,7 @@ from common.manifest import SignedManifest
 from common.mqtt import MqttLink, TlsConfig
 from common.names import check_name
 from common.revocations import sign_revocations
+from common.signing import Signer
 from common.v2_server import error_middleware
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         keystore = KeyStore(settings.workdir)  # keys/: never under store/, which is served
         lock = keystore.hold()  # NOTE: held while this runs; the CLI changes keys offline only
         signer = keystore.open_or_create()
+        group = broker_share_group(settings.share_group, signer)
         registry = Registry(
             settings.database or settings.db_path,
             settings.store_dir,
@@ -174,7 +176,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             link,
             telemetry_interval_s=settings.telemetry_interval_s,
             history=history,
-            share_group=settings.share_group,
+            share_group=group,
             gone=revoked.gone,
         )
         scraper = FallbackScraper(list(settings.fallback_metrics_urls))
@@ -188,7 +190,7 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
             repair=settings.repair,
             enrolled=lambda: load_enrollments(settings.workdir).keys(),
             resend_after_s=settings.resend_after_s,
-            share_group=settings.share_group,
+            share_group=group,
         )
         staged = StagedRollouts(
             registry,
@@ -219,6 +221,25 @@ def _resources(settings: ControlSettings):  # type: ignore[no-untyped-def]
         lock.close()
 
     return ctx
+
+
+def broker_share_group(name: str | None, signer: Signer) -> str | None:
+    """The group replicas named ``name`` subscribe in: ``name`` and a tag only the
+    signing key (which every replica holds, and no device) can make.
+
+    NOTE: red team: Mosquitto grants any ``$share/GROUP/...`` subscription and checks
+    the ACL only on delivery, so a device's login that joined the replicas' group took
+    its turn in the broker's round robin and every message handed to it was dropped:
+    half of all events, telemetry and chunk requests lost. A device cannot join a group
+    whose name it cannot make. (A rotated key names a new group; replicas restarted on
+    different keys each take every message, stored once, rather than losing any.)
+    """
+    if name is None:
+        return None
+    check_name(name, "share group")
+    doc = {"purpose": "fogline broker share group", "group": name}
+    tag = hashlib.sha256(bytes.fromhex(signer.sign(doc))).hexdigest()[:24]
+    return f"{name[:39]}-{tag}"
 
 
 def _mqtt_link(settings: ControlSettings) -> MqttLink:

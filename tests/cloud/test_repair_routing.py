@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+
+import pytest
 
 from common import chunking, topics
 from common.messages import chunk_request
 from common.mqtt import MqttLink
 from tests.edge.agent_harness import ControlPlane, share_store
+from tests.test_broker_auth import _secure_broker
 
 QUIET_S = 1.0  # time for anything the control plane would send to arrive
 
@@ -100,3 +104,48 @@ async def test_two_replicas_serve_each_repair_request_once(
                     await asyncio.sleep(0.05)
             await asyncio.sleep(QUIET_S)  # anything a second replica would add
             assert sum(s["chunks_repaired_unicast"] for s in replicas) == 12
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="no mosquitto binary")
+async def test_a_device_in_the_replicas_share_group_steals_no_request(tmp_path) -> None:
+    """Red team: Mosquitto grants a device's login any ``$share/GROUP/...`` filter and
+    checks the ACL only on delivery; a device that joined the replicas' group (the
+    operator's ``--share-group`` name) took its turn in the round robin, and every
+    request the broker handed it was dropped. The group now carries a tag only the
+    signing key can make."""
+    broker, logins, _ = _secure_broker("mosquitto", tmp_path)
+    user, password = logins.control
+    with broker:
+        async with ControlPlane(
+            tmp_path / "control",
+            broker,
+            share_group="control",
+            broker_username=user,
+            broker_password=password,
+        ) as cp:
+            digest = cp.publish_toy(tmp_path, "1", seed=24).artifact_digest
+            at = {"host": broker.host, "port": broker.port}
+            thief_login, honest_login = logins.devices["device-1"], logins.devices["device-2"]
+            async with (
+                MqttLink(
+                    client_id="t", username=thief_login[0], password=thief_login[1], **at
+                ) as thief,
+                MqttLink(
+                    client_id="h", username=honest_login[0], password=honest_login[1], **at
+                ) as honest,
+            ):
+                await thief.wait_connected(5)
+                await honest.wait_connected(5)
+                for group in ("control", "fogline"):
+                    thief.subscribe(
+                        topics.shared(topics.repair_filter("requests"), group), lambda *_: None
+                    )
+                await asyncio.sleep(0.3)  # the subscriptions are in place
+                for k in range(2):  # the device's burst; the broker alternates between members
+                    await honest.publish(
+                        topics.repair_topic(digest, "requests", "device-2"),
+                        chunk_request("device-2", digest, [k]),
+                    )
+                async with asyncio.timeout(5):
+                    while cp.rollouts.stats["chunks_repaired_unicast"] < 2:
+                        await asyncio.sleep(0.05)
