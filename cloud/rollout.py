@@ -433,10 +433,25 @@ class RolloutController:
     # -- MQTT handlers ---------------------------------------------------------------------
 
     def _on_request(self, topic: str, payload: bytes) -> None:
-        """On the MQTT dispatcher: a size check and a queue slot, nothing slower."""
+        """On the MQTT dispatcher: a size check, the device's rate, a queue slot.
+
+        NOTE: red team: the rate is checked here, before the shared queue, by the
+        topic's device id (the broker's): checked after it, one device's login
+        publishing as fast as it could filled the queue and others' requests were dropped.
+        """
         if len(payload) > self._limiter.policy.max_request_bytes:
             logger.warning("dropped a %d-byte chunk request on %s", len(payload), topic)
             self.stats["repair_requests_dropped"] += 1
+            return
+        try:
+            device_id = topics.parse(topic).device
+        except ValueError:
+            device_id = None
+        if device_id is None:
+            self.stats["repair_requests_dropped"] += 1
+            return
+        if not self._limiter.admit_device(device_id, time.monotonic()):
+            self.stats["repair_requests_limited"] += 1
             return
         try:
             self._requests.put_nowait((topic, payload))
@@ -466,9 +481,6 @@ class RolloutController:
             )
             if request.device_id != device_id:
                 raise InvalidInputError(f"request names {request.device_id!r} on {topic}")
-            if not self._limiter.admit_device(device_id, time.monotonic()):
-                self.stats["repair_requests_limited"] += 1
-                return
             record = await asyncio.to_thread(self.registry.version_by_digest, digest)
             count = chunking.chunk_count(record.artifact_size, self.chunk_size(record))
             if request.missing and request.missing[-1] >= count:

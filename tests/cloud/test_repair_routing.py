@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 
+import paho.mqtt.client as paho
 import pytest
 
 from common import chunking, topics
@@ -149,3 +151,50 @@ async def test_a_device_in_the_replicas_share_group_steals_no_request(tmp_path) 
                 async with asyncio.timeout(5):
                     while cp.rollouts.stats["chunks_repaired_unicast"] < 2:
                         await asyncio.sleep(0.05)
+
+
+async def test_a_flood_from_one_device_does_not_crowd_out_another(mosquitto, tmp_path) -> None:
+    """Red team: the request queue (64) was shared and each device's rate was checked
+    only after its turn in it, so one device's login publishing as fast as it could
+    filled the queue and other devices' requests were dropped. Now a device over its
+    rate is turned away before it takes a slot."""
+    async with ControlPlane(tmp_path / "control", mosquitto) as cp:
+        digest = cp.publish_toy(tmp_path, "1", seed=25).artifact_digest
+        at = {"host": mosquitto.host, "port": mosquitto.port}
+        async with (
+            MqttLink(client_id="dev-b", **at) as honest,
+        ):
+            await honest.wait_connected(5)
+            spy = Listener(honest)
+            spy.on(topics.repair_topic(digest, "repairs", "dev-b"))
+            await asyncio.sleep(0.2)
+            mine = topics.repair_topic(digest, "requests", "dev-a")
+            request = chunk_request("dev-a", digest, [0])
+            stop = threading.Event()
+
+            def flooding() -> None:  # QoS 0 as fast as the socket takes them
+                client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="flood")
+                client.connect(mosquitto.host, mosquitto.port)
+                client.loop_start()
+                while not stop.is_set():
+                    client.publish(mine, request, qos=0)
+                client.disconnect()
+                client.loop_stop()
+
+            flooder = threading.Thread(target=flooding)
+            flooder.start()
+            try:
+                await asyncio.sleep(0.5)  # the flood is on
+                await honest.publish(
+                    topics.repair_topic(digest, "requests", "dev-b"),
+                    chunk_request("dev-b", digest, [1]),
+                )
+                await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                await asyncio.to_thread(flooder.join)
+            await asyncio.sleep(QUIET_S)
+        assert spy.got == [(topics.repair_topic(digest, "repairs", "dev-b"), 1)]
+        stats = cp.rollouts.stats
+        assert stats["chunks_repaired_unicast"] <= 2  # the flood got chunk 0 at most once
+        assert stats["repair_requests_limited"] > 100
