@@ -46,9 +46,12 @@ class RepairPolicy:
     # full resends, then one artifact per 10 s -- the ceiling on what is resent.
     artifact_burst: float = 2.0
     artifact_rate: float = 0.1
-    # Repairs to one device alone, per device and artifact, in the same units.
-    unicast_burst: float = 2.0
-    unicast_rate: float = 0.1
+    # Repairs to one device alone, per device and artifact, in the same units: a whole
+    # artifact (a device that missed the broadcast), then one per 20 s. NOTE: red team:
+    # half the artifact's, so one device's login cannot spend all of it (at 2 and 0.1,
+    # one greedy device took every resend and honest devices got none).
+    unicast_burst: float = 1.0
+    unicast_rate: float = 0.05
     min_resend_s: float = 1.0  # a chunk goes out at most once per this, per destination
     shared_window_s: float = 10.0  # askers of one chunk counted over this
     max_tracked_devices: int = 10_000  # device state kept (least recently used dropped)

@@ -101,7 +101,7 @@ def test_device_buckets_are_bounded() -> None:
 
 
 def test_each_chunk_goes_to_a_device_at_most_once_per_second() -> None:
-    limiter = RepairLimiter(RepairPolicy())
+    limiter = RepairLimiter(RepairPolicy(unicast_burst=2.0))  # budget is not the point here
     assert limiter.plan("a", 4, "d1", [0, 1, 2, 3], now=0.0).unicast == [0, 1, 2, 3]
     assert limiter.plan("a", 4, "d1", [0, 1, 2, 3], now=0.5) == RepairPlan([], [])
     assert limiter.plan("a", 4, "d2", [0, 1], now=0.5).unicast == [0, 1]  # per device
@@ -201,3 +201,16 @@ def test_the_artifacts_budget_caps_unicast_repairs_of_every_device_together() ->
         for k in range(10)
     )
     assert sent == 2 * 100 + 100  # the burst, then 10 s at 10 chunks/s
+
+
+def test_one_device_cannot_spend_the_artifacts_budget() -> None:
+    """Red team: each device's own budget was as big as the artifact's, so one device's
+    login asking for everything every 5 s took every resend, and honest devices that
+    lacked a chunk got nothing until they gave up on MQTT. The default policy leaves
+    at least half of the artifact's budget to the others, at any time."""
+    limiter = RepairLimiter(RepairPolicy())
+    limiter.mark_sent("a", range(100), now=-10.0)
+    for t in range(0, 60, 5):  # the device's request rate
+        greedy = limiter.plan("a", 100, "greedy", range(100), now=float(t), audience=300)
+        honest = limiter.plan("a", 100, f"honest-{t}", [t], now=float(t), audience=300)
+        assert honest.unicast == [t], (t, len(greedy.unicast))
