@@ -319,6 +319,10 @@ class RolloutController:
         targets = len((await asyncio.to_thread(self.registry.rollout, rollout_id))["devices"])
         audience = Counter({r.artifact_digest: targets for r in records})
         self._audience.update(audience)  # how many may ask: decides unicast or broadcast
+        for record in records:  # until its broadcast, a request waits for it (red team:
+            # one device asking for everything made the control plane send it all twice)
+            count = chunking.chunk_count(record.artifact_size, self.chunk_size(record))
+            self._limiter.begin_broadcast(record.artifact_digest, range(count))
         try:
             await self._wait_for(rollout_id, SUBSCRIBED, self.subscribe_wait_s)
             try:
@@ -329,6 +333,8 @@ class RolloutController:
                 logger.warning("rollout %s: broadcast interrupted: %s", rollout_id, exc)
             await self._wait_for(rollout_id, TERMINAL, self.rollout_timeout_s)
         finally:
+            for record in records:
+                self._limiter.end_broadcast(record.artifact_digest)
             self._audience.subtract(audience)
             self._audience += Counter()  # drops the zeros
         devices = (await asyncio.to_thread(self.registry.rollout, rollout_id))["devices"].values()
