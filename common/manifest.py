@@ -30,6 +30,7 @@ from common.signing import Purpose, Signer, TrustStore
 MANIFEST_FILE = "manifest.json"
 UNSIGNED_MANIFEST_FILE = "manifest.unsigned.json"  # what operators upload; the control plane signs
 SCHEMA = "fogline.manifest/v1"
+PACKAGE_FORMATS = ("onnx", "tensorrt")  # what agents serve (edge.local_runtime)
 # NOTE: the one name of a classifier's held-out top-1 accuracy in ``evaluation``, as
 # `fogline model package`, the demo, `fogline control models` and the dashboard use it.
 ACCURACY = "accuracy"
@@ -177,6 +178,12 @@ class Manifest:
         """
         for key in ("task", "format", "precision", "created_at"):
             _check_text(getattr(self, key), key)
+        if self.format not in PACKAGE_FORMATS:
+            # Refused at publish and before any download, not after it: no agent has a
+            # runtime for another format (edge.local_runtime).
+            raise InvalidInputError(
+                f"package format {self.format!r} is none of {', '.join(PACKAGE_FORMATS)}"
+            )
         for key, value in asdict(self.target).items():
             if value is not None:
                 _check_text(value, f"target.{key}")

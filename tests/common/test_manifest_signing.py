@@ -79,6 +79,12 @@ def test_unsafe_file_names_are_refused(package, name: str) -> None:
         bad.validate()
 
 
+@pytest.mark.parametrize("fmt", ["pytorch", "ONNX", "", "tensorrt/../x"])
+def test_a_format_no_agent_serves_is_refused(package, fmt: str) -> None:
+    with pytest.raises(InvalidInputError, match="package format"):
+        dataclasses.replace(package.manifest, format=fmt).validate()
+
+
 def test_malformed_manifest_documents_are_refused(package) -> None:
     doc = package.signed.to_dict()
     del doc["manifest"]["files"]
