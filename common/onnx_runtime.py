@@ -17,14 +17,13 @@ import numpy as np
 
 from common.errors import InvalidInputError, ModelNotReadyError
 from common.inference import (
-    MODEL_VERSION,
     V2_TO_NUMPY,
     InferRequest,
     InferResponse,
     Tensor,
 )
 from common.manifest import Manifest, TensorSpec
-from common.runtime import ModelInfo
+from common.runtime import ModelInfo, answer_locally
 from common.serving_metrics import ServingMetrics
 from common.text import (
     TEXT_INPUT,
@@ -218,27 +217,13 @@ class OnnxRuntime:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         feeds = await self.request_feeds(request)
-        known = {o.name for o in self.manifest.outputs}
-        if request.outputs is not None and not set(request.outputs) <= known:
-            raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
-        start = time.perf_counter()
-        if self.runs_inline:
-            outputs = self.infer_sync(feeds, request.outputs)
-        else:
-            outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
-        if self.metrics is not None:
-            rows = next(iter(feeds.values())).shape[0] if feeds else 0
-            m = self.manifest
-            self.metrics.observe_execution(
-                m.name, m.version, rows, time.perf_counter() - start, [0.0]
-            )
-        return InferResponse(
-            model=self.manifest.name,
-            version=self.manifest.version,
-            id=request.id,
-            outputs=outputs,
-            parameters={MODEL_VERSION: self.manifest.version},
-        )
+
+        async def run() -> list[Tensor]:
+            if self.runs_inline:
+                return self.infer_sync(feeds, request.outputs)
+            return await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
+
+        return await answer_locally(self, request, feeds, run)
 
     async def unload(self) -> None:
         self._session = None

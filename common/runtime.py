@@ -7,12 +7,15 @@ that blocking work (``session.run``, HTTP) never runs on the event loop.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.inference import InferRequest, InferResponse, Tensor
+from common.errors import InvalidInputError
+from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
 from common.manifest import Manifest, TensorSpec
 
 if TYPE_CHECKING:
@@ -69,3 +72,31 @@ class LocalRuntime(Runtime, Protocol):
     def infer_sync(
         self, feeds: dict[str, np.ndarray], outputs: list[str] | None
     ) -> list[Tensor]: ...
+
+
+async def answer_locally(
+    runtime: LocalRuntime,
+    request: InferRequest,
+    feeds: dict[str, np.ndarray],
+    run: Callable[[], Awaitable[list[Tensor]]],
+) -> InferResponse:
+    """What every local runtime does around its run: refuse unknown outputs, time the
+    run into ``runtime.metrics``, and answer with the package's name and version."""
+    m = runtime.manifest
+    known = {o.name for o in m.outputs}
+    if request.outputs is not None and not set(request.outputs) <= known:
+        raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+    start = time.perf_counter()
+    outputs = await run()
+    if runtime.metrics is not None:
+        rows = next(iter(feeds.values())).shape[0] if feeds else 0
+        runtime.metrics.observe_execution(
+            m.name, m.version, rows, time.perf_counter() - start, [0.0]
+        )
+    return InferResponse(
+        model=m.name,
+        version=m.version,
+        id=request.id,
+        outputs=outputs,
+        parameters={MODEL_VERSION: m.version},
+    )

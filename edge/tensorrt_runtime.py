@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from common.errors import (
     ModelNotReadyError,
     RuntimeUnavailableError,
 )
-from common.inference import MODEL_VERSION, V2_TO_NUMPY, InferRequest, InferResponse, Tensor
+from common.inference import V2_TO_NUMPY, InferRequest, InferResponse, Tensor
 from common.manifest import Manifest
 from common.onnx_runtime import check_inputs
-from common.runtime import ModelInfo
+from common.runtime import ModelInfo, answer_locally
 from common.serving_metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -310,24 +309,11 @@ class TensorRtRuntime:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         feeds = check_inputs(request, self.manifest.inputs)  # wrong name, dtype, shape: 400
-        known = {o.name for o in self.manifest.outputs}
-        if request.outputs is not None and not set(request.outputs) <= known:
-            raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
-        start = time.perf_counter()
-        outputs = await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
-        if self.metrics is not None:
-            rows = next(iter(feeds.values())).shape[0] if feeds else 0
-            m = self.manifest
-            self.metrics.observe_execution(
-                m.name, m.version, rows, time.perf_counter() - start, [0.0]
-            )
-        return InferResponse(
-            model=self.manifest.name,
-            version=self.manifest.version,
-            id=request.id,
-            outputs=outputs,
-            parameters={MODEL_VERSION: self.manifest.version},
-        )
+
+        async def run() -> list[Tensor]:
+            return await asyncio.to_thread(self.infer_sync, feeds, request.outputs)
+
+        return await answer_locally(self, request, feeds, run)
 
     async def unload(self) -> None:
         await asyncio.to_thread(self._close)
