@@ -241,6 +241,11 @@ class RepairLimiter:
         """Finished or given up: what it did not send is now never-sent."""
         self._pending.pop(digest, None)
 
+    def forget_askers(self, digest: str) -> None:
+        """No rollout of this artifact is running here: its askers (up to a device per
+        chunk) need not outlive it; send times and the budget stay."""
+        self._askers.pop(digest, None)
+
     def mark_sent(self, digest: str, indices: Iterable[int], now: float) -> None:
         """Broadcast at ``now``: every subscribed device got these, nobody needs to ask."""
         sent = self._sent.setdefault(digest, {})

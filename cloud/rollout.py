@@ -337,6 +337,8 @@ class RolloutController:
                 self._limiter.end_broadcast(record.artifact_digest)
             self._audience.subtract(audience)
             self._audience += Counter()  # drops the zeros
+            for digest in set(audience) - set(self._audience):
+                self._limiter.forget_askers(digest)
         devices = (await asyncio.to_thread(self.registry.rollout, rollout_id))["devices"].values()
         ok = sum(d["stage"] == "activated" for d in devices)
         state = "succeeded" if ok == len(devices) else ("failed" if ok == 0 else "partial")

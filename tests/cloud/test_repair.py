@@ -214,3 +214,16 @@ def test_one_device_cannot_spend_the_artifacts_budget() -> None:
         greedy = limiter.plan("a", 100, "greedy", range(100), now=float(t), audience=300)
         honest = limiter.plan("a", 100, f"honest-{t}", [t], now=float(t), audience=300)
         assert honest.unicast == [t], (t, len(greedy.unicast))
+
+
+def test_askers_are_forgotten_with_the_rollout() -> None:
+    """A control plane that runs for months keeps no asker sets of finished rollouts."""
+    limiter = RepairLimiter(RepairPolicy())
+    limiter.mark_sent("a", range(2), now=0.0)
+    for k in range(2):
+        assert limiter.plan("a", 2, f"d{k}", [0], now=1.0, audience=4).unicast == [0]
+    limiter.forget_askers("a")
+    assert limiter._askers == {}
+    # two more askers alone no longer make three of four
+    assert limiter.plan("a", 2, "d2", [0], now=1.5, audience=4).unicast == [0]
+    assert limiter.plan("a", 2, "d3", [0], now=1.5, audience=4).unicast == [0]
