@@ -355,10 +355,9 @@ class RolloutController:
             await self._send_chunks(record, topic, only, "chunks_repaired")
             return
         count = chunking.chunk_count(record.artifact_size, self.chunk_size(record))
-        self._limiter.begin_broadcast(digest, range(count))
         try:
             await self._send_chunks(record, topic, range(count), "chunks_broadcast")
-        finally:
+        finally:  # what it did not get out (the broker gone) is asked for, and broadcast
             self._limiter.end_broadcast(digest)
 
     async def send_to(self, record: VersionRecord, device_id: str, indices: list[int]) -> None:
