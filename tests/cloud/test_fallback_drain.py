@@ -80,7 +80,9 @@ class RoundRobin:
                 resp = conn.getresponse()
                 status, data = resp.status, resp.read()
                 conn.close()
-            except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
+            except (ConnectionError, http.client.RemoteDisconnected):
+                # refused, reset, or a broken pipe (a replica exiting closed the socket
+                # while the body was on its way): not taken, so the next replica gets it
                 status, data = 0, b""
             if status == 200:
                 with self.lock:
