@@ -17,7 +17,7 @@ from common.mqtt import MqttLink
 from tests.edge.agent_harness import ControlPlane, share_store
 from tests.test_broker_auth import _secure_broker
 
-QUIET_S = 1.0  # time for anything the control plane would send to arrive
+QUIET_S = 1.0  # time for anything more the control plane would send to arrive
 
 
 class Listener:
@@ -26,12 +26,30 @@ class Listener:
     def __init__(self, link: MqttLink) -> None:
         self.link = link
         self.got: list[tuple[str, int]] = []
+        self.probed = False
 
     def on(self, topic_filter: str) -> None:
         def record(topic: str, payload: bytes) -> None:
-            self.got.append((topic, chunking.decode(payload).index))
+            if not topic.endswith("/probe"):  # ``ready``'s own messages
+                self.got.append((topic, chunking.decode(payload).index))
+            else:
+                self.probed = True
 
         self.link.subscribe(topic_filter, record, retained=False)
+
+    async def ready(self, probe: MqttLink, topic: str) -> None:
+        """Until a message ``probe`` sends on ``topic`` arrives: the SUBSCRIBEs are in."""
+        payload = next(chunking.split(b"probe", 64)).encode()
+        async with asyncio.timeout(10):
+            while not self.probed:
+                await probe.publish(topic, payload)
+                await asyncio.sleep(0.1)
+
+
+async def until(done, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not done():
+            await asyncio.sleep(0.05)
 
 
 async def test_a_repair_goes_to_the_device_that_asked_and_no_other(mosquitto, tmp_path) -> None:
@@ -48,12 +66,13 @@ async def test_a_repair_goes_to_the_device_that_asked_and_no_other(mosquitto, tm
             spy.on(topics.repair_filter("repairs"))  # and every device's own repairs
             await spy_link.wait_connected(5)
             await asker.wait_connected(5)
-            await asyncio.sleep(0.2)  # the subscriptions are in place
+            await spy.ready(asker, topics.repair_topic(digest, "repairs", "probe"))
             await asker.publish(
                 topics.repair_topic(digest, "requests", "dev-a"),
                 chunk_request("dev-a", digest, [0, 2]),
             )
-            await asyncio.sleep(QUIET_S)
+            await until(lambda: len(spy.got) >= 2)
+            await asyncio.sleep(QUIET_S)  # anything more would have come by now
         mine = topics.repair_topic(digest, "repairs", "dev-a")
         assert sorted(spy.got) == [(mine, 0), (mine, 2)]
         assert cp.rollouts.stats["chunks_repaired_unicast"] == 2
@@ -69,10 +88,11 @@ async def test_a_request_naming_another_device_is_dropped(mosquitto, tmp_path) -
             await link.wait_connected(5)
             spy = Listener(link)
             spy.on(topics.repair_filter("repairs"))
-            await asyncio.sleep(0.2)
+            await spy.ready(link, topics.repair_topic(digest, "repairs", "probe"))
             request = json.dumps({"device_id": "dev-b", "missing": [0]}).encode()
             await link.publish(topics.repair_topic(digest, "requests", "dev-a"), request)
-            await asyncio.sleep(QUIET_S)
+            await until(lambda: cp.rollouts.stats["repair_requests_dropped"] >= 1)
+            await asyncio.sleep(QUIET_S)  # a repair, had there been one, would be here
         assert spy.got == []
         assert cp.rollouts.stats["repair_requests_dropped"] == 1
         assert cp.rollouts.stats["chunks_repaired"] == 0
@@ -148,9 +168,7 @@ async def test_a_device_in_the_replicas_share_group_steals_no_request(tmp_path) 
                         topics.repair_topic(digest, "requests", "device-2"),
                         chunk_request("device-2", digest, [k]),
                     )
-                async with asyncio.timeout(5):
-                    while cp.rollouts.stats["chunks_repaired_unicast"] < 2:
-                        await asyncio.sleep(0.05)
+                await until(lambda: cp.rollouts.stats["chunks_repaired_unicast"] >= 2, 30)
 
 
 async def test_a_flood_from_one_device_does_not_crowd_out_another(mosquitto, tmp_path) -> None:
@@ -167,7 +185,9 @@ async def test_a_flood_from_one_device_does_not_crowd_out_another(mosquitto, tmp
             await honest.wait_connected(5)
             spy = Listener(honest)
             spy.on(topics.repair_topic(digest, "repairs", "dev-b"))
-            await asyncio.sleep(0.2)
+            probe = topics.repair_topic(digest, "repairs", "probe")
+            spy.on(probe)
+            await spy.ready(honest, probe)
             mine = topics.repair_topic(digest, "requests", "dev-a")
             request = chunk_request("dev-a", digest, [0])
             stop = threading.Event()
@@ -193,6 +213,8 @@ async def test_a_flood_from_one_device_does_not_crowd_out_another(mosquitto, tmp
             finally:
                 stop.set()
                 await asyncio.to_thread(flooder.join)
+            # behind whatever part of the flood reached the control plane before it
+            await until(lambda: spy.got, timeout=60)
             await asyncio.sleep(QUIET_S)
         assert spy.got == [(topics.repair_topic(digest, "repairs", "dev-b"), 1)]
         stats = cp.rollouts.stats
