@@ -31,9 +31,9 @@ from common.errors import (
     ModelNotReadyError,
 )
 from common.golden import load_golden
-from common.inference import MODEL_VERSION, InferRequest, InferResponse, Tensor
+from common.inference import InferRequest, InferResponse, Tensor
 from common.onnx_runtime import INLINE_BELOW_US, OnnxRuntime
-from common.runtime import ModelInfo
+from common.runtime import ModelInfo, check_outputs, package_answer
 from common.serving_metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -157,9 +157,7 @@ class BatchingRuntime:
         if not self.inner.ready:
             raise ModelNotReadyError(f"model {manifest.name!r} is not loaded")
         feeds = await self.inner.request_feeds(request)  # text is tokenized here
-        known = {o.name for o in manifest.outputs}
-        if request.outputs is not None and not set(request.outputs) <= known:
-            raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+        check_outputs(request, manifest)
         budget_ms = deadline_ms(request)
         now = time.perf_counter()
         item = self._item(feeds, request.outputs, now, budget_ms)
@@ -169,14 +167,7 @@ class BatchingRuntime:
             )
         self._queue.append(item)
         self._ensure_worker().set()
-        outputs = await item.future
-        return InferResponse(
-            model=manifest.name,
-            version=manifest.version,
-            id=request.id,
-            outputs=outputs,
-            parameters={MODEL_VERSION: manifest.version},
-        )
+        return package_answer(manifest, request, await item.future)
 
     # --- queue --------------------------------------------------------------------------
 

@@ -74,6 +74,26 @@ class LocalRuntime(Runtime, Protocol):
     ) -> list[Tensor]: ...
 
 
+def check_outputs(request: InferRequest, manifest: Manifest) -> None:
+    """InvalidInputError for an output the package does not have (V2 ``outputs``)."""
+    known = {o.name for o in manifest.outputs}
+    if request.outputs is not None and not set(request.outputs) <= known:
+        raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+
+
+def package_answer(
+    manifest: Manifest, request: InferRequest, outputs: list[Tensor]
+) -> InferResponse:
+    """The V2 answer of a package's model, named and versioned by its manifest."""
+    return InferResponse(
+        model=manifest.name,
+        version=manifest.version,
+        id=request.id,
+        outputs=outputs,
+        parameters={MODEL_VERSION: manifest.version},
+    )
+
+
 async def answer_locally(
     runtime: LocalRuntime,
     request: InferRequest,
@@ -83,9 +103,7 @@ async def answer_locally(
     """What every local runtime does around its run: refuse unknown outputs, time the
     run into ``runtime.metrics``, and answer with the package's name and version."""
     m = runtime.manifest
-    known = {o.name for o in m.outputs}
-    if request.outputs is not None and not set(request.outputs) <= known:
-        raise InvalidInputError(f"unknown output(s) {sorted(set(request.outputs) - known)}")
+    check_outputs(request, m)
     start = time.perf_counter()
     outputs = await run()
     if runtime.metrics is not None:
@@ -93,10 +111,4 @@ async def answer_locally(
         runtime.metrics.observe_execution(
             m.name, m.version, rows, time.perf_counter() - start, [0.0]
         )
-    return InferResponse(
-        model=m.name,
-        version=m.version,
-        id=request.id,
-        outputs=outputs,
-        parameters={MODEL_VERSION: m.version},
-    )
+    return package_answer(m, request, outputs)

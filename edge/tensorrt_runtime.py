@@ -108,6 +108,10 @@ class TensorRtLibs:
 def load_tensorrt_libs() -> TensorRtLibs:
     """TensorRT and the CUDA bindings; RuntimeUnavailableError when either is missing."""
     try:
+        # NOTE: the one tensorrt import in edge/, lazy on purpose: DESIGN.md puts the
+        # TensorRT backend in the agent ("TensorRT where present"), and every edge
+        # module still imports on a device without it (tests/test_boundaries.py checks
+        # both: lazy in this place only, and a device import with tensorrt blocked).
         import tensorrt as trt
     except (ImportError, OSError) as exc:  # OSError: the package without its libraries
         raise RuntimeUnavailableError(f"TensorRT is not installed here: {exc}") from exc

@@ -282,12 +282,18 @@ async def test_an_engine_whose_tensors_are_not_the_manifests_is_refused(tmp_path
         await TensorRtRuntime(plan, retyped, libs=stand_ins()).load()
 
 
-async def test_unload_frees_the_device_buffers_and_stream(tmp_path: Path) -> None:
+async def _served_once(tmp_path: Path) -> tuple[TensorRtRuntime, TensorRtLibs]:
+    """A loaded runtime that has answered one request (so its buffers exist)."""
     plan, manifest, _ = engine_package(tmp_path)
     libs = stand_ins()
     runtime = TensorRtRuntime(plan, manifest, libs=libs)
     await runtime.load()
     await runtime.infer(request(toy_input(4)))
+    return runtime, libs
+
+
+async def test_unload_frees_the_device_buffers_and_stream(tmp_path: Path) -> None:
+    runtime, libs = await _served_once(tmp_path)
     assert len(libs.cuda.memory) == 2 and len(libs.cuda.streams) == 1
     await runtime.unload()
     assert not libs.cuda.memory and not libs.cuda.streams and not runtime.ready
@@ -296,11 +302,7 @@ async def test_unload_frees_the_device_buffers_and_stream(tmp_path: Path) -> Non
 
 async def test_a_runtime_dropped_without_unload_frees_its_buffers(tmp_path: Path) -> None:
     # ModelServing.activate replaces a runtime without unloading it (requests may hold it).
-    plan, manifest, _ = engine_package(tmp_path)
-    libs = stand_ins()
-    runtime = TensorRtRuntime(plan, manifest, libs=libs)
-    await runtime.load()
-    await runtime.infer(request(toy_input(4)))
+    runtime, libs = await _served_once(tmp_path)
     assert libs.cuda.memory
     del runtime
     gc.collect()
