@@ -95,7 +95,7 @@ class RolloutController:
         self._tasks: set[asyncio.Task[None]] = set()
         self._audience: Counter[str] = Counter()  # digest -> devices of rollouts driven here
         self._limiter = RepairLimiter(repair or RepairPolicy())
-        self._requests: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(
+        self._requests: asyncio.Queue[tuple[topics.Topic, bytes]] = asyncio.Queue(
             self._limiter.policy.queue_size
         )
 
@@ -451,38 +451,39 @@ class RolloutController:
             self.stats["repair_requests_dropped"] += 1
             return
         try:
-            device_id = topics.parse(topic).device
+            parsed = topics.parse(topic)  # once, here: the worker takes the parsed topic
         except ValueError:
-            device_id = None
-        if device_id is None:
+            parsed = None
+        if parsed is None or parsed.kind != "requests" or parsed.device is None:
             self.stats["repair_requests_dropped"] += 1
             return
-        if not self._limiter.admit_device(device_id, time.monotonic()):
+        if not self._limiter.admit_device(parsed.device, time.monotonic()):
             self.stats["repair_requests_limited"] += 1
             return
         try:
-            self._requests.put_nowait((topic, payload))
+            self._requests.put_nowait((parsed, payload))
         except asyncio.QueueFull:
             self.stats["repair_requests_dropped"] += 1
 
     async def _repair_worker(self) -> None:
         while True:
-            topic, payload = await self._requests.get()
+            asked, payload = await self._requests.get()
             try:
-                await self._repair(topic, payload)
+                await self._repair(asked, payload)
             except MqttError as exc:  # the agent will ask again
-                logger.info("repair on %s interrupted: %s", topic, exc)
+                logger.info("repair for %s interrupted: %s", asked.device, exc)
             except Exception:  # NOTE: broad on purpose: one bad request must not end repairs
-                logger.exception("repair on %s failed", topic)
+                logger.exception("repair for %s failed", asked.device)
 
-    async def _repair(self, topic: str, payload: bytes) -> None:
-        """Resend what a device lacks, within the limits of ``cloud.repair``."""
+    async def _repair(self, asked: topics.Topic, payload: bytes) -> None:
+        """Resend what a device lacks, within the limits of ``cloud.repair``.
+
+        ``asked``: the request's topic, parsed on the dispatcher (a device's request).
+        """
         policy = self._limiter.policy
+        digest, device_id = asked.ident, str(asked.device)
+        topic = f"{digest[:12]}.../requests/{device_id}"  # for the log
         try:
-            parsed = topics.parse(topic)
-            digest, device_id = parsed.ident, parsed.device
-            if parsed.kind != "requests" or device_id is None:
-                raise InvalidInputError(f"not a chunk request topic: {topic}")
             request = await asyncio.to_thread(
                 parse_request, payload, chunking.MAX_SIGNED_CHUNKS, policy.max_request_bytes
             )
